@@ -1,0 +1,3 @@
+from vtn.cli import main
+
+raise SystemExit(main())

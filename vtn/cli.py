@@ -1,0 +1,45 @@
+"""`vtn`: one console command; each stage registers its own subcommands.
+
+Stage modules (`<stage>/cli.py`) import only argparse at module level, so `vtn --help` is instant;
+the heavy imports (torch, timm, zarr) happen inside the command that needs them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from vtn import __version__
+from vtn.errors import UserError
+
+STAGES = ("vtn.store.cli", "vtn.extract.cli", "vtn.temporal.cli", "vtn.evaluate.cli", "vtn.demo")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vtn",
+        description="Video Transformer Network as a two-stage feature cache: `vtn extract` caches one "
+        "feature vector per frame in a Zarr store, `vtn train` trains the Longformer temporal encoder on "
+        "it in minutes, `vtn evaluate` measures it. `vtn demo` runs all of it on generated videos.",
+    )
+    parser.add_argument("--version", action="version", version=f"vtn {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    bench = sub.add_parser("bench", help="benchmarks that print figures (store, extract, temporal)")
+    bench_sub = bench.add_subparsers(dest="bench", metavar="WHAT", required=True)
+    for name in STAGES:
+        importlib.import_module(name).register(sub, bench_sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except UserError as e:
+        print(f"vtn {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"vtn {args.command}: interrupted; committed work is kept, re-run to continue", file=sys.stderr)
+        return 130

@@ -1,0 +1,168 @@
+"""Job configuration: frozen dataclasses, overridden by a YAML file and `--set section.key=value`.
+
+Every job owns one dataclass whose fields are plain values or nested dataclasses (the sections).
+`resolve(cls, yaml_path, sets)` builds it: defaults, then the YAML file, then each `--set` in order.
+Unknown keys and values of the wrong type are refused with a `ConfigError` that names the key, so a
+typo never silently trains the wrong thing. `to_dict` gives the resolved config for saving with
+every artifact (cache attributes, run directory, checkpoint).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from vtn.errors import UserError
+
+
+class ConfigError(UserError):
+    """A config file or override names an unknown key or gives a value of the wrong type."""
+
+
+def to_dict(cfg: Any) -> dict:
+    """The config as plain JSON/YAML-friendly values (tuples become lists)."""
+
+    def plain(v):
+        if dataclasses.is_dataclass(v):
+            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return plain(cfg)
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`, converting where it is lossless (int -> float, list -> tuple)."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        errors = []
+        for arm in typing.get_args(tp):
+            if arm is type(None):
+                if value is None:
+                    return None
+                continue
+            try:
+                return _coerce(value, arm, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{key}: {value!r} does not fit {_name(tp)}")
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{key}: {value!r} is not one of {list(typing.get_args(tp))}")
+        return value
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        args = typing.get_args(tp)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(args) != len(value):
+                raise ConfigError(f"{key}: expected {len(args)} values, got {len(value)}")
+            return tuple(_coerce(v, a, key) for v, a in zip(value, args))
+        item = args[0] if args else Any
+        out = [_coerce(v, item, key) for v in value]
+        return tuple(out) if origin is tuple else out
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping for section {tp.__name__}, got {value!r}")
+        return _apply(tp(), value, key + ".")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    if isinstance(tp, type) and isinstance(value, tp):
+        return value
+    raise ConfigError(f"{key}: {value!r} does not fit {_name(tp)}")
+
+
+def _name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _apply(cfg: Any, updates: dict, prefix: str = "") -> Any:
+    """A copy of `cfg` with `updates` (a possibly nested mapping) applied and type-checked."""
+    hints = typing.get_type_hints(type(cfg))
+    names = {f.name for f in dataclasses.fields(cfg)}
+    changes = {}
+    for k, v in updates.items():
+        key = prefix + str(k)
+        if k not in names:
+            raise ConfigError(f"unknown config key '{key}' (known: {', '.join(sorted(names))})")
+        current = getattr(cfg, k)
+        if dataclasses.is_dataclass(current) and isinstance(v, dict):
+            changes[k] = _apply(current, v, key + ".")
+        else:
+            changes[k] = _coerce(v, hints[k], key)
+    return dataclasses.replace(cfg, **changes)
+
+
+def parse_set(item: str) -> dict:
+    """`a.b.c=value` -> {"a": {"b": {"c": value}}}; the value is read as YAML (so 3, 0.1, true, [1, 2] work)."""
+    if "=" not in item:
+        raise ConfigError(f"--set expects key=value, got '{item}'")
+    key, raw = item.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    out: dict = {}
+    node = out
+    parts = key.strip().split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+    node[parts[-1]] = value
+    return out
+
+
+def resolve(cls: type, config_file: str | Path | None = None, sets: typing.Iterable[str] = (), base: Any = None) -> Any:
+    """Defaults (or `base`), then the YAML file, then each `--set` override, in that order."""
+    cfg = base if base is not None else cls()
+    if config_file:
+        path = Path(config_file)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+        cfg = _apply(cfg, data)
+    for item in sets:
+        cfg = _apply(cfg, parse_set(item))
+    return cfg
+
+
+def merge(cfg: Any, updates: dict) -> Any:
+    """Apply a nested mapping of updates (e.g. from explicit CLI flags) with the same checks as `--set`."""
+    return _apply(cfg, updates)
+
+
+def add_config_args(parser) -> None:
+    """The `--config` and `--set` options every job shares."""
+    parser.add_argument("--config", metavar="FILE.yaml", help="YAML file overriding the job's defaults")
+    parser.add_argument(
+        "--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+        help="override one config value, e.g. --set model.num_layers=2 (repeatable; applied after --config)",
+    )

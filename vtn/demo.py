@@ -1,0 +1,5 @@
+"""`vtn demo`."""
+
+
+def register(sub, bench_sub) -> None:
+    pass
