@@ -1,0 +1,93 @@
+"""The video index: which videos a cache holds and where their rows are.
+
+Each part's video table is the truth; `index/<stamp>` is a consolidated copy of all of them, so opening
+a cache of many parts costs one group of reads. Videos committed after the newest consolidation (a writer
+killed before it closed) are read from their parts' tails, so readers always see exactly the committed
+videos.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+
+import numpy as np
+
+from vtn.store.layout import TABLE_COLUMNS
+
+
+def part_states(root) -> dict[str, dict]:
+    """{part name: its attributes (committed, rows, failures)} for every part in the cache."""
+    if "parts" not in root:
+        return {}
+    return {name: dict(g.attrs) for name, g in root["parts"].groups()}
+
+
+def _newest_index(root):
+    """The newest complete consolidated index group, or None."""
+    if "index" not in root:
+        return None
+    groups = sorted(root["index"].groups(), key=lambda kv: kv[0], reverse=True)
+    for _, g in groups:
+        if g.attrs.get("complete"):
+            return g
+    return None
+
+
+def _read_columns(group, lo: int, hi: int, names) -> dict[str, np.ndarray]:
+    out = {}
+    for name in names:
+        values = group[name][lo:hi]
+        out[name] = np.asarray(values.tolist(), dtype=object) if TABLE_COLUMNS.get(name, (str,))[0] is str else values
+    return out
+
+
+def read_index(root, parts: dict[str, dict] | None = None) -> dict[str, np.ndarray]:
+    """All committed videos as columns (id, split, label, start, length, fps, duration, num_frames, part)."""
+    parts = part_states(root) if parts is None else parts
+    names = list(TABLE_COLUMNS)
+    pieces = []
+    covered: dict[str, int] = {}
+    idx = _newest_index(root)
+    if idx is not None:
+        covered = {p: n for p, n in idx.attrs["parts"].items() if p in parts}
+        n = int(idx.attrs["videos"])
+        cols = _read_columns(idx, 0, n, names + ["part"])
+        if len(covered) != len(idx.attrs["parts"]):  # a part was deleted since: drop its rows
+            keep = np.isin(cols["part"], list(covered))
+            cols = {k: v[keep] for k, v in cols.items()}
+        pieces.append(cols)
+    for name, state in sorted(parts.items()):
+        lo, hi = covered.get(name, 0), int(state.get("committed", 0))
+        if hi > lo:
+            cols = _read_columns(root["parts"][name], lo, hi, names)
+            cols["part"] = np.full(hi - lo, name, dtype=object)
+            pieces.append(cols)
+    if not pieces:
+        empty = {k: np.empty(0, dtype=object if dt is str else dt) for k, (dt, _) in TABLE_COLUMNS.items()}
+        return {**empty, "part": np.empty(0, dtype=object)}
+    return {k: np.concatenate([p[k] for p in pieces]) for k in names + ["part"]}
+
+
+def consolidate(root) -> int:
+    """Write a fresh consolidated index of every committed video; return the number of videos.
+
+    Each consolidation writes a new `index/<stamp>` group and then removes the older complete ones, so
+    concurrent consolidations never write the same file and a reader always finds a complete index.
+    """
+    parts = part_states(root)
+    cols = read_index(root, parts)
+    n = len(cols["id"])
+    stamp = f"{time.time_ns():020d}-{secrets.token_hex(3)}"
+    g = root.require_group("index").create_group(stamp)
+    for name, values in cols.items():
+        dtype = str if values.dtype == object else values.dtype
+        arr = g.create_array(name, shape=(n,), chunks=(max(1, min(n, 65536)),), dtype=dtype,
+                             fill_value="" if dtype is str else None)
+        if n:
+            arr[:] = values.astype(str) if dtype is str else values
+    g.attrs.update({"complete": True, "videos": n, "parts": {p: int(s.get("committed", 0)) for p, s in parts.items()}})
+    for name, old in list(root["index"].groups()):
+        if name < stamp and old.attrs.get("complete"):
+            del root["index"][name]
+    return n

@@ -1,0 +1,261 @@
+"""CacheWriter: appends videos to its own part of a cache and commits them atomically.
+
+Every writer session gets a fresh part (`parts/<name>-<stamp>-<token>`), so concurrent writers (processes,
+torchrun ranks, nodes) never touch the same file, and a resumed job never rewrites what a killed one left.
+`add` buffers; `flush` (called by itself every shard's worth of rows or `commit_every` seconds) writes the
+rows, then the video-table entries, then the part's attributes: that last single-object write is the commit.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+import time
+from datetime import datetime, timezone
+from pathlib import PurePosixPath
+
+import numpy as np
+import zarr
+
+from vtn.store.index import consolidate as _consolidate
+from vtn.store.index import read_index
+from vtn.store.layout import (
+    CHUNK_ROWS,
+    SCHEMA_KEY,
+    SCHEMA_VERSION,
+    TABLE_CHUNK,
+    TABLE_COLUMNS,
+    StoreError,
+    compressors,
+    open_root,
+    rows_per_shard,
+)
+
+
+def check_id(video_id: str) -> str:
+    """Ids are relative POSIX paths: no absolute paths, no `..`, nothing empty."""
+    if not isinstance(video_id, str) or not video_id.strip():
+        raise StoreError(f"video id {video_id!r}: must be a non-empty string")
+    p = PurePosixPath(video_id)
+    if p.is_absolute() or "\\" in video_id or ".." in p.parts or video_id.startswith("~"):
+        raise StoreError(f"video id {video_id!r}: must be a relative path without '..' (ids are paths relative to the input root)")
+    return str(p)
+
+
+def _jsonable(value):
+    """Attributes must be JSON: tuples become lists, numpy scalars become Python numbers."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+class CacheWriter:
+    """Write videos into the cache at `url` (created if missing); see store/API.md for the contract."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        feature_dim: int,
+        dtype: str = "float16",
+        class_names=(),
+        attrs: dict | None = None,
+        identity=(),
+        overwrite: bool = False,
+        name: str = "part",
+        create: bool = True,
+        commit_every: float = 30.0,
+        storage_options: dict | None = None,
+    ):
+        self.url = str(url)
+        self.feature_dim = int(feature_dim)
+        self.dtype = np.dtype(dtype)
+        self.class_names = [str(c) for c in class_names]
+        self.commit_every = commit_every
+        attrs = _jsonable(dict(attrs or {}))
+        self.root = self._open_or_create(attrs, tuple(identity), overwrite, create, storage_options)
+        self._known = set(read_index(self.root)["id"].tolist())
+        self._committed_here: list[str] = []
+        self._name = name
+        self._shard_rows = rows_per_shard(self.feature_dim, self.dtype.itemsize)
+        self.part = None  # created at the first commit, so a run with nothing to do leaves no empty part
+        self._rows = self._videos = self._buffered_rows = 0
+        self._failures: list[dict] = []
+        self._buffer: list[tuple] = []
+        self._pending_failures = False
+        self._last_commit = time.monotonic()
+
+    # -- opening -----------------------------------------------------------------------------------------
+    def _open_or_create(self, attrs, identity, overwrite, create, storage_options):
+        expected = {"feature_dim": self.feature_dim, "dtype": self.dtype.name, "class_names": self.class_names}
+        if not overwrite:
+            try:
+                root = open_root(self.url, "r+", storage_options)
+            except StoreError:
+                if not create or _exists_non_cache(self.url, storage_options):
+                    raise
+            else:
+                self._check_compatible(root.attrs.asdict(), {**expected, **{k: attrs.get(k) for k in identity}})
+                return root
+        root_attrs = {
+            SCHEMA_KEY: SCHEMA_VERSION,
+            **attrs,
+            **expected,
+            "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        try:
+            root = zarr.open_group(self.url, mode="w" if overwrite else "w-", storage_options=storage_options,
+                                   attributes=root_attrs)
+        except FileExistsError:  # another writer created it first: join it
+            root = open_root(self.url, "r+", storage_options)
+            self._check_compatible(root.attrs.asdict(), expected)
+            return root
+        root.require_group("parts")
+        return root
+
+    def _check_compatible(self, have: dict, want: dict) -> None:
+        diffs = [k for k, v in want.items() if _jsonable(have.get(k)) != v]
+        if diffs:
+            lines = "; ".join(f"{k}: cache has {have.get(k)!r}, this job has {want[k]!r}" for k in diffs)
+            raise StoreError(f"{self.url}: existing cache was made with other settings ({lines}); "
+                             "use another output or --overwrite to replace it")
+
+    def _create_part(self) -> None:
+        name = self._name
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
+        self.part_name = f"{name}-{stamp}-{secrets.token_hex(3)}"
+        self.part = self.root.require_group("parts").create_group(self.part_name, attributes={"committed": 0, "rows": 0, "failures": []})
+        shard = self._shard_rows
+        comp = compressors(self.dtype.itemsize)
+        self._rows_arrays = {
+            "features": self.part.create_array("features", shape=(0, self.feature_dim), dtype=self.dtype,
+                                               chunks=(CHUNK_ROWS, self.feature_dim), shards=(shard, self.feature_dim),
+                                               compressors=comp, fill_value=np.nan),
+            "timestamps": self.part.create_array("timestamps", shape=(0,), dtype=np.float64, chunks=(CHUNK_ROWS,),
+                                                 shards=(shard,), compressors=compressors(8), fill_value=np.nan),
+            "frame_index": self.part.create_array("frame_index", shape=(0,), dtype=np.int64, chunks=(CHUNK_ROWS,),
+                                                  shards=(shard,), compressors=compressors(8), fill_value=-1),
+        }
+        self._table = {
+            col: self.part.create_array(col, shape=(0,), dtype=dt, chunks=(TABLE_CHUNK,), fill_value=fill)
+            for col, (dt, fill) in TABLE_COLUMNS.items()
+        }
+
+    # -- writing -----------------------------------------------------------------------------------------
+    def committed_ids(self) -> set[str]:
+        """Every video id committed in the whole cache (all parts, this writer included)."""
+        return set(read_index(self.root)["id"].tolist()) | set(self._committed_here)
+
+    def failed_ids(self) -> set[str]:
+        """Ids recorded as failed by this writer."""
+        return {f["id"] for f in self._failures}
+
+    def add(self, video_id, features, timestamps, frame_indices, *, label: int = -1, split: str = "train",
+            fps: float = float("nan"), duration: float = float("nan"), num_frames: int = -1) -> None:
+        """Queue one video; it becomes visible at the next commit. Raises StoreError on bad input."""
+        vid = check_id(video_id)
+        if vid in self._known:
+            raise StoreError(f"video id {vid!r}: already in the cache (duplicate id)")
+        x = np.asarray(features.detach().cpu().numpy() if hasattr(features, "detach") else features)
+        if x.ndim != 2 or x.shape[1] != self.feature_dim or x.shape[0] < 1:
+            raise StoreError(f"video {vid!r}: features must be [T >= 1, {self.feature_dim}], got {list(x.shape)}")
+        if not np.isfinite(x).all():
+            raise StoreError(f"video {vid!r}: features contain NaN or inf")
+        y = x.astype(self.dtype)
+        if not np.isfinite(y).all():
+            raise StoreError(f"video {vid!r}: features overflow {self.dtype.name} (largest |value| {np.abs(x).max():.3g})")
+        t = np.asarray(timestamps, dtype=np.float64).reshape(-1)
+        fi = np.asarray(frame_indices).reshape(-1)
+        if len(t) != len(y) or len(fi) != len(y):
+            raise StoreError(f"video {vid!r}: {len(y)} feature rows but {len(t)} timestamps and {len(fi)} frame indices")
+        if not np.isfinite(t).all():
+            raise StoreError(f"video {vid!r}: timestamps contain NaN or inf")
+        if fi.dtype.kind not in "iu" or (fi < 0).any():
+            raise StoreError(f"video {vid!r}: frame indices must be non-negative integers")
+        if isinstance(label, bool) or not isinstance(label, (int, np.integer)) or not (label == -1 or 0 <= label < len(self.class_names)):
+            raise StoreError(f"video {vid!r}: unknown label {label!r} (the cache has {len(self.class_names)} classes)")
+        if not isinstance(split, str) or not split:
+            raise StoreError(f"video {vid!r}: split must be a non-empty string")
+        self._known.add(vid)
+        meta = (vid, split, int(label), float(fps), float(duration), int(num_frames))
+        self._buffer.append((meta, y, t, fi.astype(np.int64)))
+        self._buffered_rows += len(y)
+        if self._buffered_rows >= self._shard_rows or time.monotonic() - self._last_commit >= self.commit_every:
+            self.flush()
+
+    def add_failure(self, video_id: str, error: str, message: str) -> None:
+        """Record a video that could not be processed; committed with the next flush."""
+        self._failures.append({"id": str(video_id), "error": str(error), "message": str(message)[:2000]})
+        self._pending_failures = True
+        if time.monotonic() - self._last_commit >= self.commit_every:
+            self.flush()
+
+    def flush(self) -> None:
+        """Commit everything added so far: rows, then video-table entries, then the part attributes."""
+        if not self._buffer and not self._pending_failures:
+            return
+        if self.part is None:
+            self._create_part()
+        if self._buffer:
+            metas, feats, times, frames = zip(*self._buffer)
+            r0, r1 = self._rows, self._rows + self._buffered_rows
+            self._grow(self._rows_arrays.values(), r1, self._shard_rows)
+            self._rows_arrays["features"][r0:r1] = np.concatenate(feats)
+            self._rows_arrays["timestamps"][r0:r1] = np.concatenate(times)
+            self._rows_arrays["frame_index"][r0:r1] = np.concatenate(frames)
+            lengths = np.array([len(f) for f in feats], dtype=np.int64)
+            v0, v1 = self._videos, self._videos + len(metas)
+            ids, splits, labels, fps, durations, nframes = zip(*metas)
+            columns = {
+                "id": np.array(ids, dtype=str), "split": np.array(splits, dtype=str),
+                "label": np.array(labels, dtype=np.int64), "start": r0 + np.cumsum(lengths) - lengths,
+                "length": lengths, "fps": np.array(fps), "duration": np.array(durations),
+                "num_frames": np.array(nframes, dtype=np.int64),
+            }
+            self._grow(self._table.values(), v1, TABLE_CHUNK)
+            for col, values in columns.items():
+                self._table[col][v0:v1] = values
+            self._rows, self._videos = r1, v1
+            self._committed_here.extend(ids)
+        self.part.attrs.update({"committed": self._videos, "rows": self._rows, "failures": self._failures})
+        self._buffer, self._buffered_rows, self._pending_failures = [], 0, False
+        self._last_commit = time.monotonic()
+
+    @staticmethod
+    def _grow(arrays, needed: int, step: int) -> None:
+        """Allocate whole shards/chunks ahead so the metadata is rewritten rarely."""
+        for arr in arrays:
+            if arr.shape[0] < needed:
+                arr.resize((math.ceil(needed / step) * step, *arr.shape[1:]))
+
+    def close(self, consolidate: bool = True) -> None:
+        """Commit what is buffered and (by default) write the consolidated index."""
+        self.flush()
+        if consolidate:
+            _consolidate(self.root)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        # On an error, keep what was complete: commit it, but leave consolidation to the next clean close.
+        self.close(consolidate=exc_type is None)
+
+
+def _exists_non_cache(url: str, storage_options) -> bool:
+    """True when `url` is an existing local folder with content that is not a Zarr group: never write into it."""
+    from pathlib import Path
+
+    if "://" in url:
+        return False
+    p = Path(url)
+    return p.exists() and (not p.is_dir() or (any(p.iterdir()) and not (p / "zarr.json").exists()))
+
+
+def consolidate(url: str, storage_options: dict | None = None) -> int:
+    """Consolidate the index of the cache at `url` (after several writers closed with consolidate=False)."""
+    return _consolidate(open_root(url, "r+", storage_options))
