@@ -1,0 +1,237 @@
+"""VTN's temporal part: frame features -> [CLS] + positions -> Longformer -> MLP head -> class logits.
+
+The spatial backbone is not here: stage two feeds cached per-frame features, end-to-end fine-tuning feeds
+the backbone's output, and both call the same `VTN.forward`.
+
+Positions are the frames' places in the video (source frame index, or time x rate), not 0..T-1, as in the
+reference code. Frame positions must lie in [0, max_positions); a position outside is refused with an
+error rather than clamped or wrapped, because two frames silently sharing a position is a wrong model that
+still trains. (The check is one small host sync in eager mode; compiled graphs skip it.) [CLS] has its own
+position row, after the frames' rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from vtn.config import ConfigError, merge, to_dict
+from vtn.errors import UserError
+from vtn.temporal.longformer import LAYER_NORM_EPS, FastLongformer
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+@dataclass(frozen=True)
+class VTNConfig:
+    """The temporal encoder and head. Defaults are the paper's `vit_b_vtn` model on Kinetics-400."""
+
+    feature_dim: int = 768  # D of the cached features (the backbone's output)
+    hidden_size: int = 768  # d of the encoder; a linear projection maps D -> d when they differ
+    num_layers: int = 3
+    num_heads: int = 12
+    intermediate_size: int = 3072
+    # Window per layer, Hugging Face meaning: a frame sees w/2 frames on each side. One int for all layers.
+    attention_window: int | tuple[int, ...] = 18
+    max_positions: int = 288  # frame positions 0..max_positions-1
+    positions: Literal["index", "time", "none"] = "index"
+    position_rate: float = 25.0  # positions per second, for positions="time"
+    dropout: float = 0.1
+    attention_dropout: float = 0.1
+    head_dropout: float = 0.5
+    num_classes: int = 400
+    class_names: tuple[str, ...] = ()  # empty, or one name per class
+    backend: Literal["hf", "fast"] = "fast"
+
+    def __post_init__(self):
+        if isinstance(self.attention_window, list):  # a list given in code; configs from files arrive as tuples
+            object.__setattr__(self, "attention_window", tuple(self.attention_window))
+        for name in ("feature_dim", "hidden_size", "num_layers", "num_heads", "intermediate_size", "max_positions",
+                     "num_classes"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(f"hidden_size {self.hidden_size} is not a multiple of num_heads {self.num_heads}")
+        if len(self.windows) != self.num_layers:
+            raise ConfigError(f"attention_window has {len(self.windows)} values for {self.num_layers} layers")
+        if any(w < 2 or w % 2 for w in self.windows):
+            raise ConfigError(f"attention_window values must be even and >= 2, got {self.attention_window}")
+        if self.class_names and len(self.class_names) != self.num_classes:
+            raise ConfigError(f"{len(self.class_names)} class_names for num_classes={self.num_classes}")
+        if self.positions == "time" and self.position_rate <= 0:
+            raise ConfigError(f"position_rate must be positive, got {self.position_rate}")
+
+    @property
+    def windows(self) -> tuple[int, ...]:
+        """The attention window of each layer."""
+        w = self.attention_window
+        return (w,) * self.num_layers if isinstance(w, int) else tuple(w)
+
+
+PRESETS = {
+    # The paper's model (ViT-B/16 features): the reference code's window 18 (its "32" is another library's
+    # meaning), 288 positions, dropout 0.1 and 0.5 before the last head layer.
+    "vit_b_vtn": VTNConfig(
+        feature_dim=768, hidden_size=768, num_layers=3, num_heads=12, intermediate_size=3072,
+        attention_window=18, max_positions=288, positions="index", dropout=0.1, attention_dropout=0.1,
+        head_dropout=0.5, num_classes=400,
+    ),
+}
+
+
+def preset(name: str, **overrides) -> VTNConfig:
+    """A named configuration with some fields replaced, e.g. preset("vit_b_vtn", num_classes=10)."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown VTN preset '{name}' (known: {', '.join(sorted(PRESETS))})")
+    return dataclasses.replace(PRESETS[name], **overrides)
+
+
+def frame_positions(
+    config: VTNConfig, frame_index: torch.Tensor | None = None, timestamps: torch.Tensor | None = None
+) -> torch.Tensor | None:
+    """The `positions` argument of VTN.forward for frames with these source indices / timestamps (seconds)."""
+    if config.positions == "index":
+        return frame_index.long()
+    if config.positions == "time":
+        return torch.round(timestamps * config.position_rate).long()
+    return None
+
+
+class VTN(nn.Module):
+    """Temporal encoder + head over per-frame features. `config.backend` picks the attention implementation;
+    both have the same parameters, so a state dict of one loads into the other."""
+
+    def __init__(self, config: VTNConfig):
+        super().__init__()
+        self.config = config
+        d = config.hidden_size
+        self.input_proj = nn.Linear(config.feature_dim, d) if config.feature_dim != d else nn.Identity()
+        self.cls_token = nn.Parameter(torch.zeros(d))
+        # Rows 0..max_positions-1 for frames, the last row for [CLS].
+        self.position_embeddings = (
+            nn.Embedding(config.max_positions + 1, d) if config.positions != "none" else None
+        )
+        self.embed_norm = nn.LayerNorm(d, eps=LAYER_NORM_EPS)  # as LongformerEmbeddings, which we bypass
+        self.embed_dropout = nn.Dropout(config.dropout)
+        args = (d, config.num_heads, config.intermediate_size, config.windows, config.dropout,
+                config.attention_dropout)
+        if config.backend == "hf":
+            from vtn.temporal import hf  # transformers is slow to import; only this backend needs it
+
+            self.longformer = hf.build(*args)
+        else:
+            self.longformer = FastLongformer(*args)
+        self.head = nn.Sequential(
+            nn.LayerNorm(d),
+            nn.Linear(d, d),
+            nn.GELU(),
+            nn.Dropout(config.head_dropout),
+            nn.Linear(d, config.num_classes),
+        )
+        self.apply(self._init_weights)
+        nn.init.normal_(self.cls_token, std=0.02)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        """BERT/Longformer's initialisation, the same for both backends."""
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+        if isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    def forward(
+        self,
+        features: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        return_attention: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """features [B, T, D]; mask [B, T] bool (True = a real frame; None = all real); positions [B, T] long
+        (ignored where mask is False; None only with positions="none").
+
+        Returns logits [B, num_classes], and with return_attention also [CLS]'s global attention of each layer,
+        one [B, heads, 1 + T] tensor per layer (index 0 is [CLS] itself, then the frames; padding gets 0).
+        """
+        cfg = self.config
+        if features.dim() != 3 or features.shape[-1] != cfg.feature_dim or features.shape[1] < 1:
+            raise UserError(
+                f"VTN expects features [batch, frames >= 1, {cfg.feature_dim}] (config.feature_dim), got "
+                f"{list(features.shape)}; were they extracted with a different backbone?"
+            )
+        B, T, _ = features.shape
+        mask = torch.ones(B, T, dtype=torch.bool, device=features.device) if mask is None else mask.bool()
+        if mask.shape != (B, T):
+            raise UserError(f"mask must be [batch, frames] = {[B, T]}, got {list(mask.shape)}")
+
+        x = self.input_proj(features)  # [B, T, d]
+        cls = self.cls_token.expand(B, 1, -1)  # [B, 1, d]
+        if self.position_embeddings is not None:
+            x = x + self.position_embeddings(self._frame_positions(positions, mask))
+            cls = cls + self.position_embeddings.weight[-1]
+        h = self.embed_dropout(self.embed_norm(torch.cat([cls, x], dim=1)))  # [B, 1 + T, d]
+        valid = F.pad(mask, (1, 0), value=True)  # [B, 1 + T]; [CLS] is always valid
+
+        if cfg.backend == "hf":
+            from vtn.temporal import hf
+
+            h, attentions = hf.encode(self.longformer, h, valid, return_attention)
+        else:
+            h, attentions = self.longformer(h, valid)
+        logits = self.head(h[:, 0])  # [B, num_classes]
+        return (logits, tuple(attentions)) if return_attention else logits
+
+    def _frame_positions(self, positions: torch.Tensor | None, mask: torch.Tensor) -> torch.Tensor:
+        """Checked position indices [B, T]; padding frames get position 0 (they are never attended to)."""
+        limit = self.config.max_positions
+        if positions is None or positions.shape != mask.shape or positions.is_floating_point():
+            got = None if positions is None else f"{positions.dtype} {list(positions.shape)}"
+            raise UserError(
+                f"VTN with positions='{self.config.positions}' needs integer positions {list(mask.shape)} "
+                f"(see frame_positions), got {got}"
+            )
+        positions = torch.where(mask, positions, 0)
+        if not torch.compiler.is_compiling() and ((positions < 0) | (positions >= limit)).any():
+            raise UserError(
+                f"frame positions must lie in [0, {limit}) (config.max_positions), got "
+                f"{int(positions.min())}..{int(positions.max())}; shorten or subsample the clip, or raise "
+                "max_positions"
+            )
+        return positions
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write config.json (the resolved VTNConfig) and model.safetensors to `directory`."""
+        path = Path(directory)
+        path.mkdir(parents=True, exist_ok=True)
+        (path / CONFIG_NAME).write_text(json.dumps(to_dict(self.config), indent=2) + "\n")
+        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        save_file(state, str(path / WEIGHTS_NAME), metadata={"format": "pt"})
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, backend: str | None = None) -> VTN:
+        """Load a `save_pretrained` directory (on the CPU), optionally into the other backend.
+
+        Safe to load untrusted files: the config is type-checked JSON and the weights are safetensors (no pickle).
+        """
+        path = Path(directory)
+        if not (path / CONFIG_NAME).is_file() or not (path / WEIGHTS_NAME).is_file():
+            raise UserError(f"{path}: not a VTN checkpoint (needs {CONFIG_NAME} and {WEIGHTS_NAME})")
+        config = merge(VTNConfig(), json.loads((path / CONFIG_NAME).read_text()))
+        if backend is not None:
+            config = merge(config, {"backend": backend})
+        model = cls(config)
+        missing, unexpected = model.load_state_dict(load_file(str(path / WEIGHTS_NAME)), strict=False)
+        if missing or unexpected:
+            raise UserError(f"{path}: weights do not match config.json (missing {missing}, unexpected {unexpected})")
+        return model
