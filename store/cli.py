@@ -1,5 +1,137 @@
-"""`vtn` subcommands of this stage."""
+"""`vtn store ...` subcommands and `vtn bench store`."""
+
+from __future__ import annotations
 
 
 def register(sub, bench_sub) -> None:
-    """Add this stage's subcommands to `vtn` and its benchmarks to `vtn bench`."""
+    """Add `vtn store` (info, verify, import, export) and `vtn bench store`."""
+    from vtn.store import bench
+
+    p = sub.add_parser("store", help="inspect, verify, import and export feature caches",
+                       description="Work with a vtn feature cache (a Zarr v3 group; local path or fsspec URL).")
+    store_sub = p.add_subparsers(dest="store_command", metavar="ACTION", required=True)
+
+    q = store_sub.add_parser("info", help="videos per split, classes, frames, size on disk, backbone, failures")
+    q.add_argument("cache")
+    q.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    q.set_defaults(func=_info)
+
+    q = store_sub.add_parser("verify", help="read everything; exit 0 only when the cache is clean",
+                             description="Checks every shard and chunk checksum, NaN/inf, missing chunks, "
+                             "duplicate ids and that the consolidated index agrees with the parts.")
+    q.add_argument("cache")
+    q.add_argument("--quiet", action="store_true", help="no progress bar")
+    q.set_defaults(func=_verify)
+
+    q = store_sub.add_parser("import", help="build a cache from an HDF5 file or a folder of .npy files",
+                             description="SRC is an HDF5 file with one [T, D] dataset per video id, or a folder of "
+                             "per-video .npy files (the id is the relative path without .npy). Re-running resumes.")
+    q.add_argument("src")
+    q.add_argument("--out", required=True, help="the cache to write")
+    q.add_argument("--labels", help="CSV of id,label[,split]; class names are the sorted labels")
+    q.add_argument("--fps", type=float, default=1.0, help="feature rate for timestamps when the source has none (default 1)")
+    q.add_argument("--dtype", default="float16", choices=["float16", "float32"])
+    q.add_argument("--overwrite", action="store_true", help="replace an existing cache at --out")
+    q.set_defaults(func=_import)
+
+    q = store_sub.add_parser("export", help="write a cache to HDF5: one dataset per video id")
+    q.add_argument("cache")
+    q.add_argument("--out", required=True, help="the .h5 file to write")
+    q.set_defaults(func=_export)
+
+    bench.register(bench_sub)
+
+
+def _disk_usage(url: str) -> tuple[int, int] | None:
+    import os
+
+    if "://" in url:
+        return None
+    files = size = 0
+    for dirpath, _, names in os.walk(url):
+        files += len(names)
+        size += sum(os.path.getsize(os.path.join(dirpath, n)) for n in names)
+    return files, size
+
+
+def cache_info(url: str) -> dict:
+    from collections import Counter
+
+    from vtn.store import open_cache
+
+    c = open_cache(url)
+    splits = Counter(c.splits)
+    frames: Counter = Counter()
+    for s, n in zip(c.splits, c.lengths):
+        frames[s] += int(n)
+    per_class = Counter(int(x) for x in c.labels)
+    usage = _disk_usage(url)
+    return {
+        "cache": url,
+        "videos": len(c),
+        "frames": int(c.lengths.sum()),
+        "splits": {s: {"videos": splits[s], "frames": frames[s]} for s in sorted(splits)},
+        "classes": len(c.class_names),
+        "videos_per_class": {c.class_names[k] if k >= 0 else "(unlabeled)": v for k, v in sorted(per_class.items())},
+        "feature_dim": c.feature_dim,
+        "dtype": c.dtype.name,
+        "files": usage[0] if usage else None,
+        "bytes": usage[1] if usage else None,
+        "backbone": c.attrs.get("backbone"),
+        "sampling": c.attrs.get("sampling"),
+        "created_at": c.attrs.get("created_at"),
+        "failures": c.failures,
+    }
+
+
+def _info(args) -> int:
+    import json
+
+    info = cache_info(args.cache)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"cache        {info['cache']}")
+    print(f"videos       {info['videos']:,}   frames {info['frames']:,}")
+    for s, v in info["splits"].items():
+        print(f"  {s:<10} {v['videos']:,} videos, {v['frames']:,} frames")
+    print(f"classes      {info['classes']}")
+    print(f"features     D={info['feature_dim']} {info['dtype']}")
+    if info["bytes"] is not None:
+        print(f"on disk      {info['bytes'] / 2**20:,.1f} MiB in {info['files']:,} files")
+    for key in ("backbone", "sampling"):
+        if info[key]:
+            print(f"{key:<12} {json.dumps(info[key])}")
+    print(f"failures     {len(info['failures'])}")
+    for f in info["failures"][:20]:
+        print(f"  {f['id']}: {f['error']}: {f['message']}")
+    if len(info["failures"]) > 20:
+        print(f"  ... and {len(info['failures']) - 20} more (--json lists all)")
+    return 0
+
+
+def _verify(args) -> int:
+    from vtn.store.verify import verify
+
+    problems, summary = verify(args.cache, progress=not args.quiet)
+    for p in problems:
+        print(f"PROBLEM {p}")
+    state = "clean" if not problems else f"{len(problems)} problem(s)"
+    print(f"{args.cache}: {summary['videos']:,} videos, {summary['rows']:,} frames in {summary['parts']} part(s): {state}")
+    return 0 if not problems else 1
+
+
+def _import(args) -> int:
+    from vtn.store.interop import import_features
+
+    n = import_features(args.src, args.out, args.labels, args.fps, args.dtype, args.overwrite)
+    print(f"imported {n:,} videos into {args.out}")
+    return 0
+
+
+def _export(args) -> int:
+    from vtn.store.interop import export_h5
+
+    n = export_h5(args.cache, args.out)
+    print(f"exported {n:,} videos to {args.out}")
+    return 0

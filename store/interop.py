@@ -1,0 +1,147 @@
+"""Import from HDF5 (one dataset per video) or a folder of per-video `.npy` files; export to HDF5."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from vtn.store.layout import StoreError
+from vtn.store.reader import open_cache
+from vtn.store.writer import CacheWriter
+
+META_KEYS = ("timestamps", "frame_indices", "label", "split", "fps", "duration", "num_frames")
+
+
+def read_labels(path: str | Path) -> dict[str, tuple[str, str | None]]:
+    """`id,label[,split]` rows (a header row starting with `id` is skipped) -> {id: (label, split)}."""
+    path = Path(path)
+    if not path.is_file():
+        raise StoreError(f"{path}: labels CSV not found")
+    out: dict[str, tuple[str, str | None]] = {}
+    with path.open(newline="") as f:
+        for n, row in enumerate(csv.reader(f), 1):
+            if not row or (n == 1 and row[0].strip().lower() == "id"):
+                continue
+            if len(row) not in (2, 3) or not row[0].strip() or not row[1].strip():
+                raise StoreError(f"{path}:{n}: expected id,label[,split], got {row!r}")
+            vid = row[0].strip()
+            if vid in out:
+                raise StoreError(f"{path}:{n}: duplicate id {vid!r}")
+            out[vid] = (row[1].strip(), row[2].strip() if len(row) == 3 and row[2].strip() else None)
+    return out
+
+
+def _h5_items(src: Path) -> tuple[Iterator[tuple[str, np.ndarray, dict]], dict]:
+    import h5py
+
+    f = h5py.File(src, "r")
+    names: list[str] = []
+    f.visititems(lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) else None)
+    root = dict(f.attrs)
+    info = json.loads(root["vtn_cache_attrs"]) if "vtn_cache_attrs" in root else {}
+
+    def items():
+        try:
+            for name in sorted(names):
+                ds = f[name]
+                yield name, ds[()], {k: ds.attrs[k] for k in META_KEYS if k in ds.attrs}
+        finally:
+            f.close()
+
+    return items(), info
+
+
+def _npy_items(src: Path) -> Iterator[tuple[str, np.ndarray, dict]]:
+    for path in sorted(src.rglob("*.npy")):
+        yield path.relative_to(src).with_suffix("").as_posix(), np.load(path, allow_pickle=False), {}
+
+
+def import_features(src: str | Path, out: str, labels_csv: str | None = None, fps: float = 1.0,
+                    dtype: str = "float16", overwrite: bool = False, progress: bool = True) -> int:
+    """Import per-video feature arrays into a new cache; returns the number of videos written.
+
+    Without recorded timestamps, frame i gets timestamp i / fps and frame index i (`fps` is the feature rate).
+    Re-running the same import continues where an interrupted one stopped.
+    """
+    from tqdm import tqdm
+
+    src = Path(src)
+    if src.is_dir():
+        items, info = _npy_items(src), {}
+        count = sum(1 for _ in src.rglob("*.npy"))
+    elif src.is_file() and src.suffix.lower() in (".h5", ".hdf5"):
+        try:
+            items, info = _h5_items(src)
+        except OSError as e:
+            raise StoreError(f"{src}: cannot read as HDF5 ({e})") from None
+        count = None
+    else:
+        raise StoreError(f"{src}: expected an HDF5 file (.h5/.hdf5) or a folder of .npy files")
+    labels = read_labels(labels_csv) if labels_csv else None
+    class_names = list(info.get("class_names", []))
+    if labels is not None and not class_names:
+        class_names = sorted({lab for lab, _ in labels.values()})
+    first = next(items, None)
+    if first is None:
+        raise StoreError(f"{src}: no feature arrays found")
+    if np.ndim(first[1]) != 2:
+        raise StoreError(f"{src}: {first[0]!r} has shape {list(np.shape(first[1]))}, expected [T, D]")
+    attrs = {k: v for k, v in info.items() if k not in ("vtn_schema", "feature_dim", "dtype", "class_names", "created_at")}
+    attrs["imported_from"] = {"source": str(src.resolve()), "labels": str(labels_csv) if labels_csv else None}
+    writer = CacheWriter(out, feature_dim=int(np.shape(first[1])[1]), dtype=dtype, class_names=class_names,
+                         attrs=attrs, identity=("imported_from",), overwrite=overwrite, name="import")
+    done = writer.committed_ids()
+    written = 0
+    with writer, tqdm(total=count, unit="video", desc="import", disable=not progress) as bar:
+        for vid, x, meta in _chain(first, items):
+            bar.update(1)
+            if vid in done:
+                continue
+            x = np.asarray(x)
+            if x.ndim != 2:
+                raise StoreError(f"{src}: {vid!r} has shape {list(x.shape)}, expected [T, D]")
+            t = len(x)
+            label, split = int(meta.get("label", -1)), str(meta.get("split", "train"))
+            if labels is not None:
+                if vid not in labels:
+                    raise StoreError(f"{labels_csv}: no row for id {vid!r} (from {src})")
+                name, csv_split = labels[vid]
+                if name not in class_names:
+                    raise StoreError(f"{labels_csv}: id {vid!r} has unknown label {name!r} (classes: {class_names[:10]}...)")
+                label, split = class_names.index(name), csv_split or split
+            writer.add(
+                vid, x, meta.get("timestamps", np.arange(t) / fps), meta.get("frame_indices", np.arange(t)),
+                label=label, split=split, fps=float(meta.get("fps", fps)),
+                duration=float(meta.get("duration", t / fps)), num_frames=int(meta.get("num_frames", t)),
+            )
+            written += 1
+    return written
+
+
+def _chain(first, rest):
+    yield first
+    yield from rest
+
+
+def export_h5(cache_url: str, out: str | Path, progress: bool = True) -> int:
+    """One dataset per video id (features), its timestamps and metadata as attributes, the cache's attributes at the root."""
+    import h5py
+    from tqdm import tqdm
+
+    cache = open_cache(cache_url)
+    out = Path(out)
+    tmp = out.with_name(out.name + ".partial")
+    with h5py.File(tmp, "w", libver="latest") as f:  # "latest": attributes larger than 64 KiB (long timestamp lists)
+        f.attrs["vtn_cache_attrs"] = json.dumps(cache.attrs)
+        f.attrs["class_names"] = json.dumps(cache.class_names)
+        for vid in tqdm(cache.ids, unit="video", desc="export", disable=not progress):
+            v = cache.video(vid)
+            ds = f.create_dataset(vid, data=v.features)
+            ds.attrs.update({"timestamps": v.timestamps, "frame_indices": v.frame_indices, "label": v.label,
+                             "split": v.split, "fps": v.fps, "duration": v.duration, "num_frames": v.num_frames})
+    tmp.replace(out)  # a killed export never leaves a half-written file under the final name
+    return len(cache)

@@ -1,0 +1,106 @@
+"""`vtn store verify`: read everything and report what is wrong, with the place it is wrong."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from vtn.store.index import _newest_index, _read_columns, part_states
+from vtn.store.layout import ROW_ARRAYS, TABLE_COLUMNS
+from vtn.store.rows import CorruptChunk, RowReader
+
+
+def _check_rows(name: str, part: str, reader: RowReader, rows: int, problems: list[str], progress=None) -> None:
+    """Every shard file present, every chunk's checksum good, no NaN/inf, no fill values inside `rows`."""
+    where = f"parts/{part}/{name}"
+    if not reader.fast:
+        problems.append(f"{where}: unexpected codecs, cannot verify chunk by chunk")
+        return
+    for shard in range(0, (rows + reader.shard_rows - 1) // reader.shard_rows):
+        a, b = shard * reader.shard_rows, min(rows, (shard + 1) * reader.shard_rows)
+        try:
+            index = reader.shard_index(shard)
+        except CorruptChunk as e:
+            problems.append(str(e))
+            continue
+        if index is None:
+            problems.append(f"{where}: shard file {reader._key(shard)} is missing (rows {a}..{b - 1})")
+            continue
+        for c in range((b - a + reader.chunk_rows - 1) // reader.chunk_rows):
+            r0 = a + c * reader.chunk_rows
+            r1 = min(b, r0 + reader.chunk_rows)
+            off, n = (int(v) for v in index[c])
+            if off == 2**64 - 1:
+                problems.append(f"{where}: chunk {r0 // reader.chunk_rows} (rows {r0}..{r1 - 1}) is missing")
+                continue
+            try:
+                chunk = reader.decode(reader._get(shard, off, n), f"{reader._key(shard)} chunk {c}")[: r1 - r0]
+            except CorruptChunk as e:
+                problems.append(str(e))
+                continue
+            if chunk.dtype.kind == "f" and not np.isfinite(chunk).all():
+                problems.append(f"{where}: NaN or inf in rows {r0}..{r1 - 1}")
+            if name == "frame_index" and (chunk < 0).any():
+                problems.append(f"{where}: negative frame index in rows {r0}..{r1 - 1}")
+        if progress is not None:
+            progress.update(b - a)
+
+
+def verify(cache_url: str, progress: bool = True) -> tuple[list[str], dict]:
+    """Return (problems, summary). An empty problem list means the cache is clean."""
+    from tqdm import tqdm
+
+    from vtn.store.layout import open_root
+
+    problems: list[str] = []
+    root = open_root(cache_url, "r")
+    parts = part_states(root)
+    n_classes = len(root.attrs.get("class_names", []))
+    seen: dict[str, str] = {}
+    total_rows = sum(int(s.get("rows", 0)) for s in parts.values())
+    bar = tqdm(total=total_rows * len(ROW_ARRAYS), unit="row", desc="verify", disable=not progress)
+    tables = {}
+    for part, state in sorted(parts.items()):
+        g = root["parts"][part]
+        committed, rows = int(state.get("committed", 0)), int(state.get("rows", 0))
+        try:
+            cols = _read_columns(g, 0, committed, list(TABLE_COLUMNS))
+        except Exception as e:  # noqa: BLE001 - a broken table is a finding, not a crash
+            problems.append(f"parts/{part}: cannot read the video table ({type(e).__name__}: {e})")
+            continue
+        tables[part] = cols
+        starts, lengths = cols["start"], cols["length"]
+        expected = np.concatenate([[0], np.cumsum(lengths)[:-1]]) if committed else starts
+        if (lengths < 1).any() or not np.array_equal(starts, expected) or (committed and starts[-1] + lengths[-1] != rows):
+            problems.append(f"parts/{part}: video table rows disagree with the committed row count {rows}")
+        for vid in cols["id"]:
+            if vid in seen:
+                problems.append(f"video {vid!r}: duplicate id in parts {seen[vid]} and {part}")
+            seen[vid] = part
+        bad = cols["id"][(cols["label"] < -1) | (cols["label"] >= n_classes)]
+        for vid in bad[:10]:
+            problems.append(f"video {vid!r}: label outside the {n_classes} class names")
+        for name in ROW_ARRAYS:
+            if name not in g:
+                problems.append(f"parts/{part}/{name}: array is missing")
+                continue
+            arr = g[name]
+            if arr.shape[0] < rows:
+                problems.append(f"parts/{part}/{name}: {arr.shape[0]} rows allocated but {rows} committed")
+                continue
+            _check_rows(name, part, RowReader(arr), rows, problems, bar)
+    bar.close()
+    idx = _newest_index(root)
+    if idx is not None:
+        covered = idx.attrs["parts"]
+        cols = _read_columns(idx, 0, int(idx.attrs["videos"]), list(TABLE_COLUMNS) + ["part"])
+        for part, n in covered.items():
+            if part not in tables:
+                problems.append(f"index: refers to part {part!r}, which is missing")
+                continue
+            mine = cols["part"] == part
+            for col in ("id", "start", "length", "label", "split"):
+                if mine.sum() != n or not np.array_equal(cols[col][mine], tables[part][col][:n]):
+                    problems.append(f"index: column {col!r} disagrees with parts/{part}")
+                    break
+    summary = {"parts": len(parts), "videos": len(seen), "rows": total_rows}
+    return problems, summary
