@@ -1,0 +1,146 @@
+"""PyTorch datasets over a cache for stage two: training clips, whole-video evaluation, length buckets.
+
+Randomness comes from (seed, epoch, item), never from global state, so a resumed run draws exactly the
+clips an uninterrupted one would, with any number of loader workers.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from vtn.store.reader import FeatureCache, SplitData
+
+
+def clip_rows(length: int, clip_frames: int | None, stride: int, max_frames: int | None,
+              rng: np.random.Generator | None) -> np.ndarray:
+    """Which of a video's `length` cached frames a sample uses.
+
+    Training (`rng` given): `clip_frames` frames `stride` apart from a random start; a video too short for
+    that span keeps the clip length with the largest stride that fits (or every frame when it has fewer).
+    Evaluation (`rng` None, `clip_frames` None): the whole video, thinned evenly to `max_frames` if longer.
+    """
+    if clip_frames is None:
+        if max_frames is None or length <= max_frames:
+            return np.arange(length)
+        return np.linspace(0, length - 1, max_frames).round().astype(np.int64)
+    if length <= clip_frames:
+        return np.arange(length)
+    stride = max(1, min(stride, (length - 1) // (clip_frames - 1))) if clip_frames > 1 else 1
+    span = (clip_frames - 1) * stride + 1
+    start = int(rng.integers(0, length - span + 1)) if rng is not None else (length - span) // 2
+    return start + np.arange(clip_frames) * stride
+
+
+class ClipDataset(Dataset):
+    """Items of one split: {"features" [t, D] float32, "positions" [t], "times" [t], "label", "id"}.
+
+    `source` is a SplitData (in memory; fastest) or an open FeatureCache (streams each video from disk).
+    `train=True` draws a random clip per item; `train=False` gives the whole video (or a centred clip).
+    """
+
+    def __init__(self, source: SplitData | FeatureCache, split: str | None = None, clip_frames: int | None = None,
+                 stride: int = 1, max_frames: int | None = None, train: bool = True, seed: int = 0):
+        self.source = source
+        if isinstance(source, SplitData):
+            self.ids = list(source.ids)
+            self.labels = np.asarray(source.labels)
+            self.lengths = source.lengths
+        else:
+            sel = np.flatnonzero(source.index["split"] == split) if split is not None else np.arange(len(source))
+            self.ids = source.index["id"][sel].tolist()
+            self.labels = source.labels[sel]
+            self.lengths = source.lengths[sel]
+        self.clip_frames, self.stride, self.max_frames = clip_frames, stride, max_frames
+        self.train, self.seed, self.epoch = train, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def sample_lengths(self) -> np.ndarray:
+        """Frames each item will have (for bucketing by length)."""
+        cap = self.clip_frames if self.clip_frames is not None else self.max_frames
+        return np.minimum(self.lengths, cap) if cap is not None else self.lengths
+
+    def __getitem__(self, i: int) -> dict:
+        rng = np.random.default_rng((self.seed, self.epoch, i)) if self.train else None
+        pick = clip_rows(int(self.lengths[i]), self.clip_frames, self.stride, self.max_frames, rng)
+        if isinstance(self.source, SplitData):
+            rows = self.source.video_rows(i)
+            feats = self.source.features[rows][pick]
+            frames = self.source.frame_indices[rows][pick]
+            times = self.source.timestamps[rows][pick]
+        else:
+            v = self.source.video(self.ids[i])
+            feats, frames, times = v.features[pick], v.frame_indices[pick], v.timestamps[pick]
+        return {
+            "features": torch.from_numpy(np.ascontiguousarray(feats, dtype=np.float32)),
+            "positions": torch.from_numpy(np.asarray(frames, dtype=np.int64)),
+            "times": torch.from_numpy(np.asarray(times, dtype=np.float32)),
+            "label": int(self.labels[i]),
+            "id": self.ids[i],
+        }
+
+
+def collate_clips(items: list[dict]) -> dict:
+    """Pad to the longest item: features [B,T,D], mask [B,T] (True = real frame), positions, times, labels, ids."""
+    t = max(len(x["features"]) for x in items)
+    b, d = len(items), items[0]["features"].shape[1]
+    features = torch.zeros(b, t, d)
+    mask = torch.zeros(b, t, dtype=torch.bool)
+    positions = torch.zeros(b, t, dtype=torch.long)
+    times = torch.zeros(b, t)
+    for j, x in enumerate(items):
+        n = len(x["features"])
+        features[j, :n] = x["features"]
+        mask[j, :n] = True
+        positions[j, :n] = x["positions"]
+        times[j, :n] = x["times"]
+    return {
+        "features": features, "mask": mask, "positions": positions, "times": times,
+        "labels": torch.tensor([x["label"] for x in items], dtype=torch.long), "ids": [x["id"] for x in items],
+    }
+
+
+class LengthBucketSampler(Sampler[list[int]]):
+    """Batches of items of similar length (less padding), in a shuffled order; shards batches across ranks.
+
+    Items are sorted by length with a little per-epoch noise, cut into batches, and the batch order is
+    shuffled. With `num_replicas` > 1 each rank takes every num_replicas-th batch, and all ranks get the
+    same number of batches (the list is padded by repeating batches) so DDP never waits on a missing one.
+    """
+
+    def __init__(self, lengths, batch_size: int, shuffle: bool = True, seed: int = 0, drop_last: bool = False,
+                 num_replicas: int = 1, rank: int = 0):
+        self.lengths = np.asarray(lengths)
+        self.batch_size, self.shuffle, self.seed, self.drop_last = batch_size, shuffle, seed, drop_last
+        self.num_replicas, self.rank, self.epoch = num_replicas, rank, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _batches(self) -> list[list[int]]:
+        rng = np.random.default_rng((self.seed, self.epoch))
+        noise = rng.random(len(self.lengths)) if self.shuffle else np.zeros(len(self.lengths))
+        order = np.lexsort((noise, self.lengths))
+        batches = [order[i:i + self.batch_size].tolist() for i in range(0, len(order), self.batch_size)]
+        if self.drop_last and batches and len(batches[-1]) < self.batch_size:
+            batches.pop()
+        if self.shuffle:
+            batches = [batches[i] for i in rng.permutation(len(batches))]
+        if self.num_replicas > 1 and batches:
+            per_rank = math.ceil(len(batches) / self.num_replicas)
+            batches = (batches * self.num_replicas)[: per_rank * self.num_replicas][self.rank::self.num_replicas]
+        return batches
+
+    def __iter__(self):
+        return iter(self._batches())
+
+    def __len__(self) -> int:
+        return len(self._batches())
