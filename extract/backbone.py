@@ -1,0 +1,209 @@
+"""The spatial backbone f(x) and its preprocessing.
+
+One small factory over `timm.create_model(name, num_classes=0)`, which returns one pooled vector per
+image (the CLS token for ViTs, global average pooling for CNNs). Weights come from timm (`pretrained`),
+from a file (safetensors, or a torch state dict loaded with `weights_only=True`, so a file cannot run
+code), or from a seeded random init (tests, benchmarks). The preprocessing is timm's resolved data config
+for the model, applied on the device to uint8 frames: resize the short side to size / crop_pct, centre
+crop, scale to 0..1, normalise. It reproduces timm's own eval transform (which works on PIL images) up to
+resampling rounding, and is saved with the cache so every later stage preprocesses the same way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from vtn.errors import UserError
+
+
+class BackboneError(UserError):
+    """An unknown model name, unreadable weights, or weights that do not fit the model."""
+
+
+def create_backbone(
+    name: str,
+    weights: str | Path | None = None,
+    pretrained: bool = False,
+    image_size: int | None = None,
+    seed: int = 0,
+) -> tuple[torch.nn.Module, dict, dict]:
+    """Build the backbone in eval mode on the CPU; returns (model, data_config, identity).
+
+    `data_config` is timm's resolved preprocessing (input_size, interpolation, mean, std, crop_pct,
+    crop_mode), with `image_size` overriding the input size. `identity` describes the weights exactly
+    (source and the sha256 of the state dict) for the cache's attributes. Random init is seeded with
+    `seed`, so every process (each torchrun rank, a resumed run) builds the same weights.
+    """
+    import timm
+
+    if weights is not None and pretrained:
+        raise BackboneError("give either --weights or --pretrained, not both")
+    kwargs = {}
+    if image_size is not None:
+        # ViT-style models fix their position embedding to the input size at construction; CNNs take any size.
+        kwargs["img_size"] = image_size
+    torch.manual_seed(seed)
+    try:
+        try:
+            model = timm.create_model(name, pretrained=pretrained, num_classes=0, **kwargs)
+        except TypeError:
+            model = timm.create_model(name, pretrained=pretrained, num_classes=0)
+    except RuntimeError as e:
+        raise BackboneError(f"backbone '{name}': {e}") from None
+    except Exception as e:
+        if not pretrained:
+            raise
+        raise BackboneError(
+            f"backbone '{name}': cannot load timm's pretrained weights ({type(e).__name__}: {e}); "
+            "offline, they must already be in the local Hugging Face hub cache"
+        ) from None
+    identity = {"name": name, "weights": "random-init", "seed": seed}
+    if pretrained:
+        identity = {"name": name, "weights": "timm-pretrained", "pretrained_tag": model.pretrained_cfg.get("tag")}
+    if weights is not None:
+        identity = {"name": name, "weights": "file", "weights_file_sha256": load_weights(model, weights)}
+    model.eval()
+    identity["weights_sha256"] = state_dict_sha256(model)
+    identity["feature_dim"] = int(model.num_features)
+    overrides = {"input_size": (3, image_size, image_size)} if image_size is not None else {}
+    data_config = timm.data.resolve_data_config(overrides, model=model)
+    return model, data_config, identity
+
+
+def load_weights(model: torch.nn.Module, path: str | Path) -> str:
+    """Load a safetensors file or a torch state dict into `model`; returns the file's sha256.
+
+    Accepts a bare state dict or one under "state_dict"/"model", with or without DDP's "module." prefix.
+    A classifier head in the file (the model was built without one) is ignored; any other missing or
+    unexpected key is refused, naming the file and the keys.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise BackboneError(f"weights file not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path), device="cpu")
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise BackboneError(f"{path}: cannot read weights ({type(e).__name__}: {e})") from None
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise BackboneError(f"{path}: not a state dict of tensors")
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    head = model.pretrained_cfg.get("classifier")
+    heads = (head,) if isinstance(head, str) else tuple(head or ())
+    own = model.state_dict()
+    state = {k: v for k, v in state.items() if k in own or not any(k.startswith(h + ".") for h in heads)}
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise BackboneError(
+            f"{path}: weights do not fit {type(model).__name__}: "
+            f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
+        )
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise BackboneError(f"{path}: weights do not fit the model: {e}") from None
+    return file_sha256(path)
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def state_dict_sha256(model: torch.nn.Module) -> str:
+    """sha256 over every parameter and buffer (name, dtype, shape, bytes, in name order).
+
+    It identifies the weights whatever file or hub they came from, so a cache can be matched to the exact
+    backbone that made it.
+    """
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def preprocessing_attrs(data_config: dict) -> dict:
+    """The resolved preprocessing as plain values, for the cache's attributes."""
+    _, h, w = data_config["input_size"]
+    return {
+        "input_size": [int(h), int(w)],
+        "crop_pct": float(data_config["crop_pct"]),
+        "crop_mode": data_config.get("crop_mode", "center"),
+        "interpolation": data_config["interpolation"],
+        "mean": [float(x) for x in data_config["mean"]],
+        "std": [float(x) for x in data_config["std"]],
+        "scale_size": list(_scale_size(int(h), int(w), float(data_config["crop_pct"]))),
+        "value_range": "uint8 RGB / 255, then (x - mean) / std",
+    }
+
+
+def _scale_size(h: int, w: int, crop_pct: float) -> tuple[int, int]:
+    # timm's eval transform: the resize target before the crop is size / crop_pct, floored.
+    return math.floor(h / crop_pct), math.floor(w / crop_pct)
+
+
+class Preprocess(torch.nn.Module):
+    """uint8 RGB frames [N, H, W, 3] (any size) -> normalised float [N, 3, h, w], channels_last, on their device.
+
+    Mirrors timm's eval transform: for a square input size the short side is resized to
+    floor(size / crop_pct) (the long side scaled in proportion, truncated as torchvision does), otherwise
+    (or with crop_mode "squash") both sides are resized to floor(size / crop_pct); then a centre crop to the
+    input size. Resampling is antialiased and rounded back to 0..255 like the uint8 image timm resizes.
+    """
+
+    def __init__(self, data_config: dict):
+        super().__init__()
+        self.attrs = preprocessing_attrs(data_config)
+        mode = self.attrs["crop_mode"]
+        if mode not in ("center", "squash"):
+            raise BackboneError(f"preprocessing crop_mode '{mode}' is not supported (center, squash)")
+        interpolation = self.attrs["interpolation"]
+        if interpolation not in ("bilinear", "bicubic", "nearest"):
+            interpolation = "bicubic"  # timm's "random"/"lanczos" have no torch equivalent; bicubic is closest
+        self.interpolation = interpolation
+        self.size = tuple(self.attrs["input_size"])
+        self.squash = mode == "squash" or self.size[0] != self.size[1]
+        self.register_buffer("mean", torch.tensor(self.attrs["mean"]).view(1, 3, 1, 1) * 255, persistent=False)
+        self.register_buffer("std", torch.tensor(self.attrs["std"]).view(1, 3, 1, 1) * 255, persistent=False)
+
+    def resize_shape(self, height: int, width: int) -> tuple[int, int]:
+        """The (h, w) a frame of this size is resized to before the centre crop."""
+        sh, sw = _scale_size(*self.size, self.attrs["crop_pct"])
+        if self.squash:
+            return sh, sw
+        if height <= width:
+            return sh, int(sh * width / height)
+        return int(sh * height / width), sh
+
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        x = frames.permute(0, 3, 1, 2).float()  # [N, 3, H, W], values 0..255
+        rh, rw = self.resize_shape(x.shape[2], x.shape[3])
+        if (rh, rw) != tuple(x.shape[2:]):
+            antialias = self.interpolation != "nearest"
+            x = F.interpolate(x, size=(rh, rw), mode=self.interpolation, antialias=antialias,
+                              align_corners=None if self.interpolation == "nearest" else False)
+            x = x.round_().clamp_(0, 255)
+        h, w = self.size
+        top, left = int(round((rh - h) / 2.0)), int(round((rw - w) / 2.0))  # torchvision's centre crop
+        x = x[:, :, top: top + h, left: left + w]  # [N, 3, h, w]
+        x = (x - self.mean) / self.std
+        return x.contiguous(memory_format=torch.channels_last)

@@ -1,0 +1,243 @@
+"""Video decoding: real frame timestamps and the sampled frames, in bounded chunks.
+
+decord is tried first (fast random access); PyAV is the fallback for files decord cannot open or read.
+Both report every frame's presentation time from the container's timestamps, so sampling by time is
+right for variable-frame-rate files. Frames come out as uint8 RGB arrays [n, H, W, 3] in chunks of at
+most `chunk_bytes`, so a 4K or hour-long file is never held whole.
+
+Every way a file can be unusable raises a `VideoError` subclass whose name is recorded in the cache as
+the failure's error class. This module imports no torch: it runs in the decode worker processes.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from vtn.extract.sampling import SamplingConfig, sample, video_duration
+
+DEFAULT_CHUNK_BYTES = 64 << 20
+
+
+class VideoError(Exception):
+    """A video that cannot be used; recorded as a failure (error class = the subclass name), never substituted."""
+
+
+class EmptyFile(VideoError):
+    """The file has zero bytes."""
+
+
+class NotAVideo(VideoError):
+    """The file cannot be opened as media, or has no video stream (text, audio-only, missing index)."""
+
+
+class NoFrames(VideoError):
+    """The video stream holds no decodable frame."""
+
+
+class DecodeError(VideoError):
+    """Some frames decode and a needed one does not (corrupt or truncated data)."""
+
+
+class DecodeTimeout(VideoError):
+    """Decoding made no progress for longer than the timeout and the worker was killed."""
+
+
+class WorkerCrashed(VideoError):
+    """The decode worker process died while decoding this video."""
+
+
+@dataclass
+class VideoInfo:
+    """What the decoder learnt about a video before reading frames."""
+
+    timestamps: np.ndarray  # [n] float64 seconds from the first frame, every frame in presentation order
+    fps: float  # native frame rate: frames / duration (the average for variable-rate files)
+    duration: float  # seconds, first frame start to last frame end
+    num_frames: int  # frames in the stream (counted from its packets, not read from the header)
+    width: int
+    height: int
+    backend: str  # "decord" or "pyav"
+
+
+@dataclass
+class Chunk:
+    """Consecutive sampled frames of one video."""
+
+    frame_indices: np.ndarray  # [n] int64 source frame indices
+    timestamps: np.ndarray  # [n] float64 seconds
+    frames: np.ndarray  # [n, H, W, 3] uint8 RGB
+
+
+def _info(timestamps, width: int, height: int, backend: str) -> VideoInfo:
+    t = np.asarray(timestamps, dtype=np.float64)
+    # Seconds from the first frame, to the microsecond: decord reports float32 seconds, PyAV exact
+    # ticks; rounding makes both agree.
+    t = np.round(t - t[0], 6)
+    duration = round(video_duration(t), 6)
+    fps = round(len(t) / duration, 3) if duration > 0 else 0.0
+    return VideoInfo(t, fps, duration, len(t), width, height, backend)
+
+
+def _chunk_frames(width: int, height: int, chunk_bytes: int) -> int:
+    return max(1, chunk_bytes // max(1, width * height * 3))
+
+
+def check_file(path: str | Path) -> None:
+    """Fail fast on files no decoder should be handed: missing or zero-byte."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise NotAVideo(f"{path}: no such file") from None
+    if stat.S_ISREG(st.st_mode) and st.st_size == 0:
+        raise EmptyFile(f"{path}: the file is empty (0 bytes)")
+
+
+def _sorted_unique(values) -> np.ndarray:
+    return np.unique(np.asarray(values, dtype=np.float64))
+
+
+class DecordReader:
+    """Frames through decord: the packet index gives every frame's timestamp; `get_batch` reads by index."""
+
+    backend = "decord"
+
+    def __init__(self, path: str | Path, threads: int = 1):
+        import decord
+
+        try:
+            self.vr = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=threads)
+            n = len(self.vr)
+            if n == 0:
+                raise NoFrames(f"{path}: the video stream has no frames")
+            ts = self.vr.get_frame_timestamp(np.arange(n))[:, 0]
+            height, width = self.vr[0].shape[:2]
+        except VideoError:
+            raise
+        except Exception as e:  # decord raises RuntimeError/DECORDError for every kind of bad file
+            raise NotAVideo(f"{path}: decord cannot open it: {_first_line(e)}") from None
+        self.path = path
+        self.info = _info(ts, width, height, self.backend)
+        # decord seeks to a frame by its timestamp, so they must be distinct; if they are not, let PyAV read it.
+        if len(_sorted_unique(ts)) != n:
+            raise NotAVideo(f"{path}: decord reports repeated frame timestamps")
+
+    def read(self, indices: np.ndarray, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[Chunk]:
+        step = _chunk_frames(self.info.width, self.info.height, chunk_bytes)
+        for i in range(0, len(indices), step):
+            idx = indices[i: i + step]
+            try:
+                frames = self.vr.get_batch(idx.tolist()).asnumpy()
+            except Exception as e:
+                raise DecodeError(f"{self.path}: decord cannot decode frames {idx[0]}..{idx[-1]}: {_first_line(e)}") from None
+            yield Chunk(idx, self.info.timestamps[idx], frames)
+
+
+class PyAVReader:
+    """Frames through PyAV: one demux pass for the timestamps, then one sequential decode pass.
+
+    Sequential decoding is slower than decord's seeking for sparse sampling, but it reads files decord
+    cannot, and frame i is exactly the i-th frame decoded in presentation order.
+    """
+
+    backend = "pyav"
+
+    def __init__(self, path: str | Path, threads: int = 1):
+        import av
+
+        self.path, self.threads = path, threads
+        try:
+            with av.open(str(path)) as container:
+                if not container.streams.video:
+                    raise NotAVideo(f"{path}: no video stream")
+                stream = container.streams.video[0]
+                width, height = stream.codec_context.width, stream.codec_context.height
+                pts = [p.pts for p in container.demux(stream) if p.pts is not None and p.size > 0]
+        except VideoError:
+            raise
+        except Exception as e:
+            raise NotAVideo(f"{path}: cannot open it as a video: {_first_line(e)}") from None
+        if not pts:
+            raise NoFrames(f"{path}: the video stream has no frames")
+        ts = _sorted_unique(pts) * float(stream.time_base)
+        self.info = _info(ts, width, height, self.backend)
+
+    def read(self, indices: np.ndarray, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[Chunk]:
+        import av
+
+        step = _chunk_frames(self.info.width, self.info.height, chunk_bytes)
+        wanted = set(indices.tolist())
+        last = int(indices[-1])
+        buf_idx: list[int] = []
+        buf: list[np.ndarray] = []
+        decoded = 0
+        try:
+            with av.open(str(self.path)) as container:
+                stream = container.streams.video[0]
+                stream.thread_count = self.threads
+                for frame in container.decode(stream):
+                    if decoded in wanted:
+                        buf_idx.append(decoded)
+                        buf.append(frame.to_ndarray(format="rgb24"))
+                        if len(buf) == step:
+                            yield self._chunk(buf_idx, buf)
+                            buf_idx, buf = [], []
+                    decoded += 1
+                    if decoded > last:
+                        break
+        except av.FFmpegError as e:
+            if decoded == 0:
+                raise NoFrames(f"{self.path}: no frame decodes: {_first_line(e)}") from None
+            raise DecodeError(f"{self.path}: decoding fails after frame {decoded - 1}: {_first_line(e)}") from None
+        if decoded == 0:
+            raise NoFrames(f"{self.path}: the stream lists {self.info.num_frames} frames but none decodes")
+        if decoded <= last:
+            raise DecodeError(f"{self.path}: only {decoded} of {self.info.num_frames} listed frames decode")
+        if buf:
+            yield self._chunk(buf_idx, buf)
+
+    def _chunk(self, idx: list[int], frames: list[np.ndarray]) -> Chunk:
+        idx_arr = np.asarray(idx, dtype=np.int64)
+        return Chunk(idx_arr, self.info.timestamps[idx_arr], np.stack(frames))
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip() or type(e).__name__
+    # decord's messages carry a C++ source location and a stack; the first line says what failed.
+    return text.splitlines()[0][:300]
+
+
+def decode_video(path: str | Path, cfg: SamplingConfig, chunk_bytes: int = DEFAULT_CHUNK_BYTES, threads: int = 1):
+    """Decode the sampled frames of one video: yields the `VideoInfo` first, then `Chunk`s.
+
+    decord first; if it cannot open or read the file, PyAV from the start. When decord fails after some
+    chunks were yielded, a `None` is yielded before PyAV's own `VideoInfo`, telling the consumer to drop
+    what it got for this video (the two decoders may disagree on frames, and nothing is mixed or substituted).
+    Raises a `VideoError` when neither decoder can produce every sampled frame.
+    """
+    check_file(path)
+    yielded = False
+    try:
+        reader = DecordReader(path, threads)
+        indices = sample(reader.info.timestamps, cfg)
+        yield reader.info
+        yielded = True
+        yield from reader.read(indices, chunk_bytes)
+        return
+    except VideoError as e:
+        first_error = e
+    if yielded:
+        yield None
+    try:
+        reader = PyAVReader(path, threads)
+    except VideoError as e:
+        # Report the more specific of the two errors (e.g. PyAV's "no video stream" over decord's "cannot open").
+        raise e if not isinstance(e, NotAVideo) or isinstance(first_error, NotAVideo) else first_error
+    indices = sample(reader.info.timestamps, cfg)
+    yield reader.info
+    yield from reader.read(indices, chunk_bytes)

@@ -1,0 +1,229 @@
+"""Generated test videos: real H.264 `.mp4` files whose classes differ only in the temporal order of events.
+
+Used by the tests, the benchmarks and `vtn demo`. Every class shows the same things; only their order
+in time tells the classes apart (a blob moving left-to-right versus right-to-left, a red flash followed by
+a green one versus the reverse). Sampled evenly, a video and its time-reversed twin give the same set of
+frames, so a model that mean-pools frame features cannot separate the classes and a temporal model must.
+Lengths, frame rates (constant 15/24/25/30 fps, and a variable-frame-rate variant) and frame sizes vary
+from video to video so the extraction path sees the variety real data has. Frames are small and clips
+short, so a whole dataset encodes in seconds.
+
+`make_bad_files` writes the broken inputs extraction must record as failures instead of crashing on.
+"""
+
+from __future__ import annotations
+
+import fractions
+import math
+from pathlib import Path
+
+import numpy as np
+
+CLASSES = ("left_to_right", "right_to_left", "red_then_green", "green_then_red")
+SIZES = ((64, 64), (96, 64), (128, 96), (112, 80))  # (width, height); even, as yuv420p needs
+FPS_CHOICES = (15, 24, 25, 30)
+# Variable-frame-rate videos use a millisecond time base and irregular frame spacing.
+VFR_TIME_BASE = fractions.Fraction(1, 1000)
+
+
+def render_frame(cls: str, t: float, duration: float, width: int, height: int, background: np.ndarray) -> np.ndarray:
+    """One RGB frame [height, width, 3] uint8 of class `cls` at time `t` seconds of a `duration`-second clip."""
+    u = min(max(t / duration, 0.0), 1.0)  # progress through the clip, 0..1
+    frame = background.copy()
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    radius = 0.12 * min(width, height)
+    if cls in ("left_to_right", "right_to_left"):
+        # A white blob crossing the frame; the two classes are each other's time reversal.
+        x = (0.15 + 0.7 * u) * width if cls == "left_to_right" else (0.85 - 0.7 * u) * width
+        blob = np.exp(-((xx - x) ** 2 + (yy - height / 2) ** 2) / (2 * radius**2))
+        colour = np.array([255.0, 255.0, 255.0], dtype=np.float32)
+    else:
+        # Two flashes in the centre, red then green or green then red, each peaking mid-half.
+        first, second = ((255.0, 40.0, 40.0), (40.0, 255.0, 40.0))
+        if cls == "green_then_red":
+            first, second = second, first
+        colour = np.array(first if u < 0.5 else second, dtype=np.float32)
+        strength = math.sin(math.pi * ((2 * u) % 1.0))
+        blob = strength * np.exp(-((xx - width / 2) ** 2 + (yy - height / 2) ** 2) / (2 * (1.5 * radius) ** 2))
+    out = frame.astype(np.float32) * (1 - blob[..., None]) + colour * blob[..., None]
+    return np.clip(out, 0, 255).astype(np.uint8)
+
+
+def frame_times(duration: float, fps: float, vfr: bool, rng: np.random.Generator) -> list[float]:
+    """Presentation times (seconds) of the frames: regular at `fps`, or irregular around it when `vfr`."""
+    if not vfr:
+        return [i / fps for i in range(max(1, int(round(duration * fps))))]
+    times, t = [], 0.0
+    while t < duration:
+        times.append(round(t, 3))  # whole milliseconds, exactly representable in the 1/1000 time base
+        t += rng.uniform(0.4, 1.6) / fps
+    return times
+
+
+def write_video(path: str | Path, frames, times: list[float], fps: float, vfr: bool = False, crf: int = 23) -> Path:
+    """Encode `frames` (an iterable of [H, W, 3] uint8 arrays, one per entry of `times`) as H.264 in `path`.
+
+    Constant-rate videos use the time base 1/fps; variable-rate ones a 1/1000 s time base with each frame's
+    own timestamp, so their container records the irregular spacing and readers must use real timestamps.
+    """
+    import av
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frames = iter(frames)
+    first = next(frames)
+    height, width = first.shape[:2]
+    with av.open(str(path), "w") as container:
+        rate = fractions.Fraction(fps).limit_denominator(1001)
+        stream = container.add_stream("libx264", rate=rate)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        if vfr:
+            # The encoder works in its own time base; give it the millisecond one so irregular pts survive.
+            stream.time_base = stream.codec_context.time_base = VFR_TIME_BASE
+        time_base = VFR_TIME_BASE if vfr else 1 / rate
+        stream.options = {"crf": str(crf), "preset": "ultrafast", "tune": "zerolatency"}
+        for i, (t, image) in enumerate(zip(times, _chain(first, frames))):
+            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+            frame.pts = int(round(t / time_base)) if vfr else i
+            frame.time_base = time_base
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+    return path
+
+
+def _chain(first, rest):
+    yield first
+    yield from rest
+
+
+def make_video(path: str | Path, cls: str, seconds: float, fps: float, size: tuple[int, int], vfr: bool = False, seed: int = 0) -> Path:
+    """Write one generated video of class `cls`; the background (colour and texture) comes from `seed`."""
+    rng = np.random.default_rng(seed)
+    width, height = size
+    # A dim random colour plus fixed texture: it varies between videos but never within one,
+    # so it carries no information about the class.
+    base = rng.uniform(0, 90, size=3)
+    texture = rng.normal(0, 12, size=(height, width, 1))
+    background = np.clip(base + texture, 0, 255).astype(np.uint8)
+    times = frame_times(seconds, fps, vfr, rng)
+    frames = (render_frame(cls, t, seconds, width, height, background) for t in times)
+    return write_video(path, frames, times, fps, vfr=vfr)
+
+
+def make_dataset(
+    root: str | Path,
+    per_split: dict[str, int] | None = None,
+    classes: tuple[str, ...] = CLASSES,
+    seconds: tuple[float, float] = (1.5, 3.0),
+    vfr_every: int = 4,
+    seed: int = 0,
+) -> list[Path]:
+    """Write `root/split/class/NNNN.mp4` for every split, `per_split[split]` videos per class.
+
+    Lengths are drawn from `seconds`, frame rates from 15/24/25/30 fps, sizes from `SIZES`; every
+    `vfr_every`-th video (0 = none) has a variable frame rate. Deterministic for a given seed.
+    Returns the paths written, in a fixed order.
+    """
+    per_split = per_split if per_split is not None else {"train": 8, "val": 4}
+    rng = np.random.default_rng(seed)
+    paths, n = [], 0
+    for split, count in per_split.items():
+        for cls in classes:
+            for i in range(count):
+                vfr = vfr_every > 0 and n % vfr_every == vfr_every - 1
+                path = Path(root) / split / cls / f"{i:04d}.mp4"
+                paths.append(make_video(
+                    path, cls,
+                    seconds=float(rng.uniform(*seconds)),
+                    fps=float(FPS_CHOICES[rng.integers(len(FPS_CHOICES))]),
+                    size=SIZES[rng.integers(len(SIZES))],
+                    vfr=vfr,
+                    seed=int(rng.integers(2**31)),
+                ))
+                n += 1
+    return paths
+
+
+def make_long_video(path: str | Path, seconds: float, width: int = 1920, height: int = 1080, fps: float = 10.0) -> Path:
+    """A long, large video (e.g. 3 minutes of 1080p) for memory benchmarks: a blob crossing the frame every 10 s.
+
+    Frames are cheap to render (one moving square over a fixed background), so the encode dominates.
+    """
+    rng = np.random.default_rng(0)
+    background = np.clip(rng.normal(60, 20, size=(height, width, 3)), 0, 255).astype(np.uint8)
+    times = [i / fps for i in range(int(round(seconds * fps)))]
+
+    def frames():
+        side = height // 6
+        for t in times:
+            frame = background.copy()
+            x = int((t % 10.0) / 10.0 * (width - side))
+            frame[height // 2 - side // 2: height // 2 + side // 2, x: x + side] = 255
+            yield frame
+
+    return write_video(path, frames(), times, fps)
+
+
+BAD_KINDS = ("zero_byte", "truncated", "not_video", "audio_only", "zero_frames", "corrupt")
+
+
+def make_bad_files(folder: str | Path, good_example: str | Path | None = None) -> dict[str, Path]:
+    """Write one file of each broken kind in `BAD_KINDS` into `folder`; returns kind -> path.
+
+    - zero_byte: an empty `.mp4`;
+    - truncated: the first half of a real `.mp4` (its index, written at the end, is gone);
+    - not_video: a text file named `.mp4`;
+    - audio_only: an `.mp4` with one AAC audio stream and no video;
+    - zero_frames: an `.mp4` whose video track lists frames of which none decodes;
+    - corrupt: a real `.mp4` whose frame data (after the header) is overwritten with noise.
+    """
+    import av
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if good_example is None:
+        good_example = make_video(folder / "_good.tmp.mp4", CLASSES[0], seconds=2.0, fps=25, size=(64, 64))
+    data = Path(good_example).read_bytes()
+    out = {kind: folder / f"{kind}.mp4" for kind in BAD_KINDS}
+
+    out["zero_byte"].write_bytes(b"")
+    out["truncated"].write_bytes(data[: len(data) // 2])
+    out["not_video"].write_text("this is not a video, just text with an .mp4 name\n" * 20)
+
+    with av.open(str(out["audio_only"]), "w") as container:
+        stream = container.add_stream("aac", rate=16000)
+        stream.layout = "mono"
+        samples = (0.2 * np.sin(np.arange(16000) * 2 * np.pi * 440 / 16000)).astype(np.float32)
+        frame = av.AudioFrame.from_ndarray(samples[None, :], format="fltp", layout="mono")
+        frame.sample_rate = 16000
+        container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+
+    # The mp4 muxer drops a video track without samples, so "zero frames" is the reader's view: a track
+    # that lists frames of which none decodes (every frame refers to a keyframe that is not there).
+    with av.open(str(out["zero_frames"]), "w") as container:
+        stream = container.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 64, 64, "yuv420p"
+        stream.options = {"preset": "ultrafast", "tune": "zerolatency"}
+        noise = np.random.default_rng(1).integers(0, 256, size=(20, 64, 64, 3), dtype=np.uint8)
+        packets = []
+        for i, image in enumerate(noise):
+            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+            frame.pts = i
+            packets += stream.encode(frame)
+        packets += stream.encode(None)
+        for packet in packets:
+            if not packet.is_keyframe:
+                container.mux(packet)
+
+    # Overwrite everything after the first kilobyte but the index with noise: the file opens and
+    # lists its frames, and the frame data cannot be decoded.
+    noisy = bytearray(data)
+    moov = data.rfind(b"moov")
+    end = moov - 4 if moov > 1024 else len(data)
+    noisy[1024:end] = np.random.default_rng(0).integers(0, 256, size=end - 1024, dtype=np.uint8).tobytes()
+    out["corrupt"].write_bytes(bytes(noisy))
+
+    if Path(good_example).name == "_good.tmp.mp4":
+        Path(good_example).unlink()
+    return out
