@@ -165,7 +165,8 @@ class CacheWriter:
             raise StoreError(f"video {vid!r}: features must be [T >= 1, {self.feature_dim}], got {list(x.shape)}")
         if not np.isfinite(x).all():
             raise StoreError(f"video {vid!r}: features contain NaN or inf")
-        y = x.astype(self.dtype)
+        with np.errstate(over="ignore"):  # overflow is reported just below, naming the video
+            y = x.astype(self.dtype)
         if not np.isfinite(y).all():
             raise StoreError(f"video {vid!r}: features overflow {self.dtype.name} (largest |value| {np.abs(x).max():.3g})")
         t = np.asarray(timestamps, dtype=np.float64).reshape(-1)

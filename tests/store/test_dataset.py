@@ -1,0 +1,61 @@
+import numpy as np
+import torch
+from store_helpers import feats
+
+from vtn.store import ClipDataset, LengthBucketSampler, collate_clips, open_cache
+from vtn.store.dataset import clip_rows
+
+
+def test_clip_rows_modes():
+    rng = np.random.default_rng(0)
+    rows = clip_rows(100, 16, 4, None, rng)
+    assert len(rows) == 16 and np.all(np.diff(rows) == 4) and rows[0] >= 0 and rows[-1] < 100
+    short = clip_rows(40, 16, 8, None, rng)  # span of stride 8 does not fit: the stride shrinks, the length stays
+    assert len(short) == 16 and np.all(np.diff(short) == 2) and short[-1] < 40
+    assert list(clip_rows(5, 16, 8, None, rng)) == [0, 1, 2, 3, 4]
+    assert list(clip_rows(10, None, 1, None, None)) == list(range(10))
+    thin = clip_rows(1000, None, 1, 288, None)
+    assert len(thin) == 288 and thin[0] == 0 and thin[-1] == 999
+
+
+def test_dataset_in_memory_and_streamed_agree(make_cache):
+    url, videos = make_cache(12)
+    cache = open_cache(url)
+    a = ClipDataset(cache, "train", clip_frames=8, stride=3, seed=5)
+    b = ClipDataset(cache.load_split("train"), clip_frames=8, stride=3, seed=5)
+    assert len(a) == len(b) == sum(v[3] == "train" for v in videos)
+    for i in range(len(a)):
+        x, y = a[i], b[i]
+        assert x["id"] == y["id"] and torch.equal(x["features"], y["features"]) and torch.equal(x["positions"], y["positions"])
+    item = a[0]
+    length = dict((v[0], v[1]) for v in videos)[item["id"]]
+    full = torch.from_numpy(feats(item["id"], length).astype(np.float32))
+    start = int(item["positions"][0]) // 2  # frame index = row * 2 in the test data
+    assert torch.equal(item["features"], full[start:start + 3 * len(item["features"]):3][: len(item["features"])])
+    a.set_epoch(1)
+    assert any(not torch.equal(a[i]["positions"], b[i]["positions"]) for i in range(len(a)) if a.lengths[i] > 30)
+
+
+def test_collate_pads_with_masks(make_cache):
+    url, _ = make_cache(6)
+    ds = ClipDataset(open_cache(url), None, train=False, max_frames=50)
+    items = [ds[i] for i in range(4)]
+    batch = collate_clips(items)
+    t = max(len(x["features"]) for x in items)
+    assert batch["features"].shape == (4, t, 16) and batch["mask"].dtype == torch.bool
+    for j, x in enumerate(items):
+        n = len(x["features"])
+        assert batch["mask"][j].sum() == n and not batch["mask"][j, n:].any()
+        assert torch.equal(batch["features"][j, :n], x["features"]) and (batch["features"][j, n:] == 0).all()
+        assert torch.equal(batch["times"][j, :n], x["times"])
+    assert batch["labels"].tolist() == [x["label"] for x in items]
+
+
+def test_length_bucket_sampler():
+    lengths = np.array([5, 100, 6, 99, 50, 51])
+    batches = list(LengthBucketSampler(lengths, batch_size=2, seed=0))
+    assert sorted(i for b in batches for i in b) == list(range(6))
+    assert all(abs(lengths[b[0]] - lengths[b[1]]) <= 1 for b in batches)  # similar lengths share a batch
+    ranks = [list(LengthBucketSampler(lengths, 2, seed=0, num_replicas=2, rank=r)) for r in range(2)]
+    assert len(ranks[0]) == len(ranks[1]) == 2  # 3 batches padded to 4 so no rank waits
+    assert {i for r in ranks for b in r for i in b} == set(range(6))
