@@ -1,0 +1,67 @@
+from dataclasses import dataclass, field
+from typing import Literal
+
+import pytest
+
+from vtn.cli import main
+from vtn.config import ConfigError, resolve, to_dict
+
+
+@dataclass(frozen=True)
+class Optim:
+    lr: float = 1e-3
+    name: Literal["adamw", "sgd"] = "adamw"
+
+
+@dataclass(frozen=True)
+class Job:
+    windows: int | tuple[int, ...] = 18
+    steps: int = 100
+    out: str | None = None
+    amp: bool = False
+    optim: Optim = field(default_factory=Optim)
+
+
+def test_yaml_then_sets_override_in_order(tmp_path):
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("steps: 5\noptim:\n  lr: 0.1\n")
+    cfg = resolve(Job, cfg_file, ["optim.name=sgd", "windows=[8, 16]", "optim.lr=2", "amp=true"])
+    assert cfg == Job(windows=(8, 16), steps=5, amp=True, optim=Optim(lr=2.0, name="sgd"))
+    assert to_dict(cfg)["windows"] == [8, 16]
+    assert resolve(Job, None, ["windows=32"]).windows == 32
+
+
+@pytest.mark.parametrize("item, match", [
+    ("optim.lrr=1", "unknown config key 'optim.lrr'"),
+    ("stepz=1", "unknown config key 'stepz'"),
+    ("steps=1.5", "steps: expected an integer, got 1.5"),
+    ("optim.name=adam", r"optim.name: 'adam' is not one of \['adamw', 'sgd'\]"),
+    ("amp=maybe", "amp: expected true/false"),
+    ("windows=[1, x]", "windows"),
+    ("steps", "--set expects key=value"),
+])
+def test_bad_overrides_name_the_key(item, match):
+    with pytest.raises(ConfigError, match=match):
+        resolve(Job, None, [item])
+
+
+def test_bad_yaml_file(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        resolve(Job, tmp_path / "none.yaml")
+    (tmp_path / "l.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        resolve(Job, tmp_path / "l.yaml")
+
+
+def test_cli_lists_every_stage(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for cmd in ("store", "extract", "train", "evaluate", "demo", "bench"):
+        assert cmd in out
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    out = capsys.readouterr().out
+    for what in ("store", "extract", "temporal"):
+        assert what in out
