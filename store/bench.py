@@ -95,14 +95,15 @@ def run(videos: int, frames: int, dim: int, reads: int, path: str | None) -> Non
         split = cache.load_split("train")
         ours = time.perf_counter() - t
         mb = (split.features.nbytes + split.timestamps.nbytes + split.frame_indices.nbytes) / 2**20
+        plain_mb = 0.0
         t = time.perf_counter()
         for name, grp in parts.items():
             r = int(grp.attrs["rows"])
-            for a in arrays[name]:
-                a[:r]
+            plain_mb += sum(a[:r].nbytes for a in arrays[name]) / 2**20
         plain = time.perf_counter() - t
-        rows.append(("load train split", f"{mb / ours:,.0f} MiB/s ({ours:.2f} s)", f"{mb / plain:,.0f} MiB/s ({plain:.2f} s, all rows)",
-                     f"{plain / ours:.2f}x (>= 0.8x)", plain / ours >= 0.8))
+        ratio = (mb / ours) / (plain_mb / plain)
+        rows.append(("load train split", f"{mb / ours:,.0f} MiB/s ({ours:.2f} s)", f"{plain_mb / plain:,.0f} MiB/s ({plain:.2f} s, every row)",
+                     f"{ratio:.2f}x (>= 0.8x)", ratio >= 0.8))
 
         width = [max(len(str(r[i])) for r in rows) for i in range(4)]
         print(f"\n{'':{width[0]}}  {'vtn':{width[1]}}  {'plain zarr / reference':{width[2]}}  target")
