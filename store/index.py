@@ -23,7 +23,7 @@ def part_states(root) -> dict[str, dict]:
     return {name: dict(g.attrs) for name, g in root["parts"].groups()}
 
 
-def _newest_index(root):
+def newest_index(root):
     """The newest complete consolidated index group, or None."""
     if "index" not in root:
         return None
@@ -34,7 +34,7 @@ def _newest_index(root):
     return None
 
 
-def _read_columns(group, lo: int, hi: int, names) -> dict[str, np.ndarray]:
+def read_columns(group, lo: int, hi: int, names) -> dict[str, np.ndarray]:
     out = {}
     for name in names:
         values = group[name][lo:hi]
@@ -48,11 +48,11 @@ def read_index(root, parts: dict[str, dict] | None = None) -> dict[str, np.ndarr
     names = list(TABLE_COLUMNS)
     pieces = []
     covered: dict[str, int] = {}
-    idx = _newest_index(root)
+    idx = newest_index(root)
     if idx is not None:
         covered = {p: n for p, n in idx.attrs["parts"].items() if p in parts}
         n = int(idx.attrs["videos"])
-        cols = _read_columns(idx, 0, n, names + ["part"])
+        cols = read_columns(idx, 0, n, names + ["part"])
         if len(covered) != len(idx.attrs["parts"]):  # a part was deleted since: drop its rows
             keep = np.isin(cols["part"], list(covered))
             cols = {k: v[keep] for k, v in cols.items()}
@@ -60,7 +60,7 @@ def read_index(root, parts: dict[str, dict] | None = None) -> dict[str, np.ndarr
     for name, state in sorted(parts.items()):
         lo, hi = covered.get(name, 0), int(state.get("committed", 0))
         if hi > lo:
-            cols = _read_columns(root["parts"][name], lo, hi, names)
+            cols = read_columns(root["parts"][name], lo, hi, names)
             cols["part"] = np.full(hi - lo, name, dtype=object)
             pieces.append(cols)
     if not pieces:

@@ -59,17 +59,17 @@ class RowReader:
             self.local_root = str(self.store.root) if isinstance(self.store, LocalStore) else None
 
     # -- bytes -------------------------------------------------------------------------------------------
-    def _key(self, shard: int) -> str:
+    def key(self, shard: int) -> str:
         coords = (shard,) + (0,) * len(self.tail)
         return f"{self.prefix}/{self.array.metadata.encode_chunk_key(coords)}"
 
-    def _get(self, shard: int, start: int | None, length: int) -> bytes | None:
+    def fetch(self, shard: int, start: int | None, length: int) -> bytes | None:
         """Bytes [start, start+length) of a shard file, or its last `length` bytes when start is None."""
         if self.local_root is not None:
             fd = self._files.get(shard)
             if fd is None:
                 try:
-                    fd = os.open(os.path.join(self.local_root, self._key(shard)), os.O_RDONLY)
+                    fd = os.open(os.path.join(self.local_root, self.key(shard)), os.O_RDONLY)
                 except FileNotFoundError:
                     return None
                 self._files[shard] = fd
@@ -79,7 +79,7 @@ class RowReader:
         from zarr.abc.store import RangeByteRequest, SuffixByteRequest
 
         req = SuffixByteRequest(length) if start is None else RangeByteRequest(start, start + length)
-        buf = sync(self.store.get(self._key(shard), prototype=default_buffer_prototype(), byte_range=req))
+        buf = sync(self.store.get(self.key(shard), prototype=default_buffer_prototype(), byte_range=req))
         return None if buf is None else buf.to_bytes()
 
     def close(self) -> None:
@@ -97,11 +97,11 @@ class RowReader:
         """[chunks_per_shard, 2] (offset, nbytes) of each inner chunk; None when the shard file is missing."""
         if refresh or shard not in self._index:
             n = self.chunks_per_shard * 16 + 4
-            raw = self._get(shard, None, n)
+            raw = self.fetch(shard, None, n)
             if raw is None:
                 return None
             if len(raw) != n or not _crc_ok(raw):
-                raise CorruptChunk(f"{self._key(shard)}: shard index checksum mismatch")
+                raise CorruptChunk(f"{self.key(shard)}: shard index checksum mismatch")
             self._index[shard] = np.frombuffer(raw[:-4], dtype="<u8").reshape(-1, 2)
         return self._index[shard]
 
@@ -129,7 +129,7 @@ class RowReader:
         if present.any():  # inner chunks are written in order, so one range read covers them
             lo = int(entries[present, 0].min())
             hi = int((entries[present, 0] + entries[present, 1]).max())
-            blob = self._get(shard, lo, hi - lo)
+            blob = self.fetch(shard, lo, hi - lo)
         try:
             for i, (off, n) in enumerate(entries):
                 c = c0 + i
@@ -139,7 +139,7 @@ class RowReader:
                 if off == MISSING:
                     dst[:] = self.fill
                     continue
-                chunk = self.decode(blob[int(off) - lo:int(off + n) - lo], f"{self._key(shard)} chunk {c}")
+                chunk = self.decode(blob[int(off) - lo:int(off + n) - lo], f"{self.key(shard)} chunk {c}")
                 dst[:] = chunk[s0 - r0:s1 - r0]
         except CorruptChunk:
             if not retry:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from vtn.store.index import _newest_index, _read_columns, part_states
+from vtn.store.index import newest_index, read_columns, part_states
 from vtn.store.layout import ROW_ARRAYS, TABLE_COLUMNS
 from vtn.store.rows import CorruptChunk, RowReader
 
@@ -23,7 +23,7 @@ def _check_rows(name: str, part: str, reader: RowReader, rows: int, problems: li
             problems.append(str(e))
             continue
         if index is None:
-            problems.append(f"{where}: shard file {reader._key(shard)} is missing (rows {a}..{b - 1})")
+            problems.append(f"{where}: shard file {reader.key(shard)} is missing (rows {a}..{b - 1})")
             continue
         for c in range((b - a + reader.chunk_rows - 1) // reader.chunk_rows):
             r0 = a + c * reader.chunk_rows
@@ -33,7 +33,7 @@ def _check_rows(name: str, part: str, reader: RowReader, rows: int, problems: li
                 problems.append(f"{where}: chunk {r0 // reader.chunk_rows} (rows {r0}..{r1 - 1}) is missing")
                 continue
             try:
-                chunk = reader.decode(reader._get(shard, off, n), f"{reader._key(shard)} chunk {c}")[: r1 - r0]
+                chunk = reader.decode(reader.fetch(shard, off, n), f"{reader.key(shard)} chunk {c}")[: r1 - r0]
             except CorruptChunk as e:
                 problems.append(str(e))
                 continue
@@ -63,7 +63,7 @@ def verify(cache_url: str, progress: bool = True) -> tuple[list[str], dict]:
         g = root["parts"][part]
         committed, rows = int(state.get("committed", 0)), int(state.get("rows", 0))
         try:
-            cols = _read_columns(g, 0, committed, list(TABLE_COLUMNS))
+            cols = read_columns(g, 0, committed, list(TABLE_COLUMNS))
         except Exception as e:  # noqa: BLE001 - a broken table is a finding, not a crash
             problems.append(f"parts/{part}: cannot read the video table ({type(e).__name__}: {e})")
             continue
@@ -89,10 +89,10 @@ def verify(cache_url: str, progress: bool = True) -> tuple[list[str], dict]:
                 continue
             _check_rows(name, part, RowReader(arr), rows, problems, bar)
     bar.close()
-    idx = _newest_index(root)
+    idx = newest_index(root)
     if idx is not None:
         covered = idx.attrs["parts"]
-        cols = _read_columns(idx, 0, int(idx.attrs["videos"]), list(TABLE_COLUMNS) + ["part"])
+        cols = read_columns(idx, 0, int(idx.attrs["videos"]), list(TABLE_COLUMNS) + ["part"])
         for part, n in covered.items():
             if part not in tables:
                 problems.append(f"index: refers to part {part!r}, which is missing")
