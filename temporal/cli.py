@@ -1,5 +1,39 @@
 """`vtn` subcommands of this stage."""
 
+from __future__ import annotations
+
+from vtn.config import add_config_args
+
 
 def register(sub, bench_sub) -> None:
     """Add this stage's subcommands to `vtn` and its benchmarks to `vtn bench`."""
+    p = sub.add_parser(
+        "train", help="train the temporal encoder + head on a feature cache",
+        description="Stage two: train VTN's Longformer encoder and head on the cached frame features of CACHE's "
+        "train split, evaluating on whole val videos every epoch. RUN gets config.yaml, metrics.jsonl and the "
+        "checkpoints best/ and last/. Defaults suit any cache size (the schedule has a floor of optimiser steps). "
+        "Under torchrun it trains with DDP.",
+    )
+    p.add_argument("cache", help="the feature cache (local path or fsspec URL)")
+    p.add_argument("--out", required=True, metavar="RUN", help="the run directory to write")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in RUN from its last checkpoint (exactly; starts fresh when there is none)")
+    p.add_argument("--recipe", choices=["default", "reference"],
+                   help="base settings: default (AdamW, warm-up, cosine) or reference (the paper code's SGD, steps)")
+    p.add_argument("--frames", type=int, help="frames per training clip (data.clip_frames, default 16)")
+    p.add_argument("--stride", type=int, help="cached frames between clip frames (data.stride, default 8)")
+    p.add_argument("--epochs", type=int, help="epochs at least (optim.epochs; optim.min_steps may add more)")
+    p.add_argument("--batch-size", type=int, help="clips per step over all processes (optim.batch_size)")
+    p.add_argument("--lr", type=float, help="peak learning rate (optim.lr)")
+    p.add_argument("--amp", choices=["none", "bf16", "fp16"], help="autocast dtype (run.amp)")
+    p.add_argument("--seed", type=int, help="run.seed")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (run.device; default: the GPU when there is one)")
+    add_config_args(p)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_train)
+
+
+def _train(args) -> int:
+    from vtn.temporal.train import main
+
+    return main(args)

@@ -49,6 +49,9 @@ def build(
         # The token tables are discarded below; keep them tiny while they exist.
         vocab_size=1,
         pad_token_id=0,
+        bos_token_id=None,
+        eos_token_id=None,
+        sep_token_id=None,
         max_position_embeddings=1,
         type_vocab_size=1,
     )

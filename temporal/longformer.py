@@ -28,9 +28,10 @@ from torch import nn
 # Hugging Face's LongformerConfig default, kept so both backends compute the same function.
 LAYER_NORM_EPS = 1e-12
 
-# Smallest block of queries. Blocks of a handful of rows make many tiny matmuls; 64 rows keep the batched
-# matmuls efficient while the wasted band (3c keys for 2r + 1 needed) stays bounded.
-MIN_BLOCK = 64
+# Smallest block of queries. A block of c >= r queries scores 1 + 3c keys per query where 2r + 2 are needed
+# ([CLS] and the band), so blocks near r waste little; below ~16 rows the batched matmuls get too small to
+# run efficiently.
+MIN_BLOCK = 16
 
 
 def block_size(num_frames: int, radius: int) -> int:
@@ -122,7 +123,7 @@ class LongformerSelfAttention(nn.Module):
         scale = math.sqrt(self.head_dim)
 
         # Frames: HF scales the queries before the product; so do we (and pass scale=1 to SDPA).
-        q = self.heads(self.query(h[:, 1:]) / scale)  # [B, H, T, dh]
+        q = self.heads(self.query(h[:, 1:]) / scale)  # [B, H, T, dh]; [CLS]'s local query would be unused
         k, v = self.heads(self.key(h)), self.heads(self.value(h))  # [B, H, N, dh]
         frames = banded_attention(q, k, v, valid[:, 1:], self.radius, p)  # [B, H, T, dh]
 

@@ -1,0 +1,152 @@
+"""Cached features on their way into VTN: where a split is read from, normalisation, whole-video prediction.
+
+Shared by training (`temporal/train.py`) and evaluation (`evaluate/`), so that both feed the model exactly
+the same inputs: features normalised with the train split's statistics, positions from `frame_positions`,
+and frames past the model's position limit left out (a video is seen "up to max_positions").
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from vtn.store import FeatureCache, SplitData
+from vtn.store.dataset import ClipDataset, LengthBucketSampler, collate_clips
+from vtn.temporal.model import VTN, VTNConfig, frame_positions
+
+STATS_NAME = "feature_stats.safetensors"
+
+# A split is loaded into memory when its features take at most this share of the available memory
+# (every process on the machine loads its own copy).
+MEMORY_SHARE = 0.5
+
+
+def available_memory() -> int:
+    """Bytes of memory available now (Linux), or the physical total where that is not known."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def split_source(cache: FeatureCache, split: str, mode: str = "auto", processes: int = 1) -> SplitData | FeatureCache:
+    """The split in memory (one contiguous array: fastest) when `mode` is "memory", or "auto" and it fits;
+    otherwise the cache itself, from which ClipDataset streams one video per item."""
+    if mode == "stream":
+        return cache
+    if mode == "auto":
+        frames = int(cache.lengths[cache.index["split"] == split].sum())
+        need = frames * cache.feature_dim * cache.dtype.itemsize * processes
+        if need > MEMORY_SHARE * available_memory():
+            return cache
+    return cache.load_split(split)
+
+
+@dataclass(frozen=True)
+class FeatureStats:
+    """Per-dimension mean and std of the train split's features: inputs become (x - mean) / std.
+
+    Backbone features have dimensions of very different scales (a ViT's CLS output has a few huge ones);
+    normalising them lets one learning rate suit every backbone. Saved next to the weights of every
+    checkpoint, because a model is only right on features normalised the way it was trained.
+    """
+
+    mean: torch.Tensor  # [D] float32
+    std: torch.Tensor  # [D] float32, > 0
+
+    @classmethod
+    def identity(cls, dim: int) -> FeatureStats:
+        return cls(torch.zeros(dim), torch.ones(dim))
+
+    @classmethod
+    def compute(cls, source: SplitData | FeatureCache, split: str, max_videos: int = 2000) -> FeatureStats:
+        """Over every frame of an in-memory split, or over up to `max_videos` videos spread evenly over a streamed
+        one (enough for a good estimate; reading a whole Kinetics-sized split just for this would take long)."""
+        if isinstance(source, SplitData):
+            blocks = (source.features[i:i + 65536] for i in range(0, len(source.features), 65536))
+        else:
+            ids = source.split_ids(split)
+            pick = np.unique(np.linspace(0, len(ids) - 1, min(len(ids), max_videos)).round().astype(int))
+            blocks = (source.features(ids[i]) for i in pick)
+        total = sq = None
+        n = 0
+        for b in blocks:
+            b = np.asarray(b, dtype=np.float64)
+            total = b.sum(0) if total is None else total + b.sum(0)
+            sq = (b * b).sum(0) if sq is None else sq + (b * b).sum(0)
+            n += len(b)
+        mean = total / n
+        std = np.sqrt(np.maximum(sq / n - mean * mean, 0.0))
+        std = np.where(std < 1e-6, 1.0, std)  # a constant dimension carries nothing; leave it unscaled
+        return cls(torch.from_numpy(mean).float(), torch.from_numpy(std).float())
+
+    def save(self, directory: str | Path) -> None:
+        save_file({"mean": self.mean.contiguous(), "std": self.std.contiguous()}, str(Path(directory) / STATS_NAME))
+
+    @classmethod
+    def load(cls, directory: str | Path) -> FeatureStats | None:
+        """The stats saved in a checkpoint directory, or None when it has none (a model trained on raw features)."""
+        path = Path(directory) / STATS_NAME
+        if not path.is_file():
+            return None
+        t = load_file(str(path))
+        return cls(t["mean"], t["std"])
+
+
+def model_inputs(batch: dict, config: VTNConfig, stats: FeatureStats | None, device: torch.device):
+    """(features, mask, positions) for VTN.forward from a collate_clips batch, on `device`.
+
+    Frames whose position lies past config.max_positions are masked out rather than refused, so a video
+    longer than the position table is used up to its limit (the model still refuses such positions
+    where they are not masked).
+    """
+    features = batch["features"].to(device)
+    if stats is not None:
+        features = (features - stats.mean.to(device)) / stats.std.to(device)  # [B, T, D]
+    mask = batch["mask"].to(device)
+    positions = frame_positions(config, batch["positions"], batch["times"])
+    if positions is not None:
+        positions = positions.to(device)
+        mask = mask & (positions < config.max_positions)
+        positions = torch.where(mask, positions, 0)
+    return features, mask, positions
+
+
+def whole_videos(source: SplitData | FeatureCache, split: str, max_frames: int) -> ClipDataset:
+    """Every video of the split as one view over the whole video (thinned evenly to `max_frames`)."""
+    return ClipDataset(source, split=split, clip_frames=None, max_frames=max_frames, train=False)
+
+
+@torch.no_grad()
+def predict(model: VTN, dataset: ClipDataset, stats: FeatureStats | None, device: torch.device,
+            batch_size: int = 16, shard: tuple[int, int] = (0, 1), amp_dtype: torch.dtype | None = None,
+            workers: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Logits [n, classes] (float32) of the dataset's items, and their indices into the dataset.
+
+    Videos are batched by length (little padding). `shard = (rank, world)` takes every world-th batch, so
+    the processes of a distributed job split the work; the caller gathers the pieces.
+    """
+    rank, world = shard
+    batches = list(LengthBucketSampler(dataset.sample_lengths(), batch_size, shuffle=False))[rank::world]
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collate_clips,
+                                         num_workers=workers)
+    was_training = model.training
+    model.eval()
+    out = []
+    for batch in loader:
+        features, mask, positions = model_inputs(batch, model.config, stats, device)
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            out.append(model(features, mask, positions).float().cpu())
+    model.train(was_training)
+    index = np.array([i for b in batches for i in b], dtype=np.int64)
+    logits = torch.cat(out).numpy() if out else np.zeros((0, model.config.num_classes), np.float32)
+    return logits, index
