@@ -435,7 +435,7 @@ def train(cache_url: str, out: str | Path, cfg: TrainConfig | None = None, resum
                 scaler.update()
                 opt.zero_grad(set_to_none=True)
 
-                value = float(loss)
+                value = float(loss.detach())
                 state["loss_sum"] += value
                 state["loss_count"] += 1
                 state["step"] += 1
