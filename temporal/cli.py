@@ -1,12 +1,32 @@
-"""`vtn` subcommands of this stage."""
+"""`vtn` subcommands of this stage.
+
+Only argparse and the standard library at module level, so `vtn --help` stays instant.
+"""
 
 from __future__ import annotations
-
-from vtn.config import add_config_args
 
 
 def register(sub, bench_sub) -> None:
     """Add this stage's subcommands to `vtn` and its benchmarks to `vtn bench`."""
+    bench = bench_sub.add_parser(
+        "temporal",
+        help="forward+backward time and peak memory of the hf and fast encoder backends",
+        description="Times forward+backward of the VTN encoder with the hf (transformers Longformer) and fast "
+        "backends for windows [16, 32, 64] and [256] over several sequence lengths, with peak memory "
+        "(each measurement in a fresh process). CPU always; CUDA as well where present.",
+    )
+    bench.add_argument("--lengths", type=int, nargs="+", metavar="T", help="sequence lengths (default 16 64 256 1024 4096)")
+    bench.add_argument("--batch", type=int, help="clips per step (default 2)")
+    bench.add_argument("--hidden", type=int, help="hidden size; FFN is 4x (default 256)")
+    bench.add_argument("--heads", type=int, help="attention heads (default 4)")
+    bench.add_argument("--repeats", type=int, help="timed steps after one warm-up (default 3)")
+    bench.add_argument("--threads", type=int, help="CPU threads per measurement (default 1: stable on a shared machine)")
+    bench.add_argument("--device", choices=["all", "cpu", "cuda"], default="all",
+                       help="where to measure (default: the CPU, and CUDA where present)")
+    bench.set_defaults(func=_bench_temporal)
+
+    from vtn.config import add_config_args  # light (yaml only), unlike the job it configures
+
     p = sub.add_parser(
         "train", help="train the temporal encoder + head on a feature cache",
         description="Stage two: train VTN's Longformer encoder and head on the cached frame features of CACHE's "
@@ -31,6 +51,20 @@ def register(sub, bench_sub) -> None:
     add_config_args(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_train)
+
+
+def _bench_temporal(args) -> int:
+    import dataclasses
+
+    from vtn.temporal.bench import BenchConfig, run
+
+    given = {k: getattr(args, k) for k in ("batch", "hidden", "heads", "repeats", "threads") if getattr(args, k) is not None}
+    if args.lengths:
+        given["lengths"] = tuple(args.lengths)
+    if args.device != "all":
+        given["devices"] = (args.device,)
+    run(dataclasses.replace(BenchConfig(), **given))
+    return 0
 
 
 def _train(args) -> int:
