@@ -1,5 +1,142 @@
-"""`vtn` subcommands of this stage."""
+"""`vtn extract` and `vtn bench extract`. Only argparse at module level, so `vtn --help` stays instant."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
 
 
 def register(sub, bench_sub) -> None:
     """Add this stage's subcommands to `vtn` and its benchmarks to `vtn bench`."""
+    from vtn.config import add_config_args
+
+    p = sub.add_parser(
+        "extract",
+        help="decode videos, run a timm backbone on sampled frames, cache one feature vector per frame",
+        description="Extract per-frame backbone features from a folder of videos (class/ or split/class/ "
+        "sub-folders give labels and splits) or a CSV manifest (path,label[,split]) into a feature cache. "
+        "Re-running the same command resumes. Works under torchrun (one share of the videos per rank). "
+        "Exit status: 0 all videos stored, 3 some failed (the rest stored, failures recorded), 2 usage error.",
+    )
+    p.add_argument("input", help="folder of videos, or a .csv manifest")
+    p.add_argument("--out", required=True, help="the cache: a local path or an fsspec URL")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing cache (needed to change backbone or sampling)")
+    s = p.add_mutually_exclusive_group()
+    s.add_argument("--fps", type=float, help="sample F frames per second of video")
+    s.add_argument("--every", type=int, metavar="K", help="sample every K-th frame (default: every frame)")
+    s.add_argument("--num-frames", type=int, metavar="N", help="sample N frames spread evenly over the video")
+    p.add_argument("--max-seconds", type=float, metavar="S", help="use only the first S seconds of each video")
+    p.add_argument("--backbone", metavar="NAME", help="timm model name (default vit_base_patch16_224)")
+    w = p.add_mutually_exclusive_group()
+    w.add_argument("--weights", metavar="PATH", help="backbone weights: a safetensors file or a torch state dict")
+    w.add_argument("--pretrained", action="store_true", help="timm's pretrained weights (the default; offline: local hub cache)")
+    w.add_argument("--random-init", action="store_true", help="seeded random weights (tests, benchmarks)")
+    p.add_argument("--image-size", type=int, metavar="PX", help="override the backbone's input size")
+    p.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
+    p.add_argument("--batch-size", type=int, help="frames per forward, packed across videos (default 64)")
+    p.add_argument("--amp", choices=["none", "bf16", "fp16"], help="autocast precision (default none)")
+    p.add_argument("--workers", type=int, help="decode processes (default 2; 0: decode in the main process)")
+    p.add_argument("--timeout", type=float, metavar="S", help="kill a decode that produces no frame for S seconds (default 120)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_config_args(p)
+    p.set_defaults(func=_extract)
+
+    b = bench_sub.add_parser(
+        "extract",
+        help="decode-only, model-only, pipeline and sequential-loop frames/s; peak memory on a long 1080p file",
+        description="Benchmarks the extraction pipeline on generated videos with a small timm CNN.",
+    )
+    b.add_argument("--backbone", default="resnet18", help="timm model (random init)")
+    b.add_argument("--image-size", type=int, default=112, help="backbone input size")
+    b.add_argument("--videos", type=int, default=24, help="generated videos")
+    b.add_argument("--batch-size", type=int, default=32)
+    b.add_argument("--workers", type=int, default=2)
+    b.add_argument("--long-seconds", type=float, default=180.0, help="length of the 1080p memory test file")
+    b.add_argument("--skip-memory", action="store_true", help="skip the long 1080p memory test")
+    b.add_argument("--workdir", help="where generated videos are kept between runs (default: a temporary folder)")
+    b.set_defaults(func=_bench)
+
+
+def _flags(args: argparse.Namespace) -> dict:
+    """The explicit command-line flags as config updates (they override --config and --set)."""
+    sampling, backbone, runtime = {}, {}, {}
+    if args.fps is not None:
+        sampling.update(mode="fps", fps=args.fps)
+    if args.every is not None:
+        sampling.update(mode="every", every=args.every)
+    if args.num_frames is not None:
+        sampling.update(mode="num_frames", num_frames=args.num_frames)
+    if args.max_seconds is not None:
+        sampling["max_seconds"] = args.max_seconds
+    if args.backbone is not None:
+        backbone["name"] = args.backbone
+    if args.weights is not None:
+        backbone["weights"] = args.weights
+    if args.pretrained:
+        backbone["weights"] = "pretrained"
+    if args.random_init:
+        backbone["weights"] = "random"
+    if args.image_size is not None:
+        backbone["image_size"] = args.image_size
+    for key in ("device", "batch_size", "amp", "workers", "timeout"):
+        if getattr(args, key) is not None:
+            runtime[key] = getattr(args, key)
+    if args.no_progress:
+        runtime["progress"] = False
+    return {k: v for k, v in (("sampling", sampling), ("backbone", backbone), ("runtime", runtime)) if v}
+
+
+def _extract(args: argparse.Namespace) -> int:
+    from vtn.config import merge, resolve
+    from vtn.extract.config import ExtractConfig
+
+    cfg = merge(resolve(ExtractConfig, args.config, args.sets), _flags(args))
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return _report(_run(cfg, args, 0, 1), 0)
+    # Under torchrun: one process per device; set up here, at the top of the job, and passed down.
+    import dataclasses
+
+    import torch
+    import torch.distributed as dist
+
+    from vtn.extract.job import resolve_device
+
+    device = resolve_device(cfg.runtime.device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+        cfg = dataclasses.replace(cfg, runtime=dataclasses.replace(cfg.runtime, device=str(device)))
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        rank = dist.get_rank()
+        return _report(_run(cfg, args, rank, world_size), rank)
+    finally:
+        dist.destroy_process_group()
+
+
+def _run(cfg, args, rank: int, world_size: int):
+    from vtn.extract.job import run
+
+    return run(cfg, args.input, args.out, overwrite=args.overwrite, rank=rank, world_size=world_size)
+
+
+def _report(summary, rank: int) -> int:
+    """Print the final summary (rank 0 only); exit status 3 when any video failed."""
+    if rank == 0:
+        rate = summary.frames / summary.seconds if summary.seconds else 0.0
+        print(f"extracted {summary.videos} videos, {summary.frames} frames in {summary.seconds:.1f} s "
+              f"({rate:.0f} frames/s); {summary.skipped} already in the cache; {len(summary.failures)} failed",
+              file=sys.stderr)
+        for vid, error, message in summary.failures[:20]:
+            print(f"  failed {vid}: {error}: {message}", file=sys.stderr)
+        if len(summary.failures) > 20:
+            print(f"  ... and {len(summary.failures) - 20} more (vtn store info lists them all)", file=sys.stderr)
+    return 3 if summary.failures else 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from vtn.extract.bench import main
+
+    return main(args)

@@ -1,0 +1,46 @@
+"""`ExtractConfig`: every setting of `vtn extract`, as frozen dataclasses (see vtn/config.py for overrides)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from vtn.extract.sampling import SamplingConfig
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    """The spatial backbone: any timm model, built with num_classes=0."""
+
+    name: str = "vit_base_patch16_224"  # the paper's ViT-B/16
+    # "pretrained" (timm's weights; offline they must be in the local hub cache), "random" (seeded
+    # random init: tests, benchmarks, demos), or the path of a safetensors / torch state-dict file.
+    weights: str = "pretrained"
+    image_size: int | None = None  # overrides the input size of timm's data config
+    seed: int = 0  # random init seed, so every process builds the same weights
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """How the job runs; none of it changes the features (beyond --amp's precision)."""
+
+    device: str = "auto"  # "auto" (cuda when available, else cpu), "cpu", "cuda", "cuda:N"
+    batch_size: int = 64  # frames per forward, packed across videos; the last batch is padded to this size
+    amp: Literal["none", "bf16", "fp16"] = "none"
+    workers: int = 2  # decode processes; 0 decodes in a thread of the main process (no timeout)
+    timeout: float = 120.0  # seconds a decode may go without producing a frame before it is killed
+    chunk_mb: int = 64  # decoded frames travel in chunks of at most this many MiB
+    decode_threads: int = 1  # decoder threads per worker
+    # torch threads on the CPU; default: the cores left over by the decode workers (oversubscribed
+    # cores make OpenMP threads spin against the decoders, which is several times slower).
+    threads: int | None = None
+    feature_dtype: Literal["float16", "float32"] = "float16"
+    channels_last: bool = True
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)

@@ -1,0 +1,220 @@
+"""Decode worker processes with a per-video timeout.
+
+`DecodePool` hands videos one at a time to `workers` spawned processes and streams back what they
+decode as events, in arrival order, so frames of many videos interleave and the model never waits on one
+slow file. Each worker has its own pipe: a worker killed mid-message (hung decode) or crashed (a segfault
+in a decoder) only breaks its own pipe, which is dropped with it; its video is recorded as failed and a
+fresh worker takes its place. Frames cross the pipe as raw bytes straight into a preallocated array.
+
+A background thread in the parent reads the pipes into a bounded queue: while the model runs (which
+releases the GIL), decoded chunks keep arriving, and when the queue is full the workers block on their
+pipes, so memory stays bounded by `prefetch` chunks plus one chunk per worker.
+
+Events, each a tuple (kind, key, payload):
+- ("info", key, VideoInfo): decoding started; timestamps of every frame are known;
+- ("chunk", key, Chunk): consecutive sampled frames;
+- ("reset", key, None): drop what arrived for this video, it restarts with another decoder;
+- ("done", key, None): every sampled frame was sent;
+- ("fail", key, (error class, message)): the video failed; drop what arrived for it.
+The timeout counts only time in which the worker sent nothing while the parent was ready to receive, so a
+long video that keeps producing frames, or a worker waiting on a busy model, is never killed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import multiprocessing as mp
+import queue
+import threading
+import time
+from collections import deque
+from multiprocessing.connection import wait
+
+import numpy as np
+
+from vtn.extract.decode import Chunk, VideoError, VideoInfo, decode_video
+from vtn.extract.sampling import SamplingConfig
+
+_END = object()
+
+
+def _send_video(send, key, path, cfg: SamplingConfig, chunk_bytes: int, threads: int) -> None:
+    """Decode one video and report it through `send(kind, key, payload)`."""
+    try:
+        for item in decode_video(path, cfg, chunk_bytes, threads):
+            if item is None:
+                send("reset", key, None)
+            elif isinstance(item, VideoInfo):
+                send("info", key, item)
+            else:
+                send("chunk", key, item)
+        send("done", key, None)
+    except VideoError as e:
+        send("fail", key, (type(e).__name__, str(e)))
+    except Exception as e:  # a decoder bug on one file must not stop the others; record it
+        send("fail", key, ("DecodeError", f"{path}: {type(e).__name__}: {e}"))
+
+
+def _worker_main(conn, chunk_bytes: int, threads: int) -> None:
+    """A decode worker: receive (key, path, sampling) until None; send events back; frames as raw bytes."""
+
+    def send(kind, key, payload):
+        if kind == "chunk":
+            conn.send((kind, key, (payload.frame_indices, payload.timestamps, payload.frames.shape)))
+            conn.send_bytes(np.ascontiguousarray(payload.frames).reshape(-1))  # 1-D: send_bytes counts len()
+        else:
+            conn.send((kind, key, payload))
+
+    while True:
+        msg = conn.recv()
+        if msg is None:
+            return
+        key, path, sampling = msg
+        _send_video(send, key, path, SamplingConfig(**sampling), chunk_bytes, threads)
+
+
+class _Worker:
+    def __init__(self, ctx, chunk_bytes: int, threads: int):
+        self.conn, child = ctx.Pipe(duplex=True)
+        self.proc = ctx.Process(target=_worker_main, args=(child, chunk_bytes, threads), daemon=True)
+        self.proc.start()
+        child.close()  # so a dead worker shows as EOF on our end
+        self.job = None  # (key, path) being decoded
+        self.stall = 0.0  # seconds waited on this worker without hearing from it
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.join()
+        self.conn.close()
+
+
+class DecodePool:
+    """Decode `jobs` ((key, path) pairs) in `workers` processes; iterate to get the events.
+
+    `workers=0` decodes in a thread of this process instead (no timeout can be enforced there).
+    Always `close()` (or use `with`), which stops and reaps the workers.
+    """
+
+    def __init__(self, jobs, cfg: SamplingConfig, workers: int = 2, timeout: float = 120.0,
+                 chunk_bytes: int = 64 << 20, threads: int = 1, prefetch: int = 8):
+        self.jobs = deque(jobs)
+        self.cfg, self.workers, self.timeout = cfg, workers, timeout
+        self.chunk_bytes, self.threads = chunk_bytes, threads
+        self._events: queue.Queue = queue.Queue(maxsize=prefetch)
+        self._stop = threading.Event()
+        self._pool: list[_Worker] = []
+        self._thread = threading.Thread(target=self._run, name="vtn-decode-pool", daemon=True)
+        self._thread.start()
+
+    def __iter__(self):
+        while True:
+            ev = self._events.get()
+            if ev is _END:
+                return
+            if isinstance(ev, BaseException):
+                raise ev
+            yield ev
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        # Unblock the thread if it waits to put into a full queue.
+        while self._thread.is_alive():
+            try:
+                self._events.get(timeout=0.05)
+            except queue.Empty:
+                pass
+        for w in self._pool:
+            w.proc.join(timeout=2)  # finished workers got None and exit by themselves
+            w.kill()
+        self._pool = []
+
+    # -- the background thread -----------------------------------------------------------------------------
+    def _put(self, event) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._events.put(event, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def _run(self) -> None:
+        try:
+            if self.workers == 0:
+                self._run_inline()
+            else:
+                self._run_workers()
+        except BaseException as e:  # surface bugs in the consumer, not as a silent hang
+            self._put(e)
+        self._put(_END)
+
+    def _run_inline(self) -> None:
+        sampling = self.cfg
+        for key, path in self.jobs:
+            if self._stop.is_set():
+                return
+            _send_video(lambda k, key, p: self._put((k, key, p)), key, path, sampling, self.chunk_bytes, self.threads)
+
+    def _run_workers(self) -> None:
+        ctx = mp.get_context("spawn")  # no inherited threads or CUDA state; workers import only numpy and decoders
+        self._pool = [_Worker(ctx, self.chunk_bytes, self.threads) for _ in range(self.workers)]
+        sampling = dataclasses.asdict(self.cfg)
+        while not self._stop.is_set():
+            for w in self._pool:
+                if w.job is None and self.jobs:
+                    w.job = self.jobs.popleft()
+                    w.stall = 0.0
+                    w.conn.send((*w.job, sampling))
+            busy = [w for w in self._pool if w.job is not None]
+            if not busy:
+                break
+            t0 = time.monotonic()
+            ready = wait([w.conn for w in busy], timeout=min(1.0, self.timeout))
+            waited = time.monotonic() - t0
+            for i, w in enumerate(self._pool):
+                if w.job is None:
+                    continue
+                if w.conn not in ready:
+                    w.stall += waited
+                    if w.stall > self.timeout:
+                        self._replace(i, "DecodeTimeout", f"no frame decoded for {self.timeout:g} s; the worker was killed")
+                    continue
+                w.stall = 0.0
+                try:
+                    kind, key, payload = w.conn.recv()
+                    if kind == "chunk":
+                        indices, timestamps, shape = payload
+                        frames = np.empty(shape, dtype=np.uint8)
+                        w.conn.recv_bytes_into(frames.reshape(-1))
+                        payload = Chunk(indices, timestamps, frames)
+                except (EOFError, OSError):
+                    self._replace(i, "WorkerCrashed", f"the decode worker died (exit code {w.proc.exitcode})", dead=True)
+                    continue
+                if kind in ("done", "fail"):
+                    w.job = None
+                if not self._put((kind, key, payload)):
+                    return
+        for w in self._pool:
+            if w.proc.is_alive():
+                try:
+                    w.conn.send(None)
+                except OSError:
+                    pass
+
+    def _replace(self, i: int, error: str, why: str, dead: bool = False) -> None:
+        """Record worker i's video as failed, and put a fresh worker in its place."""
+        w = self._pool[i]
+        key, path = w.job
+        if not dead:
+            w.kill()
+        else:
+            w.proc.join()
+            w.conn.close()
+        self._pool[i] = _Worker(mp.get_context("spawn"), self.chunk_bytes, self.threads)
+        self._put(("fail", key, (error, f"{path}: {why}")))
