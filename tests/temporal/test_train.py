@@ -1,0 +1,164 @@
+"""`vtn train` (and `vtn evaluate` on its run) through the CLI on small generated caches.
+
+The caches hold "features whose class lies in temporal order": class 2k ramps from one vector to another,
+class 2k + 1 is the same ramp reversed, so a video and its reversal have the same mean and only a model
+that uses the frames' order separates them.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import vtn.temporal.train as train_job
+from vtn.cli import main
+from vtn.store import CacheWriter
+
+TINY = ["--set", "model.hidden_size=16", "--set", "model.num_layers=1", "--set", "model.num_heads=2",
+        "--set", "model.intermediate_size=32", "--set", "model.attention_window=4", "--frames", "8", "--stride", "2",
+        "--batch-size", "16"]
+
+
+def make_cache(path, dim=6, classes=2, per_class=None, seed=0, prefix="c"):
+    """Videos of 8..16 frames (every 3rd source frame at 30 fps): a noisy ramp between two class vectors.
+    `classes` must be even (each class has its time-reversed twin)."""
+    per_class = per_class or {"train": 24, "val": 8}
+    rng = np.random.default_rng(seed)
+    w = CacheWriter(str(path), feature_dim=dim, class_names=[f"{prefix}{i}" for i in range(classes)], overwrite=True)
+    basis = rng.normal(size=(classes, dim)) * 2
+    for split, n in per_class.items():
+        for c in range(classes):
+            a, b = (c - c % 2, c - c % 2 + 1) if c % 2 == 0 else (c, c - 1)
+            for i in range(n):
+                t = int(rng.integers(8, 17))
+                u = np.linspace(0, 1, t)[:, None]
+                x = basis[a] * (1 - u) + basis[b] * u + 0.2 * rng.normal(size=(t, dim))
+                idx = np.arange(t) * 3
+                w.add(f"{split}/c{c}/{i:03d}", x, idx / 30.0, idx, label=c, split=split, fps=30.0)
+    w.close()
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return make_cache(tmp_path_factory.mktemp("cache") / "cache")
+
+
+def records(run):
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_train_learns_order_and_evaluate_reproduces_its_val_figures(cache, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", cache, "--out", str(run), "--lr", "3e-3", "--set", "optim.min_steps=150", *TINY]) == 0
+    recs = records(run)
+    # 48 clips / 16 per step = 3 steps per epoch, so the step floor (150) decides the length of the run.
+    assert [r["epoch"] for r in recs] == list(range(1, 51)) and recs[-1]["step"] == 150
+    assert {"train_loss", "val_top1", "val_top5", "val_mean_class_accuracy", "val_loss", "lr"} <= set(recs[0])
+    best = max(recs, key=lambda r: (r["val_top1"], -r["val_loss"]))
+    assert best["val_top1"] >= 0.85  # order learnt: a mean-pooling model is at 50 % here
+    assert json.loads((run / "best" / "state.json").read_text())["epoch"] == best["epoch"]
+    assert "feature_dim: 6" in (run / "config.yaml").read_text()  # the resolved config, filled from the cache
+    for name in ("config.json", "model.safetensors", "feature_stats.safetensors", "optimizer.safetensors",
+                 "rng.safetensors", "state.json"):
+        assert (run / "last" / name).is_file()
+    summary = capsys.readouterr().out
+    assert "best val top-1" in summary and "50 epochs, 150 steps" in summary
+
+    assert main(["evaluate", str(run), "--cache", cache, "--json"]) == 0
+    m = json.loads(capsys.readouterr().out)
+    assert m["videos"] == 16
+    assert m["top1"] == pytest.approx(best["val_top1"]) and m["loss"] == pytest.approx(best["val_loss"], abs=1e-5)
+    assert m["top5"] == 1.0 and m["mean_class_accuracy"] == pytest.approx(best["val_mean_class_accuracy"])
+    rows = (run / "predictions.csv").read_text().splitlines()
+    assert rows[0] == "id,label,prediction,top5,probabilities" and len(rows) == 17
+
+
+def test_resume_mid_epoch_ends_bitwise_equal_to_an_uninterrupted_run(cache, tmp_path, monkeypatch, capsys):
+    # 3 steps per epoch, 7 epochs; checkpoints at every epoch end and at step 7 (mid-epoch 3).
+    args = [*TINY, "--set", "optim.min_steps=20", "--epochs", "1", "--set", "run.checkpoint_every=7", "--quiet"]
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    assert main(["train", cache, "--out", str(whole), *args]) == 0
+
+    real = train_job.lr_factor
+
+    def interrupt_at_step_8(step, total, optim):
+        if step == 8:
+            raise KeyboardInterrupt
+        return real(step, total, optim)
+
+    monkeypatch.setattr(train_job, "lr_factor", interrupt_at_step_8)
+    assert main(["train", cache, "--out", str(parts), *args]) == 130
+    state = json.loads((parts / "last" / "state.json").read_text())
+    assert (state["step"], state["epoch"], state["step_in_epoch"]) == (7, 2, 1)  # mid-epoch checkpoint
+    monkeypatch.setattr(train_job, "lr_factor", real)
+
+    assert main(["train", cache, "--out", str(parts), *args]) == 2  # a run is there: --resume or another --out
+    assert "--resume" in capsys.readouterr().err
+    assert main(["train", cache, "--out", str(parts), *args, "--lr", "1e-2", "--resume"]) == 2  # another config
+    assert "optim.lr" in capsys.readouterr().err
+    assert main(["train", cache, "--out", str(parts), "--resume", "--quiet"]) == 0  # the saved config
+
+    a, b = load_file(str(whole / "last" / "model.safetensors")), load_file(str(parts / "last" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    strip = [{k: v for k, v in r.items() if k != "elapsed"} for r in records(whole)]
+    assert strip == [{k: v for k, v in r.items() if k != "elapsed"} for r in records(parts)]
+
+
+def test_reference_recipe_bf16_streamed_with_a_loader_process(cache, tmp_path):
+    run = tmp_path / "run"
+    assert main(["train", cache, "--out", str(run), *TINY, "--recipe", "reference", "--amp", "bf16",
+                 "--set", "data.load=stream", "--set", "data.workers=1", "--set", "optim.min_steps=3",
+                 "--epochs", "1"]) == 0
+    cfg = (run / "config.yaml").read_text()
+    assert "optimizer: sgd" in cfg and "amp: bf16" in cfg and "load: stream" in cfg
+    assert len(records(run)) == 1
+
+
+def test_two_process_ddp_under_torchrun(cache, tmp_path):
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "vtn",
+           "train", cache, "--out", str(run), *TINY, "--set", "optim.min_steps=4", "--epochs", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    recs = records(run)  # rank 0 alone writes: one line per epoch
+    # 48 clips in batches of 8 per process: 6 batches, 3 steps per process and epoch.
+    assert [r["epoch"] for r in recs] == [1, 2] and recs[-1]["step"] == 6
+    assert recs[-1]["val_top1"] is not None
+    assert set(load_file(str(run / "last" / "rng.safetensors"))) == {"cpu.0", "cpu.1"}
+    assert done.stdout.count("vtn train:") == 2  # one header and one summary, from rank 0
+
+
+@pytest.mark.parametrize("setting, words", [
+    ("model.feature_dim=99", ["99", "6 dimensions"]),
+    ("model.num_classes=5", ["2 classes", "num_classes=5"]),
+    ("data.val_split=test", ["'test'", "['train', 'val']"]),
+    ("data.train_split=nope", ["'nope'"]),
+    ("optim.lrr=1", ["unknown config key 'optim.lrr'"]),
+])
+def test_bad_config_or_mismatched_cache_is_refused_clearly(cache, tmp_path, capsys, setting, words):
+    assert main(["train", cache, "--out", str(tmp_path / "run"), *TINY, "--set", setting]) == 2
+    err = capsys.readouterr().err
+    assert all(w in err for w in words), err
+    if "optim" not in setting:
+        assert cache in err  # names the cache
+    assert not (tmp_path / "run" / "last").exists()
+
+
+def test_resume_refuses_another_cache(cache, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", cache, "--out", str(run), *TINY, "--set", "optim.min_steps=1", "--epochs", "1"]) == 0
+    other = make_cache(tmp_path / "other", dim=5)
+    assert main(["train", other, "--out", str(run), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert other in err and "5 dimensions" in err and "feature_dim=6" in err
+    renamed = make_cache(tmp_path / "renamed", prefix="k")
+    assert main(["train", renamed, "--out", str(run), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert renamed in err and "['c0', 'c1']" in err and "['k0', 'k1']" in err
