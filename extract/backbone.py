@@ -194,7 +194,18 @@ class Preprocess(torch.nn.Module):
             return sh, int(sh * width / height)
         return int(sh * height / width), sh
 
+    # Frames are converted to float in slices of about this many pixels, so a chunk of 4K frames
+    # never becomes one multi-GiB float tensor.
+    slice_pixels = 4 << 20
+
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        n, height, width = frames.shape[:3]
+        step = max(1, self.slice_pixels // (height * width))
+        if n > step:
+            return torch.cat([self._forward(frames[i: i + step]) for i in range(0, n, step)])
+        return self._forward(frames)
+
+    def _forward(self, frames: torch.Tensor) -> torch.Tensor:
         x = frames.permute(0, 3, 1, 2).float()  # [N, 3, H, W], values 0..255
         rh, rw = self.resize_shape(x.shape[2], x.shape[3])
         if (rh, rw) != tuple(x.shape[2:]):
@@ -206,4 +217,4 @@ class Preprocess(torch.nn.Module):
         top, left = int(round((rh - h) / 2.0)), int(round((rw - w) / 2.0))  # torchvision's centre crop
         x = x[:, :, top: top + h, left: left + w]  # [N, 3, h, w]
         x = (x - self.mean) / self.std
-        return x.contiguous(memory_format=torch.channels_last)
+        return x.contiguous(memory_format=torch.channels_last)  # [N, 3, h, w]

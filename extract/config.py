@@ -29,11 +29,12 @@ class RuntimeConfig:
     amp: Literal["none", "bf16", "fp16"] = "none"
     workers: int = 2  # decode processes; 0 decodes in a thread of the main process (no timeout)
     timeout: float = 120.0  # seconds a decode may go without producing a frame before it is killed
-    chunk_mb: int = 64  # decoded frames travel in chunks of at most this many MiB
+    chunk_mb: int = 32  # decoded frames travel in chunks of at most this many MiB
     decode_threads: int = 1  # decoder threads per worker
     # torch threads on the CPU; default: the cores left over by the decode workers (oversubscribed
     # cores make OpenMP threads spin against the decoders, which is several times slower).
     threads: int | None = None
+    commit_every: float = 30.0  # seconds between commits: the most work a kill can lose
     feature_dtype: Literal["float16", "float32"] = "float16"
     channels_last: bool = True
     progress: bool = True

@@ -281,7 +281,7 @@ def run(cfg: ExtractConfig, source: str | Path, out: str, overwrite: bool = Fals
     }
     writer_args = dict(feature_dim=identity["feature_dim"], dtype=cfg.runtime.feature_dtype,
                        class_names=class_names, attrs=attrs, identity=("backbone", "sampling"),
-                       name=f"rank{rank}")
+                       name=f"rank{rank}", commit_every=cfg.runtime.commit_every)
 
     if world_size == 1:
         writer = CacheWriter(out, overwrite=overwrite, **writer_args)

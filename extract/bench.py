@@ -1,0 +1,178 @@
+"""`vtn bench extract`: where extraction time goes, on generated videos and a small timm CNN.
+
+Prints, from one run on this machine:
+- decode-only frames/s (the decode workers alone), model-only frames/s (preprocessed batches through
+  the backbone), and pipeline frames/s (`extract_features`: decode + transfer + preprocess + model + store)
+  with its ratio to the slower of the two (the pipeline hides the faster stage behind the slower one);
+- a plain sequential loop, the way common per-video extraction scripts work (decode one video, run the
+  model, write it, next video), and the pipeline's speed-up over it;
+- peak resident memory (all processes of the job together) while `vtn extract` runs over a long 1080p file.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vtn.extract import synth
+from vtn.extract.backbone import Preprocess, create_backbone
+from vtn.extract.config import BackboneConfig, ExtractConfig, RuntimeConfig
+from vtn.extract.inputs import discover
+from vtn.extract.sampling import SamplingConfig, sample
+from vtn.extract.workers import DecodePool
+
+
+def _decode_only(jobs, sampling, workers: int) -> tuple[int, float]:
+    t0, frames = time.perf_counter(), 0
+    with DecodePool(jobs, sampling, workers=workers) as pool:
+        for kind, _, payload in pool:
+            if kind == "chunk":
+                frames += len(payload.frames)
+    return frames, time.perf_counter() - t0
+
+
+def _model_only(model, size: int, batch_size: int, frames: int) -> float:
+    x = torch.randn(batch_size, 3, size, size).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        model(x)  # warm-up: first-call allocations and kernel selection
+        t0, done = time.perf_counter(), 0
+        while done < frames:
+            model(x)
+            done += batch_size
+    return done / (time.perf_counter() - t0)
+
+
+def _sequential(entries, classes, model, preprocess, sampling, batch_size: int, out: str) -> tuple[int, float]:
+    """Decode one whole video with decord, run the model on it, write it, next video."""
+    import decord
+
+    from vtn.store import CacheWriter
+
+    writer = CacheWriter(out, feature_dim=model.num_features, class_names=classes, overwrite=True)
+    t0, total = time.perf_counter(), 0
+    for e in entries:
+        vr = decord.VideoReader(str(e.path), num_threads=1)
+        ts = vr.get_frame_timestamp(np.arange(len(vr)))[:, 0].astype(np.float64)
+        idx = sample(ts - ts[0], sampling)
+        frames = torch.from_numpy(vr.get_batch(idx.tolist()).asnumpy())
+        with torch.inference_mode():
+            feats = torch.cat([model(preprocess(frames[i: i + batch_size])) for i in range(0, len(frames), batch_size)])
+        writer.add(e.id, feats.float().numpy(), ts[idx] - ts[0], idx, label=e.label, split=e.split)
+        total += len(idx)
+    writer.close()
+    return total, time.perf_counter() - t0
+
+
+def _peak_rss(cmd: list[str]) -> tuple[int, float, int]:
+    """Run `cmd`; returns (exit status, peak MiB of the summed RSS of its process tree, largest single maxrss MiB)."""
+    import resource
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    peak = 0
+    while proc.poll() is None:
+        peak = max(peak, _tree_rss(proc.pid))
+        time.sleep(0.05)
+    err = proc.stderr.read().decode(errors="replace")
+    if proc.returncode != 0:
+        print(err[-2000:], file=sys.stderr)
+    single = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # KiB -> MiB, largest child
+    return proc.returncode, peak / (1 << 20), int(single)
+
+
+def _tree_rss(pid: int) -> int:
+    """Bytes resident in `pid` and all its descendants, from /proc."""
+    children: dict[int, list[int]] = {}
+    rss: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(entry))
+        rss[int(entry)] = int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
+    total, stack = 0, [pid]
+    while stack:
+        p = stack.pop()
+        total += rss.get(p, 0)
+        stack.extend(children.get(p, []))
+    return total
+
+
+def main(args) -> int:
+    from vtn.extract.job import extract_features
+    from vtn.store import CacheWriter
+
+    own_tmp = args.workdir is None
+    work = Path(tempfile.mkdtemp(prefix="vtn-bench-extract-") if own_tmp else args.workdir)
+    try:
+        data = work / "videos"
+        per_class = max(1, -(-args.videos // len(synth.CLASSES)))
+        if not data.exists():
+            synth.make_dataset(data, per_split={"train": per_class}, seconds=(2.0, 4.0))
+        entries, classes = discover(data)
+        jobs = [(e.id, str(e.path)) for e in entries]
+        sampling = SamplingConfig()  # every frame: decoding is exercised in full
+        model, data_config, _ = create_backbone(args.backbone, image_size=args.image_size)
+        model = model.to(memory_format=torch.channels_last)
+        preprocess = Preprocess(data_config)
+        cores = len(os.sched_getaffinity(0))
+        print(f"{len(entries)} generated videos, backbone {args.backbone} (random init) at {args.image_size} px, "
+              f"batch {args.batch_size}, {args.workers} decode workers, {cores} CPU cores")
+
+        torch.set_num_threads(cores)
+        frames, secs = _decode_only(jobs, sampling, args.workers)
+        decode_fps = frames / secs
+        model_fps = _model_only(model, args.image_size, args.batch_size, max(frames // 2, 4 * args.batch_size))
+
+        torch.set_num_threads(max(1, cores - args.workers))  # as `vtn extract` does on the CPU
+        cfg = ExtractConfig(sampling, BackboneConfig(args.backbone, "random", args.image_size),
+                            RuntimeConfig(device="cpu", batch_size=args.batch_size, workers=args.workers, progress=False))
+        writer = CacheWriter(str(work / "pipeline.zarr"), feature_dim=model.num_features, class_names=classes,
+                             overwrite=True)
+        t0 = time.perf_counter()
+        summary = extract_features(entries, model, preprocess, torch.device("cpu"), cfg, writer)
+        writer.close()
+        pipe_fps = summary.frames / (time.perf_counter() - t0)
+
+        torch.set_num_threads(cores)
+        seq_frames, seq_secs = _sequential(entries, classes, model, preprocess, sampling, args.batch_size, str(work / "seq.zarr"))
+        seq_fps = seq_frames / seq_secs
+
+        slower = min(decode_fps, model_fps)
+        print(f"decode only      {decode_fps:8.1f} frames/s")
+        print(f"model only       {model_fps:8.1f} frames/s")
+        print(f"pipeline         {pipe_fps:8.1f} frames/s   {pipe_fps / slower:.2f}x the slower stage (target >= 0.85x)")
+        print(f"sequential loop  {seq_fps:8.1f} frames/s   pipeline is {pipe_fps / seq_fps:.2f}x it (target >= 2x)")
+
+        if not args.skip_memory:
+            long_dir = work / "long"
+            long_file = long_dir / f"long_{int(args.long_seconds)}s_1080p.mp4"
+            if not long_file.exists():
+                t0 = time.perf_counter()
+                synth.make_long_video(long_file, args.long_seconds)
+                print(f"(generated {long_file.name} in {time.perf_counter() - t0:.0f} s)")
+            vtn = [sys.executable, "-m", "vtn", "extract", str(long_dir), "--out", str(work / "long.zarr"), "--overwrite",
+                   "--backbone", args.backbone, "--random-init", "--image-size", str(args.image_size), "--fps", "2",
+                   "--device", "cpu", "--batch-size", str(args.batch_size), "--workers", "1", "--no-progress"]
+            t0 = time.perf_counter()
+            rc, peak, single = _peak_rss(vtn)
+            print(f"peak memory      {peak:8.0f} MiB  all processes together (largest single {single} MiB), "
+                  f"extracting {args.long_seconds:g} s of 1080p at 2 fps in {time.perf_counter() - t0:.0f} s "
+                  f"(target < 2048 MiB){'' if rc == 0 else f'; vtn extract exited {rc}'}")
+            if rc != 0:
+                return 1
+        return 0
+    finally:
+        if own_tmp:
+            shutil.rmtree(work, ignore_errors=True)

@@ -1,0 +1,120 @@
+"""`vtn extract` end to end: features equal the backbone run directly on decord frames; labels, manifests, weights."""
+
+import decord
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from vtn.extract.backbone import Preprocess, create_backbone
+from vtn.extract.sampling import SamplingConfig, sample
+from vtn.store import open_cache
+
+BACKBONE = ["--backbone", "resnet18", "--image-size", "64"]
+
+
+def _direct(path, model, preprocess, cfg):
+    """The reference: decord frames at the sampled indices, preprocessed, through the model in one batch."""
+    vr = decord.VideoReader(str(path))
+    ts = vr.get_frame_timestamp(np.arange(len(vr)))[:, 0].astype(np.float64)
+    idx = sample(np.round(ts - ts[0], 6), cfg)
+    frames = torch.from_numpy(vr.get_batch(idx.tolist()).asnumpy())
+    with torch.inference_mode():
+        return idx, model(preprocess(frames)).numpy()
+
+
+def test_features_equal_the_backbone_on_decord_frames(videos, tmp_path, vtn):
+    out = tmp_path / "cache"
+    proc = vtn("extract", videos, "--out", out, *BACKBONE, "--random-init", "--fps", "6", "--batch-size", "8",
+               "--workers", "2", check_rc=0)
+    assert "extracted 12 videos" in proc.stderr and "0 failed" in proc.stderr
+    cache = open_cache(str(out))
+    assert cache.class_names == ["green_then_red", "left_to_right", "red_then_green", "right_to_left"]
+    assert sorted(cache.ids) == sorted(p.relative_to(videos).as_posix() for p in videos.rglob("*.mp4"))
+    model, data_config, identity = create_backbone("resnet18", image_size=64)
+    preprocess = Preprocess(data_config)
+    attrs = cache.attrs
+    assert attrs["backbone"]["weights_sha256"] == identity["weights_sha256"]
+    assert attrs["backbone"]["preprocessing"]["input_size"] == [64, 64]
+    assert set(attrs["versions"]) >= {"torch", "timm", "decord", "av", "zarr", "vtn"}
+    assert attrs["config"]["sampling"]["fps"] == 6.0
+    for vid in cache.ids:
+        v = cache.video(vid)
+        split, cls = vid.split("/")[:2]
+        assert v.split == split and cache.class_names[v.label] == cls
+        idx, feats = _direct(videos / vid, model, preprocess, SamplingConfig(mode="fps", fps=6))
+        np.testing.assert_array_equal(v.frame_indices, idx)
+        np.testing.assert_allclose(v.features.astype(np.float32), feats, rtol=2e-3, atol=2e-3)  # float16 storage
+
+
+def test_preprocessing_matches_timm_eval_transform(videos):
+    import timm
+    from PIL import Image
+
+    _, data_config, _ = create_backbone("mobilenetv3_small_050")
+    frames = decord.VideoReader(str(next(videos.rglob("*.mp4")))).get_batch([0, 5]).asnumpy()
+    ours = Preprocess(data_config)(torch.from_numpy(frames))
+    transform = timm.data.create_transform(**data_config)
+    theirs = torch.stack([transform(Image.fromarray(f)) for f in frames])
+    assert ours.shape == theirs.shape == (2, 3, 224, 224)
+    # PIL and torch resample slightly differently; on average well under one grey level.
+    assert (ours - theirs).abs().mean() < 0.01 and (ours - theirs).abs().max() < 0.1
+
+
+def test_manifest_weights_file_and_unlabelled_rows(videos, tmp_path, vtn):
+    model, _, _ = create_backbone("resnet18", seed=7)
+    weights = tmp_path / "w.safetensors"
+    save_file({f"module.{k}": v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+    rows = ["path,label,split", f"{videos}/train/left_to_right/0000.mp4,ltr,train",
+            "../videos_link/val/right_to_left/0000.mp4,,val"]
+    (tmp_path / "videos_link").symlink_to(videos)
+    sub = tmp_path / "m"
+    sub.mkdir()
+    # The absolute path lies outside the manifest's folder: refused, naming the row.
+    (sub / "list.csv").write_text("\n".join(rows) + "\n")
+    proc = vtn("extract", sub / "list.csv", "--out", tmp_path / "c0", *BACKBONE, "--weights", weights, check_rc=2)
+    assert "list.csv:2" in proc.stderr and "outside" in proc.stderr
+    manifest = tmp_path / "list.csv"
+    manifest.write_text("path,label,split\nvideos_link/train/left_to_right/0000.mp4,ltr,train\n"
+                        "videos_link/val/right_to_left/0000.mp4,,val\n")
+    out = tmp_path / "cache"
+    vtn("extract", manifest, "--out", out, *BACKBONE, "--weights", weights, "--num-frames", "4", "--no-progress", check_rc=0)
+    cache = open_cache(str(out))
+    assert cache.class_names == ["ltr"]
+    a, b = cache.video("videos_link/train/left_to_right/0000.mp4"), cache.video("videos_link/val/right_to_left/0000.mp4")
+    assert (a.label, a.split, b.label, b.split) == (0, "train", -1, "val")
+    assert cache.attrs["backbone"]["weights"] == "file"
+    loaded, data_config, identity = create_backbone("resnet18", weights=weights, image_size=64)
+    assert cache.attrs["backbone"]["weights_sha256"] == identity["weights_sha256"]
+    _, feats = _direct(videos / "train/left_to_right/0000.mp4", loaded, Preprocess(data_config),
+                       SamplingConfig(mode="num_frames", num_frames=4))
+    np.testing.assert_allclose(a.features.astype(np.float32), feats, rtol=2e-3, atol=2e-3)
+
+
+def test_other_sampling_on_existing_cache_is_refused_unless_overwrite(videos, tmp_path, vtn):
+    out = tmp_path / "cache"
+    src = videos / "val"
+    vtn("extract", src, "--out", out, *BACKBONE, "--random-init", "--num-frames", "2", "--workers", "0", "--no-progress", check_rc=0)
+    proc = vtn("extract", src, "--out", out, *BACKBONE, "--random-init", "--num-frames", "3", "--no-progress", check_rc=2)
+    assert "sampling" in proc.stderr
+    proc = vtn("extract", src, "--out", out, *BACKBONE, "--random-init", "--num-frames", "2", "--no-progress", check_rc=0)
+    assert "4 already in the cache" in proc.stderr
+    vtn("extract", src, "--out", out, *BACKBONE, "--random-init", "--num-frames", "3", "--overwrite", "--no-progress",
+        "--set", "runtime.batch_size=4", check_rc=0)
+    assert open_cache(str(out)).lengths.tolist() == [3, 3, 3, 3]
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--backbone", "no_such_model_xyz", "--random-init"], "no_such_model_xyz"),
+    (["--set", "sampling.evry=2"], "sampling.evry"),
+    (["--every", "0", "--random-init"], "sampling.every"),
+    (["--weights", "/nonexistent.safetensors"], "/nonexistent.safetensors"),
+])
+def test_usage_errors_exit_2_naming_the_culprit(videos, tmp_path, vtn, args, needle):
+    proc = vtn("extract", videos / "val", "--out", tmp_path / "c", *args, check_rc=2)
+    assert needle in proc.stderr
+
+
+def test_missing_input_exits_2(tmp_path, vtn):
+    proc = vtn("extract", tmp_path / "nope", "--out", tmp_path / "c", check_rc=2)
+    assert "nope" in proc.stderr

@@ -1,0 +1,54 @@
+"""Sampling by time, unit level and end to end (stored timestamps and frame indices match the container)."""
+
+import av
+import numpy as np
+import pytest
+
+from vtn.extract.sampling import SamplingConfig, sample
+from vtn.store import open_cache
+
+BACKBONE = ["--backbone", "resnet18", "--random-init", "--image-size", "64"]
+
+
+def test_every_fps_num_frames_on_regular_timestamps():
+    t = np.arange(50) / 25.0  # 2 s at 25 fps
+    np.testing.assert_array_equal(sample(t, SamplingConfig(mode="every", every=10)), [0, 10, 20, 30, 40])
+    np.testing.assert_array_equal(sample(t, SamplingConfig(mode="fps", fps=5)), np.arange(0, 50, 5))
+    # 4 frames at the centres of 4 half-second segments: 0.25, 0.75, 1.25, 1.75 s.
+    np.testing.assert_array_equal(sample(t, SamplingConfig(mode="num_frames", num_frames=4)), [6, 18, 31, 43])
+    np.testing.assert_array_equal(sample(t, SamplingConfig(mode="fps", fps=2, max_seconds=1.0)), [0, 12])
+
+
+def test_variable_rate_uses_real_times_and_never_repeats_a_frame():
+    t = np.array([0.0, 0.01, 0.02, 0.5, 0.9, 1.0])
+    # On screen at 0, 0.25, 0.5, 0.75, 1.0 s: frames 0, 2, 3, 3, 5 -> each once.
+    np.testing.assert_array_equal(sample(t, SamplingConfig(mode="fps", fps=4)), [0, 2, 3, 5])
+    np.testing.assert_array_equal(sample(t, SamplingConfig(mode="num_frames", num_frames=100)), np.arange(6))
+    assert len(sample(t[:1], SamplingConfig(mode="num_frames", num_frames=3))) == 1
+
+
+def _container_times(path):
+    with av.open(str(path)) as c:
+        s = c.streams.video[0]
+        pts = sorted(p.pts for p in c.demux(s) if p.pts is not None and p.size)
+        return (np.array(pts, dtype=np.float64) - pts[0]) * float(s.time_base)
+
+
+@pytest.mark.parametrize("flags", [["--every", "3"], ["--fps", "7"], ["--num-frames", "5"], ["--fps", "4", "--max-seconds", "0.8"]])
+def test_stored_timestamps_match_the_container(videos, tmp_path, flags, vtn):
+    out = tmp_path / "cache"
+    vtn("extract", videos, "--out", out, *BACKBONE, *flags, "--workers", "1", "--no-progress", check_rc=0)
+    cache = open_cache(str(out))
+    mode = {"--every": "every", "--fps": "fps", "--num-frames": "num_frames"}[flags[0]]
+    cfg = SamplingConfig(mode=mode, **{mode: type(getattr(SamplingConfig, mode))(flags[1])},
+                         max_seconds=float(flags[3]) if len(flags) > 2 else None)
+    assert cache.attrs["sampling"]["mode"] == mode
+    for vid in cache.ids:
+        v = cache.video(vid)
+        times = _container_times(videos / vid)
+        expected = sample(np.round(times, 6), cfg)
+        np.testing.assert_array_equal(v.frame_indices, expected)
+        np.testing.assert_allclose(v.timestamps, times[expected], atol=1e-6)
+        assert v.num_frames == len(times)
+        if cfg.max_seconds:
+            assert v.timestamps.max() < cfg.max_seconds
