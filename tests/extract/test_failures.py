@@ -1,0 +1,50 @@
+"""Broken inputs are recorded (id, error class, message) and skipped; exit status 3; the rest is stored."""
+
+import os
+import shutil
+
+import pytest
+
+from vtn.store import open_cache
+
+BACKBONE = ["--backbone", "resnet18", "--random-init", "--image-size", "64"]
+EXPECTED = {"zero_byte": "EmptyFile", "truncated": "NotAVideo", "not_video": "NotAVideo",
+            "audio_only": "NotAVideo", "zero_frames": "NoFrames", "corrupt": "DecodeError"}
+
+
+@pytest.mark.parametrize("workers", ["2", "0"])
+def test_each_bad_file_is_recorded_and_the_rest_stored(videos, bad_files, tmp_path, vtn, workers):
+    src = tmp_path / "in"
+    shutil.copytree(videos / "val", src / "good")
+    (src / "bad").mkdir()
+    for path in bad_files.values():
+        shutil.copy(path, src / "bad" / path.name)
+    out = tmp_path / "cache"
+    proc = vtn("extract", src, "--out", out, *BACKBONE, "--num-frames", "3", "--workers", workers, check_rc=3)
+    assert "6 failed" in proc.stderr and "extracted 4 videos" in proc.stderr
+    cache = open_cache(str(out))
+    assert sorted(cache.ids) == sorted(f"good/{p.parent.name}/{p.name}" for p in (src / "good").rglob("*.mp4"))
+    failures = {f["id"]: f for f in cache.failures}
+    assert {k: failures[f"bad/{k}.mp4"]["error"] for k in EXPECTED} == EXPECTED
+    assert all(f"bad/{k}.mp4" in failures[f"bad/{k}.mp4"]["message"] for k in EXPECTED)  # names the file
+    info = vtn("store", "info", out, check_rc=0).stdout
+    assert "zero_frames.mp4" in info
+    # A re-run retries only the failures, which fail again: still exit 3, nothing stored twice.
+    proc = vtn("extract", src, "--out", out, *BACKBONE, "--num-frames", "3", "--workers", workers, check_rc=3)
+    assert "4 already in the cache" in proc.stderr
+
+
+def test_a_hung_decode_is_killed_after_the_timeout(videos, tmp_path, vtn):
+    # Opening a FIFO nobody writes to blocks forever, like a stuck network mount.
+    os.mkfifo(tmp_path / "hang.mp4")
+    shutil.copy(videos / "val/left_to_right/0000.mp4", tmp_path / "ok.mp4")
+    manifest = tmp_path / "list.csv"
+    manifest.write_text("hang.mp4,a\nok.mp4,b\nmissing.mp4,b\n")
+    out = tmp_path / "cache"
+    proc = vtn("extract", manifest, "--out", out, *BACKBONE, "--num-frames", "2", "--timeout", "2", "--workers", "1",
+               "--no-progress", check_rc=3, timeout=120)
+    cache = open_cache(str(out))
+    assert cache.ids == ["ok.mp4"]
+    errors = {f["id"]: f["error"] for f in cache.failures}
+    assert errors == {"hang.mp4": "DecodeTimeout", "missing.mp4": "NotAVideo"}
+    assert "2 failed" in proc.stderr
