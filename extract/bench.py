@@ -130,12 +130,12 @@ def main(args) -> int:
         print(f"{len(entries)} generated videos, backbone {args.backbone} (random init) at {args.image_size} px, "
               f"batch {args.batch_size}, {args.workers} decode workers, {cores} CPU cores")
 
-        torch.set_num_threads(cores)
         frames, secs = _decode_only(jobs, sampling, args.workers)
         decode_fps = frames / secs
+        # The model gets the threads `vtn extract` gives it on the CPU (the cores the decoders leave), in
+        # the model-only run as in the pipeline, so the two measure the same compute.
+        torch.set_num_threads(max(1, cores - args.workers))
         model_fps = _model_only(model, args.image_size, args.batch_size, max(frames // 2, 4 * args.batch_size))
-
-        torch.set_num_threads(max(1, cores - args.workers))  # as `vtn extract` does on the CPU
         cfg = ExtractConfig(sampling, BackboneConfig(args.backbone, "random", args.image_size),
                             RuntimeConfig(device="cpu", batch_size=args.batch_size, workers=args.workers, progress=False))
         writer = CacheWriter(str(work / "pipeline.zarr"), feature_dim=model.num_features, class_names=classes,
@@ -145,7 +145,7 @@ def main(args) -> int:
         writer.close()
         pipe_fps = summary.frames / (time.perf_counter() - t0)
 
-        torch.set_num_threads(cores)
+        torch.set_num_threads(cores)  # the sequential loop has no decode workers: all cores to the model
         seq_frames, seq_secs = _sequential(entries, classes, model, preprocess, sampling, args.batch_size, str(work / "seq.zarr"))
         seq_fps = seq_frames / seq_secs
 

@@ -22,6 +22,10 @@ import numpy as np
 from vtn.extract.sampling import SamplingConfig, sample, video_duration
 
 DEFAULT_CHUNK_BYTES = 64 << 20
+# decord's background decoder keeps decoding into an unbounded queue while its reader waits (a slow
+# consumer, a busy model): measured 3.2 GB for a 1080p file. Frames larger than this go to PyAV,
+# whose memory stays flat (about 160 MB on the same file); below it decord's buffering is harmless.
+DECORD_MAX_PIXELS = 1280 * 720
 
 
 class VideoError(Exception):
@@ -157,6 +161,7 @@ class PyAVReader:
                     raise NotAVideo(f"{path}: no video stream")
                 stream = container.streams.video[0]
                 width, height = stream.codec_context.width, stream.codec_context.height
+                time_base = float(stream.time_base)
                 pts = [p.pts for p in container.demux(stream) if p.pts is not None and p.size > 0]
         except VideoError:
             raise
@@ -164,7 +169,7 @@ class PyAVReader:
             raise NotAVideo(f"{path}: cannot open it as a video: {_first_line(e)}") from None
         if not pts:
             raise NoFrames(f"{path}: the video stream has no frames")
-        ts = _sorted_unique(pts) * float(stream.time_base)
+        ts = _sorted_unique(pts) * time_base
         self.info = _info(ts, width, height, self.backend)
 
     def read(self, indices: np.ndarray, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[Chunk]:
@@ -215,7 +220,7 @@ def _first_line(e: Exception) -> str:
 def decode_video(path: str | Path, cfg: SamplingConfig, chunk_bytes: int = DEFAULT_CHUNK_BYTES, threads: int = 1):
     """Decode the sampled frames of one video: yields the `VideoInfo` first, then `Chunk`s.
 
-    decord first; if it cannot open or read the file, PyAV from the start. When decord fails after some
+    decord first; if it cannot open or read the file (or its frames exceed `DECORD_MAX_PIXELS`), PyAV from the start. When decord fails after some
     chunks were yielded, a `None` is yielded before PyAV's own `VideoInfo`, telling the consumer to drop
     what it got for this video (the two decoders may disagree on frames, and nothing is mixed or substituted).
     Raises a `VideoError` when neither decoder can produce every sampled frame.
@@ -224,6 +229,8 @@ def decode_video(path: str | Path, cfg: SamplingConfig, chunk_bytes: int = DEFAU
     yielded = False
     try:
         reader = DecordReader(path, threads)
+        if reader.info.width * reader.info.height > DECORD_MAX_PIXELS:
+            raise NotAVideo(f"{path}: {reader.info.width}x{reader.info.height} frames are read with PyAV (bounded memory)")
         indices = sample(reader.info.timestamps, cfg)
         yield reader.info
         yielded = True
