@@ -91,6 +91,7 @@ def test_manifest_weights_file_and_unlabelled_rows(videos, tmp_path, vtn):
     np.testing.assert_allclose(a.features.astype(np.float32), feats, rtol=2e-3, atol=2e-3)
 
 
+@pytest.mark.slow
 def test_other_sampling_on_existing_cache_is_refused_unless_overwrite(videos, tmp_path, vtn):
     out = tmp_path / "cache"
     src = videos / "val"
