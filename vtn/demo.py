@@ -1,5 +1,126 @@
-"""`vtn demo`."""
+"""`vtn demo`: the whole pipeline on generated videos, in a few minutes on a laptop CPU.
+
+1. Generate labelled videos (extract/synth.py) whose classes differ only in the temporal order of events:
+   a blob crossing left-to-right or right-to-left, a red flash then a green one or the reverse.
+2. Extract one feature per sampled frame with a small random-init timm ViT (nothing is downloaded).
+3. Train VTN's temporal encoder on the cache, then evaluate it on whole val videos.
+4. Compare with an order-blind baseline: logistic regression on each video's mean-pooled features.
+   A video and its time-reversed twin have the same frames, so the baseline can at best tell the blob
+   pair from the flash pair (50 %); VTN, which sees the order, should be near 100 %.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+# Sized so the demo finishes well within 5 minutes on 2 shared CPU cores (about 40 s when they are idle):
+# 160 train and 60 val videos, frames sampled at 12 fps, a 64 px ViT-Tiny, a small encoder, 1500 steps.
+VIDEOS = {"train": 40, "val": 15}  # per class
+BACKBONE = {"name": "vit_tiny_patch16_224", "weights": "random", "image_size": 64}
+SAMPLING = {"mode": "fps", "fps": 12.0}
+# Positions from time at the sampling rate: consecutive samples get consecutive positions whatever the source's
+# frame rate (15-30 fps here), which frame indices would not. No dropout: on 160 videos it mostly delays the
+# moment the encoder starts to use the frames' order (seen at 50 % val top-1 after 1000 steps on some seeds).
+TRAIN_SETS = [
+    "model.hidden_size=64", "model.num_layers=2", "model.num_heads=4", "model.intermediate_size=128",
+    "model.attention_window=8", "model.positions=time", f"model.position_rate={SAMPLING['fps']}",
+    "model.dropout=0.0", "model.attention_dropout=0.0", "model.head_dropout=0.0",
+    "data.clip_frames=16", "data.stride=2", "optim.batch_size=16", "optim.lr=0.001", "optim.min_steps=1500",
+]
 
 
 def register(sub, bench_sub) -> None:
-    pass
+    """Add `vtn demo` to `vtn`."""
+    p = sub.add_parser(
+        "demo", help="generate videos, extract, train and evaluate VTN against an order-blind baseline",
+        description="Runs the whole pipeline on generated videos whose classes differ only in the temporal order "
+        "of events: generate -> extract (random-init ViT-Tiny) -> train -> evaluate, then prints VTN's val top-1 "
+        "next to a logistic regression on mean-pooled features. Takes a few minutes on a CPU.",
+    )
+    p.add_argument("--out", help="folder for the videos, the cache and the run (default: a new temporary folder)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_demo)
+
+
+def _demo(args) -> int:
+    demo(args.out, progress=not args.quiet)
+    return 0
+
+
+def baseline_top1(cache_url: str) -> float:
+    """Val top-1 of a logistic regression on standardised mean-pooled features (train split -> val split)."""
+    import numpy as np
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from vtn.store import open_cache
+
+    cache = open_cache(cache_url)
+
+    def pooled(split):
+        s = cache.load_split(split)
+        x = np.stack([s.features[s.video_rows(v)].astype(np.float64).mean(0) for v in range(len(s.ids))])
+        return x, s.labels
+
+    x, y = pooled("train")
+    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000)).fit(x, y)
+    xv, yv = pooled("val")
+    return float(clf.score(xv, yv))
+
+
+def demo(out: str | Path | None = None, progress: bool = True) -> dict:
+    """Run the demo in `out` (a new temporary folder when None); prints the report and returns its figures."""
+    import tempfile
+
+    from vtn.config import merge, resolve
+    from vtn.evaluate.run import evaluate
+    from vtn.extract import job as extract_job
+    from vtn.extract.config import ExtractConfig
+    from vtn.extract.synth import CLASSES, make_dataset
+    from vtn.temporal.train import TrainConfig, train
+
+    out = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="vtn-demo-"))
+    out.mkdir(parents=True, exist_ok=True)
+    videos, cache, run = out / "videos", str(out / "cache"), out / "run"
+    times = {}
+
+    start = time.perf_counter()
+    print(f"vtn demo in {out}\n1/4 generating {sum(VIDEOS.values()) * len(CLASSES)} videos of {len(CLASSES)} classes "
+          f"({', '.join(CLASSES)})", flush=True)
+    make_dataset(videos, per_split=VIDEOS, seed=0)
+    times["generate"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    print(f"2/4 extracting features with a random-init {BACKBONE['name']} at {BACKBONE['image_size']} px, "
+          f"{SAMPLING['fps']:g} frames per second", flush=True)
+    # Decoding in the main process: these files decode in milliseconds, so worker processes would cost more
+    # to start than they save.
+    extract_cfg = merge(ExtractConfig(), {"backbone": BACKBONE, "sampling": SAMPLING,
+                                          "runtime": {"device": "cpu", "workers": 0, "progress": progress}})
+    summary = extract_job.run(extract_cfg, videos, cache, overwrite=True)
+    times["extract"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    print("3/4 training the temporal encoder", flush=True)
+    train_cfg = merge(resolve(TrainConfig, None, TRAIN_SETS), {"run": {"device": "cpu"}})
+    train(cache, run, train_cfg, resume=False, progress=progress)
+    times["train"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    print("4/4 evaluating VTN on whole val videos, and the order-blind baseline", flush=True)
+    metrics = evaluate(run, cache, split="val", device="cpu")
+    baseline = baseline_top1(cache)
+    times["evaluate"] = time.perf_counter() - start
+
+    total = sum(times.values())
+    print(f"\nvtn demo: {summary.videos} videos, {summary.frames} frames, {total:.0f} s "
+          f"({', '.join(f'{k} {v:.0f} s' for k, v in times.items())})\n"
+          f"  VTN (order-aware)                 val top-1 {metrics['top1']:6.1%}   "
+          f"(mean class {metrics['mean_class_accuracy']:.1%})\n"
+          f"  mean-pooled features + logistic   val top-1 {baseline:6.1%}   "
+          f"(order-blind: it can at best tell the blob pair from the flash pair, 50 %; chance is "
+          f"{1 / len(CLASSES):.0%})\n"
+          f"  run: {run} (predictions.csv, confusion.csv); try `vtn evaluate {run} --cache {cache}`", flush=True)
+    return {"out": str(out), "seconds": total, "times": times, "vtn_top1": metrics["top1"], "baseline_top1": baseline}
