@@ -41,4 +41,7 @@ def classification_metrics(logits: np.ndarray, labels: np.ndarray) -> dict:
 def confusion(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """[classes, classes] counts of the labelled videos: row = true class, column = predicted class."""
     keep = labels >= 0
-    return confusion_matrix(labels[keep], logits[keep].argmax(axis=1), labels=np.arange(logits.shape[1]))
+    classes = logits.shape[1]
+    if not keep.any():  # scikit-learn refuses an empty input
+        return np.zeros((classes, classes), dtype=np.int64)
+    return confusion_matrix(labels[keep], logits[keep].argmax(axis=1), labels=np.arange(classes))
