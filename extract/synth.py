@@ -1,9 +1,10 @@
 """Generated test videos: real H.264 `.mp4` files whose classes differ only in the temporal order of events.
 
 Used by the tests, the benchmarks and `vtn demo`. Every class shows the same things; only their order
-in time tells the classes apart (a blob moving left-to-right versus right-to-left, a red flash followed by
-a green one versus the reverse). Sampled evenly, a video and its time-reversed twin give the same set of
-frames, so a model that mean-pools frame features cannot separate the classes and a temporal model must.
+in time tells the classes apart: in the first half a blob crosses the frame left-to-right or right-to-left,
+in the second half a red flash is followed by a green one or the reverse. Sampled evenly, every class gives
+the same set of frames, so a model that mean-pools frame features cannot separate the four classes (it is
+at chance, 25 %) and a temporal model must use the order.
 Lengths, frame rates (constant 15/24/25/30 fps, and a variable-frame-rate variant) and frame sizes vary
 from video to video so the extraction path sees the variety real data has. Frames are small and clips
 short, so a whole dataset encodes in seconds.
@@ -19,7 +20,15 @@ from pathlib import Path
 
 import numpy as np
 
-CLASSES = ("left_to_right", "right_to_left", "red_then_green", "green_then_red")
+# Every class shows the same two events, a blob crossing then two flashes; only their direction and order differ.
+CLASS_EVENTS = {
+    "left_to_right_red_first": ("left_to_right", "red"),
+    "left_to_right_green_first": ("left_to_right", "green"),
+    "right_to_left_red_first": ("right_to_left", "red"),
+    "right_to_left_green_first": ("right_to_left", "green"),
+}
+CLASSES = tuple(CLASS_EVENTS)
+COLOURS = ((255.0, 40.0, 40.0), (40.0, 255.0, 40.0))  # red, green
 SIZES = ((64, 64), (96, 64), (128, 96), (112, 80))  # (width, height); even, as yuv420p needs
 FPS_CHOICES = (15, 24, 25, 30)
 # Variable-frame-rate videos use a millisecond time base and irregular frame spacing.
@@ -27,25 +36,27 @@ VFR_TIME_BASE = fractions.Fraction(1, 1000)
 
 
 def render_frame(cls: str, t: float, duration: float, width: int, height: int, background: np.ndarray) -> np.ndarray:
-    """One RGB frame [height, width, 3] uint8 of class `cls` at time `t` seconds of a `duration`-second clip."""
+    """One RGB frame [height, width, 3] uint8 of class `cls` at time `t` seconds of a `duration`-second clip.
+
+    First half: a white blob crosses the frame (left to right or right to left). Second half: two flashes
+    in the centre, each peaking mid-quarter (red then green, or green then red).
+    """
+    direction, first = CLASS_EVENTS[cls]
     u = min(max(t / duration, 0.0), 1.0)  # progress through the clip, 0..1
-    frame = background.copy()
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
     radius = 0.12 * min(width, height)
-    if cls in ("left_to_right", "right_to_left"):
-        # A white blob crossing the frame; the two classes are each other's time reversal.
-        x = (0.15 + 0.7 * u) * width if cls == "left_to_right" else (0.85 - 0.7 * u) * width
+    if u < 0.5:
+        v = 2 * u  # progress through the crossing
+        x = (0.15 + 0.7 * v) * width if direction == "left_to_right" else (0.85 - 0.7 * v) * width
         blob = np.exp(-((xx - x) ** 2 + (yy - height / 2) ** 2) / (2 * radius**2))
         colour = np.array([255.0, 255.0, 255.0], dtype=np.float32)
     else:
-        # Two flashes in the centre, red then green or green then red, each peaking mid-half.
-        first, second = ((255.0, 40.0, 40.0), (40.0, 255.0, 40.0))
-        if cls == "green_then_red":
-            first, second = second, first
-        colour = np.array(first if u < 0.5 else second, dtype=np.float32)
-        strength = math.sin(math.pi * ((2 * u) % 1.0))
+        w = 2 * u - 1  # progress through the flashes
+        order = COLOURS if first == "red" else COLOURS[::-1]
+        colour = np.array(order[0] if w < 0.5 else order[1], dtype=np.float32)
+        strength = math.sin(math.pi * ((2 * w) % 1.0))
         blob = strength * np.exp(-((xx - width / 2) ** 2 + (yy - height / 2) ** 2) / (2 * (1.5 * radius) ** 2))
-    out = frame.astype(np.float32) * (1 - blob[..., None]) + colour * blob[..., None]
+    out = background.astype(np.float32) * (1 - blob[..., None]) + colour * blob[..., None]
     return np.clip(out, 0, 255).astype(np.uint8)
 
 

@@ -14,5 +14,5 @@ def test_demo_vtn_learns_order_that_mean_pooling_cannot(tmp_path, capsys):
     vtn = float(re.search(r"VTN \(order-aware\)\s+val top-1\s+([\d.]+)%", out).group(1))
     baseline = float(re.search(r"logistic\s+val top-1\s+([\d.]+)%", out).group(1))
     assert vtn >= 90.0, out
-    assert baseline <= 60.0, out  # order-blind: at best it tells the blob pair from the flash pair (50 %)
+    assert baseline <= 45.0, out  # order-blind: every class shows the same frames, chance is 25 %
     assert (tmp_path / "run" / "predictions.csv").is_file() and (tmp_path / "cache" / "zarr.json").is_file()

@@ -6,6 +6,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from vtn.extract import synth
 from vtn.extract.backbone import Preprocess, create_backbone
 from vtn.extract.sampling import SamplingConfig, sample
 from vtn.store import open_cache
@@ -29,7 +30,7 @@ def test_features_equal_the_backbone_on_decord_frames(videos, tmp_path, vtn):
                "--workers", "2", check_rc=0)
     assert "extracted 12 videos" in proc.stderr and "0 failed" in proc.stderr
     cache = open_cache(str(out))
-    assert cache.class_names == ["green_then_red", "left_to_right", "red_then_green", "right_to_left"]
+    assert cache.class_names == sorted(synth.CLASSES)
     assert sorted(cache.ids) == sorted(p.relative_to(videos).as_posix() for p in videos.rglob("*.mp4"))
     model, data_config, identity = create_backbone("resnet18", image_size=64)
     preprocess = Preprocess(data_config)
@@ -65,8 +66,8 @@ def test_manifest_weights_file_and_unlabelled_rows(videos, tmp_path, vtn):
     model, _, _ = create_backbone("resnet18", seed=7)
     weights = tmp_path / "w.safetensors"
     save_file({f"module.{k}": v.contiguous() for k, v in model.state_dict().items()}, str(weights))
-    rows = ["path,label,split", f"{videos}/train/left_to_right/0000.mp4,ltr,train",
-            "../videos_link/val/right_to_left/0000.mp4,,val"]
+    rows = ["path,label,split", f"{videos}/train/left_to_right_red_first/0000.mp4,ltr,train",
+            "../videos_link/val/right_to_left_green_first/0000.mp4,,val"]
     (tmp_path / "videos_link").symlink_to(videos)
     sub = tmp_path / "m"
     sub.mkdir()
@@ -75,18 +76,18 @@ def test_manifest_weights_file_and_unlabelled_rows(videos, tmp_path, vtn):
     proc = vtn("extract", sub / "list.csv", "--out", tmp_path / "c0", *BACKBONE, "--weights", weights, check_rc=2)
     assert "list.csv:2" in proc.stderr and "outside" in proc.stderr
     manifest = tmp_path / "list.csv"
-    manifest.write_text("path,label,split\nvideos_link/train/left_to_right/0000.mp4,ltr,train\n"
-                        "videos_link/val/right_to_left/0000.mp4,,val\n")
+    manifest.write_text("path,label,split\nvideos_link/train/left_to_right_red_first/0000.mp4,ltr,train\n"
+                        "videos_link/val/right_to_left_green_first/0000.mp4,,val\n")
     out = tmp_path / "cache"
     vtn("extract", manifest, "--out", out, *BACKBONE, "--weights", weights, "--num-frames", "4", "--no-progress", check_rc=0)
     cache = open_cache(str(out))
     assert cache.class_names == ["ltr"]
-    a, b = cache.video("videos_link/train/left_to_right/0000.mp4"), cache.video("videos_link/val/right_to_left/0000.mp4")
+    a, b = cache.video("videos_link/train/left_to_right_red_first/0000.mp4"), cache.video("videos_link/val/right_to_left_green_first/0000.mp4")
     assert (a.label, a.split, b.label, b.split) == (0, "train", -1, "val")
     assert cache.attrs["backbone"]["weights"] == "file"
     loaded, data_config, identity = create_backbone("resnet18", weights=weights, image_size=64)
     assert cache.attrs["backbone"]["weights_sha256"] == identity["weights_sha256"]
-    _, feats = _direct(videos / "train/left_to_right/0000.mp4", loaded, Preprocess(data_config),
+    _, feats = _direct(videos / "train/left_to_right_red_first/0000.mp4", loaded, Preprocess(data_config),
                        SamplingConfig(mode="num_frames", num_frames=4))
     np.testing.assert_allclose(a.features.astype(np.float32), feats, rtol=2e-3, atol=2e-3)
 

@@ -37,7 +37,7 @@ def test_each_bad_file_is_recorded_and_the_rest_stored(videos, bad_files, tmp_pa
 def test_a_hung_decode_is_killed_after_the_timeout(videos, tmp_path, vtn):
     # Opening a FIFO nobody writes to blocks forever, like a stuck network mount.
     os.mkfifo(tmp_path / "hang.mp4")
-    shutil.copy(videos / "val/left_to_right/0000.mp4", tmp_path / "ok.mp4")
+    shutil.copy(videos / "val/left_to_right_red_first/0000.mp4", tmp_path / "ok.mp4")
     manifest = tmp_path / "list.csv"
     manifest.write_text("hang.mp4,a\nok.mp4,b\nmissing.mp4,b\n")
     out = tmp_path / "cache"

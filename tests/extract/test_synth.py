@@ -6,13 +6,18 @@ import pytest
 from vtn.extract import synth
 
 
-@pytest.mark.parametrize("a,b", [("left_to_right", "right_to_left"), ("red_then_green", "green_then_red")])
-def test_classes_differ_only_in_time_order(a, b):
-    # A frame of one class at time t is the frame of its twin at time D - t: the same frames, reversed.
+def _frames(cls, n=16, duration=1.6):
     bg = np.full((48, 64, 3), 30, np.uint8)
-    for t in (0.1, 0.37, 0.8, 1.3):
-        np.testing.assert_array_equal(synth.render_frame(a, t, 1.5, 64, 48, bg), synth.render_frame(b, 1.5 - t, 1.5, 64, 48, bg))
-    assert not np.array_equal(synth.render_frame(a, 0.2, 1.5, 64, 48, bg), synth.render_frame(b, 0.2, 1.5, 64, 48, bg))
+    return [synth.render_frame(cls, (k + 0.5) * duration / n, duration, 64, 48, bg) for k in range(n)]
+
+
+def test_classes_show_the_same_frames_in_different_orders():
+    # Sampled evenly, every class gives the same multiset of frames, so mean-pooling cannot tell them apart.
+    reference = _frames(synth.CLASSES[0])
+    for cls in synth.CLASSES[1:]:
+        frames = _frames(cls)
+        assert sorted(f.tobytes() for f in frames) == sorted(f.tobytes() for f in reference)
+        assert any(not np.array_equal(a, b) for a, b in zip(frames, reference))  # ...in another order
 
 
 def test_dataset_is_real_h264_with_varied_rates_sizes_and_vfr(videos):
