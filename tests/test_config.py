@@ -29,6 +29,7 @@ def test_yaml_then_sets_override_in_order(tmp_path):
     assert cfg == Job(windows=(8, 16), steps=5, amp=True, optim=Optim(lr=2.0, name="sgd"))
     assert to_dict(cfg)["windows"] == [8, 16]
     assert resolve(Job, None, ["windows=32"]).windows == 32
+    assert resolve(Job, None, ["optim.lr=1e-3"]).optim.lr == 0.001  # YAML 1.1 alone would read a string
 
 
 @pytest.mark.parametrize("item, match", [

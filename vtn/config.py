@@ -10,6 +10,7 @@ every artifact (cache attributes, run directory, checkpoint).
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -123,12 +124,17 @@ def _apply(cfg: Any, updates: dict, prefix: str = "") -> Any:
     return dataclasses.replace(cfg, **changes)
 
 
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def parse_set(item: str) -> dict:
     """`a.b.c=value` -> {"a": {"b": {"c": value}}}; the value is read as YAML (so 3, 0.1, true, [1, 2] work)."""
     if "=" not in item:
         raise ConfigError(f"--set expects key=value, got '{item}'")
     key, raw = item.split("=", 1)
     value = yaml.safe_load(raw) if raw.strip() else ""
+    if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+        value = float(value)  # YAML 1.1 reads "1e-3" (no dot) as a string; users mean the number
     out: dict = {}
     node = out
     parts = key.strip().split(".")
