@@ -54,6 +54,12 @@ def banded_attention(
     halo = 1 if nb > 1 else 0  # neighbouring blocks on each side; c >= radius, so one suffices
     span = (2 * halo + 1) * c  # frame keys seen by one block
 
+    if nb == 1:  # one block: dense attention over [CLS] + all frames, masked to the band
+        t = torch.arange(T, device=q.device)
+        mask = ((t[:, None] - t[None, :]).abs() <= radius) & valid[:, None, :]  # [B, T, T]
+        mask = F.pad(mask, (1, 0), value=True).unsqueeze(1)  # [B, 1, T, 1 + T]; [CLS] always visible
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=1.0)
+
     k_cls, k_frames = k[:, :, :1], k[:, :, 1:]  # [B, H, 1, dh], [B, H, T, dh]
     v_cls, v_frames = v[:, :, :1], v[:, :, 1:]
 
