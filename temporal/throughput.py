@@ -101,3 +101,29 @@ def run(cache: str, model: VTNConfig | None = None, clip_frames: int = 16, strid
           f"(the backbone alone {ratio:.0f}x)")
     return {"device": str(dev), "encoder_clips_per_s": encoder, "backbone": backbone, "image_size": size,
             "backbone_clips_per_s": spatial, "end_to_end_over_cached": 1 + ratio}
+
+
+def bench(cache: str | None = None, backbone: str | None = None, device: str | None = None) -> dict:
+    """`vtn bench temporal`'s throughput part: on `cache`, or on a synthetic cache shaped like ViT-B/16
+    features of Kinetics clips (768-D, 10 s at 8 sampled frames per second), built in a temporary folder."""
+    import shutil
+    import tempfile
+
+    from vtn.store import CacheWriter
+
+    tmp = None
+    if cache is None:
+        tmp = tempfile.mkdtemp(prefix="vtn-bench-temporal-")
+        cache = f"{tmp}/cache.zarr"
+        rng = np.random.default_rng(0)
+        classes = [f"class{i}" for i in range(10)]
+        attrs = {"backbone": {"name": "vit_base_patch16_224", "preprocessing": {"input_size": [3, 224, 224]}}}
+        with CacheWriter(cache, feature_dim=768, class_names=classes, attrs=attrs) as w:
+            for v in range(400):
+                w.add(f"class{v % 10}/{v:04d}.mp4", rng.standard_normal((80, 768)), np.arange(80) / 8, np.arange(80) * 3,
+                      label=v % 10, split="val" if v % 5 == 0 else "train")
+    try:
+        return run(cache, backbone=backbone, device=device or "auto")
+    finally:
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
