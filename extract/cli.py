@@ -52,6 +52,7 @@ def register(sub, bench_sub) -> None:
     b.add_argument("--videos", type=int, default=24, help="generated videos")
     b.add_argument("--batch-size", type=int, default=32)
     b.add_argument("--workers", type=int, default=2)
+    b.add_argument("--device", default="auto", help="where the model runs: auto (cuda when present), cpu, cuda, cuda:N")
     b.add_argument("--long-seconds", type=float, default=180.0, help="length of the 1080p memory test file")
     b.add_argument("--skip-memory", action="store_true", help="skip the long 1080p memory test")
     b.add_argument("--workdir", help="where generated videos are kept between runs (default: a temporary folder)")

@@ -31,8 +31,8 @@ class RuntimeConfig:
     timeout: float = 120.0  # seconds a decode may go without producing a frame before it is killed
     chunk_mb: int = 32  # decoded frames travel in chunks of at most this many MiB
     decode_threads: int = 1  # decoder threads per worker
-    # torch threads on the CPU; default: the cores left over by the decode workers (oversubscribed
-    # cores make OpenMP threads spin against the decoders, which is several times slower).
+    # torch threads on the CPU; default: every core. Decode workers block once they are ahead, so they leave
+    # the cores to the model (measured on 2 idle cores: 207 frames/s against 112 with one thread per leftover core).
     threads: int | None = None
     commit_every: float = 30.0  # seconds between commits: the most work a kill can lose
     feature_dtype: Literal["float16", "float32"] = "float16"

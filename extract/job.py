@@ -258,8 +258,7 @@ def run(cfg: ExtractConfig, source: str | Path, out: str, overwrite: bool = Fals
         raise UserError(f"runtime.workers must be >= 0, got {cfg.runtime.workers}")
     device = resolve_device(cfg.runtime.device)
     if device.type == "cpu":
-        cores = len(os.sched_getaffinity(0))
-        torch.set_num_threads(cfg.runtime.threads or max(1, cores - cfg.runtime.workers))
+        torch.set_num_threads(cfg.runtime.threads or len(os.sched_getaffinity(0)))
     entries, class_names = discover(source)
     b = cfg.backbone
     weights = None if b.weights in ("pretrained", "random") else b.weights
