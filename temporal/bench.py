@@ -20,6 +20,7 @@ from pathlib import Path
 
 WINDOW_SETS = ((16, 32, 64), (256,))
 LENGTHS = (16, 64, 256, 1024, 4096)
+FRAMES_PER_STEP = 512  # 32 clips of 16 frames, 8 of 64, 2 of 256, 1 of 1024 or 4096
 M_MMAP_THRESHOLD = -3  # mallopt parameter, from glibc's malloc.h
 
 
@@ -27,7 +28,7 @@ M_MMAP_THRESHOLD = -3  # mallopt parameter, from glibc's malloc.h
 class BenchConfig:
     """What `vtn bench temporal` measures; modest sizes so the CPU run takes a few minutes on 2 cores."""
 
-    batch: int = 2
+    batch: int | None = None  # clips per step; None: about FRAMES_PER_STEP frames, as training batches are sized
     hidden: int = 256
     heads: int = 4
     lengths: tuple[int, ...] = LENGTHS
@@ -121,24 +122,26 @@ def run(cfg: BenchConfig) -> list[dict]:
     devices = [d for d in cfg.devices if d == "cpu" or torch.cuda.is_available()]
     rows = []
     for device in devices:
-        print(f"\nvtn bench temporal: {device}, batch {cfg.batch}, hidden {cfg.hidden}, {cfg.heads} heads, "
+        batches = "max(1, 512 / T) clips" if cfg.batch is None else f"{cfg.batch} clips"
+        print(f"\nvtn bench temporal: {device}, batch {batches}, hidden {cfg.hidden}, {cfg.heads} heads, "
               f"FFN {4 * cfg.hidden}, one layer per window, fp32, train mode, {cfg.threads} CPU thread(s); "
               f"forward+backward, median of {cfg.repeats}; peak = memory growth during a step")
-        print(f"{'windows':<14}{'T':>6}{'hf ms':>10}{'fast ms':>10}{'speed-up':>10}{'hf MiB':>10}{'fast MiB':>10}"
+        print(f"{'windows':<14}{'T':>6}{'batch':>6}{'hf ms':>10}{'fast ms':>10}{'speed-up':>10}{'hf MiB':>10}{'fast MiB':>10}"
               f"{'fast KiB/frame':>16}")
         for windows in WINDOW_SETS:
             for T in cfg.lengths:
-                r = {"device": device, "windows": list(windows), "T": T}
+                batch = cfg.batch or max(1, FRAMES_PER_STEP // T)
+                r = {"device": device, "windows": list(windows), "T": T, "batch": batch}
                 for backend in ("hf", "fast"):
                     m = measure_in_subprocess(device=device, backend=backend, windows=list(windows), T=T,
-                                              batch=cfg.batch, hidden=cfg.hidden, heads=cfg.heads,
+                                              batch=batch, hidden=cfg.hidden, heads=cfg.heads,
                                               repeats=cfg.repeats, threads=cfg.threads)
                     r[backend] = m
                 rows.append(r)
                 hf, fast = r["hf"], r["fast"]
-                print(f"{str(list(windows)):<14}{T:>6}{hf['seconds'] * 1e3:>10.1f}{fast['seconds'] * 1e3:>10.1f}"
+                print(f"{str(list(windows)):<14}{T:>6}{batch:>6}{hf['seconds'] * 1e3:>10.1f}{fast['seconds'] * 1e3:>10.1f}"
                       f"{hf['seconds'] / fast['seconds']:>9.1f}x{hf['peak_bytes'] / 2**20:>10.1f}"
-                      f"{fast['peak_bytes'] / 2**20:>10.1f}{fast['peak_bytes'] / 1024 / (cfg.batch * T):>16.1f}",
+                      f"{fast['peak_bytes'] / 2**20:>10.1f}{fast['peak_bytes'] / 1024 / (batch * T):>16.1f}",
                       flush=True)
     return rows
 

@@ -17,7 +17,7 @@ def register(sub, bench_sub) -> None:
         "throughput from a cache (clips/s) next to what the same clips would cost in the backbone.",
     )
     bench.add_argument("--lengths", type=int, nargs="+", metavar="T", help="sequence lengths (default 16 64 256 1024 4096)")
-    bench.add_argument("--batch", type=int, help="clips per step (default 2)")
+    bench.add_argument("--batch", type=int, help="clips per step (default: about 512 frames per step, max(1, 512 / T) clips)")
     bench.add_argument("--hidden", type=int, help="hidden size; FFN is 4x (default 256)")
     bench.add_argument("--heads", type=int, help="attention heads (default 4)")
     bench.add_argument("--repeats", type=int, help="timed steps after one warm-up (default 3)")

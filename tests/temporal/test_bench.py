@@ -17,7 +17,7 @@ def test_bench_temporal_cli(capsys, tmp_path):
             "--repeats", "1", "--threads", "1", "--device", "cpu", "--cache", cache]
     assert main(argv) == 0
     out = capsys.readouterr().out
-    assert "cpu, batch 1, hidden 32, 2 heads" in out
+    assert "cpu, batch 1 clips, hidden 32, 2 heads" in out
     rows = [line.split() for line in out.splitlines() if line.endswith(tuple("0123456789")) and "]" in line]
-    assert [r[-7] for r in rows] == ["8", "8"]  # T column, one row per window set
+    assert [(r[-8], r[-7]) for r in rows] == [("8", "1"), ("8", "1")]  # T and batch, one row per window set
     assert "encoder + head from the cache" in out and "backbone resnet18 @32" in out
