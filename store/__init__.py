@@ -1,21 +1,23 @@
 """vtn.store: the Zarr feature cache (layout, writer, reader, index, verify, import/export, datasets).
 
-This package imports none of the other stages; see store/layout.py for the on-disk layout.
+This package imports none of the other stages; see store/layout.py for the on-disk layout. Names load on
+first use, so `vtn --help` (which imports store/cli.py, and so this package) does not import zarr or torch.
 """
 
-from vtn.store.layout import StoreError
-from vtn.store.reader import FeatureCache, SplitData, Video, open_cache
-from vtn.store.writer import CacheWriter, consolidate
+import importlib
 
+_EXPORTS = {
+    "StoreError": "layout",
+    "FeatureCache": "reader", "SplitData": "reader", "Video": "reader", "open_cache": "reader",
+    "CacheWriter": "writer", "consolidate": "writer",
+    "ClipDataset": "dataset", "LengthBucketSampler": "dataset", "collate_clips": "dataset",
+}
 
 
 def __getattr__(name: str):
-    # The torch datasets load on first use, so store-only commands (`vtn store info`) do not import torch.
-    if name in ("ClipDataset", "collate_clips", "LengthBucketSampler"):
-        from vtn.store import dataset
-
-        return getattr(dataset, name)
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"vtn.store.{_EXPORTS[name]}"), name)
     raise AttributeError(f"module 'vtn.store' has no attribute {name!r}")
 
 
-__all__ = ["CacheWriter", "ClipDataset", "LengthBucketSampler", "collate_clips", "FeatureCache", "SplitData", "StoreError", "Video", "consolidate", "open_cache"]
+__all__ = sorted(_EXPORTS)

@@ -112,19 +112,3 @@ def run(videos: int, frames: int, dim: int, reads: int, path: str | None) -> Non
     finally:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
-
-
-def main(args) -> int:
-    run(args.videos, args.frames, args.dim, args.reads, args.path)
-    return 0
-
-
-def register(bench_sub) -> None:
-    p = bench_sub.add_parser("store", help="files, bytes, open/index time, random reads and split loading vs plain zarr",
-                             description="Builds a synthetic cache and measures it next to plain zarr reading the same arrays.")
-    p.add_argument("--videos", type=int, default=100_000)
-    p.add_argument("--frames", type=int, default=64)
-    p.add_argument("--dim", type=int, default=64)
-    p.add_argument("--reads", type=int, default=5000, help="random single-video reads to time")
-    p.add_argument("--path", help="where to build the cache (default: a temporary folder, removed afterwards)")
-    p.set_defaults(func=main)

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 def register(sub, bench_sub) -> None:
     """Add `vtn store` (info, verify, import, export) and `vtn bench store`."""
-    from vtn.store import bench
-
     p = sub.add_parser("store", help="inspect, verify, import and export feature caches",
                        description="Work with a vtn feature cache (a Zarr v3 group; local path or fsspec URL).")
     store_sub = p.add_subparsers(dest="store_command", metavar="ACTION", required=True)
@@ -39,7 +37,21 @@ def register(sub, bench_sub) -> None:
     q.add_argument("--out", required=True, help="the .h5 file to write")
     q.set_defaults(func=_export)
 
-    bench.register(bench_sub)
+    q = bench_sub.add_parser("store", help="files, bytes, open/index time, random reads and split loading vs plain zarr",
+                             description="Builds a synthetic cache and measures it next to plain zarr reading the same arrays.")
+    q.add_argument("--videos", type=int, default=100_000)
+    q.add_argument("--frames", type=int, default=64)
+    q.add_argument("--dim", type=int, default=64)
+    q.add_argument("--reads", type=int, default=5000, help="random single-video reads to time")
+    q.add_argument("--path", help="where to build the cache (default: a temporary folder, removed afterwards)")
+    q.set_defaults(func=_bench)
+
+
+def _bench(args) -> int:
+    from vtn.store.bench import run
+
+    run(args.videos, args.frames, args.dim, args.reads, args.path)
+    return 0
 
 
 def _disk_usage(url: str) -> tuple[int, int] | None:

@@ -1,3 +1,5 @@
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -66,3 +68,10 @@ def test_cli_lists_every_stage(capsys):
     out = capsys.readouterr().out
     for what in ("store", "extract", "temporal"):
         assert what in out
+
+
+def test_help_imports_no_heavy_library():
+    # `vtn --help` must stay instant: stage CLIs import torch, timm, zarr only inside the command that runs.
+    code = "import sys; from vtn.cli import build_parser; build_parser(); print(sorted({'torch', 'timm', 'zarr', 'transformers'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
