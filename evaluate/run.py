@@ -18,7 +18,7 @@ import torch
 from vtn.errors import UserError
 from vtn.evaluate.metrics import classification_metrics, confusion, log_softmax, top_k
 from vtn.store import open_cache
-from vtn.temporal.data import FeatureStats, predict, split_source, whole_videos
+from vtn.temporal.data import predict, split_source, whole_videos
 from vtn.temporal.model import CONFIG_NAME, VTN
 
 
@@ -38,8 +38,7 @@ def evaluate(run: str | Path, cache_url: str, split: str = "val", out: str | Pat
     and returns the metrics."""
     run = Path(run)
     ckpt = checkpoint_dir(run, checkpoint)
-    model = VTN.from_pretrained(ckpt)
-    stats = FeatureStats.load(ckpt)
+    model = VTN.from_pretrained(ckpt)  # weights and the feature normalisation it was trained with
     cfg = model.config
     cache = open_cache(cache_url)
     if cache.feature_dim != cfg.feature_dim:
@@ -55,7 +54,7 @@ def evaluate(run: str | Path, cache_url: str, split: str = "val", out: str | Pat
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
     model.to(dev)
     dataset = whole_videos(split_source(cache, split, load), split, cfg.max_positions)
-    logits, index = predict(model, dataset, stats, dev, batch_size)
+    logits, index = predict(model, dataset, dev, batch_size)
     order = np.argsort(index)  # back to the cache's order of videos
     logits, index = logits[order], index[order]
     labels = np.asarray(dataset.labels)[index]

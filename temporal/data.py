@@ -1,25 +1,20 @@
 """Cached features on their way into VTN: where a split is read from, normalisation, whole-video prediction.
 
 Shared by training (`temporal/train.py`) and evaluation (`evaluate/`), so that both feed the model exactly
-the same inputs: features normalised with the train split's statistics, positions from `frame_positions`,
-and frames past the model's position limit left out (a video is seen "up to max_positions").
+the same inputs: positions from `frame_positions`, and frames past the model's position limit left out (a
+video is seen "up to max_positions"). `feature_stats` gives the normalisation the model keeps with its weights.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
 from vtn.store import FeatureCache, SplitData
 from vtn.store.dataset import ClipDataset, LengthBucketSampler, collate_clips
 from vtn.temporal.model import VTN, VTNConfig, frame_positions
-
-STATS_NAME = "feature_stats.safetensors"
 
 # A split is loaded into memory when its features take at most this share of the available memory
 # (every process on the machine loads its own copy).
@@ -51,72 +46,47 @@ def split_source(cache: FeatureCache, split: str, mode: str = "auto", processes:
     return cache.load_split(split)
 
 
-@dataclass(frozen=True)
-class FeatureStats:
-    """Per-dimension centring and scaling from the train split's features: inputs become (x - mean) / std.
+def feature_stats(source: SplitData | FeatureCache, split: str, max_videos: int = 2000) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, scale) [D] of a split's features, for VTN.set_feature_stats: inputs become (x - mean) / scale.
 
     Backbone features have dimensions of very different scales (a ViT's CLS output has a few huge ones);
-    normalising them lets one learning rate suit every backbone. `std` is the per-dimension std times
+    normalising them lets one learning rate suit every backbone. `scale` is the per-dimension std times
     sqrt(D), so a normalised frame has unit expected squared norm rather than unit variance per dimension:
     after VTN's input projection (std-0.02 init, as BERT's embeddings) the frame then has the scale of the
     position embeddings it is added to, whatever D is. With unit variance per dimension the frame would be
     sqrt(D) times larger and drown the positions, and a model that must use the frames' order learns it
-    many times slower (on 192-D features: not within 1500 steps, against about 400). Saved next to the
-    weights of every checkpoint, because a model is only right on features normalised the way it was trained.
+    many times slower (on 192-D features: not within 1500 steps, against about 400).
+
+    Over every frame of an in-memory split, or over up to `max_videos` videos spread evenly over a streamed
+    one (enough for a good estimate; reading a whole Kinetics-sized split just for this would take long).
     """
-
-    mean: torch.Tensor  # [D] float32
-    std: torch.Tensor  # [D] float32, > 0
-
-    @classmethod
-    def identity(cls, dim: int) -> FeatureStats:
-        return cls(torch.zeros(dim), torch.ones(dim))
-
-    @classmethod
-    def compute(cls, source: SplitData | FeatureCache, split: str, max_videos: int = 2000) -> FeatureStats:
-        """Over every frame of an in-memory split, or over up to `max_videos` videos spread evenly over a streamed
-        one (enough for a good estimate; reading a whole Kinetics-sized split just for this would take long)."""
-        if isinstance(source, SplitData):
-            blocks = (source.features[i:i + 65536] for i in range(0, len(source.features), 65536))
-        else:
-            ids = source.split_ids(split)
-            pick = np.unique(np.linspace(0, len(ids) - 1, min(len(ids), max_videos)).round().astype(int))
-            blocks = (source.features(ids[i]) for i in pick)
-        total = sq = None
-        n = 0
-        for b in blocks:
-            b = np.asarray(b, dtype=np.float64)
-            total = b.sum(0) if total is None else total + b.sum(0)
-            sq = (b * b).sum(0) if sq is None else sq + (b * b).sum(0)
-            n += len(b)
-        mean = total / n
-        std = np.sqrt(np.maximum(sq / n - mean * mean, 0.0))
-        std = np.where(std < 1e-6, 1.0, std) * np.sqrt(len(std))  # a constant dimension carries nothing
-        return cls(torch.from_numpy(mean).float(), torch.from_numpy(std).float())
-
-    def save(self, directory: str | Path) -> None:
-        save_file({"mean": self.mean.contiguous(), "std": self.std.contiguous()}, str(Path(directory) / STATS_NAME))
-
-    @classmethod
-    def load(cls, directory: str | Path) -> FeatureStats | None:
-        """The stats saved in a checkpoint directory, or None when it has none (a model trained on raw features)."""
-        path = Path(directory) / STATS_NAME
-        if not path.is_file():
-            return None
-        t = load_file(str(path))
-        return cls(t["mean"], t["std"])
+    if isinstance(source, SplitData):
+        blocks = (source.features[i:i + 65536] for i in range(0, len(source.features), 65536))
+    else:
+        ids = source.split_ids(split)
+        pick = np.unique(np.linspace(0, len(ids) - 1, min(len(ids), max_videos)).round().astype(int))
+        blocks = (source.features(ids[i]) for i in pick)
+    total = sq = None
+    n = 0
+    for b in blocks:
+        b = np.asarray(b, dtype=np.float64)
+        total = b.sum(0) if total is None else total + b.sum(0)
+        sq = (b * b).sum(0) if sq is None else sq + (b * b).sum(0)
+        n += len(b)
+    mean = total / n
+    std = np.sqrt(np.maximum(sq / n - mean * mean, 0.0))
+    scale = np.where(std < 1e-6, 1.0, std) * np.sqrt(len(std))  # a constant dimension carries nothing
+    return torch.from_numpy(mean).float(), torch.from_numpy(scale).float()
 
 
-def model_inputs(batch: dict, config: VTNConfig, stats: FeatureStats | None, device: torch.device):
+def model_inputs(batch: dict, config: VTNConfig, device: torch.device):
     """(features, mask, positions) for VTN.forward from a collate_clips batch, on `device`.
 
     Frames whose position lies past config.max_positions are masked out rather than refused, so a video
     longer than the position table is used up to its limit (the model still refuses such positions
     where they are not masked).
     """
-    features = batch["features"].to(device)
-    if stats is not None:
-        features = (features - stats.mean.to(device)) / stats.std.to(device)  # [B, T, D]
+    features = batch["features"].to(device)  # [B, T, D]; the model normalises them itself
     mask = batch["mask"].to(device)
     positions = frame_positions(config, batch["positions"], batch["times"])
     if positions is not None:
@@ -132,7 +102,7 @@ def whole_videos(source: SplitData | FeatureCache, split: str, max_frames: int) 
 
 
 @torch.no_grad()
-def predict(model: VTN, dataset: ClipDataset, stats: FeatureStats | None, device: torch.device,
+def predict(model: VTN, dataset: ClipDataset, device: torch.device,
             batch_size: int = 16, shard: tuple[int, int] = (0, 1), amp_dtype: torch.dtype | None = None,
             workers: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Logits [n, classes] (float32) of the dataset's items, and their indices into the dataset.
@@ -148,7 +118,7 @@ def predict(model: VTN, dataset: ClipDataset, stats: FeatureStats | None, device
     model.eval()
     out = []
     for batch in loader:
-        features, mask, positions = model_inputs(batch, model.config, stats, device)
+        features, mask, positions = model_inputs(batch, model.config, device)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             out.append(model(features, mask, positions).float().cpu())
     model.train(was_training)

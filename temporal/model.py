@@ -114,6 +114,10 @@ class VTN(nn.Module):
         super().__init__()
         self.config = config
         d = config.hidden_size
+        # Input normalisation x -> (x - feature_mean) / feature_scale: `vtn train` sets it from the train split and
+        # it is saved with the weights, so a loaded model takes raw cached features (identity until set).
+        self.register_buffer("feature_mean", torch.zeros(config.feature_dim))
+        self.register_buffer("feature_scale", torch.ones(config.feature_dim))
         self.input_proj = nn.Linear(config.feature_dim, d) if config.feature_dim != d else nn.Identity()
         self.cls_token = nn.Parameter(torch.zeros(d))
         # Rows 0..max_positions-1 for frames, the last row for [CLS].
@@ -175,7 +179,7 @@ class VTN(nn.Module):
         if mask.shape != (B, T):
             raise UserError(f"mask must be [batch, frames] = {[B, T]}, got {list(mask.shape)}")
 
-        x = self.input_proj(features)  # [B, T, d]
+        x = self.input_proj((features - self.feature_mean) / self.feature_scale)  # [B, T, d]
         cls = self.cls_token.expand(B, 1, -1)  # [B, 1, d]
         if self.position_embeddings is not None:
             x = x + self.position_embeddings(self._frame_positions(positions, mask))
@@ -209,6 +213,12 @@ class VTN(nn.Module):
                 "max_positions"
             )
         return positions
+
+    @torch.no_grad()
+    def set_feature_stats(self, mean: torch.Tensor, scale: torch.Tensor) -> None:
+        """Normalise inputs as (x - mean) / scale from now on (both [feature_dim]); saved with the weights."""
+        self.feature_mean.copy_(mean)
+        self.feature_scale.copy_(scale)
 
     def save_pretrained(self, directory: str | Path) -> None:
         """Write config.json (the resolved VTNConfig) and model.safetensors to `directory`."""

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from vtn.store import open_cache
 from vtn.store.dataset import ClipDataset, LengthBucketSampler, collate_clips
-from vtn.temporal.data import FeatureStats, model_inputs, split_source
+from vtn.temporal.data import feature_stats, model_inputs, split_source
 from vtn.temporal.model import VTN, VTNConfig
 
 
@@ -30,18 +30,18 @@ def encoder_clips_per_second(cache_url: str, model: VTNConfig, clip_frames: int,
     cache = open_cache(cache_url)
     source = split_source(cache, split)
     dataset = ClipDataset(source, split=split, clip_frames=clip_frames, stride=stride, train=True)
-    stats = FeatureStats.compute(source, split)
     batches = list(LengthBucketSampler(dataset.sample_lengths(), batch_size, seed=0))
     batches = (batches * (steps // max(len(batches), 1) + 2))[: steps + 1]  # repeat a small split's batches
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collate_clips)
     vtn = VTN(model).to(device).train()
+    vtn.set_feature_stats(*feature_stats(source, split))
     opt = torch.optim.AdamW(vtn.parameters(), lr=1e-4)
     clips, start = 0, None
     for i, batch in enumerate(loader):
         if i == 1:  # the first step (allocations, kernel selection) is not timed
             _sync(device)
             start = time.perf_counter()
-        features, mask, positions = model_inputs(batch, model, stats, device)
+        features, mask, positions = model_inputs(batch, model, device)
         labels = batch["labels"].clamp_min(0).to(device)
         F.cross_entropy(vtn(features, mask, positions), labels).backward()
         opt.step()

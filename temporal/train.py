@@ -39,7 +39,7 @@ from vtn.config import merge, resolve, to_dict
 from vtn.errors import UserError
 from vtn.store import open_cache
 from vtn.store.dataset import ClipDataset, LengthBucketSampler, collate_clips
-from vtn.temporal.data import FeatureStats, model_inputs, predict, split_source, whole_videos
+from vtn.temporal.data import feature_stats, model_inputs, predict, split_source, whole_videos
 from vtn.temporal.model import VTN, VTNConfig
 
 
@@ -217,14 +217,12 @@ def _checkpoint_dir(run: Path, name: str) -> Path | None:
     return None
 
 
-def _write_model(path: Path, model: VTN, stats: FeatureStats | None, info: dict) -> None:
+def _write_model(path: Path, model: VTN, info: dict) -> None:
     model.save_pretrained(path)
-    if stats is not None:
-        stats.save(path)
     (path / "state.json").write_text(json.dumps(info, indent=2) + "\n")
 
 
-def _save_last(run: Path, model: VTN, stats, opt, scaler, rng_states: list[dict], state: dict) -> None:
+def _save_last(run: Path, model: VTN, opt, scaler, rng_states: list[dict], state: dict) -> None:
     tmp = run / "last.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     sd = opt.state_dict()
@@ -235,7 +233,7 @@ def _save_last(run: Path, model: VTN, stats, opt, scaler, rng_states: list[dict]
                 tensors[f"{i}.{k}"] = v.detach().cpu().contiguous()
             else:
                 plain.setdefault(str(i), {})[k] = v
-    _write_model(tmp, model, stats, {**state, "optimizer": {"param_groups": sd["param_groups"], "state": plain},
+    _write_model(tmp, model, {**state, "optimizer": {"param_groups": sd["param_groups"], "state": plain},
                                      "scaler": scaler.state_dict()})
     save_file(tensors, str(tmp / "optimizer.safetensors"))
     rng = {f"{kind}.{r}": torch.frombuffer(bytearray(b), dtype=torch.uint8)
@@ -354,8 +352,7 @@ def train(cache_url: str, out: str | Path, cfg: TrainConfig | None = None, resum
             if saved_state["world_size"] != world:
                 raise UserError(f"{ckpt} was written by {saved_state['world_size']} processes; resume it with the "
                                 f"same number (the batch order depends on it), not {world}")
-            model.load_state_dict(saved_model.state_dict())
-            stats = FeatureStats.load(ckpt)
+            model.load_state_dict(saved_model.state_dict())  # weights and the feature normalisation
             _load_optimizer(opt, ckpt, saved_state.pop("optimizer"))
             scaler.load_state_dict(saved_state.pop("scaler"))
             rng = load_file(str(ckpt / "rng.safetensors"))
@@ -363,8 +360,8 @@ def train(cache_url: str, out: str | Path, cfg: TrainConfig | None = None, resum
             if device.type == "cuda" and f"cuda.{rank}" in rng:
                 torch.cuda.set_rng_state(rng[f"cuda.{rank}"], device)
             state.update(saved_state)
-        else:
-            stats = FeatureStats.compute(train_source, cfg.data.train_split) if cfg.data.normalize else None
+        elif cfg.data.normalize:
+            model.set_feature_stats(*feature_stats(train_source, cfg.data.train_split))
         ddp = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
 
@@ -389,10 +386,10 @@ def train(cache_url: str, out: str | Path, cfg: TrainConfig | None = None, resum
             else:
                 rngs = [_rng_state(device)]
             if rank == 0:
-                _save_last(run, model, stats, opt, scaler, rngs, state)
+                _save_last(run, model, opt, scaler, rngs, state)
 
         def evaluate() -> dict:
-            logits, index = predict(model, val_set, stats, device, cfg.data.eval_batch_size, (rank, world),
+            logits, index = predict(model, val_set, device, cfg.data.eval_batch_size, (rank, world),
                                     amp_dtype)
             if world > 1:
                 parts = [None] * world
@@ -421,7 +418,7 @@ def train(cache_url: str, out: str | Path, cfg: TrainConfig | None = None, resum
             for batch in loader:
                 for group in opt.param_groups:
                     group["lr"] = cfg.optim.lr * lr_factor(state["step"], total_steps, cfg.optim)
-                features, mask, positions = model_inputs(batch, model_cfg, stats, device)
+                features, mask, positions = model_inputs(batch, model_cfg, device)
                 dropped += (batch["mask"].sum() - mask.sum()).cpu()
                 labels = batch["labels"].to(device)
                 with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
@@ -469,7 +466,7 @@ def train(cache_url: str, out: str | Path, cfg: TrainConfig | None = None, resum
                 if improved:
                     tmp = run / "best.tmp"
                     shutil.rmtree(tmp, ignore_errors=True)
-                    _write_model(tmp, model, stats, record)
+                    _write_model(tmp, model, record)
                     _replace_dir(tmp, run / "best")
             checkpoint_last()
             bar.set_postfix(loss=f"{record['train_loss']:.3f}", val_top1=f"{val['top1']:.3f}")

@@ -64,9 +64,11 @@ def test_train_learns_order_and_evaluate_reproduces_its_val_figures(cache, tmp_p
     assert best["val_top1"] >= 0.85  # order learnt: a mean-pooling model is at 50 % here
     assert json.loads((run / "best" / "state.json").read_text())["epoch"] == best["epoch"]
     assert "feature_dim: 6" in (run / "config.yaml").read_text()  # the resolved config, filled from the cache
-    for name in ("config.json", "model.safetensors", "feature_stats.safetensors", "optimizer.safetensors",
-                 "rng.safetensors", "state.json"):
+    for name in ("config.json", "model.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json"):
         assert (run / "last" / name).is_file()
+    # The train split's normalisation travels inside the model's weights.
+    weights = load_file(str(run / "best" / "model.safetensors"))
+    assert weights["feature_scale"].shape == (6,) and not torch.equal(weights["feature_scale"], torch.ones(6))
     summary = capsys.readouterr().out
     assert "best val top-1" in summary and "50 epochs, 150 steps" in summary
 
