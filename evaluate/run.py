@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from vtn.errors import UserError
-from vtn.evaluate.metrics import classification_metrics, confusion, log_softmax, top_k
+from vtn.temporal.metrics import classification_metrics, confusion, log_softmax, top_k
 from vtn.store import open_cache
 from vtn.temporal.data import predict, split_source, whole_videos
 from vtn.temporal.model import CONFIG_NAME, VTN

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from vtn import __version__
 from vtn.config import to_dict
@@ -165,17 +166,14 @@ def extract_features(entries: list[VideoEntry], model, preprocess, device: torch
             writer.add(vid, feats, np.concatenate(v.timestamps), np.concatenate(v.indices), label=e.label,
                        split=e.split, fps=v.info.fps, duration=v.info.duration, num_frames=v.info.num_frames)
         except UserError as err:  # e.g. features that overflow float16: record, do not crash the job
-            writer.add_failure(vid, type(err).__name__, str(err))
-            summary.failures.append((vid, type(err).__name__, str(err)))
-            if progress:
-                progress(0, 0, 1)
+            fail(vid, type(err).__name__, str(err))
             return
         summary.videos += 1
         summary.frames += len(feats)
         if progress:
             progress(1, len(feats), 0)
 
-    def run_batch(final: bool = False) -> None:
+    def run_batch() -> None:
         nonlocal pending, pending_n
         take, parts, n = [], [], 0
         while pending and n < rt.batch_size:
@@ -235,12 +233,6 @@ def extract_features(entries: list[VideoEntry], model, preprocess, device: torch
     return summary
 
 
-def _dist():
-    import torch.distributed as dist
-
-    return dist
-
-
 def run(cfg: ExtractConfig, source: str | Path, out: str, overwrite: bool = False, rank: int = 0,
         world_size: int = 1) -> Summary:
     """Extract every video of `source` (folder or CSV) not yet in the cache at `out`; returns the summary.
@@ -285,7 +277,6 @@ def run(cfg: ExtractConfig, source: str | Path, out: str, overwrite: bool = Fals
     if world_size == 1:
         writer = CacheWriter(out, overwrite=overwrite, **writer_args)
     else:
-        dist = _dist()
         # Rank 0 creates (or checks) the cache first; the others join it only if that worked, so a refused
         # cache stops every rank with the same message instead of leaving them at a barrier.
         error = [None]

@@ -40,6 +40,7 @@ from vtn.errors import UserError
 from vtn.store import open_cache
 from vtn.store.dataset import ClipDataset, LengthBucketSampler, collate_clips
 from vtn.temporal.data import feature_stats, model_inputs, predict, split_source, whole_videos
+from vtn.temporal.metrics import classification_metrics
 from vtn.temporal.model import VTN, VTNConfig
 
 
@@ -166,26 +167,6 @@ def lr_factor(step: int, total: int, optim: OptimSection) -> float:
     if optim.schedule == "cosine":
         return 0.5 * (1.0 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
     return optim.gamma ** sum(step >= m * total for m in optim.milestones)
-
-
-def scores(logits: np.ndarray, labels: np.ndarray) -> dict:
-    """top1, top5, mean class accuracy (mean of per-class recall over the classes present) and cross-entropy
-    of the labelled videos. (evaluate/metrics.py computes the same with scikit-learn.)"""
-    keep = labels >= 0
-    logits, labels = logits[keep].astype(np.float64), labels[keep]
-    if not len(labels):
-        return {}
-    shifted = logits - logits.max(1, keepdims=True)
-    logp = shifted - np.log(np.exp(shifted).sum(1, keepdims=True))
-    top = np.argsort(-logits, axis=1, kind="stable")[:, :5]
-    pred = top[:, 0]
-    per_class = [np.mean(pred[labels == c] == c) for c in np.unique(labels)]
-    return {
-        "top1": float(np.mean(pred == labels)),
-        "top5": float(np.mean((top == labels[:, None]).any(1))),
-        "mean_class_accuracy": float(np.mean(per_class)),
-        "loss": float(-logp[np.arange(len(labels)), labels].mean()),
-    }
 
 
 def _optimizer(model: torch.nn.Module, optim: OptimSection) -> torch.optim.Optimizer:
@@ -396,7 +377,7 @@ def train(cache_url: str, out: str | Path, cfg: TrainConfig | None = None, resum
                 dist.all_gather_object(parts, (logits, index))
                 logits = np.concatenate([p[0] for p in parts])
                 index = np.concatenate([p[1] for p in parts])
-            return scores(logits, val_set.labels[index])
+            return classification_metrics(logits, val_set.labels[index])
 
         # -- run ----------------------------------------------------------------------------------------
         from tqdm import tqdm

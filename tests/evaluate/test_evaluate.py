@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from vtn.cli import main
-from vtn.evaluate.metrics import classification_metrics, confusion
+from vtn.temporal.metrics import classification_metrics, confusion
 from vtn.store import CacheWriter
 
 

@@ -3,6 +3,8 @@
 Only labelled videos (label >= 0) count. Mean class accuracy is the mean of the per-class recalls over the
 classes present (scikit-learn's balanced accuracy): the figure that does not let a large class hide a small
 one.
+Here rather than in evaluate/ because training reports the same figures each epoch and temporal/ may not
+import evaluate/.
 """
 
 from __future__ import annotations
