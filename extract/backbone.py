@@ -5,8 +5,9 @@ image (the CLS token for ViTs, global average pooling for CNNs). Weights come fr
 from a file (safetensors, or a torch state dict loaded with `weights_only=True`, so a file cannot run
 code), or from a seeded random init (tests, benchmarks). The preprocessing is timm's resolved data config
 for the model, applied on the device to uint8 frames: resize the short side to size / crop_pct, centre
-crop, scale to 0..1, normalise. It reproduces timm's own eval transform (which works on PIL images) up to
-resampling rounding, and is saved with the cache so every later stage preprocesses the same way.
+crop, scale to 0..1, normalise. On the CPU it resamples uint8 in fixed point as PIL does and reproduces
+timm's own eval transform (which works on PIL images) up to rare one-level roundings; on a GPU it resamples
+in float, within a grey level of that. It is saved with the cache so every later stage preprocesses the same way.
 """
 
 from __future__ import annotations
@@ -206,15 +207,36 @@ class Preprocess(torch.nn.Module):
         return self._forward(frames)
 
     def _forward(self, frames: torch.Tensor) -> torch.Tensor:
-        x = frames.permute(0, 3, 1, 2).float()  # [N, 3, H, W], values 0..255
+        x = frames.permute(0, 3, 1, 2)  # [N, 3, H, W] uint8, a channels_last view
         rh, rw = self.resize_shape(x.shape[2], x.shape[3])
         if (rh, rw) != tuple(x.shape[2:]):
             antialias = self.interpolation != "nearest"
-            x = F.interpolate(x, size=(rh, rw), mode=self.interpolation, antialias=antialias,
-                              align_corners=None if self.interpolation == "nearest" else False)
-            x = x.round_().clamp_(0, 255)
+            align = None if self.interpolation == "nearest" else False
+            if x.device.type == "cpu":
+                # The CPU resamples uint8 directly, in fixed point as PIL does: 6-8x faster than in float.
+                x = F.interpolate(x, size=(rh, rw), mode=self.interpolation, antialias=antialias, align_corners=align)
+            else:
+                x = F.interpolate(x.float(), size=(rh, rw), mode=self.interpolation, antialias=antialias,
+                                  align_corners=align).round_().clamp_(0, 255)
         h, w = self.size
         top, left = int(round((rh - h) / 2.0)), int(round((rw - w) / 2.0))  # torchvision's centre crop
         x = x[:, :, top: top + h, left: left + w]  # [N, 3, h, w]
-        x = (x - self.mean) / self.std
+        x = (x.float() - self.mean) / self.std
         return x.contiguous(memory_format=torch.channels_last)  # [N, 3, h, w]
+
+
+def compile_backbone(model: torch.nn.Module, example: torch.Tensor, autocast) -> torch.nn.Module:
+    """`torch.compile` the backbone for inference, with frozen weights (inductor folds batch norm into the
+    convolutions and prepacks their weights), and compile it now on `example`, a batch of the job's fixed
+    shape, so that a failure is reported before any video is read and the compile time stays out of the
+    progress figures. Features equal eager mode up to float rounding, not bitwise.
+    """
+    compiled = torch.compile(model, options={"freezing": True})
+    try:
+        with torch.inference_mode(), autocast:
+            compiled(example)
+    except Exception as e:  # inductor's errors are many and deep; what the user needs is the first line
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise BackboneError(f"--compile failed for this backbone ({type(e).__name__}: {first}); "
+                            "run without --compile (on the CPU inductor needs a C++ compiler)") from None
+    return compiled

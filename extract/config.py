@@ -22,7 +22,7 @@ class BackboneConfig:
 
 @dataclass(frozen=True)
 class RuntimeConfig:
-    """How the job runs; none of it changes the features (beyond --amp's precision)."""
+    """How the job runs; none of it changes the features beyond --amp's precision and --compile's float rounding."""
 
     device: str = "auto"  # "auto" (cuda when available, else cpu), "cpu", "cuda", "cuda:N"
     batch_size: int = 64  # frames per forward, packed across videos; the last batch is padded to this size
@@ -37,6 +37,9 @@ class RuntimeConfig:
     commit_every: float = 30.0  # seconds between commits: the most work a kill can lose
     feature_dtype: Literal["float16", "float32"] = "float16"
     channels_last: bool = True
+    # torch.compile the backbone (frozen weights, one fixed batch shape): faster once compiled (resnet18 on
+    # 2 CPU cores: 1.24x), at a one-off compile cost; features equal eager mode up to float rounding.
+    compile: bool = False
     progress: bool = True
 
 

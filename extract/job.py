@@ -28,7 +28,7 @@ import torch.distributed as dist
 from vtn import __version__
 from vtn.config import to_dict
 from vtn.errors import UserError
-from vtn.extract.backbone import Preprocess, create_backbone
+from vtn.extract.backbone import Preprocess, compile_backbone, create_backbone
 from vtn.extract.config import ExtractConfig
 from vtn.extract.inputs import VideoEntry, discover
 from vtn.extract.sampling import SamplingConfig, check, effective
@@ -100,6 +100,12 @@ def expected_frames(path: Path, cfg: SamplingConfig) -> float:
     return float(min(n, cfg.num_frames))
 
 
+def autocast_context(device: torch.device, amp: str):
+    """The autocast context for `--amp` ("none", "bf16", "fp16") on `device`."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
 def partition(weights: list[float], world_size: int) -> list[list[int]]:
     """Split items into `world_size` shares of near-equal total weight; deterministic.
 
@@ -139,8 +145,7 @@ def extract_features(entries: list[VideoEntry], model, preprocess, device: torch
     live: dict[str, _Video] = {}
     pending: list[tuple[str, torch.Tensor]] = []  # preprocessed frames waiting for a full batch
     pending_n = 0
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(rt.amp)
-    autocast = (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext())
+    autocast = autocast_context(device, rt.amp)
 
     def drop(vid: str) -> None:
         nonlocal pending, pending_n
@@ -261,6 +266,11 @@ def run(cfg: ExtractConfig, source: str | Path, out: str, overwrite: bool = Fals
     model = model.to(device)
     if cfg.runtime.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if cfg.runtime.compile:
+        example = torch.zeros(cfg.runtime.batch_size, 3, *preprocess.size, device=device)
+        if cfg.runtime.channels_last:
+            example = example.contiguous(memory_format=torch.channels_last)
+        model = compile_backbone(model, example, autocast_context(device, cfg.runtime.amp))
     attrs = {
         "backbone": identity,
         "sampling": effective(cfg.sampling),

@@ -48,7 +48,7 @@ def run(model: VTN, features, mask, positions):
     model.zero_grad()
     x = features.clone().requires_grad_()
     logits, attentions = model(x, mask, positions, return_attention=True)
-    weights = torch.randn(logits.shape, generator=torch.Generator().manual_seed(1))
+    weights = torch.randn(logits.shape, generator=torch.Generator().manual_seed(1)).to(logits.device)
     (logits * weights).sum().backward()
     grads = {name: p.grad for name, p in model.named_parameters()}
     return logits.detach(), [a.detach() for a in attentions], x.grad, grads
