@@ -42,7 +42,7 @@ def register(sub, bench_sub) -> None:
     p.add_argument("--workers", type=int, help="decode processes (default 2; 0: decode in the main process)")
     p.add_argument("--timeout", type=float, metavar="S", help="kill a decode that produces no frame for S seconds (default 120)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    add_config_args(p)
+    add_config_args(p, "runtime.decode_threads=2")
     p.set_defaults(func=_extract)
 
     b = bench_sub.add_parser(

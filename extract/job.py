@@ -28,6 +28,7 @@ import torch.distributed as dist
 from vtn import __version__
 from vtn.config import to_dict
 from vtn.errors import UserError
+from vtn.progress import progress_bar
 from vtn.extract.backbone import Preprocess, compile_backbone, create_backbone
 from vtn.extract.config import ExtractConfig
 from vtn.extract.inputs import VideoEntry, discover
@@ -314,10 +315,8 @@ def run(cfg: ExtractConfig, source: str | Path, out: str, overwrite: bool = Fals
 
     bar = None
     if cfg.runtime.progress and rank == 0:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(todo), unit="video", desc="extract" if world_size == 1 else f"extract (rank 0 of {world_size})",
-                   dynamic_ncols=True)
+        bar = progress_bar(total=len(todo), unit="video",
+                           desc="extract" if world_size == 1 else f"extract (rank 0 of {world_size})")
     counts = {"frames": 0, "failures": 0}
 
     def progress(videos: int, frames: int, failures: int) -> None:
@@ -326,7 +325,7 @@ def run(cfg: ExtractConfig, source: str | Path, out: str, overwrite: bool = Fals
         bar.update(videos + failures)
         elapsed = max(time.monotonic() - t0, 1e-9)
         bar.set_postfix_str(f"{bar.n / elapsed:.1f} videos/s, {counts['frames'] / elapsed:.0f} frames/s, "
-                            f"{counts['failures']} failed")
+                            f"{counts['failures']} failed", refresh=False)
 
     try:
         summary = extract_features(todo, model, preprocess, device, cfg, writer, progress if bar else None)

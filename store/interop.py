@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from vtn.progress import progress_bar
 from vtn.store.layout import StoreError
 from vtn.store.reader import open_cache
 from vtn.store.writer import CacheWriter
@@ -67,7 +68,6 @@ def import_features(src: str | Path, out: str, labels_csv: str | None = None, fp
     Without recorded timestamps, frame i gets timestamp i / fps and frame index i (`fps` is the feature rate).
     Re-running the same import continues where an interrupted one stopped.
     """
-    from tqdm import tqdm
 
     src = Path(src)
     if src.is_dir():
@@ -96,7 +96,7 @@ def import_features(src: str | Path, out: str, labels_csv: str | None = None, fp
                          attrs=attrs, identity=("imported_from",), overwrite=overwrite, name="import")
     done = writer.committed_ids()
     written = 0
-    with writer, tqdm(total=count, unit="video", desc="import", disable=not progress) as bar:
+    with writer, progress_bar(total=count, unit="video", desc="import", disable=not progress) as bar:
         for vid, x, meta in _chain(first, items):
             bar.update(1)
             if vid in done:
@@ -130,7 +130,6 @@ def _chain(first, rest):
 def export_h5(cache_url: str, out: str | Path, progress: bool = True) -> int:
     """One dataset per video id (features), its timestamps and metadata as attributes, the cache's attributes at the root."""
     import h5py
-    from tqdm import tqdm
 
     cache = open_cache(cache_url)
     out = Path(out)
@@ -138,7 +137,7 @@ def export_h5(cache_url: str, out: str | Path, progress: bool = True) -> int:
     with h5py.File(tmp, "w", libver="latest") as f:  # "latest": attributes larger than 64 KiB (long timestamp lists)
         f.attrs["vtn_cache_attrs"] = json.dumps(cache.attrs)
         f.attrs["class_names"] = json.dumps(cache.class_names)
-        for vid in tqdm(cache.ids, unit="video", desc="export", disable=not progress):
+        for vid in progress_bar(iterable=cache.ids, unit="video", desc="export", disable=not progress):
             v = cache.video(vid)
             ds = f.create_dataset(vid, data=v.features)
             ds.attrs.update({"timestamps": v.timestamps, "frame_indices": v.frame_indices, "label": v.label,

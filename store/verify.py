@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from vtn.progress import progress_bar
 from vtn.store.index import newest_index, read_columns, part_states
 from vtn.store.layout import ROW_ARRAYS, TABLE_COLUMNS
 from vtn.store.rows import CorruptChunk, RowReader
@@ -47,7 +48,6 @@ def _check_rows(name: str, part: str, reader: RowReader, rows: int, problems: li
 
 def verify(cache_url: str, progress: bool = True) -> tuple[list[str], dict]:
     """Return (problems, summary). An empty problem list means the cache is clean."""
-    from tqdm import tqdm
 
     from vtn.store.layout import open_root
 
@@ -57,7 +57,7 @@ def verify(cache_url: str, progress: bool = True) -> tuple[list[str], dict]:
     n_classes = len(root.attrs.get("class_names", []))
     seen: dict[str, str] = {}
     total_rows = sum(int(s.get("rows", 0)) for s in parts.values())
-    bar = tqdm(total=total_rows * len(ROW_ARRAYS), unit="row", desc="verify", disable=not progress)
+    bar = progress_bar(total=total_rows * len(ROW_ARRAYS), unit="row", desc="verify", disable=not progress)
     tables = {}
     for part, state in sorted(parts.items()):
         g = root["parts"][part]

@@ -51,7 +51,7 @@ def register(sub, bench_sub) -> None:
     p.add_argument("--amp", choices=["none", "bf16", "fp16"], help="autocast dtype (run.amp)")
     p.add_argument("--seed", type=int, help="run.seed")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (run.device; default: the GPU when there is one)")
-    add_config_args(p)
+    add_config_args(p, "model.num_layers=2")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_train)
 

@@ -37,6 +37,7 @@ from safetensors.torch import load_file, save_file
 
 from vtn.config import merge, resolve, to_dict
 from vtn.errors import UserError
+from vtn.progress import progress_bar
 from vtn.store import open_cache
 from vtn.store.dataset import ClipDataset, LengthBucketSampler, collate_clips
 from vtn.temporal.data import feature_stats, model_inputs, predict, split_source, whole_videos
@@ -380,15 +381,12 @@ def train(cache_url: str, out: str | Path, cfg: TrainConfig | None = None, resum
             return classification_metrics(logits, val_set.labels[index])
 
         # -- run ----------------------------------------------------------------------------------------
-        from tqdm import tqdm
-
-        bar = tqdm(total=total_steps, initial=state["step"], disable=not progress or rank != 0, unit="step",
-                   dynamic_ncols=True)
+        bar = progress_bar(total=total_steps, initial=state["step"], disable=not progress or rank != 0, unit="step")
         started = time.perf_counter() - state["elapsed"]
         dropped = torch.zeros((), dtype=torch.long)  # frames past max_positions, masked out
         model.train()
         for epoch in range(state["epoch"], epochs):
-            bar.set_description(f"epoch {epoch + 1}/{epochs}")
+            bar.set_description(f"epoch {epoch + 1}/{epochs}", refresh=False)
             train_set.set_epoch(epoch)
             sampler.set_epoch(epoch)
             batches = [[int(labelled[i]) for i in b] for b in sampler][state["step_in_epoch"]:]
@@ -450,7 +448,7 @@ def train(cache_url: str, out: str | Path, cfg: TrainConfig | None = None, resum
                     _write_model(tmp, model, record)
                     _replace_dir(tmp, run / "best")
             checkpoint_last()
-            bar.set_postfix(loss=f"{record['train_loss']:.3f}", val_top1=f"{val['top1']:.3f}")
+            bar.set_postfix(loss=f"{record['train_loss']:.3f}", val_top1=f"{val['top1']:.3f}", refresh=False)
         bar.close()
 
         # -- summary -------------------------------------------------------------------------------------

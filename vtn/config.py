@@ -165,10 +165,10 @@ def merge(cfg: Any, updates: dict) -> Any:
     return _apply(cfg, updates)
 
 
-def add_config_args(parser) -> None:
-    """The `--config` and `--set` options every job shares."""
+def add_config_args(parser, example: str) -> None:
+    """The `--config` and `--set` options every job shares; `example` is a KEY=VALUE of that job."""
     parser.add_argument("--config", metavar="FILE.yaml", help="YAML file overriding the job's defaults")
     parser.add_argument(
         "--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-        help="override one config value, e.g. --set model.num_layers=2 (repeatable; applied after --config)",
+        help=f"override one config value, e.g. --set {example} (repeatable; applied after --config)",
     )

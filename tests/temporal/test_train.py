@@ -69,8 +69,11 @@ def test_train_learns_order_and_evaluate_reproduces_its_val_figures(cache, tmp_p
     # The train split's normalisation travels inside the model's weights.
     weights = load_file(str(run / "best" / "model.safetensors"))
     assert weights["feature_scale"].shape == (6,) and not torch.equal(weights["feature_scale"], torch.ones(6))
-    summary = capsys.readouterr().out
-    assert "best val top-1" in summary and "50 epochs, 150 steps" in summary
+    captured = capsys.readouterr()
+    assert "best val top-1" in captured.out and "50 epochs, 150 steps" in captured.out
+    # stderr is not a terminal (a job's log): the bar is drawn at start and end, not on every step or epoch.
+    bar_lines = [line for line in captured.err.replace("\r", "\n").splitlines() if "step/s" in line or "/150" in line]
+    assert 2 <= len(bar_lines) <= 3 and "150/150" in bar_lines[-1]
 
     assert main(["evaluate", str(run), "--cache", cache, "--json"]) == 0
     m = json.loads(capsys.readouterr().out)
