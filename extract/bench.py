@@ -121,7 +121,7 @@ def _tree_rss(pid: int) -> int:
 
 
 def main(args) -> int:
-    from vtn.extract.job import extract_features
+    from vtn.extract.job import decode_workers, extract_features
     from vtn.store import CacheWriter
 
     own_tmp = args.workdir is None
@@ -137,12 +137,13 @@ def main(args) -> int:
         model, data_config, _ = create_backbone(args.backbone, image_size=args.image_size)
         device = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
         model = model.to(device, memory_format=torch.channels_last)
-        preprocess = Preprocess(data_config)
+        preprocess = Preprocess(data_config).to(device)
         cores = len(os.sched_getaffinity(0))
+        workers = decode_workers(RuntimeConfig(workers=args.workers), device)
         print(f"{len(entries)} generated videos, backbone {args.backbone} (random init) at {args.image_size} px, "
-              f"batch {args.batch_size}, {args.workers} decode workers, {cores} CPU cores, model on {device}")
+              f"batch {args.batch_size}, {workers} decode workers, {cores} CPU cores, model on {device}")
 
-        frames, secs = _decode_only(jobs, sampling, args.workers)
+        frames, secs = _decode_only(jobs, sampling, workers)
         decode_fps = frames / secs
         # Every core to the model, as `vtn extract` does on the CPU, in all three runs: the same compute.
         torch.set_num_threads(cores)
@@ -157,7 +158,7 @@ def main(args) -> int:
             print(f"(compiled in {time.perf_counter() - t0:.0f} s, before the timed runs)")
             model_fps = _model_only(fast_model, args.image_size, args.batch_size, model_frames, device)
         cfg = ExtractConfig(sampling, BackboneConfig(args.backbone, "random", args.image_size),
-                            RuntimeConfig(device=str(device), batch_size=args.batch_size, workers=args.workers,
+                            RuntimeConfig(device=str(device), batch_size=args.batch_size, workers=workers,
                                           compile=args.compile, progress=False))
         writer = CacheWriter(str(work / "pipeline.zarr"), feature_dim=model.num_features, class_names=classes,
                              overwrite=True)

@@ -39,7 +39,8 @@ def register(sub, bench_sub) -> None:
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the backbone: faster per frame after a one-off compile (seconds to a minute); "
                         "features equal eager mode up to float rounding")
-    p.add_argument("--workers", type=int, help="decode processes (default 2; 0: decode in the main process)")
+    p.add_argument("--workers", type=int, help="decode processes (default: 2 with the model on the CPU; with a GPU, "
+                   "one per CPU core of its share of the machine, less one; 0: decode in the main process)")
     p.add_argument("--timeout", type=float, metavar="S", help="kill a decode that produces no frame for S seconds (default 120)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_config_args(p, "runtime.decode_threads=2")
@@ -54,7 +55,7 @@ def register(sub, bench_sub) -> None:
     b.add_argument("--image-size", type=int, default=112, help="backbone input size")
     b.add_argument("--videos", type=int, default=24, help="generated videos")
     b.add_argument("--batch-size", type=int, default=32)
-    b.add_argument("--workers", type=int, default=2)
+    b.add_argument("--workers", type=int, help="decode processes (default: as vtn extract)")
     b.add_argument("--compile", action="store_true", help="compile the model for model-only and the pipeline "
                    "(the sequential loop stays eager, as common scripts run)")
     b.add_argument("--device", default="auto", help="where the model runs: auto (cuda when present), cpu, cuda, cuda:N")

@@ -27,7 +27,10 @@ class RuntimeConfig:
     device: str = "auto"  # "auto" (cuda when available, else cpu), "cpu", "cuda", "cuda:N"
     batch_size: int = 64  # frames per forward, packed across videos; the last batch is padded to this size
     amp: Literal["none", "bf16", "fp16"] = "none"
-    workers: int = 2  # decode processes; 0 decodes in a thread of the main process (no timeout)
+    # Decode processes; 0 decodes in a thread of the main process (no timeout). Default: 2 beside a model on
+    # the CPU (the model needs the cores); beside a GPU, this process's share of the cores (one process per
+    # GPU) less one for the main process, as decoding is then what limits the pace.
+    workers: int | None = None
     timeout: float = 120.0  # seconds a decode may go without producing a frame before it is killed
     chunk_mb: int = 32  # decoded frames travel in chunks of at most this many MiB
     decode_threads: int = 1  # decoder threads per worker

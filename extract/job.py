@@ -30,7 +30,7 @@ from vtn.config import to_dict
 from vtn.errors import UserError
 from vtn.progress import progress_bar
 from vtn.extract.backbone import Preprocess, compile_backbone, create_backbone
-from vtn.extract.config import ExtractConfig
+from vtn.extract.config import ExtractConfig, RuntimeConfig
 from vtn.extract.inputs import VideoEntry, discover
 from vtn.extract.sampling import SamplingConfig, check, effective
 from vtn.extract.workers import DecodePool
@@ -105,6 +105,15 @@ def autocast_context(device: torch.device, amp: str):
     """The autocast context for `--amp` ("none", "bf16", "fp16") on `device`."""
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def decode_workers(rt: RuntimeConfig, device: torch.device) -> int:
+    """`rt.workers`, or its default for a model on `device` (see RuntimeConfig)."""
+    if rt.workers is not None:
+        return rt.workers
+    if device.type == "cpu":
+        return 2
+    return max(2, len(os.sched_getaffinity(0)) // max(1, torch.cuda.device_count()) - 1)
 
 
 def partition(weights: list[float], world_size: int) -> list[list[int]]:
@@ -208,8 +217,9 @@ def extract_features(entries: list[VideoEntry], model, preprocess, device: torch
             finish(vid)
 
     jobs = [(e.id, str(e.path)) for e in entries]
-    with DecodePool(jobs, cfg.sampling, workers=rt.workers, timeout=rt.timeout, chunk_bytes=rt.chunk_mb << 20,
-                    threads=rt.decode_threads, prefetch=max(4, 2 * rt.workers)) as pool:
+    workers = decode_workers(rt, device)
+    with DecodePool(jobs, cfg.sampling, workers=workers, timeout=rt.timeout, chunk_bytes=rt.chunk_mb << 20,
+                    threads=rt.decode_threads, prefetch=max(4, 2 * workers)) as pool:
         for kind, vid, payload in pool:
             if kind == "info":
                 live[vid] = _Video(by_id[vid], payload)
@@ -252,7 +262,7 @@ def run(cfg: ExtractConfig, source: str | Path, out: str, overwrite: bool = Fals
     check(cfg.sampling)
     if cfg.runtime.batch_size < 1:
         raise UserError(f"runtime.batch_size must be >= 1, got {cfg.runtime.batch_size}")
-    if cfg.runtime.workers < 0:
+    if cfg.runtime.workers is not None and cfg.runtime.workers < 0:
         raise UserError(f"runtime.workers must be >= 0, got {cfg.runtime.workers}")
     device = resolve_device(cfg.runtime.device)
     if device.type == "cpu":
