@@ -61,7 +61,8 @@ def create_backbone(
             raise
         raise BackboneError(
             f"backbone '{name}': cannot load timm's pretrained weights ({type(e).__name__}: {e}); "
-            "offline, they must already be in the local Hugging Face hub cache"
+            "offline, they must already be in the local Hugging Face hub cache (HF_HOME or HF_HUB_CACHE), "
+            "or give the file with --weights"
         ) from None
     identity = {"name": name, "weights": "random-init", "seed": seed}
     if pretrained:

@@ -147,3 +147,42 @@ def test_a_backbone_that_cannot_compile_is_a_clear_error():
 
     with pytest.raises(BackboneError, match="--compile failed.*shape trouble.*without --compile"):
         compile_backbone(Broken(), torch.zeros(2, 3, 8, 8), torch.autocast("cpu", enabled=False))
+
+
+def _hub_cache(root, model_name: str, seed: int):
+    """A local Hugging Face hub cache holding `model_name`'s default pretrained file (seeded random weights, with
+    the classifier, as timm publishes them), laid out as huggingface_hub stores downloads; returns the model."""
+    import timm
+
+    torch.manual_seed(seed)
+    published = timm.create_model(model_name)
+    repo = root / f"models--{published.pretrained_cfg['hf_hub_id'].replace('/', '--')}"
+    commit = "0" * 40
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    save_file({k: v.contiguous() for k, v in published.state_dict().items()},
+              str(repo / "snapshots" / commit / "model.safetensors"))
+    return published
+
+
+def test_pretrained_weights_load_offline_from_the_local_hub_cache(videos, tmp_path, vtn):
+    import os
+
+    published = _hub_cache(tmp_path / "hub", "resnet18", seed=5)
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    out = tmp_path / "cache"
+    vtn("extract", videos / "val", "--out", out, *BACKBONE, "--pretrained", "--num-frames", "3", "--no-progress",
+        env=env, check_rc=0)
+    cache = open_cache(str(out))
+    assert cache.attrs["backbone"]["weights"] == "timm-pretrained"
+    model, data_config, _ = create_backbone("resnet18", image_size=64)
+    model.load_state_dict({k: v for k, v in published.state_dict().items() if not k.startswith("fc.")})
+    vid = cache.ids[0]
+    _, feats = _direct(videos / "val" / vid, model, Preprocess(data_config), SamplingConfig(mode="num_frames", num_frames=3))
+    np.testing.assert_allclose(cache.video(vid).features.astype(np.float32), feats, rtol=2e-3, atol=2e-3)
+
+    # Weights that are not in the cache, offline: a usage error that says where they must be.
+    proc = vtn("extract", videos / "val", "--out", tmp_path / "c2", "--backbone", "resnet34", "--pretrained",
+               "--no-progress", env=env, check_rc=2)
+    assert "resnet34" in proc.stderr and "local Hugging Face hub cache" in proc.stderr

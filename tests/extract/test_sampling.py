@@ -52,3 +52,27 @@ def test_stored_timestamps_match_the_container(videos, tmp_path, flags, vtn):
         assert v.num_frames == len(times)
         if cfg.max_seconds:
             assert v.timestamps.max() < cfg.max_seconds
+
+
+def test_containers_without_a_frame_count_get_real_counts_and_times(tmp_path, vtn):
+    """Matroska and MPEG-TS headers carry no frame count (PyAV reads 0); counts and times come from the packets."""
+    from vtn.extract import synth
+
+    rng = np.random.default_rng(3)
+    frames = [np.full((48, 64, 3), 4 * i, np.uint8) for i in range(64)]
+    for name, vfr in [("a.mkv", True), ("b.ts", True), ("c.mkv", False)]:
+        times = synth.frame_times(2.4, 25, vfr, rng)
+        synth.write_video(tmp_path / "in" / name, frames[: len(times)], times, 25, vfr=vfr)
+        with av.open(str(tmp_path / "in" / name)) as c:
+            assert c.streams.video[0].frames == 0  # the header does not say
+    vtn("extract", tmp_path / "in", "--out", tmp_path / "cache", *BACKBONE, "--fps", "10", "--workers", "1",
+        "--no-progress", check_rc=0)
+    cache = open_cache(str(tmp_path / "cache"))
+    assert sorted(cache.ids) == ["a.mkv", "b.ts", "c.mkv"]
+    for vid in cache.ids:
+        v = cache.video(vid)
+        times = _container_times(tmp_path / "in" / vid)
+        expected = sample(np.round(times, 6), SamplingConfig(mode="fps", fps=10.0))
+        assert v.num_frames == len(times)
+        np.testing.assert_array_equal(v.frame_indices, expected)
+        np.testing.assert_allclose(v.timestamps, times[expected], atol=1e-6)
