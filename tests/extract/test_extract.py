@@ -102,6 +102,9 @@ def test_other_sampling_on_existing_cache_is_refused_unless_overwrite(videos, tm
     vtn("extract", src, "--out", out, *BACKBONE, "--random-init", "--num-frames", "2", "--workers", "0", "--no-progress", check_rc=0)
     proc = vtn("extract", src, "--out", out, *BACKBONE, "--random-init", "--num-frames", "3", "--no-progress", check_rc=2)
     assert "sampling" in proc.stderr
+    proc = vtn("extract", src, "--out", out, "--backbone", "resnet18", "--image-size", "32", "--random-init",
+               "--num-frames", "2", "--no-progress", check_rc=2)
+    assert "backbone" in proc.stderr and "--overwrite" in proc.stderr
     proc = vtn("extract", src, "--out", out, *BACKBONE, "--random-init", "--num-frames", "2", "--no-progress", check_rc=0)
     assert "4 already in the cache" in proc.stderr
     vtn("extract", src, "--out", out, *BACKBONE, "--random-init", "--num-frames", "3", "--overwrite", "--no-progress",
