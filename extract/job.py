@@ -5,7 +5,9 @@ save, clean up. The pipeline (`extract_features`) overlaps decoding and compute:
 uint8 chunks; each chunk is moved to the device and preprocessed there at once (so only model-sized frames
 wait), and frames from many videos are packed into full batches of `batch_size`. The last batch is padded
 to `batch_size` too: a fixed batch shape makes each frame's features independent of which other frames
-share its batch, so a resumed or multi-process run gives bitwise the same features on the CPU.
+share its batch, so a resumed or multi-process run gives bitwise the same features on the CPU. One batch
+stays in flight: its features come back after the next batch is launched, so on a GPU the host's work
+(receiving, pinning and preprocessing the next frames) overlaps the model instead of alternating with it.
 
 Under torchrun the caller passes rank and world size (this module never reads the environment); each
 rank takes a deterministic share of the remaining videos, balanced by expected sampled-frame count,
@@ -188,15 +190,34 @@ def extract_features(entries: list[VideoEntry], model, preprocess, device: torch
         if progress:
             progress(1, len(feats), 0)
 
+    inflight = None  # the last batch launched: (its features, still on the device; whose frames they are)
+
+    def collect() -> None:
+        """Bring the last batch's features back and store the videos it completes."""
+        nonlocal inflight
+        if inflight is None:
+            return
+        out, take = inflight
+        inflight = None
+        out = out.float().cpu()  # [n, D]; waits for this batch only, the one launched after it keeps a GPU busy
+        row = 0
+        for v, k in take:
+            if live.get(v.entry.id) is v:  # the video has not failed or restarted since
+                v.features.append(out[row: row + k])
+                v.done += k
+            row += k
+        for v in dict.fromkeys(v for v, _ in take):
+            finish(v.entry.id)
+
     def run_batch() -> None:
-        nonlocal pending, pending_n
+        nonlocal pending, pending_n, inflight
         take, parts, n = [], [], 0
         while pending and n < rt.batch_size:
             vid, x = pending.pop(0)
             k = min(len(x), rt.batch_size - n)
             if k < len(x):
                 pending.insert(0, (vid, x[k:]))
-            take.append((vid, k))
+            take.append((live[vid], k))
             parts.append(x[:k])
             n += k
         pending_n -= n
@@ -206,15 +227,9 @@ def extract_features(entries: list[VideoEntry], model, preprocess, device: torch
         if rt.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode(), autocast:
-            out = model(x)[:n].float().cpu()  # [n, D]
-        row = 0
-        for vid, k in take:
-            v = live[vid]
-            v.features.append(out[row: row + k])
-            v.done += k
-            row += k
-        for vid in dict.fromkeys(v for v, _ in take):
-            finish(vid)
+            out = model(x)[:n]  # [n, D]; on a GPU this only queues the work
+        collect()  # the batch before this one, while this one runs
+        inflight = (out, take)
 
     jobs = [(e.id, str(e.path)) for e in entries]
     workers = decode_workers(rt, device)
@@ -246,6 +261,7 @@ def extract_features(entries: list[VideoEntry], model, preprocess, device: torch
                 fail(vid, *payload)
         while pending:
             run_batch()
+        collect()
     return summary
 
 
