@@ -201,13 +201,13 @@ def extract_features(entries: list[VideoEntry], model, preprocess, device: torch
         inflight = None
         out = out.float().cpu()  # [n, D]; waits for this batch only, the one launched after it keeps a GPU busy
         row = 0
-        for v, k in take:
-            if live.get(v.entry.id) is v:  # the video has not failed or restarted since
-                v.features.append(out[row: row + k])
-                v.done += k
+        for v, k in take:  # a video that failed or restarted since is no longer in `live`: its rows go nowhere
+            v.features.append(out[row: row + k])
+            v.done += k
             row += k
         for v in dict.fromkeys(v for v, _ in take):
-            finish(v.entry.id)
+            if live.get(v.entry.id) is v:
+                finish(v.entry.id)
 
     def run_batch() -> None:
         nonlocal pending, pending_n, inflight
