@@ -41,7 +41,7 @@ class RuntimeConfig:
     feature_dtype: Literal["float16", "float32"] = "float16"
     channels_last: bool = True
     # torch.compile the backbone (frozen weights, one fixed batch shape): faster once compiled (resnet18 on
-    # 2 CPU cores: 1.24x), at a one-off compile cost; features equal eager mode up to float rounding.
+    # 2 CPU cores: about 1.2x), at a one-off compile cost; features equal eager mode up to float rounding.
     compile: bool = False
     progress: bool = True
 

@@ -30,12 +30,12 @@ import torch.distributed as dist
 from vtn import __version__
 from vtn.config import to_dict
 from vtn.errors import UserError
-from vtn.progress import progress_bar
 from vtn.extract.backbone import Preprocess, compile_backbone, create_backbone
 from vtn.extract.config import ExtractConfig, RuntimeConfig
 from vtn.extract.inputs import VideoEntry, discover
 from vtn.extract.sampling import SamplingConfig, check, effective
 from vtn.extract.workers import DecodePool
+from vtn.progress import progress_bar
 
 
 @dataclass
