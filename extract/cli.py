@@ -16,7 +16,8 @@ def register(sub, bench_sub) -> None:
         help="decode videos, run a timm backbone on sampled frames, cache one feature vector per frame",
         description="Extract per-frame backbone features from a folder of videos (class/ or split/class/ "
         "sub-folders give labels and splits) or a CSV manifest (path,label[,split]) into a feature cache. "
-        "Re-running the same command resumes. Works under torchrun (one share of the videos per rank). "
+        "Re-running the same command resumes. Works under torchrun (one share of the videos per rank) and in job "
+        "arrays (--shard K/N). "
         "Exit status: 0 all videos stored, 3 some failed (the rest stored, failures recorded), 2 usage error.",
     )
     p.add_argument("input", help="folder of videos, or a .csv manifest")
@@ -42,6 +43,9 @@ def register(sub, bench_sub) -> None:
     p.add_argument("--workers", type=int, help="decode processes (default: 2 with the model on the CPU; with a GPU, "
                    "one per CPU core of its share of the machine, less one; 0: decode in the main process)")
     p.add_argument("--timeout", type=float, metavar="S", help="kill a decode that produces no frame for S seconds (default 120)")
+    p.add_argument("--shard", metavar="K/N", help="only the K-th of N fixed shares of the videos (K = 0..N-1), for job "
+                   "arrays (SLURM, Kubernetes) whose tasks start on their own: each writes its own part of the same "
+                   "cache, and re-running a task resumes its share")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_config_args(p, "runtime.decode_threads=2")
     p.set_defaults(func=_extract)
@@ -128,7 +132,20 @@ def _extract(args: argparse.Namespace) -> int:
 def _run(cfg, args, rank: int, world_size: int):
     from vtn.extract.job import run
 
-    return run(cfg, args.input, args.out, overwrite=args.overwrite, rank=rank, world_size=world_size)
+    return run(cfg, args.input, args.out, overwrite=args.overwrite, rank=rank, world_size=world_size,
+               shard=_shard(args.shard))
+
+
+def _shard(text: str | None) -> tuple[int, int] | None:
+    from vtn.errors import UserError
+
+    if text is None:
+        return None
+    try:
+        k, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise UserError(f"--shard {text}: expected K/N, e.g. --shard 3/16") from None
+    return k, n
 
 
 def _report(summary, rank: int) -> int:

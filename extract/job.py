@@ -20,6 +20,7 @@ import contextlib
 import os
 import stat
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -266,11 +267,13 @@ def extract_features(entries: list[VideoEntry], model, preprocess, device: torch
 
 
 def run(cfg: ExtractConfig, source: str | Path, out: str, overwrite: bool = False, rank: int = 0,
-        world_size: int = 1) -> Summary:
+        world_size: int = 1, shard: tuple[int, int] | None = None) -> Summary:
     """Extract every video of `source` (folder or CSV) not yet in the cache at `out`; returns the summary.
 
     With `world_size` > 1, torch.distributed must be initialised by the caller; every rank calls this.
-    The returned summary covers all ranks (on every rank).
+    The returned summary covers all ranks (on every rank). `shard = (k, n)` keeps only the k-th of n fixed
+    shares of the videos (by a hash of the id, so a share never depends on which other files exist), for
+    job arrays whose tasks run independently, each writing its own part of the same cache.
     """
     from vtn.store import CacheWriter, consolidate
 
@@ -284,6 +287,11 @@ def run(cfg: ExtractConfig, source: str | Path, out: str, overwrite: bool = Fals
     if device.type == "cpu":
         torch.set_num_threads(cfg.runtime.threads or len(os.sched_getaffinity(0)))
     entries, class_names = discover(source)
+    if shard is not None:
+        k, n = shard
+        if not 0 <= k < n:
+            raise UserError(f"--shard {k}/{n}: K must lie in 0..N-1")
+        entries = [e for e in entries if zlib.crc32(e.id.encode()) % n == k]
     b = cfg.backbone
     weights = None if b.weights in ("pretrained", "random") else b.weights
     model, data_config, identity = create_backbone(b.name, weights=weights, pretrained=b.weights == "pretrained",
@@ -309,7 +317,7 @@ def run(cfg: ExtractConfig, source: str | Path, out: str, overwrite: bool = Fals
     }
     writer_args = dict(feature_dim=identity["feature_dim"], dtype=cfg.runtime.feature_dtype,
                        class_names=class_names, attrs=attrs, identity=("backbone", "sampling"),
-                       name=f"rank{rank}", commit_every=cfg.runtime.commit_every)
+                       name=f"shard{shard[0]}of{shard[1]}-rank{rank}" if shard else f"rank{rank}", commit_every=cfg.runtime.commit_every)
 
     if world_size == 1:
         writer = CacheWriter(out, overwrite=overwrite, **writer_args)

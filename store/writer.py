@@ -112,7 +112,7 @@ class CacheWriter:
                                    attributes=root_attrs)
         except FileExistsError:  # another writer created it first: join it
             root = open_root(self.url, "r+", storage_options)
-            self._check_compatible(root.attrs.asdict(), expected)
+            self._check_compatible(root.attrs.asdict(), {**expected, **{k: attrs.get(k) for k in identity}})
             return root
         root.require_group("parts")
         return root

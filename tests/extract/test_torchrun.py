@@ -1,10 +1,13 @@
-"""Two torchrun processes (gloo on the CPU) give the same cache contents as one process."""
+"""Scale-out: two torchrun processes (gloo on the CPU), or three job-array tasks, give the same cache contents as one process."""
 
 import importlib.util
 import os
+import re
 import signal
 import subprocess
 import sys
+
+import pytest
 
 from vtn.store import open_cache
 
@@ -12,12 +15,16 @@ ARGS = ["--backbone", "resnet18", "--random-init", "--image-size", "64", "--num-
         "--workers", "1", "--no-progress"]
 
 
-def test_two_ranks_equal_one_process(videos, tmp_path, vtn):
-    # The comparison helper lives with the resume test; test files are not importable as modules here.
+def _resume_helpers():
+    """The comparison helper lives with the resume test; test files are not importable as modules here."""
     spec = importlib.util.spec_from_file_location("resume_helpers", os.path.join(os.path.dirname(__file__), "test_resume.py"))
     helpers = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(helpers)
+    return helpers
 
+
+def test_two_ranks_equal_one_process(videos, tmp_path, vtn):
+    helpers = _resume_helpers()
     one, two = tmp_path / "one", tmp_path / "two"
     vtn("extract", videos, "--out", one, *ARGS, check_rc=0)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
@@ -36,3 +43,23 @@ def test_two_ranks_equal_one_process(videos, tmp_path, vtn):
     assert parts == {"rank0", "rank1"}  # each rank wrote its own part
     assert len(cache.ids) == 12
     helpers.assert_same_contents(one, two)
+
+
+@pytest.mark.slow
+def test_job_array_shards_started_together_equal_one_process(videos, tmp_path, vtn):
+    helpers = _resume_helpers()
+    one, sharded = tmp_path / "one", tmp_path / "sharded"
+    vtn("extract", videos, "--out", one, *ARGS, check_rc=0)
+    # Three independent tasks at once, as a job array starts them: they race to create the cache, then share it.
+    tasks = [subprocess.Popen([sys.executable, "-m", "vtn", "extract", str(videos), "--out", str(sharded), *ARGS,
+                               "--shard", f"{k}/3"], stderr=subprocess.PIPE, text=True) for k in range(3)]
+    stderr = [t.communicate(timeout=240)[1] for t in tasks]
+    assert [t.returncode for t in tasks] == [0, 0, 0], stderr
+    counts = [int(re.search(r"extracted (\d+) videos", e).group(1)) for e in stderr]
+    assert sum(counts) == 12 and min(counts) > 0
+    helpers.assert_same_contents(one, sharded)
+    # Re-running one task finds its own share done, and only its share.
+    proc = vtn("extract", videos, "--out", sharded, *ARGS, "--shard", "1/3", check_rc=0)
+    assert "extracted 0 videos" in proc.stderr and f"{counts[1]} already in the cache" in proc.stderr
+    for bad in ("3/3", "1-3"):
+        assert "--shard" in vtn("extract", videos, "--out", sharded, *ARGS, "--shard", bad, check_rc=2).stderr
