@@ -224,10 +224,10 @@ def decode_video(path: str | Path, cfg: SamplingConfig, chunk_bytes: int = DEFAU
     """Decode the sampled frames of one video: yields the `VideoInfo` first, then `Chunk`s.
 
     decord first; if it cannot open or read the file (or all its frames exceed `DECORD_MAX_BYTES`), PyAV from
-    the start. When decord fails after some
-    chunks were yielded, a `None` is yielded before PyAV's own `VideoInfo`, telling the consumer to drop
-    what it got for this video (the two decoders may disagree on frames, and nothing is mixed or substituted).
-    Raises a `VideoError` when neither decoder can produce every sampled frame.
+    the start. When decord fails after some chunks were yielded, a `None` is yielded before PyAV's own
+    `VideoInfo`, telling the consumer to drop what it got for this video (the two decoders may disagree on
+    frames, and nothing is mixed or substituted). Raises a `VideoError` when neither decoder can produce every
+    sampled frame.
     """
     check_file(path)
     yielded = False
@@ -236,8 +236,8 @@ def decode_video(path: str | Path, cfg: SamplingConfig, chunk_bytes: int = DEFAU
         info = reader.info
         if info.num_frames * info.width * info.height * 3 > DECORD_MAX_BYTES:
             raise NotAVideo(f"{path}: {info.num_frames} frames of {info.width}x{info.height} are read with PyAV (bounded memory)")
-        indices = sample(reader.info.timestamps, cfg)
-        yield reader.info
+        indices = sample(info.timestamps, cfg)
+        yield info
         yielded = True
         yield from reader.read(indices, chunk_bytes)
         return

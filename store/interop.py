@@ -68,7 +68,6 @@ def import_features(src: str | Path, out: str, labels_csv: str | None = None, fp
     Without recorded timestamps, frame i gets timestamp i / fps and frame index i (`fps` is the feature rate).
     Re-running the same import continues where an interrupted one stopped.
     """
-
     src = Path(src)
     if src.is_dir():
         items, info = _npy_items(src), {}

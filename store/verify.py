@@ -48,7 +48,6 @@ def _check_rows(name: str, part: str, reader: RowReader, rows: int, problems: li
 
 def verify(cache_url: str, progress: bool = True) -> tuple[list[str], dict]:
     """Return (problems, summary). An empty problem list means the cache is clean."""
-
     from vtn.store.layout import open_root
 
     problems: list[str] = []
