@@ -191,7 +191,9 @@ class PyAVReader:
                 for frame in container.decode(stream):
                     if decoded in wanted:
                         buf_idx.append(decoded)
-                        buf.append(frame.to_ndarray(format="rgb24"))
+                        # Turned upright as the container's display matrix says (decord does the same); PyAV's
+                        # angle is counter-clockwise, as np.rot90's.
+                        buf.append(np.rot90(frame.to_ndarray(format="rgb24"), frame.rotation // 90))
                         if len(buf) == step:
                             yield self._chunk(buf_idx, buf)
                             buf_idx, buf = [], []

@@ -1,8 +1,10 @@
 """Which decoder reads a video: decord for small ones, PyAV where decord's read-ahead could hold too much."""
 
 import numpy as np
+import pytest
 
 import vtn.extract.decode as decode
+from vtn.extract import synth
 from vtn.extract.sampling import SamplingConfig
 
 
@@ -23,3 +25,19 @@ def test_videos_too_big_for_decords_read_ahead_go_to_pyav_with_the_same_frames(v
     np.testing.assert_array_equal(idx2, idx)
     np.testing.assert_array_equal(info2.timestamps, info.timestamps)
     assert np.abs(frames2.astype(int) - frames.astype(int)).mean() < 1.0  # both libavcodec; RGB conversion may round apart
+
+
+@pytest.mark.parametrize("degrees", [90, 180, 270])
+def test_rotated_videos_come_out_upright_from_both_decoders(tmp_path, monkeypatch, degrees):
+    frames = np.zeros((4, 32, 64, 3), np.uint8)
+    frames[:, :8, :16] = 255  # a white block in the top-left corner
+    path = synth.set_rotation(synth.write_video(tmp_path / "phone.mp4", list(frames), [i / 10 for i in range(4)], 10),
+                              degrees)
+    info, _, by_decord = _read(path)
+    monkeypatch.setattr(decode, "DECORD_MAX_BYTES", 0)
+    info2, _, by_pyav = _read(path)
+    assert (info.backend, info2.backend) == ("decord", "pyav")
+    expected = np.rot90(frames[0], -degrees // 90)  # shown turned clockwise
+    for got in (by_decord, by_pyav):
+        assert got.shape[1:] == expected.shape
+        assert np.abs(got[0].astype(int) - expected.astype(int)).mean() < 8  # lossy H.264 of a hard edge
