@@ -63,7 +63,7 @@ def register(sub, bench_sub) -> None:
     b.add_argument("--compile", action="store_true", help="compile the model for model-only and the pipeline "
                    "(the sequential loop stays eager, as common scripts run)")
     b.add_argument("--device", default="auto", help="where the model runs: auto (cuda when present), cpu, cuda, cuda:N")
-    b.add_argument("--long-seconds", type=float, default=180.0, help="length of the 1080p memory test file")
+    b.add_argument("--long-seconds", type=float, default=180.0, help="length of the 1080p and 720p memory test files")
     b.add_argument("--skip-memory", action="store_true", help="skip the long 1080p memory test")
     b.add_argument("--workdir", help="where generated videos are kept between runs (default: a temporary folder)")
     b.set_defaults(func=_bench)
