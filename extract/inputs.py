@@ -87,24 +87,32 @@ def _scan_folder(root: Path) -> list[tuple[str, Path, str, str]]:
 
 
 def _read_manifest(csv_path: Path) -> list[tuple[str, Path, str, str]]:
+    try:
+        # utf-8-sig: a spreadsheet's byte-order mark is not part of the first cell.
+        with open(csv_path, newline="", encoding="utf-8-sig") as f:
+            return _manifest_rows(csv_path, csv.reader(f))
+    except UnicodeDecodeError as e:
+        raise InputError(f"{csv_path}: not UTF-8 text ({e.reason} at byte {e.start}); save the manifest as UTF-8") from None
+
+
+def _manifest_rows(csv_path: Path, reader) -> list[tuple[str, Path, str, str]]:
     base = csv_path.parent.resolve()
     rows = []
-    with open(csv_path, newline="") as f:
-        for line_no, row in enumerate(csv.reader(f), start=1):
-            row = [c.strip() for c in row]
-            if not row or not any(row) or row[0].startswith("#"):
-                continue
-            if line_no == 1 and row[0].lower() == "path":
-                continue  # header
-            if len(row) > 3:
-                raise InputError(f"{csv_path}:{line_no}: expected path,label[,split], got {len(row)} columns")
-            raw, label = row[0], row[1] if len(row) > 1 else ""
-            split = row[2] if len(row) > 2 and row[2] else DEFAULT_SPLIT
-            path = Path(os.path.normpath(base / raw))  # an absolute `raw` replaces `base`
-            try:
-                vid = path.relative_to(base).as_posix()
-            except ValueError:
-                raise InputError(f"{csv_path}:{line_no}: '{raw}' is outside the manifest's folder {base}; "
-                                 "video ids are paths relative to it") from None
-            rows.append((vid, path, label, split))
+    for line_no, row in enumerate(reader, start=1):
+        row = [c.strip() for c in row]
+        if not row or not any(row) or row[0].startswith("#"):
+            continue
+        if line_no == 1 and row[0].lower() == "path":
+            continue  # header
+        if len(row) > 3:
+            raise InputError(f"{csv_path}:{line_no}: expected path,label[,split], got {len(row)} columns")
+        raw, label = row[0], row[1] if len(row) > 1 else ""
+        split = row[2] if len(row) > 2 and row[2] else DEFAULT_SPLIT
+        path = Path(os.path.normpath(base / raw))  # an absolute `raw` replaces `base`
+        try:
+            vid = path.relative_to(base).as_posix()
+        except ValueError:
+            raise InputError(f"{csv_path}:{line_no}: '{raw}' is outside the manifest's folder {base}; "
+                             "video ids are paths relative to it") from None
+        rows.append((vid, path, label, split))
     return rows

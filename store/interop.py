@@ -23,16 +23,20 @@ def read_labels(path: str | Path) -> dict[str, tuple[str, str | None]]:
     if not path.is_file():
         raise StoreError(f"{path}: labels CSV not found")
     out: dict[str, tuple[str, str | None]] = {}
-    with path.open(newline="") as f:
-        for n, row in enumerate(csv.reader(f), 1):
-            if not row or (n == 1 and row[0].strip().lower() == "id"):
-                continue
-            if len(row) not in (2, 3) or not row[0].strip() or not row[1].strip():
-                raise StoreError(f"{path}:{n}: expected id,label[,split], got {row!r}")
-            vid = row[0].strip()
-            if vid in out:
-                raise StoreError(f"{path}:{n}: duplicate id {vid!r}")
-            out[vid] = (row[1].strip(), row[2].strip() if len(row) == 3 and row[2].strip() else None)
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as f:  # -sig: a spreadsheet's byte-order mark
+            rows = list(csv.reader(f))
+    except UnicodeDecodeError as e:
+        raise StoreError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save the labels CSV as UTF-8") from None
+    for n, row in enumerate(rows, 1):
+        if not row or (n == 1 and row[0].strip().lower() == "id"):
+            continue
+        if len(row) not in (2, 3) or not row[0].strip() or not row[1].strip():
+            raise StoreError(f"{path}:{n}: expected id,label[,split], got {row!r}")
+        vid = row[0].strip()
+        if vid in out:
+            raise StoreError(f"{path}:{n}: duplicate id {vid!r}")
+        out[vid] = (row[1].strip(), row[2].strip() if len(row) == 3 and row[2].strip() else None)
     return out
 
 

@@ -189,3 +189,17 @@ def test_pretrained_weights_load_offline_from_the_local_hub_cache(videos, tmp_pa
     proc = vtn("extract", videos / "val", "--out", tmp_path / "c2", "--backbone", "resnet34", "--pretrained",
                "--no-progress", env=env, check_rc=2)
     assert "resnet34" in proc.stderr and "local Hugging Face hub cache" in proc.stderr
+
+
+def test_manifest_from_a_spreadsheet_and_one_that_is_not_utf8(videos, tmp_path, vtn):
+    src = "val/left_to_right_red_first/0000.mp4"
+    (tmp_path / "videos").symlink_to(videos)
+    # Excel's "CSV UTF-8": a byte-order mark and CRLF line ends.
+    (tmp_path / "excel.csv").write_bytes(f"\ufeffpath,label,split\r\nvideos/{src},ltr,val\r\n".encode("utf-8"))
+    vtn("extract", tmp_path / "excel.csv", "--out", tmp_path / "c", *BACKBONE, "--random-init", "--num-frames", "2",
+        "--no-progress", check_rc=0)
+    cache = open_cache(str(tmp_path / "c"))
+    assert cache.ids == [f"videos/{src}"] and cache.class_names == ["ltr"] and cache.video(cache.ids[0]).split == "val"
+    (tmp_path / "latin1.csv").write_bytes("path,label\nvidéo.mp4,a\n".encode("latin-1"))
+    proc = vtn("extract", tmp_path / "latin1.csv", "--out", tmp_path / "c2", *BACKBONE, "--random-init", check_rc=2)
+    assert "latin1.csv" in proc.stderr and "UTF-8" in proc.stderr and "Traceback" not in proc.stderr

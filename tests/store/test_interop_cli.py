@@ -45,7 +45,7 @@ def _npy_folder(tmp_path, n=6):
 def test_import_npy_folder_with_labels(tmp_path):
     root, rows = _npy_folder(tmp_path)
     labels = tmp_path / "labels.csv"
-    with labels.open("w", newline="") as f:
+    with labels.open("w", newline="", encoding="utf-8-sig") as f:  # with a BOM, as spreadsheets save it
         csv.writer(f).writerows([("id", "label", "split"), *rows])
     url = str(tmp_path / "c.zarr")
     assert import_features(root, url, str(labels), fps=2.0, progress=False) == 6
@@ -78,6 +78,9 @@ def test_import_labels_errors(tmp_path):
     labels.write_text("x,1\nx,2\n")
     with pytest.raises(StoreError, match="labels.csv:2: duplicate id 'x'"):
         import_features(root, str(tmp_path / "d.zarr"), str(labels), progress=False)
+    labels.write_bytes("id,label\nvidéo,1\n".encode("latin-1"))
+    with pytest.raises(StoreError, match="labels.csv: not UTF-8 text"):
+        import_features(root, str(tmp_path / "e.zarr"), str(labels), progress=False)
 
 
 def test_import_unknown_label_from_h5_classes(make_cache, tmp_path):
