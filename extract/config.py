@@ -29,7 +29,7 @@ class RuntimeConfig:
     amp: Literal["none", "bf16", "fp16"] = "none"
     # Decode processes; 0 decodes in a thread of the main process (no timeout). Default: 2 beside a model on
     # the CPU (the model needs the cores); beside a GPU, this process's share of the cores (one process per
-    # GPU) less one for the main process, as decoding is then what limits the pace.
+    # GPU, or torchrun's LOCAL_WORLD_SIZE) less one for the main process, as decoding then sets the pace.
     workers: int | None = None
     timeout: float = 120.0  # seconds a decode may go without producing a frame before it is killed
     chunk_mb: int = 32  # decoded frames travel in chunks of at most this many MiB

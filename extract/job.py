@@ -9,7 +9,8 @@ share its batch, so a resumed or multi-process run gives bitwise the same featur
 stays in flight: its features come back after the next batch is launched, so on a GPU the host's work
 (receiving, pinning and preprocessing the next frames) overlaps the model instead of alternating with it.
 
-Under torchrun the caller passes rank and world size (this module never reads the environment); each
+Under torchrun the caller passes rank and world size (this module reads the environment only for the
+default number of decode workers: LOCAL_WORLD_SIZE, the processes sharing the machine's cores); each
 rank takes a deterministic share of the remaining videos, balanced by expected sampled-frame count,
 writes its own part, and rank 0 consolidates the index once every rank has closed.
 """
@@ -116,7 +117,9 @@ def decode_workers(rt: RuntimeConfig, device: torch.device) -> int:
         return rt.workers
     if device.type == "cpu":
         return 2
-    return max(2, len(os.sched_getaffinity(0)) // max(1, torch.cuda.device_count()) - 1)
+    # Processes sharing this machine: one per GPU, or as many as torchrun started here (each may see one GPU).
+    processes = max(1, torch.cuda.device_count(), int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(2, len(os.sched_getaffinity(0)) // processes - 1)
 
 
 def partition(weights: list[float], world_size: int) -> list[list[int]]:
