@@ -13,7 +13,8 @@ def register(sub, bench_sub) -> None:
     )
     p.add_argument("run", help="a `vtn train` run directory, or a checkpoint directory in it")
     p.add_argument("--cache", required=True, help="the feature cache to evaluate on")
-    p.add_argument("--split", default="val", help="which split (default val)")
+    p.add_argument("--split", help="which split (default: val, or the videos the run held out of its train split "
+                   "when the cache has none)")
     p.add_argument("--checkpoint", default="best", choices=["best", "last"], help="which checkpoint of RUN (default best)")
     p.add_argument("--out", help="where to write the files (default: RUN)")
     p.add_argument("--batch-size", type=int, default=16, help="videos per forward pass (default 16)")

@@ -17,8 +17,10 @@ import torch
 
 from vtn.errors import UserError
 from vtn.temporal.metrics import classification_metrics, confusion, log_softmax, top_k
-from vtn.store import open_cache
-from vtn.temporal.data import predict, split_source, whole_videos
+from vtn.runtime import resolve_device
+from vtn.store import ClipDataset, open_cache
+from vtn.temporal.checkpoint import read_inputs
+from vtn.temporal.data import check_inputs, predict, split_source
 from vtn.temporal.model import CONFIG_NAME, VTN
 
 
@@ -32,10 +34,11 @@ def checkpoint_dir(run: Path, checkpoint: str) -> Path:
     return path
 
 
-def evaluate(run: str | Path, cache_url: str, split: str = "val", out: str | Path | None = None,
+def evaluate(run: str | Path, cache_url: str, split: str | None = None, out: str | Path | None = None,
              checkpoint: str = "best", batch_size: int = 16, device: str = "auto", load: str = "auto") -> dict:
-    """Evaluate the run's checkpoint on `split` of the cache; writes into `out` (default: the run directory)
-    and returns the metrics."""
+    """Evaluate the run's checkpoint on `split` of the cache (None: "val", or the videos the run held out of its
+    train split when the cache has no val split); writes into `out` (default: the run directory) and returns the
+    metrics. A cache without labels or class names (new videos to score) gets predictions and no accuracy."""
     run = Path(run)
     ckpt = checkpoint_dir(run, checkpoint)
     model = VTN.from_pretrained(ckpt)  # weights and the feature normalisation it was trained with
@@ -44,22 +47,33 @@ def evaluate(run: str | Path, cache_url: str, split: str = "val", out: str | Pat
     if cache.feature_dim != cfg.feature_dim:
         raise UserError(f"{cache.url}: the cache's features have {cache.feature_dim} dimensions, but the model in "
                         f"{ckpt} was trained on feature_dim={cfg.feature_dim}")
+    check_inputs(read_inputs(ckpt), cache, ckpt)
     names = list(cfg.class_names) or [str(i) for i in range(cfg.num_classes)]
-    if len(cache.class_names) != cfg.num_classes or (cfg.class_names and list(cfg.class_names) != cache.class_names):
+    if cache.class_names and (len(cache.class_names) != cfg.num_classes
+                              or (cfg.class_names and list(cfg.class_names) != cache.class_names)):
         raise UserError(f"{cache.url}: the cache's classes {cache.class_names} are not the ones the model in {ckpt} "
                         f"was trained on ({cfg.num_classes}: {names})")
+    videos, holdout = None, run / "holdout.json"
+    if split is None:
+        split = "val"
+        if not len(cache.split_ids(split)) and holdout.is_file():
+            held = json.loads(holdout.read_text())
+            split, wanted = held["split"], set(held["ids"])
+            videos = np.array([i for i, v in enumerate(cache.split_ids(split)) if v in wanted], dtype=np.int64)
     if not len(cache.split_ids(split)):
         raise UserError(f"{cache.url}: no videos in split '{split}' (the cache has splits {sorted(set(cache.splits))})")
 
-    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    dev = resolve_device(device)
     model.to(dev)
-    dataset = whole_videos(split_source(cache, split, load), split, cfg.max_positions)
+    dataset = ClipDataset(split_source(cache, split, load), split=split, clip_frames=None,
+                          max_frames=cfg.max_positions, train=False, videos=videos)
     logits, index = predict(model, dataset, dev, batch_size)
     order = np.argsort(index)  # back to the cache's order of videos
     logits, index = logits[order], index[order]
-    labels = np.asarray(dataset.labels)[index]
+    labels = np.asarray(dataset.labels)[index] if cache.class_names else np.full(len(index), -1)
     ids = [dataset.ids[i] for i in index]
-    metrics = {"checkpoint": str(ckpt), "cache": cache.url, "split": split, **classification_metrics(logits, labels)}
+    metrics = {"checkpoint": str(ckpt), "cache": cache.url, "split": split,
+               **({"held_out_of_train": True} if videos is not None else {}), **classification_metrics(logits, labels)}
 
     out = Path(out) if out is not None else run
     out.mkdir(parents=True, exist_ok=True)

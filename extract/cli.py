@@ -114,11 +114,10 @@ def _extract(args: argparse.Namespace) -> int:
     import torch
     import torch.distributed as dist
 
-    from vtn.extract.job import resolve_device
+    from vtn.runtime import processes, resolve_device
 
-    device = resolve_device(cfg.runtime.device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    device = resolve_device(cfg.runtime.device, processes().local_rank)
+    if device.type == "cuda":
         torch.cuda.set_device(device)
         cfg = dataclasses.replace(cfg, runtime=dataclasses.replace(cfg.runtime, device=str(device)))
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")

@@ -17,7 +17,6 @@ writes its own part, and rank 0 consolidates the index once every rank has close
 
 from __future__ import annotations
 
-import contextlib
 import os
 import stat
 import time
@@ -38,6 +37,7 @@ from vtn.extract.inputs import VideoEntry, discover
 from vtn.extract.sampling import SamplingConfig, check, effective
 from vtn.extract.workers import DecodePool
 from vtn.progress import progress_bar
+from vtn.runtime import autocast, resolve_device
 
 
 @dataclass
@@ -53,19 +53,6 @@ class Summary:
     def merge(self, other: "Summary") -> "Summary":
         return Summary(self.videos + other.videos, self.frames + other.frames, self.skipped,
                        self.failures + other.failures, max(self.seconds, other.seconds))
-
-
-def resolve_device(spec: str) -> torch.device:
-    """"auto" is cuda when available, else cpu; anything else must be a usable torch device."""
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(spec)
-    except RuntimeError:
-        raise UserError(f"--device {spec!r}: not a device (cpu, cuda, cuda:N)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {spec}: CUDA is not available on this machine")
-    return device
 
 
 def library_versions() -> dict:
@@ -103,12 +90,6 @@ def expected_frames(path: Path, cfg: SamplingConfig) -> float:
     if cfg.mode == "fps":
         return max(1.0, min(n, seconds * cfg.fps))
     return float(min(n, cfg.num_frames))
-
-
-def autocast_context(device: torch.device, amp: str):
-    """The autocast context for `--amp` ("none", "bf16", "fp16") on `device`."""
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
 def decode_workers(rt: RuntimeConfig, device: torch.device) -> int:
@@ -161,7 +142,7 @@ def extract_features(entries: list[VideoEntry], model, preprocess, device: torch
     live: dict[str, _Video] = {}
     pending: list[tuple[str, torch.Tensor]] = []  # preprocessed frames waiting for a full batch
     pending_n = 0
-    autocast = autocast_context(device, rt.amp)
+    amp = autocast(device, rt.amp)
 
     def drop(vid: str) -> None:
         nonlocal pending, pending_n
@@ -230,7 +211,7 @@ def extract_features(entries: list[VideoEntry], model, preprocess, device: torch
             x = torch.cat([x, x.new_zeros((rt.batch_size - n, *x.shape[1:]))])
         if rt.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with torch.inference_mode(), autocast:
+        with torch.inference_mode(), amp:
             out = model(x)[:n]  # [n, D]; on a GPU this only queues the work
         collect()  # the batch before this one, while this one runs
         inflight = (out, take)
@@ -308,7 +289,7 @@ def run(cfg: ExtractConfig, source: str | Path, out: str, overwrite: bool = Fals
         example = torch.zeros(cfg.runtime.batch_size, 3, *preprocess.size, device=device)
         if cfg.runtime.channels_last:
             example = example.contiguous(memory_format=torch.channels_last)
-        model = compile_backbone(model, example, autocast_context(device, cfg.runtime.amp))
+        model = compile_backbone(model, example, autocast(device, cfg.runtime.amp))
     attrs = {
         "backbone": identity,
         "sampling": effective(cfg.sampling),

@@ -39,21 +39,26 @@ class ClipDataset(Dataset):
     """Items of one split: {"features" [t, D] float32, "positions" [t], "times" [t], "label", "id"}.
 
     `source` is a SplitData (in memory; fastest) or an open FeatureCache (streams each video from disk).
+    `videos` keeps only these positions among the split's videos (e.g. a held-out share), in that order.
     `train=True` draws a random clip per item; `train=False` gives the whole video (or a centred clip).
     """
 
     def __init__(self, source: SplitData | FeatureCache, split: str | None = None, clip_frames: int | None = None,
-                 stride: int = 1, max_frames: int | None = None, train: bool = True, seed: int = 0):
+                 stride: int = 1, max_frames: int | None = None, train: bool = True, seed: int = 0,
+                 videos: np.ndarray | None = None):
         self.source = source
         if isinstance(source, SplitData):
-            self.ids = list(source.ids)
-            self.labels = np.asarray(source.labels)
-            self.lengths = source.lengths
+            sel = np.arange(len(source.ids))
+            ids, labels, lengths = np.asarray(source.ids, dtype=object), np.asarray(source.labels), source.lengths
         else:
             sel = np.flatnonzero(source.index["split"] == split) if split is not None else np.arange(len(source))
-            self.ids = source.index["id"][sel].tolist()
-            self.labels = source.labels[sel]
-            self.lengths = source.lengths[sel]
+            ids, labels, lengths = source.index["id"], source.labels, source.lengths
+        if videos is not None:
+            sel = sel[np.asarray(videos, dtype=np.int64)]
+        self.rows = sel  # item i is video rows[i] of the source
+        self.ids = ids[sel].tolist()
+        self.labels = np.asarray(labels)[sel]
+        self.lengths = np.asarray(lengths)[sel]
         self.clip_frames, self.stride, self.max_frames = clip_frames, stride, max_frames
         self.train, self.seed, self.epoch = train, seed, 0
 
@@ -72,7 +77,7 @@ class ClipDataset(Dataset):
         rng = np.random.default_rng((self.seed, self.epoch, i)) if self.train else None
         pick = clip_rows(int(self.lengths[i]), self.clip_frames, self.stride, self.max_frames, rng)
         if isinstance(self.source, SplitData):
-            rows = self.source.video_rows(i)
+            rows = self.source.video_rows(int(self.rows[i]))
             feats = self.source.features[rows][pick]
             frames = self.source.frame_indices[rows][pick]
             times = self.source.timestamps[rows][pick]
@@ -109,38 +114,44 @@ def collate_clips(items: list[dict]) -> dict:
 
 
 class LengthBucketSampler(Sampler[list[int]]):
-    """Batches of items of similar length (less padding), in a shuffled order; shards batches across ranks.
+    """Batches of items of similar length (less padding), in a shuffled order; splits each batch across ranks.
 
-    Items are sorted by length with a little per-epoch noise, cut into batches, and the batch order is
-    shuffled. With `num_replicas` > 1 each rank takes every num_replicas-th batch, and all ranks get the
-    same number of batches (the list is padded by repeating batches) so DDP never waits on a missing one.
+    Items are sorted by length with a little per-epoch noise, cut into batches of `batch_size` (the global
+    batch over all ranks), and the batch order is shuffled. With `num_replicas` > 1 rank r takes items
+    r, r + num_replicas, ... of every global batch, so a step of N processes sees exactly the clips of a
+    one-process step; a rank whose share of a short last batch is empty gets the batch's first item, to be
+    weighted 0 (see `shares`). Every rank gets the same number of batches, so DDP never waits on one.
     """
 
-    def __init__(self, lengths, batch_size: int, shuffle: bool = True, seed: int = 0, drop_last: bool = False,
-                 num_replicas: int = 1, rank: int = 0):
+    def __init__(self, lengths, batch_size: int, shuffle: bool = True, seed: int = 0, num_replicas: int = 1,
+                 rank: int = 0):
         self.lengths = np.asarray(lengths)
-        self.batch_size, self.shuffle, self.seed, self.drop_last = batch_size, shuffle, seed, drop_last
+        self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
         self.num_replicas, self.rank, self.epoch = num_replicas, rank, 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def _batches(self) -> list[list[int]]:
+    def global_batches(self) -> list[list[int]]:
         rng = np.random.default_rng((self.seed, self.epoch))
         noise = rng.random(len(self.lengths)) if self.shuffle else np.zeros(len(self.lengths))
         order = np.lexsort((noise, self.lengths))
         batches = [order[i:i + self.batch_size].tolist() for i in range(0, len(order), self.batch_size)]
-        if self.drop_last and batches and len(batches[-1]) < self.batch_size:
-            batches.pop()
         if self.shuffle:
             batches = [batches[i] for i in rng.permutation(len(batches))]
-        if self.num_replicas > 1 and batches:
-            per_rank = math.ceil(len(batches) / self.num_replicas)
-            batches = (batches * self.num_replicas)[: per_rank * self.num_replicas][self.rank::self.num_replicas]
         return batches
 
+    def shares(self) -> list[tuple[list[int], float]]:
+        """This rank's (items, weight) per step: the weight makes the mean over all ranks of the local loss sums
+        times weight the global batch's mean loss (world / global size; 0 for a stand-in item)."""
+        out = []
+        for b in self.global_batches():
+            mine = b[self.rank::self.num_replicas]
+            out.append((mine, self.num_replicas / len(b)) if mine else (b[:1], 0.0))
+        return out
+
     def __iter__(self):
-        return iter(self._batches())
+        return iter([items for items, _ in self.shares()])
 
     def __len__(self) -> int:
-        return len(self._batches())
+        return -(-len(self.lengths) // self.batch_size)

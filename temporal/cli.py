@@ -33,9 +33,10 @@ def register(sub, bench_sub) -> None:
     p = sub.add_parser(
         "train", help="train the temporal encoder + head on a feature cache",
         description="Stage two: train VTN's Longformer encoder and head on the cached frame features of CACHE's "
-        "train split, evaluating on whole val videos every epoch. RUN gets config.yaml, metrics.jsonl and the "
-        "checkpoints best/ and last/. Defaults suit any cache size (the schedule has a floor of optimiser steps). "
-        "Under torchrun it trains with DDP.",
+        "train split, evaluating on whole val videos every epoch (a cache without a val split gets one: 10 % of each "
+        "class's train videos, by a hash of the id). RUN gets config.yaml, metrics.jsonl and the checkpoints best/ "
+        "and last/. Defaults suit any cache size (unless --epochs or --steps is given, the schedule has a floor of "
+        "optimiser steps). Under torchrun it trains with DDP. Interrupted, it continues with --resume.",
     )
     p.add_argument("cache", help="the feature cache (local path or fsspec URL)")
     p.add_argument("--out", required=True, metavar="RUN", help="the run directory to write")
@@ -45,7 +46,12 @@ def register(sub, bench_sub) -> None:
                    help="base settings: default (AdamW, warm-up, cosine) or reference (the paper code's SGD, steps)")
     p.add_argument("--frames", type=int, help="frames per training clip (data.clip_frames, default 16)")
     p.add_argument("--stride", type=int, help="cached frames between clip frames (data.stride, default 8)")
-    p.add_argument("--epochs", type=int, help="epochs at least (optim.epochs; optim.min_steps may add more)")
+    p.add_argument("--model", choices=["tiny", "small", "base"],
+                   help="encoder size: tiny (trains in seconds on a CPU), small, or base (the paper's, the default)")
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--epochs", type=int, help="train exactly this many epochs (optim.epochs; default: 25, "
+                        "raised to reach optim.min_steps=1000 steps on a small cache)")
+    length.add_argument("--steps", type=int, help="train exactly this many optimiser steps (optim.steps)")
     p.add_argument("--batch-size", type=int, help="clips per step over all processes (optim.batch_size)")
     p.add_argument("--lr", type=float, help="peak learning rate (optim.lr)")
     p.add_argument("--amp", choices=["none", "bf16", "fp16"], help="autocast dtype (run.amp)")
@@ -53,7 +59,8 @@ def register(sub, bench_sub) -> None:
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (run.device; default: the GPU when there is one)")
     add_config_args(p, "model.num_layers=2")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=_train)
+    p.set_defaults(func=_train, interrupted="the last checkpoint is kept; add --resume to the same command to "
+                   "continue exactly where it stopped")
 
 
 def _bench_temporal(args) -> int:

@@ -1,8 +1,8 @@
 """Cached features on their way into VTN: where a split is read from, normalisation, whole-video prediction.
 
 Shared by training (`temporal/train.py`) and evaluation (`evaluate/`), so that both feed the model exactly
-the same inputs: positions from `frame_positions`, and frames past the model's position limit left out (a
-video is seen "up to max_positions"). `feature_stats` gives the normalisation the model keeps with its weights.
+the same inputs: positions from `frame_positions`, and whole videos thinned evenly to the model's
+max_positions frames (the whole video is seen, spread over the position table). `feature_stats` gives the normalisation the model keeps with its weights.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ import os
 import numpy as np
 import torch
 
+from vtn.errors import UserError
+from vtn.runtime import autocast
 from vtn.store import FeatureCache, SplitData
 from vtn.store.dataset import ClipDataset, LengthBucketSampler, collate_clips
 from vtn.temporal.model import VTN, VTNConfig, frame_positions
@@ -80,30 +82,17 @@ def feature_stats(source: SplitData | FeatureCache, split: str, max_videos: int 
 
 
 def model_inputs(batch: dict, config: VTNConfig, device: torch.device):
-    """(features, mask, positions) for VTN.forward from a collate_clips batch, on `device`.
-
-    Frames whose position lies past config.max_positions are masked out rather than refused, so a video
-    longer than the position table is used up to its limit (the model still refuses such positions
-    where they are not masked).
-    """
-    features = batch["features"].to(device)  # [B, T, D]; the model normalises them itself
-    mask = batch["mask"].to(device)
-    positions = frame_positions(config, batch["positions"], batch["times"])
-    if positions is not None:
-        positions = positions.to(device)
-        mask = mask & (positions < config.max_positions)
-        positions = torch.where(mask, positions, 0)
-    return features, mask, positions
-
-
-def whole_videos(source: SplitData | FeatureCache, split: str, max_frames: int) -> ClipDataset:
-    """Every video of the split as one view over the whole video (thinned evenly to `max_frames`)."""
-    return ClipDataset(source, split=split, clip_frames=None, max_frames=max_frames, train=False)
+    """(features, mask, positions) for VTN.forward from a collate_clips batch, on `device`; positions by
+    `frame_positions`, so every real frame of any video, however long, has a place in the table."""
+    mask = batch["mask"]
+    positions = frame_positions(config, batch["positions"], batch["times"], mask)
+    return (batch["features"].to(device),  # [B, T, D]; the model normalises them itself
+            mask.to(device), None if positions is None else positions.to(device))
 
 
 @torch.no_grad()
 def predict(model: VTN, dataset: ClipDataset, device: torch.device,
-            batch_size: int = 16, shard: tuple[int, int] = (0, 1), amp_dtype: torch.dtype | None = None,
+            batch_size: int = 16, shard: tuple[int, int] = (0, 1), amp: str = "none",
             workers: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Logits [n, classes] (float32) of the dataset's items, and their indices into the dataset.
 
@@ -119,9 +108,38 @@ def predict(model: VTN, dataset: ClipDataset, device: torch.device,
     out = []
     for batch in loader:
         features, mask, positions = model_inputs(batch, model.config, device)
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        with autocast(device, amp):
             out.append(model(features, mask, positions).float().cpu())
     model.train(was_training)
     index = np.array([i for b in batches for i in b], dtype=np.int64)
     logits = torch.cat(out).numpy() if out else np.zeros((0, model.config.num_classes), np.float32)
     return logits, index
+
+
+# What a checkpoint records of the features it was trained on, and what every consumer compares: the backbone
+# that made them (timm name, weights, preprocessing) and the frames they were taken from (sampling).
+BACKBONE_IDENTITY = ("name", "weights_sha256", "preprocessing")
+
+
+def cache_inputs(cache: FeatureCache) -> dict:
+    """The identity of a cache's features, for a checkpoint's inputs.json."""
+    backbone = cache.attrs.get("backbone") or {}
+    return {"cache": cache.url, "feature_dim": cache.feature_dim,
+            "backbone": {k: backbone.get(k) for k in BACKBONE_IDENTITY} if backbone else None,
+            "sampling": cache.attrs.get("sampling")}
+
+
+def check_inputs(recorded: dict | None, cache: FeatureCache, checkpoint) -> None:
+    """Refuse a cache whose features are not what the checkpoint was trained on, naming what differs in both."""
+    if recorded is None:  # a checkpoint from before inputs were recorded: nothing to compare
+        return
+    mine = cache_inputs(cache)
+    theirs_b, mine_b = recorded.get("backbone") or {}, mine["backbone"] or {}
+    diffs = [f"backbone {k}: {theirs_b.get(k)!r} in the checkpoint, {mine_b.get(k)!r} in the cache"
+             for k in BACKBONE_IDENTITY if theirs_b.get(k) != mine_b.get(k)]
+    if recorded.get("sampling") != mine["sampling"]:
+        diffs.append(f"sampling: {recorded.get('sampling')} in the checkpoint, {mine['sampling']} in the cache")
+    if diffs:
+        raise UserError(f"{cache.url}: its features are not the kind {checkpoint} was trained on (from "
+                        f"{recorded.get('cache')}): {'; '.join(diffs)}. Extract the videos with that backbone and "
+                        "sampling, or train a model on this cache")

@@ -3,10 +3,11 @@
 The spatial backbone is not here: stage two feeds cached per-frame features, end-to-end fine-tuning feeds
 the backbone's output, and both call the same `VTN.forward`.
 
-Positions are the frames' places in the video (source frame index, or time x rate), not 0..T-1, as in the
-reference code. Frame positions must lie in [0, max_positions); a position outside is refused with an
-error rather than clamped or wrapped, because two frames silently sharing a position is a wrong model that
-still trains. (The check is one small host sync in eager mode; compiled graphs skip it.) [CLS] has its own
+Positions are the frames' places in the video (source frame index, or time x rate) counted from the view's
+first frame, not 0..T-1, as in the reference code; `frame_positions` is the one rule that makes them, and
+spreads a view longer than the table over it. Frame positions must lie in [0, max_positions); a position
+outside is refused with an error rather than clamped or wrapped, because two frames silently sharing a
+position is a wrong model that still trains. (The check is one small host sync in eager mode; compiled graphs skip it.) [CLS] has its own
 position row, after the frames' rows.
 """
 
@@ -96,14 +97,39 @@ def preset(name: str, **overrides) -> VTNConfig:
 
 
 def frame_positions(
-    config: VTNConfig, frame_index: torch.Tensor | None = None, timestamps: torch.Tensor | None = None
+    config: VTNConfig,
+    frame_index: torch.Tensor | None = None,
+    timestamps: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
-    """The `positions` argument of VTN.forward for frames with these source indices / timestamps (seconds)."""
+    """The `positions` argument of VTN.forward for views [B, T] of frames with these source indices / timestamps
+    (seconds); `mask` [B, T] marks the real frames (None: all), which come first and in order.
+
+    The one rule used by training, evaluation, prediction and fine-tuning, so a position means the same in all:
+    a frame's position is its place in the video counted from the view's first frame, in source frames
+    ("index") or seconds x position_rate ("time"); so a clip from minute 10 uses the same rows of the table as
+    one from the start. A view whose span does not fit the table (a long video seen whole, as the paper's
+    evaluation does) is spread over it: its positions are scaled by (max_positions - 1) / span. Positions are
+    then made distinct, each at least one after the previous (a view never has more real frames than
+    positions: whole-video views are thinned to max_positions frames). Padding gets 0.
+    """
+    if config.positions == "none":
+        return None
     if config.positions == "index":
-        return frame_index.long()
-    if config.positions == "time":
-        return torch.round(timestamps * config.position_rate).long()
-    return None
+        raw = frame_index.long()
+    else:
+        raw = torch.round(timestamps.double() * config.position_rate).long()
+    mask = torch.ones_like(raw, dtype=torch.bool) if mask is None else mask.bool()
+    rel = torch.where(mask, raw - raw[:, :1], 0)  # [B, T]; the first frame of every view is real
+    limit = config.max_positions - 1
+    span = rel.amax(dim=1, keepdim=True)  # [B, 1]
+    fit = torch.where(span > limit, torch.round(rel.double() * limit / span.clamp(min=1)).long(), rel)
+    # Distinct and inside the table: p_i >= p_(i-1) + 1, and room left for the frames after it.
+    i = torch.arange(raw.shape[1], device=raw.device).expand_as(raw)  # [B, T]
+    n = mask.sum(dim=1, keepdim=True)  # [B, 1]
+    if bool((n <= config.max_positions).all()):
+        fit = torch.minimum(i + torch.cummax(fit - i, dim=1).values, limit - (n - 1 - i))
+    return torch.where(mask, fit, 0)
 
 
 class VTN(nn.Module):

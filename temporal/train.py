@@ -1,19 +1,21 @@
 """`vtn train CACHE --out RUN`: stage two, the temporal encoder + head trained on cached frame features.
 
-One flat job: set up (distributed, cache checks, config, model, optimiser, resume), run (epochs of random
-training clips, each followed by an evaluation over whole val videos), save (metrics.jsonl, checkpoints
-best/ and last/), clean up.
+The job (`train`) is composed of pieces that `vtn finetune` shares: `setup_processes` (device and torchrun),
+`schedule` (how many steps), `build_optimizer` + `lr_factor`, `train_epoch` (one epoch of optimiser steps
+around a loss function), `evaluate_views` (whole videos, gathered over processes), `end_epoch` (metrics.jsonl,
+best/ and last/ through temporal/checkpoint.py). No trainer class: each piece is a function of what it uses.
 
-The schedule is sized in optimiser steps, not epochs alone: a small cache (a few hundred videos) gives a
-handful of steps per epoch, so `optim.epochs` is raised until the run makes at least `optim.min_steps`
-steps; on a Kinetics-sized cache the epochs decide. The learning rate follows the step, so a schedule
-means the same thing on both.
+The schedule is sized in optimiser steps when it is left to the defaults: a small cache (a few hundred videos)
+gives a handful of steps per epoch, so the default 25 epochs are raised until the run makes at least
+`optim.min_steps` steps; on a Kinetics-sized cache the epochs decide. An explicit `optim.epochs` or
+`optim.steps` is obeyed exactly. The learning rate follows the step, so a schedule means the same on both.
 
 Resuming is exact: clips come from (seed, epoch, index) (store/dataset.py), the batch order from (seed,
 epoch), the learning rate from the step, and the checkpoint holds the optimiser state and every process's
 RNG state. A run interrupted after any checkpoint (epoch ends, and every `run.checkpoint_every` steps) and
 resumed ends with bitwise the same weights as one that was never interrupted (on the CPU; GPU kernels
-may not be deterministic). Checkpoints are safetensors + JSON only, never pickle.
+may not be deterministic). Under torchrun every global batch is split over the processes and the loss is
+weighted by the global batch size, so N processes take the same steps as one.
 """
 
 from __future__ import annotations
@@ -22,25 +24,26 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
-from safetensors.torch import load_file, save_file
 
 from vtn.config import merge, resolve, to_dict
 from vtn.errors import UserError
 from vtn.progress import progress_bar
+from vtn.runtime import Processes, autocast, processes, resolve_device
 from vtn.store import open_cache
 from vtn.store.dataset import ClipDataset, LengthBucketSampler, collate_clips
-from vtn.temporal.data import feature_stats, model_inputs, predict, split_source, whole_videos
+from vtn.temporal import checkpoint
+from vtn.temporal.data import cache_inputs, check_inputs, feature_stats, model_inputs, predict, split_source
 from vtn.temporal.metrics import classification_metrics
 from vtn.temporal.model import VTN, VTNConfig
 
@@ -66,10 +69,23 @@ class ModelSection:
     backend: Literal["hf", "fast"] = "fast"
 
 
+# `--model SIZE`: named encoder sizes. base is the paper's encoder (27.8 M parameters with its head on 768-D
+# features); tiny trains in seconds on a CPU.
+MODEL_SIZES = {
+    "tiny": ModelSection(hidden_size=128, num_layers=2, num_heads=4, intermediate_size=512, attention_window=16),
+    "small": ModelSection(hidden_size=384, num_layers=3, num_heads=6, intermediate_size=1536),
+    "base": ModelSection(),
+}
+
+
 @dataclass(frozen=True)
 class DataSection:
     train_split: str = "train"
     val_split: str = "val"
+    # When the cache has no videos in the split "val" (a folder of class/ sub-folders puts all in "train"), this
+    # share of each class's train videos is held out for validation, chosen by a hash of the video id (so the
+    # choice never depends on the order or number of other videos). 0: refuse instead.
+    holdout: float = 0.1
     # Training clips: clip_frames frames, stride cached frames apart, from a random start. Videos too short
     # for the span keep the clip length with a smaller stride (or all their frames).
     clip_frames: int = 16
@@ -80,6 +96,9 @@ class DataSection:
     eval_batch_size: int = 16
 
 
+DEFAULT_EPOCHS = 25
+
+
 @dataclass(frozen=True)
 class OptimSection:
     optimizer: Literal["adamw", "sgd"] = "adamw"
@@ -88,8 +107,11 @@ class OptimSection:
     betas: tuple[float, float] = (0.9, 0.999)  # adamw
     momentum: float = 0.9  # sgd
     batch_size: int = 32  # clips per optimiser step over all processes
-    epochs: int = 25
-    min_steps: int = 1000  # more epochs than `epochs` when needed to make at least this many steps
+    # Length of the run: `steps` if set, else `epochs` if set (both obeyed exactly); else 25 epochs, raised so
+    # the run makes at least `min_steps` steps (a small cache has few steps per epoch).
+    epochs: int | None = None
+    steps: int | None = None
+    min_steps: int = 1000
     schedule: Literal["cosine", "step"] = "cosine"
     warmup: float = 0.05  # share of the steps with a linear warm-up from 0
     milestones: tuple[float, ...] = (0.52, 0.96)  # step schedule: lr *= gamma at these shares of the steps
@@ -117,19 +139,19 @@ class TrainConfig:
 RECIPES = {
     "default": TrainConfig(),
     # The reference code's Kinetics recipe (SlowFast configs/Kinetics/VIT_B_VTN.yaml): SGD lr 1e-3, momentum
-    # 0.9, weight decay 1e-4, 16 clips per step, lr x0.1 at epochs 13 and 24 of 25, no clipping. The step
-    # count floor (min_steps) still applies, so a small cache gets a usable run.
+    # 0.9, weight decay 1e-4, 16 clips per step, lr x0.1 at epochs 13 and 24 of 25 (as shares of the run),
+    # no clipping. Its length is the default's (25 epochs, at least min_steps), so a small cache gets a usable run.
     "reference": TrainConfig(optim=OptimSection(
-        optimizer="sgd", lr=1e-3, momentum=0.9, weight_decay=1e-4, batch_size=16, epochs=25, schedule="step",
+        optimizer="sgd", lr=1e-3, momentum=0.9, weight_decay=1e-4, batch_size=16, schedule="step",
         warmup=0.0, milestones=(13 / 25, 24 / 25), gamma=0.1, clip_grad=0.0,
     )),
 }
 
-AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
+# -- configuration against the cache ----------------------------------------------------------------------------
 
-def config_for_cache(cfg: TrainConfig, cache) -> TrainConfig:
-    """`cfg` with feature_dim and num_classes taken from the cache; a value already set must match it."""
+def model_config(cfg: TrainConfig, cache) -> VTNConfig:
+    """The VTN to train on this cache: feature_dim and num_classes from the cache (a pinned value must match)."""
     m = cfg.model
     if m.feature_dim is not None and m.feature_dim != cache.feature_dim:
         raise UserError(
@@ -144,24 +166,31 @@ def config_for_cache(cfg: TrainConfig, cache) -> TrainConfig:
             f"{cache.url}: the cache has {len(cache.class_names)} classes, but the model config asks for "
             f"num_classes={m.num_classes}"
         )
-    model = dataclasses.replace(m, feature_dim=cache.feature_dim, num_classes=len(cache.class_names))
-    return dataclasses.replace(cfg, model=model)
+    if cfg.data.clip_frames > m.max_positions:
+        raise UserError(f"data.clip_frames={cfg.data.clip_frames} is more than model.max_positions={m.max_positions}")
+    fields = {f.name: getattr(m, f.name) for f in dataclasses.fields(m)}
+    fields.update(feature_dim=cache.feature_dim, num_classes=len(cache.class_names))
+    return VTNConfig(**fields, class_names=tuple(cache.class_names))
 
 
-def vtn_config(cfg: TrainConfig, class_names) -> VTNConfig:
-    fields = {f.name: getattr(cfg.model, f.name) for f in dataclasses.fields(cfg.model)}
-    return VTNConfig(**fields, class_names=tuple(class_names))
-
-
-def check_split(cache, split: str, what: str) -> None:
-    if not len(cache.split_ids(split)):
-        known = sorted(set(cache.splits))
-        raise UserError(f"{cache.url}: no videos in the {what} split '{split}' (the cache has splits {known}); "
-                        f"set data.{what}_split")
+def schedule(optim: OptimSection, steps_per_epoch: int) -> tuple[int, int, str]:
+    """(epochs, total optimiser steps, what decided them) for `steps_per_epoch` steps per epoch."""
+    if optim.steps is not None:
+        if optim.steps < 1:
+            raise UserError(f"optim.steps must be >= 1, got {optim.steps}")
+        return math.ceil(optim.steps / steps_per_epoch), optim.steps, f"optim.steps={optim.steps}"
+    if optim.epochs is not None:
+        if optim.epochs < 1:
+            raise UserError(f"optim.epochs must be >= 1, got {optim.epochs}")
+        return optim.epochs, optim.epochs * steps_per_epoch, f"optim.epochs={optim.epochs}"
+    epochs = max(DEFAULT_EPOCHS, math.ceil(optim.min_steps / steps_per_epoch))
+    why = (f"the default {DEFAULT_EPOCHS} epochs" if epochs == DEFAULT_EPOCHS else
+           f"the default {DEFAULT_EPOCHS} epochs raised to reach optim.min_steps={optim.min_steps}")
+    return epochs, epochs * steps_per_epoch, why
 
 
 def lr_factor(step: int, total: int, optim: OptimSection) -> float:
-    """The learning rate of optimiser step `step` (0-based) of `total`, as a multiple of optim.lr."""
+    """The learning rate of optimiser step `step` (0-based) of `total`, as a multiple of the group's base lr."""
     warm = int(optim.warmup * total)
     if step < warm:
         return (step + 1) / warm
@@ -170,75 +199,218 @@ def lr_factor(step: int, total: int, optim: OptimSection) -> float:
     return optim.gamma ** sum(step >= m * total for m in optim.milestones)
 
 
-def _optimizer(model: torch.nn.Module, optim: OptimSection) -> torch.optim.Optimizer:
-    """Weight decay on matrices only: biases, LayerNorm weights and [CLS] are not pulled to zero."""
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    rest = [p for p in model.parameters() if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": optim.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+def build_optimizer(groups: list[tuple[list[torch.nn.Parameter], float]], optim: OptimSection) -> torch.optim.Optimizer:
+    """An optimiser over (parameters, base lr) groups. Weight decay on matrices only: biases, LayerNorm weights
+    and [CLS] are not pulled to zero. Each group keeps its `base_lr`, which the schedule scales."""
+    params = []
+    for ps, lr in groups:
+        for decay in (True, False):
+            mine = [p for p in ps if (p.ndim >= 2) == decay]
+            if mine:
+                params.append({"params": mine, "weight_decay": optim.weight_decay if decay else 0.0,
+                               "lr": lr, "base_lr": lr})
     if optim.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=optim.lr, momentum=optim.momentum)
-    return torch.optim.AdamW(groups, lr=optim.lr, betas=optim.betas)
+        return torch.optim.SGD(params, lr=optim.lr, momentum=optim.momentum)
+    return torch.optim.AdamW(params, lr=optim.lr, betas=optim.betas)
 
 
-# -- checkpoints: a directory of safetensors + JSON, swapped in whole ------------------------------------------
+# -- data --------------------------------------------------------------------------------------------------------
 
-def _replace_dir(tmp: Path, final: Path) -> None:
-    """Put `tmp` in the place of `final`; a crash at any point leaves `final` or `final`.old complete."""
-    old = final.with_name(final.name + ".old")
-    if final.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        final.rename(old)
-    tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def _checkpoint_dir(run: Path, name: str) -> Path | None:
-    for d in (run / name, run / (name + ".old")):
-        if (d / "state.json").is_file():
-            return d
-    return None
+def held_out(ids: list[str], labels: np.ndarray, share: float) -> np.ndarray:
+    """Boolean mask of the videos to hold out: per class, ceil(share x its videos) of those with the smallest
+    crc32 of their id, leaving at least one video of the class for training."""
+    out = np.zeros(len(ids), dtype=bool)
+    keys = np.array([zlib.crc32(v.encode()) for v in ids], dtype=np.int64)
+    for c in np.unique(labels[labels >= 0]):
+        mine = np.flatnonzero(labels == c)
+        n = min(math.ceil(share * len(mine)), len(mine) - 1)
+        out[mine[np.argsort(keys[mine], kind="stable")[:n]]] = True
+    return out
 
 
-def _write_model(path: Path, model: VTN, info: dict) -> None:
-    model.save_pretrained(path)
-    (path / "state.json").write_text(json.dumps(info, indent=2) + "\n")
+@dataclass
+class Data:
+    train: ClipDataset  # labelled training videos: random clips
+    val: ClipDataset  # whole videos
+    sampler: LengthBucketSampler
+    streaming: bool
+    workers: int
+    holdout: list[str] | None  # ids held out of the train split for validation, when the cache has no val split
 
 
-def _save_last(run: Path, model: VTN, opt, scaler, rng_states: list[dict], state: dict) -> None:
-    tmp = run / "last.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    sd = opt.state_dict()
-    tensors, plain = {}, {}
-    for i, st in sd["state"].items():
-        for k, v in st.items():
-            if torch.is_tensor(v):
-                tensors[f"{i}.{k}"] = v.detach().cpu().contiguous()
-            else:
-                plain.setdefault(str(i), {})[k] = v
-    _write_model(tmp, model, {**state, "optimizer": {"param_groups": sd["param_groups"], "state": plain},
-                                     "scaler": scaler.state_dict()})
-    save_file(tensors, str(tmp / "optimizer.safetensors"))
-    rng = {f"{kind}.{r}": torch.frombuffer(bytearray(b), dtype=torch.uint8)
-           for r, states in enumerate(rng_states) for kind, b in states.items()}
-    save_file(rng, str(tmp / "rng.safetensors"))
-    _replace_dir(tmp, run / "last")
+def load_data(cache, cfg: TrainConfig, model_cfg: VTNConfig, procs: Processes) -> Data:
+    d = cfg.data
+    for split, what in ((d.train_split, "train"), (d.val_split, "val")):
+        if not len(cache.split_ids(split)) and not (what == "val" and d.val_split == "val" and d.holdout > 0):
+            raise UserError(f"{cache.url}: no videos in the {what} split '{split}' (the cache has splits "
+                            f"{sorted(set(cache.splits))}); set data.{what}_split")
+    train_source = split_source(cache, d.train_split, d.load, procs.local_world)
+    streaming = train_source is cache
+    every = ClipDataset(train_source, split=d.train_split, train=False)
+    keep = every.labels >= 0  # unlabelled videos cannot teach a classifier
+    holdout = None
+    whole = dict(clip_frames=None, max_frames=model_cfg.max_positions, train=False)
+    if len(cache.split_ids(d.val_split)):
+        val_source = split_source(cache, d.val_split, d.load, procs.local_world)
+        val = ClipDataset(val_source, split=d.val_split, **whole)
+    else:
+        out = held_out(every.ids, every.labels, d.holdout)
+        holdout = [every.ids[i] for i in np.flatnonzero(out)]
+        if not holdout:
+            raise UserError(f"{cache.url}: no val split, and no class has two train videos to hold one out")
+        val = ClipDataset(train_source, split=d.train_split, videos=np.flatnonzero(out), **whole)
+        keep &= ~out
+    if not keep.any():
+        raise UserError(f"{cache.url}: the train split '{d.train_split}' has no labelled videos")
+    train = ClipDataset(train_source, split=d.train_split, clip_frames=d.clip_frames, stride=d.stride, train=True,
+                        seed=cfg.run.seed, videos=np.flatnonzero(keep))
+    sampler = LengthBucketSampler(train.sample_lengths(), cfg.optim.batch_size, shuffle=True, seed=cfg.run.seed,
+                                  num_replicas=procs.world, rank=procs.rank)
+    workers = d.workers if d.workers is not None else (
+        min(8, (os.cpu_count() or 1) // procs.local_world) if streaming else 0)
+    return Data(train, val, sampler, streaming, workers, holdout)
 
 
-def _load_optimizer(opt, path: Path, meta: dict) -> None:
-    state: dict[int, dict] = {}
-    for key, v in load_file(str(path / "optimizer.safetensors")).items():
-        i, k = key.split(".", 1)
-        state.setdefault(int(i), {})[k] = v
-    for i, d in meta["state"].items():
-        state.setdefault(int(i), {}).update(d)
-    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+def data_fingerprint(data: Data, cache) -> dict:
+    """What a resumed run must find unchanged to take the same steps: the cache and its training videos."""
+    ids = "\n".join(f"{v}:{n}" for v, n in zip(data.train.ids, data.train.lengths))
+    return {"cache": cache.url, "train_videos": len(data.train), "train_crc32": zlib.crc32(ids.encode())}
 
 
-def _rng_state(device: torch.device) -> dict:
-    state = {"cpu": torch.get_rng_state().numpy().tobytes()}
+# -- processes, steps, evaluation ------------------------------------------------------------------------------
+
+def setup_processes(device_spec: str) -> tuple[Processes, torch.device, bool]:
+    """This process's rank and device; joins torchrun's process group when there is one. Returns
+    (processes, device, whether this call created the group, so the caller destroys it)."""
+    procs = processes()
+    device = resolve_device(device_spec, procs.local_rank)
     if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device).numpy().tobytes()
-    return state
+        torch.cuda.set_device(device)
+    own_group = procs.world > 1 and not dist.is_initialized()
+    if own_group:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return procs, device, own_group
+
+
+@dataclass
+class Loop:
+    """What the steps of a training job share: the run directory, the model and its optimiser, the counters."""
+
+    dir: Path
+    procs: Processes
+    device: torch.device
+    model: torch.nn.Module  # what is saved
+    ddp: torch.nn.Module  # what is called: the model, wrapped for DDP under torchrun
+    opt: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    optim: OptimSection
+    amp: str
+    state: dict  # counters, saved in last/state.json
+    inputs: dict  # what the features are (checkpoint inputs.json)
+    started: float = 0.0  # perf_counter() at the run's start, less the time of the part before a resume
+
+
+def new_state(world: int, epochs: int, steps_per_epoch: int, total_steps: int, data: dict) -> dict:
+    return {"world_size": world, "epochs": epochs, "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
+            "data": data, "epoch": 0, "step_in_epoch": 0, "step": 0, "elapsed": 0.0, "loss_sum": 0.0,
+            "loss_count": 0, "best": None}
+
+
+def check_resume(saved: dict, mine: dict, ckpt: Path) -> None:
+    """Refuse to resume when what decides the steps changed: the processes, the training videos, the schedule."""
+    keys = ("world_size", "steps_per_epoch", "total_steps", "epochs")
+    diffs = [f"{k}: {saved.get(k)!r} then, {mine[k]!r} now" for k in keys if saved.get(k) != mine[k]]
+    diffs += [f"data.{k}: {saved.get('data', {}).get(k)!r} then, {v!r} now" for k, v in mine["data"].items()
+              if saved.get("data", {}).get(k) != v]
+    if diffs:
+        raise UserError(f"cannot resume {ckpt} exactly, these differ from the interrupted run: {'; '.join(diffs)}. "
+                        "Resume with the same cache and settings, or train into another --out")
+
+
+def checkpoint_last(loop: Loop) -> None:
+    rngs = [checkpoint.rng_state(loop.device)]
+    if loop.procs.world > 1:
+        rngs = [None] * loop.procs.world
+        dist.all_gather_object(rngs, checkpoint.rng_state(loop.device))
+    if loop.procs.rank == 0:
+        checkpoint.save_last(loop.dir, loop.model, loop.opt, loop.scaler, rngs, loop.state, loop.inputs)
+
+
+def train_epoch(loop: Loop, loader, weights: list[float], loss_fn: Callable, bar, checkpoint_every: int) -> None:
+    """The optimiser steps of one epoch (what is left of it): `loss_fn(batch, weight)` gives this process's
+    weighted loss of a batch; each step sets the learning rate, steps, counts, and checkpoints last/ every
+    `checkpoint_every` steps (not at the epoch's end, which `end_epoch` saves)."""
+    state, opt = loop.state, loop.opt
+    tick, clips = time.perf_counter(), 0
+    for batch, weight in zip(loader, weights):
+        factor = lr_factor(state["step"], state["total_steps"], loop.optim)
+        for group in opt.param_groups:
+            group["lr"] = group["base_lr"] * factor
+        loss = loss_fn(batch, weight)
+        loop.scaler.scale(loss).backward()
+        if loop.optim.clip_grad > 0:
+            loop.scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(loop.model.parameters(), loop.optim.clip_grad)
+        loop.scaler.step(opt)
+        loop.scaler.update()
+        opt.zero_grad(set_to_none=True)
+
+        value = float(loss.detach())
+        state["loss_sum"] += value
+        state["loss_count"] += 1
+        state["step"] += 1
+        state["step_in_epoch"] += 1
+        clips += len(batch["labels"]) * loop.procs.world
+        bar.set_postfix(loss=f"{value:.3f}", clips_s=f"{clips / max(time.perf_counter() - tick, 1e-9):.0f}",
+                        refresh=False)
+        bar.update()
+        if checkpoint_every and state["step"] % checkpoint_every == 0 \
+                and state["step_in_epoch"] < state["steps_per_epoch"] and state["step"] < state["total_steps"]:
+            state["elapsed"] = time.perf_counter() - loop.started
+            checkpoint_last(loop)
+
+
+def evaluate_views(model: VTN, dataset: ClipDataset, device: torch.device, batch_size: int, procs: Processes,
+                   amp: str) -> dict:
+    """Metrics of the model over every item of `dataset` (whole videos), the work split over processes."""
+    logits, index = predict(model, dataset, device, batch_size, (procs.rank, procs.world), amp)
+    if procs.world > 1:
+        parts = [None] * procs.world
+        dist.all_gather_object(parts, (logits, index))
+        logits = np.concatenate([p[0] for p in parts])
+        index = np.concatenate([p[1] for p in parts])
+    return classification_metrics(logits, dataset.labels[index])
+
+
+def end_epoch(loop: Loop, epoch: int, val: dict) -> dict:
+    """Log the epoch's record to metrics.jsonl, keep the best checkpoint, save last/; returns the record."""
+    state = loop.state
+    loss = torch.tensor([state["loss_sum"], state["loss_count"]], dtype=torch.float64)
+    if loop.procs.world > 1:
+        dist.all_reduce(loss)
+    state.update(epoch=epoch + 1, step_in_epoch=0, loss_sum=0.0, loss_count=0,
+                 elapsed=time.perf_counter() - loop.started)
+    record = {"epoch": epoch + 1, "step": state["step"], "lr": loop.opt.param_groups[0]["lr"],
+              "train_loss": float(loss[0] / max(loss[1], 1)), **{f"val_{k}": v for k, v in val.items()},
+              "elapsed": round(state["elapsed"], 2)}
+    best = state["best"]
+    improved = best is None or (val["top1"], -val["loss"]) > (best["val_top1"], -best["val_loss"])
+    if improved:
+        state["best"] = record
+    if loop.procs.rank == 0:
+        with open(loop.dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if improved:
+            checkpoint.save_best(loop.dir, loop.model, record, loop.inputs)
+    checkpoint_last(loop)
+    return record
+
+
+def start_metrics(run: Path, step: int) -> None:
+    """metrics.jsonl as of `step`: lines written after the checkpoint a run resumes from belong to its lost part."""
+    path = run / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    path.write_text("".join(f"{x}\n" for x in lines if json.loads(x)["step"] <= step))
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -248,6 +420,21 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def resume_config(cls, run: Path, given):
+    """The saved config of the run in `run`; `given` (None: no settings on the command line) must equal it."""
+    saved_path = run / "config.yaml"
+    saved = resolve(cls, saved_path)
+    if given is not None:
+        mine = _flat(to_dict(given))
+        diff = [f"{k}: {v!r} (saved {w!r})" for k, w in _flat(to_dict(saved)).items() if (v := mine.get(k)) != w]
+        if diff:
+            raise UserError(f"--resume continues {run} with its saved config ({saved_path}); these settings "
+                            f"differ: {'; '.join(diff)}. Drop them, or train into another --out")
+    return saved
+
+
+# -- the job ---------------------------------------------------------------------------------------------------
+
 def train(cache_url: str, out: str | Path, cfg: TrainConfig | None = None, resume: bool = False,
           progress: bool = True) -> dict:
     """Train VTN on the cache at `cache_url` into the run directory `out`; returns the final summary.
@@ -255,211 +442,99 @@ def train(cache_url: str, out: str | Path, cfg: TrainConfig | None = None, resum
     `cfg` None means the defaults, or when resuming, the run's saved config. Under torchrun every process
     calls this; rank 0 writes the run directory.
     """
-    # -- distributed and device: decided once, here ------------------------------------------------------
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    local_rank, local_world = int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    given = cfg
-    cfg = cfg or TrainConfig()
-    if cfg.run.device == "auto":
-        device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(cfg.run.device)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    own_group = world > 1 and not dist.is_initialized()
-    if own_group:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    procs, device, own_group = setup_processes((cfg or TrainConfig()).run.device)
     try:
-        # -- the run directory and the config -----------------------------------------------------------
         run = Path(out)
         cache = open_cache(cache_url)
-        saved_path = run / "config.yaml"
-        resuming = resume and _checkpoint_dir(run, "last") is not None
-        if not resume and _checkpoint_dir(run, "last") is not None:
+        last = checkpoint.find(run, "last")
+        if last is not None and not resume:
             raise UserError(f"{run} already holds a run; pass --resume to continue it, or choose another --out")
-        if resuming:
-            saved = resolve(TrainConfig, saved_path)
-            if given is not None:
-                mine = _flat(to_dict(config_for_cache(given, cache)))
-                diff = [f"{k}: {v!r} (saved {w!r})" for k, w in _flat(to_dict(saved)).items() if (v := mine.get(k)) != w]
-                if diff:
-                    raise UserError(f"--resume continues {run} with its saved config ({saved_path}); these settings "
-                                    f"differ: {'; '.join(diff)}. Drop them, or train into another --out")
-            cfg = saved
-        cfg = config_for_cache(cfg, cache)
-        check_split(cache, cfg.data.train_split, "train")
-        check_split(cache, cfg.data.val_split, "val")
-        model_cfg = vtn_config(cfg, cache.class_names)
-        if cfg.optim.batch_size % world:
-            raise UserError(f"optim.batch_size {cfg.optim.batch_size} is not divisible by the {world} processes")
-        batch_size = cfg.optim.batch_size // world
-        amp_dtype = AMP_DTYPES[cfg.run.amp]
+        resuming = resume and last is not None
+        cfg = resume_config(TrainConfig, run, cfg) if resuming else (cfg or TrainConfig())
+        model_cfg = model_config(cfg, cache)
+        if cfg.optim.batch_size % procs.world:
+            raise UserError(f"optim.batch_size {cfg.optim.batch_size} is not divisible by the {procs.world} processes")
+        data = load_data(cache, cfg, model_cfg, procs)
+        steps_per_epoch = len(data.sampler)
+        epochs, total_steps, why = schedule(cfg.optim, steps_per_epoch)
 
-        # -- data ---------------------------------------------------------------------------------------
-        train_source = split_source(cache, cfg.data.train_split, cfg.data.load, local_world)
-        val_source = split_source(cache, cfg.data.val_split, cfg.data.load, local_world)
-        streaming = train_source is cache
-        workers = cfg.data.workers if cfg.data.workers is not None else (
-            min(8, (os.cpu_count() or 1) // local_world) if streaming else 0)
-        train_set = ClipDataset(train_source, split=cfg.data.train_split, clip_frames=cfg.data.clip_frames,
-                                stride=cfg.data.stride, train=True, seed=cfg.run.seed)
-        labelled = np.flatnonzero(train_set.labels >= 0)  # unlabelled videos cannot teach a classifier
-        if not len(labelled):
-            raise UserError(f"{cache.url}: the train split '{cfg.data.train_split}' has no labelled videos")
-        sampler = LengthBucketSampler(train_set.sample_lengths()[labelled], batch_size, shuffle=True,
-                                      seed=cfg.run.seed, num_replicas=world, rank=rank)
-        val_set = whole_videos(val_source, cfg.data.val_split, model_cfg.max_positions)
-        steps_per_epoch = len(sampler)
-        epochs = max(cfg.optim.epochs, math.ceil(cfg.optim.min_steps / steps_per_epoch))
-        total_steps = epochs * steps_per_epoch
-
-        # -- model, optimiser, state ------------------------------------------------------------------
         torch.manual_seed(cfg.run.seed)
         model = VTN(model_cfg).to(device)
-        torch.manual_seed(cfg.run.seed + rank)  # dropout differs between processes, as their data does
-        opt = _optimizer(model, cfg.optim)
+        torch.manual_seed(cfg.run.seed + procs.rank)  # dropout differs between processes, as their data does
+        opt = build_optimizer([(list(model.parameters()), cfg.optim.lr)], cfg.optim)
         scaler = torch.amp.GradScaler(device.type, enabled=cfg.run.amp == "fp16")
-        state = {"cache": cache.url, "world_size": world, "epochs": epochs, "steps_per_epoch": steps_per_epoch,
-                 "total_steps": total_steps, "epoch": 0, "step_in_epoch": 0, "step": 0, "elapsed": 0.0,
-                 "loss_sum": 0.0, "loss_count": 0, "best": None}
+        state = new_state(procs.world, epochs, steps_per_epoch, total_steps, data_fingerprint(data, cache))
+        inputs = cache_inputs(cache)
         if resuming:
-            ckpt = _checkpoint_dir(run, "last")
-            saved_state = json.loads((ckpt / "state.json").read_text())
-            saved_model = VTN.from_pretrained(ckpt)
-            if saved_model.config != model_cfg:
-                raise UserError(f"{cache.url} does not fit the checkpoint {ckpt}: it was trained on features of "
-                                f"{saved_model.config.feature_dim} dimensions and classes "
-                                f"{list(saved_model.config.class_names)}; this cache has {model_cfg.feature_dim} "
-                                f"and {list(model_cfg.class_names)}")
-            if saved_state["world_size"] != world:
-                raise UserError(f"{ckpt} was written by {saved_state['world_size']} processes; resume it with the "
-                                f"same number (the batch order depends on it), not {world}")
-            model.load_state_dict(saved_model.state_dict())  # weights and the feature normalisation
-            _load_optimizer(opt, ckpt, saved_state.pop("optimizer"))
-            scaler.load_state_dict(saved_state.pop("scaler"))
-            rng = load_file(str(ckpt / "rng.safetensors"))
-            torch.set_rng_state(rng[f"cpu.{rank}"])
-            if device.type == "cuda" and f"cuda.{rank}" in rng:
-                torch.cuda.set_rng_state(rng[f"cuda.{rank}"], device)
+            saved = VTN.from_pretrained(last).config
+            if saved != model_cfg:
+                raise UserError(f"{cache.url} does not fit the checkpoint {last}: it was trained on features of "
+                                f"{saved.feature_dim} dimensions and classes {list(saved.class_names)}; this cache "
+                                f"has {model_cfg.feature_dim} and {list(model_cfg.class_names)}")
+            check_inputs(checkpoint.read_inputs(last), cache, last)
+            saved_state = checkpoint.load_last(last, model, opt, scaler, procs.rank, device)
+            check_resume(saved_state, state, last)
             state.update(saved_state)
         elif cfg.data.normalize:
-            model.set_feature_stats(*feature_stats(train_source, cfg.data.train_split))
+            model.set_feature_stats(*feature_stats(data.train.source, cfg.data.train_split))
         ddp = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
+            model, device_ids=[device.index] if device.type == "cuda" else None) if procs.world > 1 else model
+        loop = Loop(run, procs, device, model, ddp, opt, scaler, cfg.optim, cfg.run.amp, state, inputs)
 
-        if rank == 0:
+        if procs.rank == 0:
             run.mkdir(parents=True, exist_ok=True)
-            saved_path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-            metrics_path = run / "metrics.jsonl"
-            # Lines written after the checkpoint we resume from belong to the lost part of the run.
-            lines = metrics_path.read_text().splitlines() if resuming and metrics_path.exists() else []
-            metrics_path.write_text("".join(f"{x}\n" for x in lines if json.loads(x)["step"] <= state["step"]))
+            (run / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+            if data.holdout is not None:
+                (run / "holdout.json").write_text(json.dumps({"split": cfg.data.train_split, "share": cfg.data.holdout,
+                                                              "ids": data.holdout}, indent=1) + "\n")
+            start_metrics(run, state["step"] if resuming else 0)
             n_params = sum(p.numel() for p in model.parameters())
-            print(f"vtn train: {len(labelled)} train / {len(val_set)} val videos from {cache.url} "
-                  f"({'memory' if not streaming else 'streamed'}), {n_params / 1e6:.2f} M parameters, "
-                  f"{epochs} epochs x {steps_per_epoch} steps of {cfg.optim.batch_size} clips on {device}"
-                  + (f" x {world} processes" if world > 1 else "")
+            val_from = (f"{len(data.val)} val videos" if data.holdout is None else
+                        f"{len(data.val)} val videos held out of '{cfg.data.train_split}' (no '{cfg.data.val_split}' "
+                        f"split; {cfg.data.holdout:.0%} of each class by a hash of the id; listed in "
+                        f"{run / 'holdout.json'})")
+            print(f"vtn train: {len(data.train)} train videos and {val_from} from {cache.url} "
+                  f"({'streamed' if data.streaming else 'memory'}), {n_params / 1e6:.2f} M parameters on {device}"
+                  + (f" x {procs.world} processes" if procs.world > 1 else "")
+                  + f"\n  schedule: {total_steps} steps ({epochs} epochs x {steps_per_epoch} steps of "
+                  f"{cfg.optim.batch_size} clips), set by {why}"
                   + (f"; resuming at step {state['step']}" if resuming else ""), flush=True)
+            if len(cache.class_names) == 1:
+                print(f"warning: {cache.url} has a single class ({cache.class_names[0]}); every prediction is that "
+                      "class and accuracy means nothing", flush=True)
 
-        def checkpoint_last() -> None:
-            rngs = [None] * world
-            if world > 1:
-                dist.all_gather_object(rngs, _rng_state(device))
-            else:
-                rngs = [_rng_state(device)]
-            if rank == 0:
-                _save_last(run, model, opt, scaler, rngs, state)
+        def loss_fn(batch: dict, weight: float) -> torch.Tensor:
+            features, mask, positions = model_inputs(batch, model_cfg, device)
+            with autocast(device, cfg.run.amp):
+                logits = ddp(features, mask, positions)
+            loss = F.cross_entropy(logits.float(), batch["labels"].to(device), reduction="sum",
+                                   label_smoothing=cfg.optim.label_smoothing)
+            return loss * weight
 
-        def evaluate() -> dict:
-            logits, index = predict(model, val_set, device, cfg.data.eval_batch_size, (rank, world),
-                                    amp_dtype)
-            if world > 1:
-                parts = [None] * world
-                dist.all_gather_object(parts, (logits, index))
-                logits = np.concatenate([p[0] for p in parts])
-                index = np.concatenate([p[1] for p in parts])
-            return classification_metrics(logits, val_set.labels[index])
-
-        # -- run ----------------------------------------------------------------------------------------
-        bar = progress_bar(total=total_steps, initial=state["step"], disable=not progress or rank != 0, unit="step")
-        started = time.perf_counter() - state["elapsed"]
-        dropped = torch.zeros((), dtype=torch.long)  # frames past max_positions, masked out
+        bar = progress_bar(total=total_steps, initial=state["step"], disable=not progress or procs.rank != 0,
+                           unit="step")
+        loop.started = time.perf_counter() - state["elapsed"]
         model.train()
         for epoch in range(state["epoch"], epochs):
             bar.set_description(f"epoch {epoch + 1}/{epochs}", refresh=False)
-            train_set.set_epoch(epoch)
-            sampler.set_epoch(epoch)
-            batches = [[int(labelled[i]) for i in b] for b in sampler][state["step_in_epoch"]:]
+            data.train.set_epoch(epoch)
+            data.sampler.set_epoch(epoch)
+            shares = data.sampler.shares()[state["step_in_epoch"]:][:total_steps - state["step"]]
             # Its own generator, so making the loader does not draw from the global RNG (dropout's).
-            loader = torch.utils.data.DataLoader(train_set, batch_sampler=batches, collate_fn=collate_clips,
-                                                 num_workers=workers, generator=torch.Generator())
-            tick, clips = time.perf_counter(), 0
-            for batch in loader:
-                for group in opt.param_groups:
-                    group["lr"] = cfg.optim.lr * lr_factor(state["step"], total_steps, cfg.optim)
-                features, mask, positions = model_inputs(batch, model_cfg, device)
-                dropped += (batch["mask"].sum() - mask.sum()).cpu()
-                labels = batch["labels"].to(device)
-                with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                    logits = ddp(features, mask, positions)
-                loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.optim.label_smoothing)
-                scaler.scale(loss).backward()
-                if cfg.optim.clip_grad > 0:
-                    scaler.unscale_(opt)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
-                scaler.step(opt)
-                scaler.update()
-                opt.zero_grad(set_to_none=True)
-
-                value = float(loss.detach())
-                state["loss_sum"] += value
-                state["loss_count"] += 1
-                state["step"] += 1
-                state["step_in_epoch"] += 1
-                clips += len(batch["labels"]) * world
-                now = time.perf_counter()
-                bar.set_postfix(loss=f"{value:.3f}", clips_s=f"{clips / max(now - tick, 1e-9):.0f}", refresh=False)
-                bar.update()
-                if cfg.run.checkpoint_every and state["step"] % cfg.run.checkpoint_every == 0 \
-                        and state["step_in_epoch"] < steps_per_epoch:
-                    state["elapsed"] = time.perf_counter() - started
-                    checkpoint_last()
-
-            # -- end of epoch: evaluate, log, checkpoint ---------------------------------------------------
-            loss_sum = torch.tensor([state["loss_sum"], state["loss_count"]], dtype=torch.float64)
-            if world > 1:
-                dist.all_reduce(loss_sum)
-            val = evaluate()
-            state.update(epoch=epoch + 1, step_in_epoch=0, loss_sum=0.0, loss_count=0,
-                         elapsed=time.perf_counter() - started)
-            record = {"epoch": epoch + 1, "step": state["step"], "lr": opt.param_groups[0]["lr"],
-                      "train_loss": float(loss_sum[0] / max(loss_sum[1], 1)),
-                      **{f"val_{k}": v for k, v in val.items()}, "elapsed": round(state["elapsed"], 2)}
-            best = state["best"]
-            improved = best is None or (val["top1"], -val["loss"]) > (best["val_top1"], -best["val_loss"])
-            if improved:
-                state["best"] = record
-            if rank == 0:
-                with open(run / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps(record) + "\n")
-                if improved:
-                    tmp = run / "best.tmp"
-                    shutil.rmtree(tmp, ignore_errors=True)
-                    _write_model(tmp, model, record)
-                    _replace_dir(tmp, run / "best")
-            checkpoint_last()
+            loader = torch.utils.data.DataLoader(data.train, batch_sampler=[b for b, _ in shares],
+                                                 collate_fn=collate_clips, num_workers=data.workers,
+                                                 generator=torch.Generator())
+            train_epoch(loop, loader, [w for _, w in shares], loss_fn, bar, cfg.run.checkpoint_every)
+            val = evaluate_views(model, data.val, device, cfg.data.eval_batch_size, procs, cfg.run.amp)
+            record = end_epoch(loop, epoch, val)
             bar.set_postfix(loss=f"{record['train_loss']:.3f}", val_top1=f"{val['top1']:.3f}", refresh=False)
         bar.close()
 
-        # -- summary -------------------------------------------------------------------------------------
         best = state["best"]
         summary = {"run": str(run), "epochs": epochs, "steps": state["step"], "seconds": round(state["elapsed"], 1),
                    "best": best, "last": json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
-                   if rank == 0 else None}
-        if rank == 0:
-            if int(dropped):
-                print(f"note: {int(dropped)} training frames lay past model.max_positions={model_cfg.max_positions} "
-                      "and were left out; raise it, or use model.positions=time", flush=True)
+                   if procs.rank == 0 else None}
+        if procs.rank == 0:
             print(f"vtn train: {epochs} epochs, {state['step']} steps in {state['elapsed']:.0f} s; best val top-1 "
                   f"{best['val_top1']:.1%} (top-5 {best['val_top5']:.1%}, mean class "
                   f"{best['val_mean_class_accuracy']:.1%}) at epoch {best['epoch']}; last top-1 "
@@ -473,20 +548,29 @@ def train(cache_url: str, out: str | Path, cfg: TrainConfig | None = None, resum
 
 FLAGS = {  # command-line flag -> config key
     "frames": ("data", "clip_frames"), "stride": ("data", "stride"), "epochs": ("optim", "epochs"),
-    "batch_size": ("optim", "batch_size"), "lr": ("optim", "lr"), "amp": ("run", "amp"), "seed": ("run", "seed"),
-    "device": ("run", "device"),
+    "steps": ("optim", "steps"), "batch_size": ("optim", "batch_size"), "lr": ("optim", "lr"),
+    "amp": ("run", "amp"), "seed": ("run", "seed"), "device": ("run", "device"),
 }
 
 
-def main(args) -> int:
-    """`vtn train`: recipe, then --config, then --set, then the explicit flags; none of them with --resume
-    means "the run's saved config"."""
+def flag_updates(args, flags: dict) -> dict:
+    """The explicit command-line flags that were given, as nested config updates."""
     updates: dict = {}
-    for flag, (section, key) in FLAGS.items():
-        if getattr(args, flag) is not None:
+    for flag, (section, key) in flags.items():
+        if getattr(args, flag, None) is not None:
             updates.setdefault(section, {})[key] = getattr(args, flag)
+    return updates
+
+
+def main(args) -> int:
+    """`vtn train`: recipe and --model size, then --config, then --set, then the explicit flags; none of them
+    with --resume means "the run's saved config"."""
+    updates = flag_updates(args, FLAGS)
     cfg = None
-    if args.recipe or args.config or args.sets or updates or not args.resume:
-        cfg = merge(resolve(TrainConfig, args.config, args.sets, base=RECIPES[args.recipe or "default"]), updates)
+    if args.recipe or args.model or args.config or args.sets or updates or not args.resume:
+        base = RECIPES[args.recipe or "default"]
+        if args.model:
+            base = dataclasses.replace(base, model=MODEL_SIZES[args.model])
+        cfg = merge(resolve(TrainConfig, args.config, args.sets, base=base), updates)
     train(args.cache, args.out, cfg, resume=args.resume, progress=not args.quiet)
     return 0

@@ -41,5 +41,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vtn {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"vtn {args.command}: interrupted; committed work is kept, re-run to continue", file=sys.stderr)
+        hint = getattr(args, "interrupted", "committed work is kept, re-run to continue")
+        print(f"vtn {args.command}: interrupted; {hint}", file=sys.stderr)
         return 130

@@ -1,0 +1,106 @@
+"""Checkpoints of a training run: directories of safetensors + JSON, swapped in whole, never pickle.
+
+A checkpoint directory holds the model (`config.json` + `model.safetensors`, see VTN.save_pretrained),
+`inputs.json` (what the features it was trained on were: the cache's backbone identity and sampling, which
+every consumer checks), `state.json` (the run's counters and metrics); `last/` adds the optimiser state and
+every process's RNG state, so a run resumes exactly. Shared by `vtn train` and `vtn finetune`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from vtn.temporal.model import WEIGHTS_NAME
+
+INPUTS_NAME = "inputs.json"
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Put `tmp` in the place of `final`; a crash at any point leaves `final` or `final`.old complete."""
+    old = final.with_name(final.name + ".old")
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def find(run: Path, name: str) -> Path | None:
+    """The complete checkpoint `name` (best, last) of a run, or its previous copy if a swap was cut short."""
+    for d in (run / name, run / (name + ".old")):
+        if (d / "state.json").is_file():
+            return d
+    return None
+
+
+def write_model(path: Path, model, info: dict, inputs: dict) -> None:
+    """`model` is anything with VTN's save_pretrained (a VTN, or backbone + VTN when fine-tuning)."""
+    model.save_pretrained(path)
+    (path / INPUTS_NAME).write_text(json.dumps(inputs, indent=2) + "\n")
+    (path / "state.json").write_text(json.dumps(info, indent=2) + "\n")
+
+
+def save_best(run: Path, model, record: dict, inputs: dict) -> None:
+    tmp = run / "best.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    write_model(tmp, model, record, inputs)
+    replace_dir(tmp, run / "best")
+
+
+def save_last(run: Path, model, opt, scaler, rng_states: list[dict], state: dict, inputs: dict) -> None:
+    """`last/`: the model, the optimiser (tensors in safetensors, the rest in state.json) and the RNG states."""
+    tmp = run / "last.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    sd = opt.state_dict()
+    tensors, plain = {}, {}
+    for i, st in sd["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"{i}.{k}"] = v.detach().cpu().contiguous()
+            else:
+                plain.setdefault(str(i), {})[k] = v
+    write_model(tmp, model, {**state, "optimizer": {"param_groups": sd["param_groups"], "state": plain},
+                             "scaler": scaler.state_dict()}, inputs)
+    save_file(tensors, str(tmp / "optimizer.safetensors"))
+    rng = {f"{kind}.{r}": torch.frombuffer(bytearray(b), dtype=torch.uint8)
+           for r, states in enumerate(rng_states) for kind, b in states.items()}
+    save_file(rng, str(tmp / "rng.safetensors"))
+    replace_dir(tmp, run / "last")
+
+
+def load_last(ckpt: Path, model, opt, scaler, rank: int, device: torch.device) -> dict:
+    """Restore weights, optimiser, scaler and this rank's RNG from `last/`; returns its saved state."""
+    state = json.loads((ckpt / "state.json").read_text())
+    model.load_state_dict(load_file(str(ckpt / WEIGHTS_NAME)))  # weights and the feature normalisation
+    meta = state.pop("optimizer")
+    tensors: dict[int, dict] = {}
+    for key, v in load_file(str(ckpt / "optimizer.safetensors")).items():
+        i, k = key.split(".", 1)
+        tensors.setdefault(int(i), {})[k] = v
+    for i, d in meta["state"].items():
+        tensors.setdefault(int(i), {}).update(d)
+    opt.load_state_dict({"state": tensors, "param_groups": meta["param_groups"]})
+    scaler.load_state_dict(state.pop("scaler"))
+    rng = load_file(str(ckpt / "rng.safetensors"))
+    torch.set_rng_state(rng[f"cpu.{rank}"])
+    if device.type == "cuda" and f"cuda.{rank}" in rng:
+        torch.cuda.set_rng_state(rng[f"cuda.{rank}"], device)
+    return state
+
+
+def rng_state(device: torch.device) -> dict:
+    state = {"cpu": torch.get_rng_state().numpy().tobytes()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device).numpy().tobytes()
+    return state
+
+
+def read_inputs(ckpt: Path) -> dict | None:
+    """The recorded inputs of a checkpoint (None for checkpoints written before they were recorded)."""
+    path = ckpt / INPUTS_NAME
+    return json.loads(path.read_text()) if path.is_file() else None
