@@ -129,10 +129,11 @@ def make_dataset(
     seconds: tuple[float, float] = (1.5, 3.0),
     vfr_every: int = 4,
     seed: int = 0,
+    fps: tuple[float, ...] = FPS_CHOICES,
 ) -> list[Path]:
     """Write `root/split/class/NNNN.mp4` for every split, `per_split[split]` videos per class.
 
-    Lengths are drawn from `seconds`, frame rates from 15/24/25/30 fps, sizes from `SIZES`; every
+    Lengths are drawn from `seconds`, frame rates from `fps` (15/24/25/30), sizes from `SIZES`; every
     `vfr_every`-th video (0 = none) has a variable frame rate. Deterministic for a given seed.
     Returns the paths written, in a fixed order.
     """
@@ -147,7 +148,7 @@ def make_dataset(
                 paths.append(make_video(
                     path, cls,
                     seconds=float(rng.uniform(*seconds)),
-                    fps=float(FPS_CHOICES[rng.integers(len(FPS_CHOICES))]),
+                    fps=float(fps[rng.integers(len(fps))]),
                     size=SIZES[rng.integers(len(SIZES))],
                     vfr=vfr,
                     seed=int(rng.integers(2**31)),
