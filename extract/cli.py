@@ -110,6 +110,7 @@ def _extract(args: argparse.Namespace) -> int:
         return _report(_run(cfg, args, 0, 1), 0)
     # Under torchrun: one process per device; set up here, at the top of the job, and passed down.
     import dataclasses
+    from datetime import timedelta
 
     import torch
     import torch.distributed as dist
@@ -120,7 +121,8 @@ def _extract(args: argparse.Namespace) -> int:
     if device.type == "cuda":
         torch.cuda.set_device(device)
         cfg = dataclasses.replace(cfg, runtime=dataclasses.replace(cfg.runtime, device=str(device)))
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                            timeout=timedelta(seconds=cfg.runtime.dist_timeout))
     try:
         rank = dist.get_rank()
         return _report(_run(cfg, args, rank, world_size), rank)

@@ -37,6 +37,9 @@ class RuntimeConfig:
     # torch threads on the CPU; default: every core. Decode workers block once they are ahead, so they leave
     # the cores to the model (measured on 2 idle cores: 207 frames/s against 112 with one thread per leftover core).
     threads: int | None = None
+    # Seconds a collective between torchrun ranks may wait before the job fails (torch's default). Ranks that
+    # finished their share wait for the others without this limit.
+    dist_timeout: float = 1800.0
     commit_every: float = 30.0  # seconds between commits: the most work a kill can lose
     feature_dtype: Literal["float16", "float32"] = "float16"
     channels_last: bool = True

@@ -22,6 +22,7 @@ import stat
 import time
 import zlib
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +39,9 @@ from vtn.extract.sampling import SamplingConfig, check, effective
 from vtn.extract.workers import DecodePool
 from vtn.progress import progress_bar
 from vtn.runtime import autocast, resolve_device
+
+
+FINISH_WAIT = timedelta(days=7)  # how long a rank that finished waits for the others
 
 
 @dataclass
@@ -323,6 +327,10 @@ def run(cfg: ExtractConfig, source: str | Path, out: str, overwrite: bool = Fals
     todo = [e for e in entries if e.id not in done]
     if world_size > 1:
         dist.barrier()  # every rank has read the same committed set before anyone writes
+        # Ranks finish their shares at different times (one long video can keep a rank busy for an hour after the
+        # others): they wait for each other on a group of their own whose timeout is not the job's collective
+        # timeout, so waiting is never taken for a hang. Made now, while every rank is here to connect.
+        finish_group = dist.new_group(backend="gloo", timeout=FINISH_WAIT)
         mine = [todo[i] for i in range(rank, len(todo), world_size)]
         local = {e.id: expected_frames(e.path, cfg.sampling) for e in mine}
         gathered: list = [None] * world_size
@@ -353,14 +361,14 @@ def run(cfg: ExtractConfig, source: str | Path, out: str, overwrite: bool = Fals
         writer.close(consolidate=world_size == 1)
     summary.skipped = len(done & {e.id for e in entries})
     if world_size > 1:
-        dist.barrier()  # every part is closed
+        dist.barrier(group=finish_group)  # every part is closed
         if rank == 0:
             consolidate(out)
         parts: list = [None] * world_size
-        dist.all_gather_object(parts, summary)
+        dist.all_gather_object(parts, summary, group=finish_group)
         summary = parts[0]
         for other in parts[1:]:
             summary = summary.merge(other)
-        dist.barrier()  # the index is written before any rank returns
+        dist.barrier(group=finish_group)  # the index is written before any rank returns
     summary.seconds = time.monotonic() - t0
     return summary

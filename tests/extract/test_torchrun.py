@@ -63,3 +63,27 @@ def test_job_array_shards_started_together_equal_one_process(videos, tmp_path, v
     assert "extracted 0 videos" in proc.stderr and f"{counts[1]} already in the cache" in proc.stderr
     for bad in ("3/3", "1-3"):
         assert "--shard" in vtn("extract", videos, "--out", sharded, *ARGS, "--shard", bad, check_rc=2).stderr
+
+
+@pytest.mark.slow
+def test_ranks_that_finish_long_before_the_others_do_not_time_out(tmp_path):
+    from vtn.extract import synth
+
+    videos = tmp_path / "videos"
+    synth.make_video(videos / "a" / "long.mp4", synth.CLASSES[0], seconds=90, fps=25, size=(64, 64))
+    for i in range(2):  # the other rank's share: done in a moment
+        synth.make_video(videos / "a" / f"short{i}.mp4", synth.CLASSES[0], seconds=1, fps=25, size=(64, 64))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "vtn",
+           "extract", str(videos), "--out", str(tmp_path / "cache"), "--backbone", "resnet18", "--random-init",
+           "--image-size", "64", "--workers", "0", "--no-progress", "--set", "runtime.dist_timeout=3"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        _, stderr = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, stderr[-3000:]
+    seconds = float(re.search(r"frames in ([\d.]+) s", stderr).group(1))
+    assert seconds > 6  # rank 1 waited for rank 0 far longer than the 3 s collective timeout
+    assert len(open_cache(str(tmp_path / "cache")).ids) == 3
