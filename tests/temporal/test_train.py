@@ -101,6 +101,7 @@ def test_resume_mid_epoch_ends_bitwise_equal_to_an_uninterrupted_run(cache, tmp_
 
     monkeypatch.setattr(train_job, "lr_factor", interrupt_at_step_8)
     assert main(["train", cache, "--out", str(parts), *args]) == 130
+    assert "interrupted; the last checkpoint is kept; add --resume" in capsys.readouterr().err
     state = json.loads((parts / "last" / "state.json").read_text())
     assert (state["step"], state["epoch"], state["step_in_epoch"]) == (7, 2, 1)  # mid-epoch checkpoint
     monkeypatch.setattr(train_job, "lr_factor", real)
