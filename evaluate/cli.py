@@ -19,8 +19,20 @@ def register(sub, bench_sub) -> None:
     p.add_argument("--out", help="where to write the files (default: RUN)")
     p.add_argument("--batch-size", type=int, default=16, help="videos per forward pass (default 16)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: the GPU when there is one)")
+    p.add_argument("--views", default="full", metavar="MODE",
+                   help="full (default: one view over the whole video, the paper's mode) or TxS: T clips of the "
+                   "training clip length evenly spaced in time (S = 1 from a cache), softmax averaged, e.g. 10x1")
+    p.add_argument("--attention", type=int, default=0, metavar="N",
+                   help="for the first N videos write attention/<id>.png (frame thumbnails from the source video "
+                   "over [CLS]'s attention per layer and the rollout) and attention/attention.json")
     p.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
     p.set_defaults(func=_evaluate)
+
+    r = sub.add_parser("report", help="training curves of a run (curves.png) and its best figures",
+                       description="Draws RUN/curves.png (train loss, learning rate and val top-1 against steps) from "
+                       "RUN/metrics.jsonl, for any run, finished or not, and prints its best epoch.")
+    r.add_argument("run", help="a `vtn train` run directory")
+    r.set_defaults(func=_report)
 
 
 def _evaluate(args) -> int:
@@ -29,12 +41,41 @@ def _evaluate(args) -> int:
     from vtn.evaluate.run import evaluate
 
     m = evaluate(args.run, args.cache, split=args.split, out=args.out, checkpoint=args.checkpoint,
-                 batch_size=args.batch_size, device=args.device)
+                 batch_size=args.batch_size, device=args.device, views=args.views, attention=args.attention)
     if args.json:
         print(json.dumps(m))
-    elif m["videos"]:
-        print(f"{m['split']}: {m['videos']} videos  top-1 {m['top1']:.1%}  top-5 {m['top5']:.1%}  "
-              f"mean class accuracy {m['mean_class_accuracy']:.1%}  loss {m['loss']:.4f}")
-    else:
+        return 0
+    if not m["videos"]:
         print(f"{m['split']}: no labelled videos; predictions written")
+        return 0
+    print(f"{m['split']}: {m['videos']} videos  top-1 {m['top1']:.1%}  top-5 {m['top5']:.1%}  "
+          f"mean class accuracy {m['mean_class_accuracy']:.1%}  loss {m['loss']:.4f}  "
+          f"ECE {m['calibration']['ece']:.3f}  ({m['views']['mode']}: {m['frames_through_backbone']} frames, "
+          f"{m['seconds']:.2f} s)")
+    print(f"  {'class':<24} precision  recall     f1  videos")
+    for name, c in m["per_class"].items():
+        print(f"  {name[:24]:<24} {c['precision']:9.3f} {c['recall']:7.3f} {c['f1']:6.3f} {c['videos']:7d}")
+    if m["most_confused"]:
+        print("  most confused: " + "; ".join(f"{p['true']} taken for {p['predicted']} ({p['videos']})"
+                                              for p in m["most_confused"]))
+    return 0
+
+
+def _report(args) -> int:
+    import json
+    from pathlib import Path
+
+    from vtn.errors import UserError
+    from vtn.plots import curves_png
+
+    path = Path(args.run) / "metrics.jsonl"
+    if not path.is_file():
+        raise UserError(f"{args.run}: not a training run (no metrics.jsonl)")
+    records = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    if not records:
+        raise UserError(f"{path}: no epoch has finished yet")
+    png = curves_png(records, Path(args.run) / "curves.png")
+    best = max(records, key=lambda r: (r["val_top1"], -r["val_loss"]))
+    print(f"{args.run}: {len(records)} epochs, {records[-1]['step']} steps; best val top-1 {best['val_top1']:.1%} at "
+          f"epoch {best['epoch']}; last {records[-1]['val_top1']:.1%}; curves: {png}")
     return 0

@@ -1,26 +1,35 @@
-"""`vtn evaluate RUN --cache CACHE`: a trained VTN on one split of a cache, one view over each whole video.
+"""`vtn evaluate RUN --cache CACHE`: a trained VTN on one split of a cache.
 
-A flat job: load the checkpoint (config, weights, feature statistics) and check the cache fits it, predict
-every video of the split, and write predictions.csv, confusion.csv and metrics.json. It only reads
-checkpoints and caches (no training code): the inputs are prepared by the same library function training
-uses (vtn.temporal.data), so an evaluation reproduces the run's own val figures.
+A flat job: load the checkpoint (config, weights, feature statistics, recorded inputs) and check the cache fits
+it, predict every video of the split in the chosen inference mode, and write predictions.csv, confusion.csv,
+metrics.json and the figures (confusion matrix, reliability diagram, and [CLS] attention with --attention). It
+only reads checkpoints and caches (no training code): the inputs are prepared by the same library functions
+training uses (vtn.temporal.data), so an evaluation reproduces the run's own val figures.
+
+Inference modes: `full` (the paper's: one view over the whole video, up to max_positions frames spread over it)
+and `TxS` (PySlowFast / MMAction2 testing: T clips of the training clip length with starts evenly spaced over the
+video, x S spatial crops, softmax scores averaged). A cache holds one crop, so from a cache S is 1.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import re
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from vtn import plots
 from vtn.errors import UserError
-from vtn.temporal.metrics import classification_metrics, confusion, log_softmax, top_k
 from vtn.runtime import resolve_device
-from vtn.store import ClipDataset, open_cache
+from vtn.store import ClipDataset, collate_clips, open_cache
 from vtn.temporal.checkpoint import read_inputs
-from vtn.temporal.data import check_inputs, predict, split_source
+from vtn.temporal.data import check_inputs, model_inputs, predict, split_source
+from vtn.temporal.metrics import (calibration, classification_metrics, confused_pairs, confusion, log_softmax,
+                                  per_class, top_k)
 from vtn.temporal.model import CONFIG_NAME, VTN
 
 
@@ -34,8 +43,33 @@ def checkpoint_dir(run: Path, checkpoint: str) -> Path:
     return path
 
 
+def parse_views(spec: str) -> tuple[int, int] | None:
+    """"full" -> None; "TxS" (e.g. "10x3") -> (T clips, S crops)."""
+    if spec == "full":
+        return None
+    m = re.fullmatch(r"(\d+)x(\d+)", spec)
+    if not m or int(m[1]) < 1 or int(m[2]) not in (1, 3):
+        raise UserError(f"--views {spec!r}: expected full, or TxS with T clips >= 1 and S = 1 (centre) or 3 crops, "
+                        "e.g. 10x3")
+    return int(m[1]), int(m[2])
+
+
+def clip_settings(inputs: dict | None) -> tuple[int, int]:
+    """The training clip (frames, stride in cached frames) recorded with a checkpoint; stage two's defaults
+    for checkpoints written before it was recorded."""
+    inputs = inputs or {}
+    return int(inputs.get("clip_frames", 16)), int(inputs.get("stride", 8))
+
+
+def average_views(predict_view, n: int) -> np.ndarray:
+    """Log of the mean softmax over `n` views: `predict_view(k)` gives view k's logits [videos, classes]."""
+    probs = sum(np.exp(log_softmax(predict_view(k))) for k in range(n)) / n
+    return np.log(np.maximum(probs, 1e-30))
+
+
 def evaluate(run: str | Path, cache_url: str, split: str | None = None, out: str | Path | None = None,
-             checkpoint: str = "best", batch_size: int = 16, device: str = "auto", load: str = "auto") -> dict:
+             checkpoint: str = "best", batch_size: int = 16, device: str = "auto", load: str = "auto",
+             views: str = "full", attention: int = 0) -> dict:
     """Evaluate the run's checkpoint on `split` of the cache (None: "val", or the videos the run held out of its
     train split when the cache has no val split); writes into `out` (default: the run directory) and returns the
     metrics. A cache without labels or class names (new videos to score) gets predictions and no accuracy."""
@@ -47,12 +81,17 @@ def evaluate(run: str | Path, cache_url: str, split: str | None = None, out: str
     if cache.feature_dim != cfg.feature_dim:
         raise UserError(f"{cache.url}: the cache's features have {cache.feature_dim} dimensions, but the model in "
                         f"{ckpt} was trained on feature_dim={cfg.feature_dim}")
-    check_inputs(read_inputs(ckpt), cache, ckpt)
+    inputs = read_inputs(ckpt)
+    check_inputs(inputs, cache, ckpt)
     names = list(cfg.class_names) or [str(i) for i in range(cfg.num_classes)]
     if cache.class_names and (len(cache.class_names) != cfg.num_classes
                               or (cfg.class_names and list(cfg.class_names) != cache.class_names)):
         raise UserError(f"{cache.url}: the cache's classes {cache.class_names} are not the ones the model in {ckpt} "
                         f"was trained on ({cfg.num_classes}: {names})")
+    mode = parse_views(views)
+    if mode is not None and mode[1] != 1:
+        raise UserError(f"--views {views}: a cache holds the features of one crop per frame, so from a cache S is 1 "
+                        f"(e.g. {mode[0]}x1); `vtn predict --views {views}` takes 3 crops from raw video")
     videos, holdout = None, run / "holdout.json"
     if split is None:
         split = "val"
@@ -65,19 +104,36 @@ def evaluate(run: str | Path, cache_url: str, split: str | None = None, out: str
 
     dev = resolve_device(device)
     model.to(dev)
-    dataset = ClipDataset(split_source(cache, split, load), split=split, clip_frames=None,
-                          max_frames=cfg.max_positions, train=False, videos=videos)
-    logits, index = predict(model, dataset, dev, batch_size)
-    order = np.argsort(index)  # back to the cache's order of videos
-    logits, index = logits[order], index[order]
+    source = split_source(cache, split, load)
+    started = time.perf_counter()
+    if mode is None:
+        dataset = ClipDataset(source, split=split, max_frames=cfg.max_positions, train=False, videos=videos)
+        logits, index = predict(model, dataset, dev, batch_size)
+        frames = int(dataset.sample_lengths().sum())
+    else:
+        frames_per_clip, stride = clip_settings(inputs)
+        clips = [ClipDataset(source, split=split, clip_frames=frames_per_clip, stride=stride, train=False,
+                             videos=videos, view=(k, mode[0])) for k in range(mode[0])]
+        dataset = clips[0]
+        index = np.arange(len(dataset))
+        logits = average_views(lambda k: _in_order(*predict(model, clips[k], dev, batch_size)), mode[0])
+        frames = int(dataset.sample_lengths().sum()) * mode[0]
+    seconds = time.perf_counter() - started
+    logits, index = _in_order(logits, index), np.sort(index)  # the cache's order of videos
     labels = np.asarray(dataset.labels)[index] if cache.class_names else np.full(len(index), -1)
     ids = [dataset.ids[i] for i in index]
+    matrix = confusion(logits, labels)
+    probs = np.exp(log_softmax(logits))
     metrics = {"checkpoint": str(ckpt), "cache": cache.url, "split": split,
-               **({"held_out_of_train": True} if videos is not None else {}), **classification_metrics(logits, labels)}
+               **({"held_out_of_train": True} if videos is not None else {}), **classification_metrics(logits, labels),
+               "views": {"mode": views, "clips": 1 if mode is None else mode[0], "crops": 1},
+               "frames_through_backbone": frames, "seconds": round(seconds, 3)}
+    if metrics["videos"]:
+        metrics.update(per_class=per_class(logits, labels, names), most_confused=confused_pairs(matrix, names),
+                       calibration=calibration(probs, labels))
 
     out = Path(out) if out is not None else run
     out.mkdir(parents=True, exist_ok=True)
-    probs = np.exp(log_softmax(logits))
     with open(out / "predictions.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["id", "label", "prediction", "top5", "probabilities"])
@@ -87,7 +143,62 @@ def evaluate(run: str | Path, cache_url: str, split: str | None = None, out: str
     with open(out / "confusion.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["true \\ predicted", *names])
-        for name, row in zip(names, confusion(logits, labels)):
+        for name, row in zip(names, matrix):
             w.writerow([name, *row.tolist()])
+    if metrics["videos"]:
+        plots.confusion_png(matrix, names, out / "confusion.png")
+        plots.reliability_png(metrics["calibration"], out / "reliability.png")
+    if attention:
+        whole = ClipDataset(source, split=split, max_frames=cfg.max_positions, train=False, videos=videos)
+        metrics["attention"] = write_attention(model, whole, cache, attention, dev, out / "attention")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
+
+
+def _in_order(logits: np.ndarray, index: np.ndarray) -> np.ndarray:
+    return logits[np.argsort(index)]
+
+
+def cls_attention(model: VTN, batch: dict, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    """[CLS]'s attention to the frames of a one-video batch: per layer (heads averaged, renormalised over the
+    frames) [layers, T], and the rollout across layers [T].
+
+    Rollout (after Abnar & Zuidema, 2020, for the one row Longformer's global attention gives): [CLS] after layer
+    l is half itself (the residual) and half its attention over the tokens before that layer; a frame token stands
+    for its own frame (the frames' local mixing, which the model does not expose, is left out). Both sum to 1."""
+    features, mask, positions = model_inputs(batch, model.config, device)
+    model.eval()
+    with torch.no_grad():
+        _, attentions = model(features, mask, positions, return_attention=True)
+    layers = torch.stack([a[0].float().mean(0) for a in attentions]).cpu().numpy()  # [layers, 1 + T]
+    share = np.zeros(layers.shape[1])
+    share[0] = 1.0  # what [CLS] stands for: itself, before the first layer
+    for a in layers:
+        frames_part = np.concatenate([[0.0], a[1:]])
+        share = 0.5 * share + 0.5 * (a[0] * share + frames_part)
+    per_layer = layers[:, 1:] / layers[:, 1:].sum(1, keepdims=True)
+    return per_layer, share[1:] / share[1:].sum()
+
+
+def write_attention(model: VTN, dataset: ClipDataset, cache, n: int, device: torch.device, folder: Path) -> list[str]:
+    """For the first `n` videos of `dataset`: attention.json and a PNG (thumbnails decoded from the source video at
+    the cached frames, under them the attention per layer and the rollout). Returns the PNG paths."""
+    from vtn.evaluate.frames import read_frames, source_root
+
+    folder.mkdir(parents=True, exist_ok=True)
+    root, written, records = source_root(cache), [], []
+    for i in range(min(n, len(dataset))):
+        item = dataset[i]
+        per_layer, rollout = cls_attention(model, collate_clips([item]), device)
+        index, times = item["positions"].numpy(), item["times"].numpy()
+        records.append({"id": item["id"], "frames": [
+            {"frame_index": int(f), "timestamp": round(float(t), 6), "layers": per_layer[:, j].round(6).tolist(),
+             "rollout": round(float(rollout[j]), 6)} for j, (f, t) in enumerate(zip(index, times))]})
+        shown = np.unique(np.linspace(0, len(index) - 1, min(len(index), 24)).round().astype(int))
+        thumbs = read_frames(root / item["id"] if root else None, index[shown], height=48)
+        rows = {f"layer {k + 1}": w for k, w in enumerate(per_layer)} | {"rollout": rollout}
+        name = re.sub(r"[^\w.-]+", "_", item["id"])
+        written.append(str(plots.attention_png(thumbs, rows, f"{item['id']}: [CLS] attention to each frame",
+                                               folder / f"{name}.png")))
+    (folder / "attention.json").write_text(json.dumps(records, indent=1) + "\n")
+    return written

@@ -16,12 +16,14 @@ from vtn.store.reader import FeatureCache, SplitData
 
 
 def clip_rows(length: int, clip_frames: int | None, stride: int, max_frames: int | None,
-              rng: np.random.Generator | None) -> np.ndarray:
+              rng: np.random.Generator | None, view: tuple[int, int] | None = None) -> np.ndarray:
     """Which of a video's `length` cached frames a sample uses.
 
     Training (`rng` given): `clip_frames` frames `stride` apart from a random start; a video too short for
     that span keeps the clip length with the largest stride that fits (or every frame when it has fewer).
     Evaluation (`rng` None, `clip_frames` None): the whole video, thinned evenly to `max_frames` if longer.
+    Multi-view evaluation (`rng` None, `view` = (k, n)): clip k of n clips whose starts are evenly spaced from
+    the video's start to its end (n = 1: the centred clip).
     """
     if clip_frames is None:
         if max_frames is None or length <= max_frames:
@@ -31,7 +33,12 @@ def clip_rows(length: int, clip_frames: int | None, stride: int, max_frames: int
         return np.arange(length)
     stride = max(1, min(stride, (length - 1) // (clip_frames - 1))) if clip_frames > 1 else 1
     span = (clip_frames - 1) * stride + 1
-    start = int(rng.integers(0, length - span + 1)) if rng is not None else (length - span) // 2
+    if rng is not None:
+        start = int(rng.integers(0, length - span + 1))
+    elif view is not None and view[1] > 1:
+        start = round(view[0] * (length - span) / (view[1] - 1))
+    else:
+        start = (length - span) // 2
     return start + np.arange(clip_frames) * stride
 
 
@@ -40,13 +47,15 @@ class ClipDataset(Dataset):
 
     `source` is a SplitData (in memory; fastest) or an open FeatureCache (streams each video from disk).
     `videos` keeps only these positions among the split's videos (e.g. a held-out share), in that order.
-    `train=True` draws a random clip per item; `train=False` gives the whole video (or a centred clip).
+    `train=True` draws a random clip per item; `train=False` gives the whole video, or with `clip_frames` the
+    clip `view` = (k, n) of n evenly spaced ones (default: the centred clip).
     """
 
     def __init__(self, source: SplitData | FeatureCache, split: str | None = None, clip_frames: int | None = None,
                  stride: int = 1, max_frames: int | None = None, train: bool = True, seed: int = 0,
-                 videos: np.ndarray | None = None):
+                 videos: np.ndarray | None = None, view: tuple[int, int] | None = None):
         self.source = source
+        self.view = view
         if isinstance(source, SplitData):
             sel = np.arange(len(source.ids))
             ids, labels, lengths = np.asarray(source.ids, dtype=object), np.asarray(source.labels), source.lengths
@@ -75,7 +84,7 @@ class ClipDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         rng = np.random.default_rng((self.seed, self.epoch, i)) if self.train else None
-        pick = clip_rows(int(self.lengths[i]), self.clip_frames, self.stride, self.max_frames, rng)
+        pick = clip_rows(int(self.lengths[i]), self.clip_frames, self.stride, self.max_frames, rng, self.view)
         if isinstance(self.source, SplitData):
             rows = self.source.video_rows(int(self.rows[i]))
             feats = self.source.features[rows][pick]

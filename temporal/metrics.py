@@ -47,3 +47,45 @@ def confusion(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
     if not keep.any():  # scikit-learn refuses an empty input
         return np.zeros((classes, classes), dtype=np.int64)
     return confusion_matrix(labels[keep], logits[keep].argmax(axis=1), labels=np.arange(classes))
+
+
+def per_class(logits: np.ndarray, labels: np.ndarray, names: list[str]) -> dict:
+    """{class name: {precision, recall, f1, videos}} over the labelled videos (scikit-learn's definitions;
+    a class never predicted has precision 0)."""
+    from sklearn.metrics import precision_recall_fscore_support
+
+    keep = labels >= 0
+    if not keep.any():
+        return {}
+    p, r, f, n = precision_recall_fscore_support(labels[keep], logits[keep].argmax(1), labels=np.arange(len(names)),
+                                                 zero_division=0)
+    return {name: {"precision": float(p[c]), "recall": float(r[c]), "f1": float(f[c]), "videos": int(n[c])}
+            for c, name in enumerate(names)}
+
+
+def confused_pairs(matrix: np.ndarray, names: list[str], k: int = 5) -> list[dict]:
+    """The `k` largest off-diagonal cells of a confusion matrix: which true class is taken for which, how often."""
+    off = matrix.astype(np.int64).copy()
+    np.fill_diagonal(off, 0)
+    order = np.argsort(-off, axis=None, kind="stable")[:k]
+    return [{"true": names[i], "predicted": names[j], "videos": int(off[i, j])}
+            for i, j in zip(*np.unravel_index(order, off.shape)) if off[i, j] > 0]
+
+
+def calibration(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> dict:
+    """Expected calibration error of the top-1 confidence over `bins` equal-width bins (Guo et al. 2017), with
+    each bin's confidence, accuracy and count for a reliability diagram."""
+    keep = labels >= 0
+    conf, correct = probs[keep].max(1), (probs[keep].argmax(1) == labels[keep])
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.digitize(conf, edges[1:-1], right=True), 0, bins - 1)
+    out = {"ece": 0.0, "bins": []}
+    for b in range(bins):
+        sel = which == b
+        if sel.any():
+            out["ece"] += sel.mean() * abs(conf[sel].mean() - correct[sel].mean())
+        out["bins"].append({"low": float(edges[b]), "high": float(edges[b + 1]), "videos": int(sel.sum()),
+                            "confidence": float(conf[sel].mean()) if sel.any() else None,
+                            "accuracy": float(correct[sel].mean()) if sel.any() else None})
+    out["ece"] = float(out["ece"])
+    return out

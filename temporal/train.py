@@ -38,6 +38,7 @@ import yaml
 
 from vtn.config import merge, resolve, to_dict
 from vtn.errors import UserError
+from vtn.plots import curves_png
 from vtn.progress import progress_bar
 from vtn.runtime import Processes, autocast, processes, resolve_device
 from vtn.store import open_cache
@@ -125,7 +126,11 @@ class RunSection:
     seed: int = 0
     device: str = "auto"  # auto: this process's GPU when there is one, else the CPU
     amp: Literal["none", "bf16", "fp16"] = "none"  # autocast dtype for the forward pass
-    checkpoint_every: int = 1000  # steps between mid-epoch checkpoints (last/); every epoch end checkpoints too
+    # Epochs between whole-video evaluations (each logs metrics.jsonl, keeps best/ and saves last/). None: about
+    # 25 evaluations per run, so a small cache's many short epochs are not evaluated one by one. The last epoch
+    # is always evaluated.
+    eval_every: int | None = None
+    checkpoint_every: int = 1000  # steps between checkpoints of last/ besides those at evaluations
 
 
 @dataclass(frozen=True)
@@ -336,10 +341,9 @@ def checkpoint_last(loop: Loop) -> None:
         checkpoint.save_last(loop.dir, loop.model, loop.opt, loop.scaler, rngs, loop.state, loop.inputs)
 
 
-def train_epoch(loop: Loop, loader, weights: list[float], loss_fn: Callable, bar, checkpoint_every: int) -> None:
+def train_epoch(loop: Loop, loader, weights: list[float], loss_fn: Callable, bar, on_step: Callable[[], None]) -> None:
     """The optimiser steps of one epoch (what is left of it): `loss_fn(batch, weight)` gives this process's
-    weighted loss of a batch; each step sets the learning rate, steps, counts, and checkpoints last/ every
-    `checkpoint_every` steps (not at the epoch's end, which `end_epoch` saves)."""
+    weighted loss of a batch; each step sets the learning rate, steps, counts, then calls `on_step()`."""
     state, opt = loop.state, loop.opt
     tick, clips = time.perf_counter(), 0
     for batch, weight in zip(loader, weights):
@@ -364,8 +368,36 @@ def train_epoch(loop: Loop, loader, weights: list[float], loss_fn: Callable, bar
         bar.set_postfix(loss=f"{value:.3f}", clips_s=f"{clips / max(time.perf_counter() - tick, 1e-9):.0f}",
                         refresh=False)
         bar.update()
-        if checkpoint_every and state["step"] % checkpoint_every == 0 \
-                and state["step_in_epoch"] < state["steps_per_epoch"] and state["step"] < state["total_steps"]:
+        on_step()
+
+
+def run_epochs(loop: Loop, epochs: int, eval_every: int | None, checkpoint_every: int, batches: Callable,
+               loss_fn: Callable, evaluate: Callable[[], dict], bar) -> None:
+    """Epochs from the state's epoch to `epochs`: `batches(epoch)` gives the epoch's (loader, weights) from the
+    state's step in it on; every `eval_every` epochs (and the last) `evaluate()` gives the val metrics for
+    `end_epoch`; last/ is also saved every `checkpoint_every` steps."""
+    state = loop.state
+    every = eval_every or max(1, math.ceil(epochs / 25))
+
+    def evaluated(epoch: int) -> bool:
+        return (epoch + 1) % every == 0 or epoch + 1 == epochs
+
+    def on_step() -> None:  # a checkpoint between evaluations; an evaluated epoch's end saves its own
+        ends_epoch = state["step_in_epoch"] == state["steps_per_epoch"] or state["step"] == state["total_steps"]
+        if checkpoint_every and state["step"] % checkpoint_every == 0 and not ends_epoch:
+            state["elapsed"] = time.perf_counter() - loop.started
+            checkpoint_last(loop)
+
+    for epoch in range(state["epoch"], epochs):
+        bar.set_description(f"epoch {epoch + 1}/{epochs}", refresh=False)
+        loader, weights = batches(epoch)
+        train_epoch(loop, loader, weights, loss_fn, bar, on_step)
+        if evaluated(epoch):
+            record = end_epoch(loop, epoch, evaluate())
+            bar.set_postfix(loss=f"{record['train_loss']:.3f}", val_top1=f"{record['val_top1']:.3f}", refresh=False)
+            continue
+        state.update(epoch=epoch + 1, step_in_epoch=0)
+        if checkpoint_every and state["step"] % checkpoint_every == 0:
             state["elapsed"] = time.perf_counter() - loop.started
             checkpoint_last(loop)
 
@@ -464,7 +496,7 @@ def train(cache_url: str, out: str | Path, cfg: TrainConfig | None = None, resum
         opt = build_optimizer([(list(model.parameters()), cfg.optim.lr)], cfg.optim)
         scaler = torch.amp.GradScaler(device.type, enabled=cfg.run.amp == "fp16")
         state = new_state(procs.world, epochs, steps_per_epoch, total_steps, data_fingerprint(data, cache))
-        inputs = cache_inputs(cache)
+        inputs = {**cache_inputs(cache), "clip_frames": cfg.data.clip_frames, "stride": cfg.data.stride}
         if resuming:
             saved = VTN.from_pretrained(last).config
             if saved != model_cfg:
@@ -511,12 +543,7 @@ def train(cache_url: str, out: str | Path, cfg: TrainConfig | None = None, resum
                                    label_smoothing=cfg.optim.label_smoothing)
             return loss * weight
 
-        bar = progress_bar(total=total_steps, initial=state["step"], disable=not progress or procs.rank != 0,
-                           unit="step")
-        loop.started = time.perf_counter() - state["elapsed"]
-        model.train()
-        for epoch in range(state["epoch"], epochs):
-            bar.set_description(f"epoch {epoch + 1}/{epochs}", refresh=False)
+        def batches(epoch: int):
             data.train.set_epoch(epoch)
             data.sampler.set_epoch(epoch)
             shares = data.sampler.shares()[state["step_in_epoch"]:][:total_steps - state["step"]]
@@ -524,10 +551,14 @@ def train(cache_url: str, out: str | Path, cfg: TrainConfig | None = None, resum
             loader = torch.utils.data.DataLoader(data.train, batch_sampler=[b for b, _ in shares],
                                                  collate_fn=collate_clips, num_workers=data.workers,
                                                  generator=torch.Generator())
-            train_epoch(loop, loader, [w for _, w in shares], loss_fn, bar, cfg.run.checkpoint_every)
-            val = evaluate_views(model, data.val, device, cfg.data.eval_batch_size, procs, cfg.run.amp)
-            record = end_epoch(loop, epoch, val)
-            bar.set_postfix(loss=f"{record['train_loss']:.3f}", val_top1=f"{val['top1']:.3f}", refresh=False)
+            return loader, [w for _, w in shares]
+
+        bar = progress_bar(total=total_steps, initial=state["step"], disable=not progress or procs.rank != 0,
+                           unit="step")
+        loop.started = time.perf_counter() - state["elapsed"]
+        model.train()
+        run_epochs(loop, epochs, cfg.run.eval_every, cfg.run.checkpoint_every, batches, loss_fn,
+                   lambda: evaluate_views(model, data.val, device, cfg.data.eval_batch_size, procs, cfg.run.amp), bar)
         bar.close()
 
         best = state["best"]
@@ -535,11 +566,12 @@ def train(cache_url: str, out: str | Path, cfg: TrainConfig | None = None, resum
                    "best": best, "last": json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
                    if procs.rank == 0 else None}
         if procs.rank == 0:
+            curves_png([json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()], run / "curves.png")
             print(f"vtn train: {epochs} epochs, {state['step']} steps in {state['elapsed']:.0f} s; best val top-1 "
                   f"{best['val_top1']:.1%} (top-5 {best['val_top5']:.1%}, mean class "
                   f"{best['val_mean_class_accuracy']:.1%}) at epoch {best['epoch']}; last top-1 "
                   f"{summary['last']['val_top1']:.1%}\n  checkpoints: {run / 'best'}, {run / 'last'}; "
-                  f"metrics: {run / 'metrics.jsonl'}", flush=True)
+                  f"metrics: {run / 'metrics.jsonl'}, curves: {run / 'curves.png'}", flush=True)
         return summary
     finally:
         if own_group:
