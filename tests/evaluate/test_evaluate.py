@@ -8,7 +8,7 @@ import pytest
 
 from vtn.cli import main
 from vtn.temporal.metrics import classification_metrics, confusion
-from vtn.store import CacheWriter
+from vtn.store import CacheWriter, open_cache
 
 
 def test_metrics_by_hand():
@@ -104,3 +104,99 @@ def test_mismatches_are_refused_clearly(trained, tmp_path, capsys, kind, words):
     assert main(args + (["--split", "test"] if kind == "split" else [])) == 2
     err = capsys.readouterr().err
     assert all(w in err for w in words), err
+
+
+def test_view_modes_pick_evenly_spaced_clips_of_the_training_length():
+    from vtn.store.dataset import clip_rows
+
+    # 100 cached frames, clips of 16 frames 2 apart (span 31): 4 clips start at 0, 23, 46 and 69.
+    starts = [int(clip_rows(100, 16, 2, None, None, view=(k, 4))[0]) for k in range(4)]
+    assert starts == [0, 23, 46, 69]
+    assert list(clip_rows(100, 16, 2, None, None, view=(0, 1))) == list(range(34, 66, 2))  # one clip: centred
+    assert list(clip_rows(10, 16, 2, None, None, view=(3, 4))) == list(range(10))  # shorter than a clip: all of it
+
+
+def test_views_from_the_cache_average_clips_and_record_their_cost(trained, tmp_path, capsys):
+    cache, run = trained
+    assert main(["evaluate", str(run), "--cache", cache, "--views", "3x1", "--out", str(tmp_path), "--json"]) == 0
+    m = json.loads(capsys.readouterr().out)
+    lengths = open_cache(cache).lengths[[v.startswith("val/") for v in open_cache(cache).ids]]
+    assert m["views"] == {"mode": "3x1", "clips": 3, "crops": 1}
+    assert m["frames_through_backbone"] == 3 * int(np.minimum(lengths, 16).sum()) and m["seconds"] > 0
+    assert main(["evaluate", str(run), "--cache", cache, "--json"]) == 0
+    full = json.loads(capsys.readouterr().out)
+    assert full["views"]["mode"] == "full" and full["frames_through_backbone"] == int(lengths.sum())
+    assert main(["evaluate", str(run), "--cache", cache, "--views", "10x3"]) == 2
+    assert "S is 1" in capsys.readouterr().err
+    assert main(["evaluate", str(run), "--cache", cache, "--views", "ten"]) == 2
+    assert "--views 'ten'" in capsys.readouterr().err
+
+
+def test_per_class_confusions_and_calibration_by_hand():
+    from vtn.temporal.metrics import calibration, confused_pairs, per_class
+
+    logits = np.log(np.array([[0.9, 0.1], [0.6, 0.4], [0.3, 0.7], [0.8, 0.2]]))
+    labels = np.array([0, 1, 1, 0])  # video 1 (class b) is taken for a
+    pc = per_class(logits, labels, ["a", "b"])
+    assert pc["a"] == {"precision": pytest.approx(2 / 3), "recall": 1.0, "f1": pytest.approx(0.8), "videos": 2}
+    assert pc["b"]["recall"] == 0.5 and pc["b"]["precision"] == 1.0
+    assert confused_pairs(confusion(logits, labels), ["a", "b"]) == [{"true": "b", "predicted": "a", "videos": 1}]
+    cal = calibration(np.exp(logits), labels, bins=10)
+    # Bins: 0.9 (right), 0.6 (wrong), 0.7 (right), 0.8 (right): |conf - acc| weighted by share.
+    assert cal["ece"] == pytest.approx((0.1 + 0.6 + 0.3 + 0.2) / 4)
+    assert sum(b["videos"] for b in cal["bins"]) == 4
+
+
+def test_evaluate_and_report_draw_figures_of_the_expected_size(trained, tmp_path, capsys):
+    from PIL import Image
+
+    cache, run = trained
+    assert main(["evaluate", str(run), "--cache", cache, "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "precision" in out and "ECE" in out
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    assert set(m["per_class"]) == {"a", "b", "c"} and 0 <= m["calibration"]["ece"] <= 1
+    assert Image.open(tmp_path / "confusion.png").size == (435, 435)  # 3 classes
+    assert Image.open(tmp_path / "reliability.png").size == (480, 480)
+    assert Image.open(run / "curves.png").size == (1300, 360)  # drawn by vtn train at the end
+    (run / "curves.png").unlink()
+    assert main(["report", str(run)]) == 0
+    assert "best val top-1" in capsys.readouterr().out and Image.open(run / "curves.png").size == (1300, 360)
+    assert main(["report", str(tmp_path)]) == 2
+
+
+@pytest.mark.slow
+def test_attention_of_real_videos_sums_to_one_and_equals_the_model(tmp_path, capsys):
+    import torch
+    from PIL import Image
+
+    from vtn.extract import synth
+    from vtn.store import ClipDataset, collate_clips
+    from vtn.temporal import VTN
+    from vtn.temporal.data import model_inputs
+
+    videos = tmp_path / "videos"
+    synth.make_dataset(videos, per_split={"train": 2, "val": 1}, classes=synth.CLASSES[:2], seconds=(1.0, 1.5))
+    cache, run = str(tmp_path / "cache"), tmp_path / "run"
+    assert main(["extract", str(videos), "--out", cache, "--backbone", "resnet18", "--random-init", "--image-size",
+                 "32", "--fps", "8", "--workers", "0", "--no-progress"]) == 0
+    assert main(["train", cache, "--out", str(run), "--model", "tiny", "--steps", "2", "--quiet"]) == 0
+    assert main(["evaluate", str(run), "--cache", cache, "--attention", "2", "--out", str(tmp_path / "e")]) == 0
+    records = json.loads((tmp_path / "e" / "attention" / "attention.json").read_text())
+    model = VTN.from_pretrained(run / "best").eval()
+    data = ClipDataset(open_cache(cache), "val", max_frames=288, train=False)
+    assert [r["id"] for r in records] == data.ids[:2]
+    for i, rec in enumerate(records):
+        layers = np.array([f["layers"] for f in rec["frames"]])  # [T, layers]
+        assert np.allclose(layers.sum(0), 1, atol=1e-4) and sum(f["rollout"] for f in rec["frames"]) == pytest.approx(1, abs=1e-4)
+        item = data[i]
+        assert [f["frame_index"] for f in rec["frames"]] == item["positions"].tolist()
+        with torch.no_grad():
+            _, att = model(*model_inputs(collate_clips([item]), model.config, torch.device("cpu")), return_attention=True)
+        for k, a in enumerate(att):
+            expect = a[0].mean(0)[1:] / a[0].mean(0)[1:].sum()
+            assert np.allclose(layers[:, k], expect.numpy(), atol=1e-5)
+        png = Image.open(tmp_path / "e" / "attention" / (rec["id"].replace("/", "_") + ".png"))
+        assert png.size == (600, 550)  # 6 x 5.5 inches at 100 dpi: the strip, 2 layers and the rollout
+        pixels = np.asarray(png.convert("RGB"))
+        assert pixels.std() > 10  # real thumbnails and bars, not a blank image
