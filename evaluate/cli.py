@@ -28,6 +28,31 @@ def register(sub, bench_sub) -> None:
     p.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
     p.set_defaults(func=_evaluate)
 
+    q = sub.add_parser(
+        "predict", help="classify raw video files end to end with a trained run (backbone + encoder + head)",
+        description="Decode INPUT (a video file, a folder of videos, or a CSV manifest) with stage one's worker "
+        "pipeline, run the backbone the model's features came from (rebuilt and checked against the recorded "
+        "weights sha256), sampled as its cache was, then the encoder and head; prints the top classes of each video. "
+        "Exit status: 0 all videos predicted, 3 some failed (reported, the rest predicted), 2 usage error.")
+    q.add_argument("input", help="a video file, a folder of videos, or a .csv manifest")
+    q.add_argument("--model", required=True, metavar="RUN", help="a `vtn train` run directory or a checkpoint directory")
+    q.add_argument("--checkpoint", default="best", choices=["best", "last"], help="which checkpoint of RUN (default best)")
+    q.add_argument("--views", default="full", metavar="MODE",
+                   help="full (default: one view over the whole video) or TxS: T clips of the training clip length "
+                   "evenly spaced in time x S crops (1 centre, or 3 along the long side), softmax averaged, e.g. 10x3")
+    q.add_argument("--top", type=int, default=5, help="classes to print per video (default 5)")
+    q.add_argument("--json", metavar="FILE", help="write one JSON object per video (JSON lines)")
+    q.add_argument("--attention", type=int, default=0, metavar="N",
+                   help="for the first N videos write a PNG of [CLS]'s attention over frame thumbnails, and "
+                   "attention.json, into attention/ beside --json (or --attention-dir)")
+    q.add_argument("--attention-dir", metavar="DIR", help="where attention/ goes (default: beside --json, or here)")
+    q.add_argument("--weights", metavar="PATH", help="the backbone weights file, when it moved since extraction")
+    q.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
+    q.add_argument("--batch-size", type=int, default=64, help="frames per backbone forward, across videos (default 64)")
+    q.add_argument("--workers", type=int, help="decode processes (default: as vtn extract)")
+    q.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none", help="autocast precision (default none)")
+    q.set_defaults(func=_predict)
+
     r = sub.add_parser("report", help="training curves of a run (curves.png) and its best figures",
                        description="Draws RUN/curves.png (train loss, learning rate and val top-1 against steps) from "
                        "RUN/metrics.jsonl, for any run, finished or not, and prints its best epoch.")
@@ -59,6 +84,25 @@ def _evaluate(args) -> int:
         print("  most confused: " + "; ".join(f"{p['true']} taken for {p['predicted']} ({p['videos']})"
                                               for p in m["most_confused"]))
     return 0
+
+
+def _predict(args) -> int:
+    import sys
+    import time
+
+    from vtn.evaluate.predict import predict_job
+    from vtn.extract.config import RuntimeConfig
+
+    started = time.perf_counter()
+    runtime = RuntimeConfig(device=args.device, batch_size=args.batch_size, workers=args.workers, amp=args.amp,
+                            progress=False)
+    results, failures = predict_job(args.input, args.model, args.checkpoint, args.views, args.weights, runtime,
+                                    args.top, args.json, args.attention, args.attention_dir)
+    seconds = time.perf_counter() - started
+    frames = sum(r["frames_through_backbone"] for r in results)
+    print(f"vtn predict: {len(results)} videos in {seconds:.1f} s ({args.views}: {frames / max(len(results), 1):.0f} "
+          f"frames through the backbone per video); {len(failures)} failed", file=sys.stderr)
+    return 3 if failures else 0
 
 
 def _report(args) -> int:

@@ -180,25 +180,31 @@ def cls_attention(model: VTN, batch: dict, device: torch.device) -> tuple[np.nda
     return per_layer, share[1:] / share[1:].sum()
 
 
+def attention_figure(model: VTN, item: dict, video: Path | None, folder: Path, device: torch.device) -> tuple[dict, str]:
+    """One video's attention record (frame index, timestamp, weight per layer, rollout) and its PNG: thumbnails
+    decoded from `video` at the item's frames over the weights. `item` is a ClipDataset-style view."""
+    from vtn.evaluate.frames import read_frames
+
+    per_layer, rollout = cls_attention(model, collate_clips([item]), device)
+    index, times = item["positions"].numpy(), item["times"].numpy()
+    record = {"id": item["id"], "frames": [
+        {"frame_index": int(f), "timestamp": round(float(t), 6), "layers": per_layer[:, j].round(6).tolist(),
+         "rollout": round(float(rollout[j]), 6)} for j, (f, t) in enumerate(zip(index, times))]}
+    shown = np.unique(np.linspace(0, len(index) - 1, min(len(index), 24)).round().astype(int))
+    rows = {f"layer {k + 1}": w for k, w in enumerate(per_layer)} | {"rollout": rollout}
+    name = re.sub(r"[^\w.-]+", "_", item["id"])
+    png = plots.attention_png(read_frames(video, index[shown], height=48), rows,
+                              f"{item['id']}: [CLS] attention to each frame", folder / f"{name}.png")
+    return record, str(png)
+
+
 def write_attention(model: VTN, dataset: ClipDataset, cache, n: int, device: torch.device, folder: Path) -> list[str]:
-    """For the first `n` videos of `dataset`: attention.json and a PNG (thumbnails decoded from the source video at
-    the cached frames, under them the attention per layer and the rollout). Returns the PNG paths."""
-    from vtn.evaluate.frames import read_frames, source_root
+    """attention/attention.json and a PNG for each of the first `n` videos of `dataset`; returns the PNG paths."""
+    from vtn.evaluate.frames import source_root
 
     folder.mkdir(parents=True, exist_ok=True)
-    root, written, records = source_root(cache), [], []
-    for i in range(min(n, len(dataset))):
-        item = dataset[i]
-        per_layer, rollout = cls_attention(model, collate_clips([item]), device)
-        index, times = item["positions"].numpy(), item["times"].numpy()
-        records.append({"id": item["id"], "frames": [
-            {"frame_index": int(f), "timestamp": round(float(t), 6), "layers": per_layer[:, j].round(6).tolist(),
-             "rollout": round(float(rollout[j]), 6)} for j, (f, t) in enumerate(zip(index, times))]})
-        shown = np.unique(np.linspace(0, len(index) - 1, min(len(index), 24)).round().astype(int))
-        thumbs = read_frames(root / item["id"] if root else None, index[shown], height=48)
-        rows = {f"layer {k + 1}": w for k, w in enumerate(per_layer)} | {"rollout": rollout}
-        name = re.sub(r"[^\w.-]+", "_", item["id"])
-        written.append(str(plots.attention_png(thumbs, rows, f"{item['id']}: [CLS] attention to each frame",
-                                               folder / f"{name}.png")))
-    (folder / "attention.json").write_text(json.dumps(records, indent=1) + "\n")
-    return written
+    root = source_root(cache)
+    figures = [attention_figure(model, dataset[i], root / dataset.ids[i] if root else None, folder, device)
+               for i in range(min(n, len(dataset)))]
+    (folder / "attention.json").write_text(json.dumps([r for r, _ in figures], indent=1) + "\n")
+    return [png for _, png in figures]

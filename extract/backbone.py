@@ -164,7 +164,7 @@ def _scale_size(h: int, w: int, crop_pct: float) -> tuple[int, int]:
 
 
 class Preprocess(torch.nn.Module):
-    """uint8 RGB frames [N, H, W, 3] (any size) -> normalised float [N, 3, h, w], channels_last, on their device.
+    """uint8 RGB frames [N, H, W, 3] (any size) -> normalised float [N * crops, 3, h, w], channels_last, on their device.
 
     Mirrors timm's eval transform: for a square input size the short side is resized to
     floor(size / crop_pct) (the long side scaled in proportion, truncated as torchvision does), otherwise
@@ -172,8 +172,11 @@ class Preprocess(torch.nn.Module):
     input size. Resampling is antialiased and rounded back to 0..255 like the uint8 image timm resizes.
     """
 
-    def __init__(self, data_config: dict):
+    def __init__(self, data_config: dict, crops: int = 1):
         super().__init__()
+        if crops not in (1, 3):
+            raise BackboneError(f"crops must be 1 (centre) or 3 (left/top, centre, right/bottom), got {crops}")
+        self.crops = crops
         self.attrs = preprocessing_attrs(data_config)
         mode = self.attrs["crop_mode"]
         if mode not in ("center", "squash"):
@@ -221,9 +224,14 @@ class Preprocess(torch.nn.Module):
                                   align_corners=align).round_().clamp_(0, 255)
         h, w = self.size
         top, left = int(round((rh - h) / 2.0)), int(round((rw - w) / 2.0))  # torchvision's centre crop
-        x = x[:, :, top: top + h, left: left + w]  # [N, 3, h, w]
+        if self.crops == 1:
+            x = x[:, :, top: top + h, left: left + w]  # [N, 3, h, w]
+        else:  # PySlowFast's 3-crop test: both ends and the centre of the long side, frame by frame
+            spots = [(top, 0), (top, left), (top, rw - w)] if rw >= rh else [(0, left), (top, left), (rh - h, left)]
+            x = torch.stack([x[:, :, t: t + h, l: l + w] for t, l in spots], dim=1)  # [N, 3 crops, 3, h, w]
+            x = x.flatten(0, 1)  # [N * 3, 3, h, w]: frame 0's crops, then frame 1's, ...
         x = (x.float() - self.mean) / self.std
-        return x.contiguous(memory_format=torch.channels_last)  # [N, 3, h, w]
+        return x.contiguous(memory_format=torch.channels_last)  # [N * crops, 3, h, w]
 
 
 def compile_backbone(model: torch.nn.Module, example: torch.Tensor, autocast) -> torch.nn.Module:

@@ -27,6 +27,7 @@ import torch
 
 from vtn.extract import synth
 from vtn.extract.backbone import Preprocess, compile_backbone, create_backbone
+from vtn.runtime import resolve_device
 from vtn.extract.config import BackboneConfig, ExtractConfig, RuntimeConfig
 from vtn.extract.inputs import discover
 from vtn.extract.sampling import SamplingConfig, sample
@@ -136,7 +137,7 @@ def main(args) -> int:
         jobs = [(e.id, str(e.path)) for e in entries]
         sampling = SamplingConfig()  # every frame: decoding is exercised in full
         model, data_config, _ = create_backbone(args.backbone, image_size=args.image_size)
-        device = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+        device = resolve_device(args.device)
         model = model.to(device, memory_format=torch.channels_last)
         preprocess = Preprocess(data_config).to(device)
         cores = len(os.sched_getaffinity(0))
@@ -163,10 +164,16 @@ def main(args) -> int:
                                           compile=args.compile, progress=False))
         writer = CacheWriter(str(work / "pipeline.zarr"), feature_dim=model.num_features, class_names=classes,
                              overwrite=True)
+        rows = [0]
+
+        def store(e, info, features, timestamps, indices):
+            writer.add(e.id, features, timestamps, indices, label=e.label, split=e.split)
+            rows[0] += len(features)
+
         t0 = time.perf_counter()
-        summary = extract_features(entries, fast_model, preprocess, device, cfg, writer)
+        extract_features(entries, fast_model, preprocess, device, cfg, store, writer.add_failure)
         writer.close()
-        pipe_fps = summary.frames / (time.perf_counter() - t0)
+        pipe_fps = rows[0] / (time.perf_counter() - t0)
 
         seq_frames, seq_secs = _sequential(entries, classes, model, preprocess, sampling, args.batch_size,
                                            str(work / "seq.zarr"), device)

@@ -24,6 +24,7 @@ import zlib
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -33,7 +34,7 @@ from vtn import __version__
 from vtn.config import to_dict
 from vtn.errors import UserError
 from vtn.extract.backbone import Preprocess, compile_backbone, create_backbone
-from vtn.extract.config import ExtractConfig, RuntimeConfig
+from vtn.extract.config import BackboneConfig, ExtractConfig, RuntimeConfig
 from vtn.extract.inputs import VideoEntry, discover
 from vtn.extract.sampling import SamplingConfig, check, effective
 from vtn.extract.workers import DecodePool
@@ -129,97 +130,98 @@ class _Video:
         self.indices: list[np.ndarray] = []
         self.timestamps: list[np.ndarray] = []
         self.features: list[torch.Tensor] = []
-        self.sent = 0  # frames handed to the model
-        self.done = 0  # frames whose features came back
+        self.sent = 0  # rows handed to the model (frames x crops)
+        self.done = 0  # rows whose features came back
         self.decoded = False  # the decoder sent its last chunk
+
+    @property
+    def complete(self) -> bool:
+        return self.decoded and self.done == self.sent
+
+
+class Batcher:
+    """Packs preprocessed frames of many videos into batches of exactly `batch_size` rows (the last one padded:
+    see the module docstring) and keeps one batch in flight: a batch's features are fetched after the next batch
+    is launched. `on_rows(owner, features)` receives each owner's rows in order as they come back."""
+
+    def __init__(self, model, batch_size: int, channels_last: bool, amp, on_rows: Callable):
+        self.model, self.batch_size, self.channels_last, self.amp = model, batch_size, channels_last, amp
+        self.on_rows = on_rows
+        self.pending: list[tuple[object, torch.Tensor]] = []  # (owner, rows) waiting for a full batch
+        self.inflight = None  # (features still on the device, [(owner, rows)])
+
+    def add(self, owner, x: torch.Tensor) -> None:
+        self.pending.append((owner, x))
+        while sum(len(r) for _, r in self.pending) >= self.batch_size:
+            self._launch()
+
+    def drop(self, owner) -> None:
+        """Forget an owner's waiting rows (its rows in flight still come back; the caller ignores them)."""
+        self.pending = [(o, x) for o, x in self.pending if o is not owner]
+
+    def flush(self) -> None:
+        while self.pending:
+            self._launch()
+        self._collect()
+
+    def _launch(self) -> None:
+        take, parts, n = [], [], 0
+        while self.pending and n < self.batch_size:
+            owner, x = self.pending.pop(0)
+            k = min(len(x), self.batch_size - n)
+            if k < len(x):
+                self.pending.insert(0, (owner, x[k:]))
+            take.append((owner, k))
+            parts.append(x[:k])
+            n += k
+        x = torch.cat(parts)  # [n, 3, h, w]
+        if n < self.batch_size:  # pad: the batch shape never changes
+            x = torch.cat([x, x.new_zeros((self.batch_size - n, *x.shape[1:]))])
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode(), self.amp:
+            out = self.model(x)[:n]  # [n, D]; on a GPU this only queues the work
+        self._collect()  # the batch before this one, while this one runs
+        self.inflight = (out, take)
+
+    def _collect(self) -> None:
+        if self.inflight is None:
+            return
+        out, take = self.inflight
+        self.inflight = None
+        out = out.float().cpu()  # [n, D]; waits for this batch only, the one launched after it keeps a GPU busy
+        row = 0
+        for owner, k in take:
+            self.on_rows(owner, out[row: row + k])
+            row += k
 
 
 def extract_features(entries: list[VideoEntry], model, preprocess, device: torch.device, cfg: ExtractConfig,
-                     writer, progress=None) -> Summary:
-    """Decode, preprocess, batch and run `entries` through `model`; store each video as soon as it is complete.
-
-    Failed videos go to `writer.add_failure`; `progress(videos, frames, failures)` is called as videos finish.
+                     store: Callable, fail: Callable[[str, str, str], None]) -> None:
+    """Decode, preprocess, batch and run `entries` through `model`, calling `store(entry, info, features
+    [rows, D], timestamps, frame_indices)` as soon as a video is complete (rows = frames x the preprocessing's
+    crops) and `fail(id, error class, message)` for a video that cannot be used. `store` may raise a UserError
+    (e.g. features that overflow float16): the video is then recorded as failed, the job goes on.
     """
     rt = cfg.runtime
-    summary = Summary()
     by_id = {e.id: e for e in entries}
     live: dict[str, _Video] = {}
-    pending: list[tuple[str, torch.Tensor]] = []  # preprocessed frames waiting for a full batch
-    pending_n = 0
-    amp = autocast(device, rt.amp)
 
-    def drop(vid: str) -> None:
-        nonlocal pending, pending_n
-        live.pop(vid, None)
-        pending = [(v, x) for v, x in pending if v != vid]
-        pending_n = sum(len(x) for _, x in pending)
-
-    def fail(vid: str, error: str, message: str) -> None:
-        drop(vid)
-        writer.add_failure(vid, error, message)
-        summary.failures.append((vid, error, message))
-        if progress:
-            progress(0, 0, 1)
-
-    def finish(vid: str) -> None:
-        v = live.get(vid)
-        if v is None or not v.decoded or v.done != v.sent:
+    def finish(v: _Video) -> None:
+        if live.get(v.entry.id) is not v or not v.complete:
             return
-        del live[vid]
-        feats = torch.cat(v.features).numpy()
-        e = v.entry
+        del live[v.entry.id]
         try:
-            writer.add(vid, feats, np.concatenate(v.timestamps), np.concatenate(v.indices), label=e.label,
-                       split=e.split, fps=v.info.fps, duration=v.info.duration, num_frames=v.info.num_frames)
-        except UserError as err:  # e.g. features that overflow float16: record, do not crash the job
-            fail(vid, type(err).__name__, str(err))
-            return
-        summary.videos += 1
-        summary.frames += len(feats)
-        if progress:
-            progress(1, len(feats), 0)
+            store(v.entry, v.info, torch.cat(v.features).numpy(), np.concatenate(v.timestamps), np.concatenate(v.indices))
+        except UserError as err:
+            fail(v.entry.id, type(err).__name__, str(err))
 
-    inflight = None  # the last batch launched: (its features, still on the device; whose frames they are)
+    def on_rows(v: _Video, rows: torch.Tensor) -> None:
+        v.features.append(rows)
+        v.done += len(rows)
+        finish(v)  # a video that failed or restarted since is no longer live: its rows go nowhere
 
-    def collect() -> None:
-        """Bring the last batch's features back and store the videos it completes."""
-        nonlocal inflight
-        if inflight is None:
-            return
-        out, take = inflight
-        inflight = None
-        out = out.float().cpu()  # [n, D]; waits for this batch only, the one launched after it keeps a GPU busy
-        row = 0
-        for v, k in take:  # a video that failed or restarted since is no longer in `live`: its rows go nowhere
-            v.features.append(out[row: row + k])
-            v.done += k
-            row += k
-        for v in dict.fromkeys(v for v, _ in take):
-            if live.get(v.entry.id) is v:
-                finish(v.entry.id)
-
-    def run_batch() -> None:
-        nonlocal pending, pending_n, inflight
-        take, parts, n = [], [], 0
-        while pending and n < rt.batch_size:
-            vid, x = pending.pop(0)
-            k = min(len(x), rt.batch_size - n)
-            if k < len(x):
-                pending.insert(0, (vid, x[k:]))
-            take.append((live[vid], k))
-            parts.append(x[:k])
-            n += k
-        pending_n -= n
-        x = torch.cat(parts)  # [n, 3, h, w]
-        if n < rt.batch_size:  # pad: the batch shape never changes (see the module docstring)
-            x = torch.cat([x, x.new_zeros((rt.batch_size - n, *x.shape[1:]))])
-        if rt.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.inference_mode(), amp:
-            out = model(x)[:n]  # [n, D]; on a GPU this only queues the work
-        collect()  # the batch before this one, while this one runs
-        inflight = (out, take)
-
+    batcher = Batcher(model, rt.batch_size, rt.channels_last, autocast(device, rt.amp), on_rows)
     jobs = [(e.id, str(e.path)) for e in entries]
     workers = decode_workers(rt, device)
     with DecodePool(jobs, cfg.sampling, workers=workers, timeout=rt.timeout, chunk_bytes=rt.chunk_mb << 20,
@@ -233,25 +235,80 @@ def extract_features(entries: list[VideoEntry], model, preprocess, device: torch
                 if device.type == "cuda":
                     frames = frames.pin_memory()
                 with torch.inference_mode():
-                    x = preprocess(frames.to(device, non_blocking=True))  # [n, 3, h, w]
+                    x = preprocess(frames.to(device, non_blocking=True))  # [n * crops, 3, h, w]
                 v.indices.append(payload.frame_indices)
                 v.timestamps.append(payload.timestamps)
                 v.sent += len(x)
-                pending.append((vid, x))
-                pending_n += len(x)
-                while pending_n >= rt.batch_size:
-                    run_batch()
-            elif kind == "reset":  # decord gave up mid-video; PyAV starts it again from scratch
-                drop(vid)
+                batcher.add(v, x)
+            elif kind in ("reset", "fail"):  # reset: decord gave up mid-video and PyAV starts it again
+                if vid in live:
+                    batcher.drop(live.pop(vid))
+                if kind == "fail":
+                    fail(vid, *payload)
             elif kind == "done":
                 live[vid].decoded = True
-                finish(vid)
-            else:
-                fail(vid, *payload)
-        while pending:
-            run_batch()
-        collect()
-    return summary
+                finish(live[vid])
+        batcher.flush()
+
+
+def build_backbone(b: BackboneConfig, rt: RuntimeConfig, device: torch.device, crops: int = 1):
+    """The backbone on `device` as the runtime asks (channels_last, compiled), its preprocessing (`crops` per
+    frame) and its identity (with the preprocessing) for the cache's attributes. Shared with `vtn predict`."""
+    weights = None if b.weights in ("pretrained", "random") else b.weights
+    model, data_config, identity = create_backbone(b.name, weights=weights, pretrained=b.weights == "pretrained",
+                                                   image_size=b.image_size, seed=b.seed)
+    preprocess = Preprocess(data_config, crops).to(device)
+    identity["preprocessing"] = preprocess.attrs
+    model = model.to(device)
+    if rt.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if rt.compile:
+        example = torch.zeros(rt.batch_size, 3, *preprocess.size, device=device)
+        if rt.channels_last:
+            example = example.contiguous(memory_format=torch.channels_last)
+        model = compile_backbone(model, example, autocast(device, rt.amp))
+    return model, preprocess, identity
+
+
+def check_runtime(cfg: ExtractConfig) -> torch.device:
+    """Refuse settings that cannot work; the device, with the CPU's threads set. Shared with `vtn predict`."""
+    check(cfg.sampling)
+    if cfg.runtime.batch_size < 1:
+        raise UserError(f"runtime.batch_size must be >= 1, got {cfg.runtime.batch_size}")
+    if cfg.runtime.workers is not None and cfg.runtime.workers < 0:
+        raise UserError(f"runtime.workers must be >= 0, got {cfg.runtime.workers}")
+    device = resolve_device(cfg.runtime.device)
+    if device.type == "cpu":
+        torch.set_num_threads(cfg.runtime.threads or len(os.sched_getaffinity(0)))
+    return device
+
+
+def open_writer(out: str, overwrite: bool, rank: int, world_size: int, **writer_args):
+    """This process's CacheWriter. Under torchrun rank 0 creates (or checks) the cache first and the others join
+    it only if that worked, so a refused cache stops every rank with the same message instead of a barrier."""
+    from vtn.store import CacheWriter
+
+    if world_size == 1:
+        return CacheWriter(out, overwrite=overwrite, **writer_args)
+    error, writer = [None], None
+    if rank == 0:
+        try:
+            writer = CacheWriter(out, overwrite=overwrite, **writer_args)
+        except UserError as e:
+            error = [str(e)]
+    dist.broadcast_object_list(error, src=0)
+    if error[0] is not None:
+        raise UserError(error[0])
+    return writer if rank == 0 else CacheWriter(out, create=False, **writer_args)
+
+
+def rank_share(todo: list[VideoEntry], sampling: SamplingConfig, rank: int, world_size: int) -> list[VideoEntry]:
+    """This rank's share of the videos still to do, balanced by expected sampled frames (same on every rank)."""
+    mine = [todo[i] for i in range(rank, len(todo), world_size)]
+    gathered: list = [None] * world_size
+    dist.all_gather_object(gathered, {e.id: expected_frames(e.path, sampling) for e in mine})
+    weights_by_id = {k: v for part in gathered for k, v in part.items()}
+    return [todo[i] for i in partition([weights_by_id[e.id] for e in todo], world_size)[rank]]
 
 
 def run(cfg: ExtractConfig, source: str | Path, out: str, overwrite: bool = False, rank: int = 0,
@@ -263,37 +320,17 @@ def run(cfg: ExtractConfig, source: str | Path, out: str, overwrite: bool = Fals
     shares of the videos (by a hash of the id, so a share never depends on which other files exist), for
     job arrays whose tasks run independently, each writing its own part of the same cache.
     """
-    from vtn.store import CacheWriter, consolidate
+    from vtn.store import consolidate
 
     t0 = time.monotonic()
-    check(cfg.sampling)
-    if cfg.runtime.batch_size < 1:
-        raise UserError(f"runtime.batch_size must be >= 1, got {cfg.runtime.batch_size}")
-    if cfg.runtime.workers is not None and cfg.runtime.workers < 0:
-        raise UserError(f"runtime.workers must be >= 0, got {cfg.runtime.workers}")
-    device = resolve_device(cfg.runtime.device)
-    if device.type == "cpu":
-        torch.set_num_threads(cfg.runtime.threads or len(os.sched_getaffinity(0)))
+    device = check_runtime(cfg)
     entries, class_names = discover(source)
     if shard is not None:
         k, n = shard
         if not 0 <= k < n:
             raise UserError(f"--shard {k}/{n}: K must lie in 0..N-1")
         entries = [e for e in entries if zlib.crc32(e.id.encode()) % n == k]
-    b = cfg.backbone
-    weights = None if b.weights in ("pretrained", "random") else b.weights
-    model, data_config, identity = create_backbone(b.name, weights=weights, pretrained=b.weights == "pretrained",
-                                                   image_size=b.image_size, seed=b.seed)
-    preprocess = Preprocess(data_config).to(device)
-    identity["preprocessing"] = preprocess.attrs
-    model = model.to(device)
-    if cfg.runtime.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    if cfg.runtime.compile:
-        example = torch.zeros(cfg.runtime.batch_size, 3, *preprocess.size, device=device)
-        if cfg.runtime.channels_last:
-            example = example.contiguous(memory_format=torch.channels_last)
-        model = compile_backbone(model, example, autocast(device, cfg.runtime.amp))
+    model, preprocess, identity = build_backbone(cfg.backbone, cfg.runtime, device)
     attrs = {
         "backbone": identity,
         "sampling": effective(cfg.sampling),
@@ -303,26 +340,10 @@ def run(cfg: ExtractConfig, source: str | Path, out: str, overwrite: bool = Fals
         "versions": library_versions(),
         "source": str(Path(source).resolve()),
     }
-    writer_args = dict(feature_dim=identity["feature_dim"], dtype=cfg.runtime.feature_dtype,
-                       class_names=class_names, attrs=attrs, identity=("backbone", "sampling"),
-                       name=f"shard{shard[0]}of{shard[1]}-rank{rank}" if shard else f"rank{rank}", commit_every=cfg.runtime.commit_every)
-
-    if world_size == 1:
-        writer = CacheWriter(out, overwrite=overwrite, **writer_args)
-    else:
-        # Rank 0 creates (or checks) the cache first; the others join it only if that worked, so a refused
-        # cache stops every rank with the same message instead of leaving them at a barrier.
-        error = [None]
-        if rank == 0:
-            try:
-                writer = CacheWriter(out, overwrite=overwrite, **writer_args)
-            except UserError as e:
-                error = [str(e)]
-        dist.broadcast_object_list(error, src=0)
-        if error[0] is not None:
-            raise UserError(error[0])
-        if rank != 0:
-            writer = CacheWriter(out, create=False, **writer_args)
+    writer = open_writer(out, overwrite, rank, world_size, feature_dim=identity["feature_dim"],
+                         dtype=cfg.runtime.feature_dtype, class_names=class_names, attrs=attrs,
+                         identity=("backbone", "sampling"), commit_every=cfg.runtime.commit_every,
+                         name=f"shard{shard[0]}of{shard[1]}-rank{rank}" if shard else f"rank{rank}")
     done = writer.committed_ids()
     todo = [e for e in entries if e.id not in done]
     if world_size > 1:
@@ -331,30 +352,35 @@ def run(cfg: ExtractConfig, source: str | Path, out: str, overwrite: bool = Fals
         # others): they wait for each other on a group of their own whose timeout is not the job's collective
         # timeout, so waiting is never taken for a hang. Made now, while every rank is here to connect.
         finish_group = dist.new_group(backend="gloo", timeout=FINISH_WAIT)
-        mine = [todo[i] for i in range(rank, len(todo), world_size)]
-        local = {e.id: expected_frames(e.path, cfg.sampling) for e in mine}
-        gathered: list = [None] * world_size
-        dist.all_gather_object(gathered, local)
-        weights_by_id = {k: v for part in gathered for k, v in part.items()}
-        share = partition([weights_by_id[e.id] for e in todo], world_size)[rank]
-        todo = [todo[i] for i in share]
+        todo = rank_share(todo, cfg.sampling, rank, world_size)
 
+    summary = Summary()
     bar = None
     if cfg.runtime.progress and rank == 0:
         bar = progress_bar(total=len(todo), unit="video",
                            desc="extract" if world_size == 1 else f"extract (rank 0 of {world_size})")
-    counts = {"frames": 0, "failures": 0}
 
-    def progress(videos: int, frames: int, failures: int) -> None:
-        counts["frames"] += frames
-        counts["failures"] += failures
-        bar.update(videos + failures)
-        elapsed = max(time.monotonic() - t0, 1e-9)
-        bar.set_postfix_str(f"{bar.n / elapsed:.1f} videos/s, {counts['frames'] / elapsed:.0f} frames/s, "
-                            f"{counts['failures']} failed", refresh=False)
+    def progress() -> None:
+        if bar is not None:
+            bar.update()
+            elapsed = max(time.monotonic() - t0, 1e-9)
+            bar.set_postfix_str(f"{bar.n / elapsed:.1f} videos/s, {summary.frames / elapsed:.0f} frames/s, "
+                                f"{len(summary.failures)} failed", refresh=False)
+
+    def store(e: VideoEntry, info, features, timestamps, indices) -> None:
+        writer.add(e.id, features, timestamps, indices, label=e.label, split=e.split, fps=info.fps,
+                   duration=info.duration, num_frames=info.num_frames)
+        summary.videos += 1
+        summary.frames += len(features)
+        progress()
+
+    def fail(vid: str, error: str, message: str) -> None:
+        writer.add_failure(vid, error, message)
+        summary.failures.append((vid, error, message))
+        progress()
 
     try:
-        summary = extract_features(todo, model, preprocess, device, cfg, writer, progress if bar else None)
+        extract_features(todo, model, preprocess, device, cfg, store, fail)
     finally:
         if bar is not None:
             bar.close()

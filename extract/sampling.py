@@ -34,6 +34,11 @@ class SamplingConfig:
     every: int = 1
     num_frames: int = 16
     max_seconds: float | None = None
+    # What a predictor decodes of the sampled frames, not part of a cache's sampling: up to `view_frames` spread
+    # over the video (the `full` view), or with `view_clips` = (clips, clip_frames, stride) the frames of those
+    # evenly spaced clips (store/clips.py). Both None: every sampled frame (extraction).
+    view_frames: int | None = None
+    view_clips: tuple[int, int, int] | None = None
 
 
 def effective(cfg: SamplingConfig) -> dict:
@@ -83,12 +88,18 @@ def sample(timestamps: np.ndarray, cfg: SamplingConfig) -> np.ndarray:
         return np.zeros(0, dtype=np.int64)
     limit = n if cfg.max_seconds is None else max(1, int(np.searchsorted(t, cfg.max_seconds - _EPS, side="left")))
     if cfg.mode == "every":
-        return np.arange(0, limit, cfg.every, dtype=np.int64)
-    end = video_duration(t) if limit == n else float(cfg.max_seconds)
-    if cfg.mode == "fps":
-        targets = np.arange(0.0, max(end, _EPS), 1.0 / cfg.fps)
+        idx = np.arange(0, limit, cfg.every, dtype=np.int64)
     else:
-        targets = (np.arange(cfg.num_frames) + 0.5) * (end / cfg.num_frames)
-    # The frame on screen at time g is the last one that started at or before g.
-    idx = np.searchsorted(t[:limit], targets + _EPS, side="right") - 1
-    return np.unique(np.clip(idx, 0, limit - 1)).astype(np.int64)
+        end = video_duration(t) if limit == n else float(cfg.max_seconds)
+        if cfg.mode == "fps":
+            targets = np.arange(0.0, max(end, _EPS), 1.0 / cfg.fps)
+        else:
+            targets = (np.arange(cfg.num_frames) + 0.5) * (end / cfg.num_frames)
+        # The frame on screen at time g is the last one that started at or before g.
+        idx = np.searchsorted(t[:limit], targets + _EPS, side="right") - 1
+        idx = np.unique(np.clip(idx, 0, limit - 1)).astype(np.int64)
+    if cfg.view_frames is None and cfg.view_clips is None:
+        return idx
+    from vtn.store.clips import view_rows
+
+    return idx[view_rows(len(idx), cfg.view_clips, cfg.view_frames)]

@@ -122,11 +122,11 @@ BACKBONE_IDENTITY = ("name", "weights_sha256", "preprocessing")
 
 
 def cache_inputs(cache: FeatureCache) -> dict:
-    """The identity of a cache's features, for a checkpoint's inputs.json."""
-    backbone = cache.attrs.get("backbone") or {}
-    return {"cache": cache.url, "feature_dim": cache.feature_dim,
-            "backbone": {k: backbone.get(k) for k in BACKBONE_IDENTITY} if backbone else None,
-            "sampling": cache.attrs.get("sampling")}
+    """The identity of a cache's features, for a checkpoint's inputs.json: the backbone's identity (compared by
+    BACKBONE_IDENTITY) and the settings that rebuild it (`backbone_config`: name, weights, image size, seed, for
+    `vtn predict`), and the sampling."""
+    return {"cache": cache.url, "feature_dim": cache.feature_dim, "backbone": cache.attrs.get("backbone"),
+            "backbone_config": (cache.attrs.get("config") or {}).get("backbone"), "sampling": cache.attrs.get("sampling")}
 
 
 def check_inputs(recorded: dict | None, cache: FeatureCache, checkpoint) -> None:

@@ -1,0 +1,203 @@
+"""`vtn predict INPUT --model RUN`: classify raw video files end to end (decode -> backbone -> encoder -> head).
+
+The backbone, its preprocessing and the sampling are the ones the model's features came from (a stage-two
+checkpoint's inputs.json records them), so a prediction sees what training saw; the backbone is rebuilt and its
+weights checked against the recorded sha256. Decoding, preprocessing and batching across videos are stage one's
+pipeline (`extract_features`) with another consumer: each video, once its frames are through the backbone,
+goes through VTN.
+
+Views: `full` decodes only the frames of one view over the whole video (up to max_positions, spread as in
+evaluation), `TxS` only the frames of T evenly spaced clips of the training clip length, each in S crops (1:
+centre; 3: both ends and the centre of the long side), softmax scores averaged over the T x S views.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vtn.errors import UserError
+from vtn.extract.config import BackboneConfig, ExtractConfig, RuntimeConfig
+from vtn.extract.inputs import VideoEntry, discover
+from vtn.extract.job import build_backbone, check_runtime, extract_features
+from vtn.extract.sampling import SamplingConfig, sample
+from vtn.store import collate_clips
+from vtn.store.clips import clip_rows
+from vtn.temporal.checkpoint import read_inputs
+from vtn.temporal.data import model_inputs
+from vtn.temporal.metrics import log_softmax
+from vtn.temporal.model import VTN
+from vtn.evaluate.run import checkpoint_dir, clip_settings, parse_views
+
+
+def entries_of(source: str | Path) -> tuple[list[VideoEntry], list[str]]:
+    """A video file, a folder of videos or a CSV manifest as entries (labels where the folder or manifest gives them)."""
+    path = Path(source)
+    if path.is_file() and path.suffix.lower() != ".csv":
+        return [VideoEntry(path.name, path, -1, "predict")], []
+    return discover(path)
+
+
+def sampling_of(inputs: dict) -> SamplingConfig:
+    """The SamplingConfig a cache recorded (its `effective` settings)."""
+    s = dict(inputs["sampling"])
+    mode = s.pop("mode")
+    return SamplingConfig(mode=mode, max_seconds=s.pop("max_seconds", None), **s)
+
+
+@dataclass
+class Predictor:
+    """Backbone + VTN for raw videos. `Predictor.from_run(RUN)` builds it; `predictor(paths)` predicts."""
+
+    model: VTN
+    backbone: torch.nn.Module
+    preprocess: torch.nn.Module
+    cfg: ExtractConfig  # sampling (with the views' frame selection), backbone and runtime
+    views: tuple[int, int] | None  # None: full; (T clips, S crops)
+    clip: tuple[int, int]  # training clip: frames, stride (in sampled frames)
+    device: torch.device
+
+    @classmethod
+    def from_run(cls, run: str | Path, checkpoint: str = "best", views: str = "full", weights: str | None = None,
+                 runtime: RuntimeConfig | None = None) -> "Predictor":
+        """The model of a stage-two run (its best/ checkpoint, or a checkpoint directory), with the backbone its
+        cache was extracted with: timm's weights, seeded random ones, or the recorded weights file (`weights`
+        gives another path to the same file). Refused, naming what it looked for, when they cannot be found
+        or are not the same weights."""
+        ckpt = checkpoint_dir(Path(run), checkpoint)
+        inputs = read_inputs(ckpt)
+        if not inputs or not inputs.get("backbone") or not inputs.get("backbone_config"):
+            raise UserError(f"{ckpt}: the checkpoint does not record the backbone its features came from (trained on "
+                            "a cache imported from other features, or by an older vtn); predict needs a model trained "
+                            "on a cache made by `vtn extract`")
+        identity, bc = inputs["backbone"], BackboneConfig(**inputs["backbone_config"])
+        if weights is not None:
+            bc = replace(bc, weights=weights)
+        if bc.weights not in ("pretrained", "random") and not Path(bc.weights).is_file():
+            raise UserError(f"{ckpt}: its features came from {bc.name} with the weights file {bc.weights} (sha256 "
+                            f"{identity.get('weights_sha256')}), which is not there; give its path with --weights")
+        model = VTN.from_pretrained(ckpt)
+        mode = parse_views(views)
+        frames, stride = clip_settings(inputs)
+        sampling = sampling_of(inputs)
+        sampling = replace(sampling, view_frames=model.config.max_positions) if mode is None else \
+            replace(sampling, view_clips=(mode[0], frames, stride))
+        cfg = ExtractConfig(sampling, bc, runtime or RuntimeConfig())
+        device = check_runtime(cfg)
+        backbone, preprocess, built = build_backbone(bc, cfg.runtime, device, crops=1 if mode is None else mode[1])
+        for key in ("weights_sha256", "preprocessing"):
+            if built[key] != identity.get(key):
+                raise UserError(f"{ckpt}: the backbone built from {bc.weights} is not the one its features came from: "
+                                f"{key} {built[key]!r} now, {identity.get(key)!r} recorded")
+        return cls(model.to(device).eval(), backbone, preprocess, cfg, mode, (frames, stride), device)
+
+    def view_logits(self, features: np.ndarray, timestamps: np.ndarray, indices: np.ndarray,
+                    info) -> tuple[np.ndarray, int]:
+        """Log of the mean softmax over the views of one video, and the views' count (1 for full)."""
+        crops = 1 if self.views is None else self.views[1]
+        feats = torch.from_numpy(features).view(len(indices), crops, -1)  # [frames, crops, D]
+        if self.views is None:
+            rows = [np.arange(len(indices))]
+        else:  # the clips, as rows of the decoded frames: map each clip's sampled frames to where they were decoded
+            base = replace(self.cfg.sampling, view_frames=None, view_clips=None)
+            every = sample(info.timestamps, base)
+            rows = [np.searchsorted(indices, every[clip_rows(len(every), *self.clip, None, None, (k, self.views[0]))])
+                    for k in range(self.views[0])]
+        items = [{"features": feats[r, c], "positions": torch.from_numpy(indices[r]),
+                  "times": torch.from_numpy(timestamps[r]).float(), "label": -1, "id": ""}
+                 for r in rows for c in range(crops)]
+        with torch.no_grad():
+            logits = self.model(*model_inputs(collate_clips(items), self.model.config, self.device)).float().cpu().numpy()
+        probs = np.exp(log_softmax(logits)).mean(0)
+        return np.log(np.maximum(probs, 1e-30)), len(items)
+
+    @property
+    def class_names(self) -> list[str]:
+        cfg = self.model.config
+        return list(cfg.class_names) or [str(i) for i in range(cfg.num_classes)]
+
+    def predict(self, entries: list[VideoEntry], on_video=None, on_failure=None) -> list[dict]:
+        """Predict each video; returns one dict per video (id, path, label, logits, probabilities, frames through
+        the backbone, views), in the order they finish. `on_video(result, video)` (video: features, timestamps,
+        frame indices) and `on_failure(id, error class, message)` are called as it goes."""
+        results = []
+
+        def store(entry: VideoEntry, info, features, timestamps, indices) -> None:
+            logp, n_views = self.view_logits(features, timestamps, indices, info)
+            result = {"id": entry.id, "path": str(entry.path), "label": entry.label, "logits": logp,
+                      "probabilities": dict(zip(self.class_names, np.exp(logp).tolist())),
+                      "frames_through_backbone": int(len(features)), "views": n_views}
+            results.append(result)
+            if on_video:
+                on_video(result, (features, timestamps, indices))
+
+        self.model.eval()
+        extract_features(entries, self.backbone, self.preprocess, self.device, self.cfg, store,
+                         on_failure or (lambda *a: None))
+        return results
+
+    def __call__(self, paths) -> list[dict]:
+        """Predict a video file, a folder, a CSV manifest, or a list of video files."""
+        if isinstance(paths, (str, Path)):
+            entries = entries_of(paths)[0]
+        else:
+            entries = [VideoEntry(str(p), Path(p), -1, "predict") for p in paths]
+        return self.predict(entries)
+
+
+def predict_job(source: str, run: str, checkpoint: str = "best", views: str = "full", weights: str | None = None,
+                runtime: RuntimeConfig | None = None, top: int = 5, json_path: str | None = None,
+                attention: int = 0, attention_dir: str | None = None) -> tuple[list[dict], list[tuple]]:
+    """`vtn predict`: prints each video's top classes as it finishes, writes --json lines, attention figures;
+    returns (results, failures)."""
+    from vtn.evaluate.run import attention_figure
+
+    entries, folder_classes = entries_of(source)
+    if attention and views != "full":
+        raise UserError("--attention shows [CLS]'s attention over one view of the whole video: use it with --views full")
+    predictor = Predictor.from_run(run, checkpoint, views, weights, runtime)
+    names = predictor.class_names
+    failures: list[tuple] = []
+    out = open(json_path, "w") if json_path else None
+    folder = Path(attention_dir or (Path(json_path).parent if json_path else Path("."))) / "attention"
+    records: list[dict] = []
+
+    def label_name(result) -> str | None:
+        return folder_classes[result["label"]] if result["label"] >= 0 else None
+
+    def on_video(result: dict, video) -> None:
+        order = np.argsort(-result["logits"])[:top]
+        best = [(names[c], float(np.exp(result["logits"][c]))) for c in order]
+        truth = label_name(result)
+        print(f"{result['id']}: " + ", ".join(f"{n} {p:.1%}" for n, p in best)
+              + (f"   (label {truth})" if truth else ""), flush=True)
+        if out:
+            out.write(json.dumps({"id": result["id"], "path": result["path"], "label": truth,
+                                  "top": [{"class": n, "probability": p} for n, p in best],
+                                  "probabilities": result["probabilities"],
+                                  "frames_through_backbone": result["frames_through_backbone"],
+                                  "views": {"mode": views, "count": result["views"]}}) + "\n")
+            out.flush()
+        if len(records) < attention:
+            features, timestamps, indices = video
+            folder.mkdir(parents=True, exist_ok=True)
+            item = {"id": result["id"], "features": torch.from_numpy(features), "positions": torch.from_numpy(indices),
+                    "times": torch.from_numpy(timestamps).float(), "label": -1}
+            records.append(attention_figure(predictor.model, item, Path(result["path"]), folder, predictor.device)[0])
+            (folder / "attention.json").write_text(json.dumps(records, indent=1) + "\n")
+
+    def on_failure(vid: str, error: str, message: str) -> None:
+        failures.append((vid, error, message))
+        print(f"{vid}: failed: {error}: {message}", flush=True)
+
+    try:
+        results = predictor.predict(entries, on_video, on_failure)
+    finally:
+        if out:
+            out.close()
+    return results, failures

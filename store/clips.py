@@ -1,0 +1,43 @@
+"""Which of a video's cached (or sampled) frames a clip or view uses. numpy only: stage one's decode workers use
+it too, to decode no more frames than a predictor's views need."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def clip_rows(length: int, clip_frames: int | None, stride: int, max_frames: int | None,
+              rng: np.random.Generator | None, view: tuple[int, int] | None = None) -> np.ndarray:
+    """Which of a video's `length` cached frames a sample uses.
+
+    Training (`rng` given): `clip_frames` frames `stride` apart from a random start; a video too short for
+    that span keeps the clip length with the largest stride that fits (or every frame when it has fewer).
+    Evaluation (`rng` None, `clip_frames` None): the whole video, thinned evenly to `max_frames` if longer.
+    Multi-view evaluation (`rng` None, `view` = (k, n)): clip k of n clips whose starts are evenly spaced from
+    the video's start to its end (n = 1: the centred clip).
+    """
+    if clip_frames is None:
+        if max_frames is None or length <= max_frames:
+            return np.arange(length)
+        return np.linspace(0, length - 1, max_frames).round().astype(np.int64)
+    if length <= clip_frames:
+        return np.arange(length)
+    stride = max(1, min(stride, (length - 1) // (clip_frames - 1))) if clip_frames > 1 else 1
+    span = (clip_frames - 1) * stride + 1
+    if rng is not None:
+        start = int(rng.integers(0, length - span + 1))
+    elif view is not None and view[1] > 1:
+        start = round(view[0] * (length - span) / (view[1] - 1))
+    else:
+        start = (length - span) // 2
+    return start + np.arange(clip_frames) * stride
+
+
+def view_rows(length: int, views: tuple[int, int, int] | None, max_frames: int) -> np.ndarray:
+    """The rows of a video's `length` frames that a set of views uses, sorted and distinct: with `views` None
+    the whole video thinned evenly to `max_frames` (the `full` view); with (clips, clip_frames, stride) the
+    union of the evenly spaced clips."""
+    if views is None:
+        return clip_rows(length, None, 1, max_frames, None)
+    n, frames, stride = views
+    return np.unique(np.concatenate([clip_rows(length, frames, stride, None, None, (k, n)) for k in range(n)]))
