@@ -113,3 +113,19 @@ def test_predict_refuses_a_model_whose_backbone_weights_are_not_there(trained, t
 @pytest.fixture(scope="module")
 def bad_video(tmp_path_factory):
     return synth.make_bad_files(tmp_path_factory.mktemp("bad"))["not_video"]
+
+
+@pytest.mark.slow
+def test_bench_inference_prints_both_modes(tmp_path, vtn_cli):
+    proc = vtn_cli("bench", "inference", "--videos", "1", "--train-videos", "2", "--steps", "2", "--views", "full",
+                   "10x3", "--workdir", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "  full:" in proc.stdout and "10x3:" in proc.stdout and "of the speed-up" in proc.stdout
+
+
+@pytest.fixture
+def vtn_cli():
+    import subprocess
+    import sys
+
+    return lambda *args: subprocess.run([sys.executable, "-m", "vtn", *args], capture_output=True, text=True, timeout=600)
