@@ -21,7 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="vtn",
         description="Video Transformer Network as a two-stage feature cache: `vtn extract` caches one "
         "feature vector per frame in a Zarr store, `vtn train` trains the Longformer temporal encoder on "
-        "it in minutes, `vtn evaluate` measures it. `vtn demo` runs all of it on generated videos.",
+        "it in minutes, `vtn evaluate` measures it on a cache and `vtn predict` on new video files. `vtn demo` runs "
+        "all of it on generated videos.",
     )
     parser.add_argument("--version", action="version", version=f"vtn {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)

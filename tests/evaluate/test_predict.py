@@ -52,6 +52,21 @@ def test_predict_on_raw_videos_equals_extract_then_evaluate(trained, tmp_path, c
         assert f"{g['id']}: {g['top'][0]['class']}" in out
 
 
+def test_predict_writes_attention_figures(trained, tmp_path, capsys):
+    from PIL import Image
+
+    videos, _, run, _ = trained
+    assert main(["predict", str(videos / "val"), "--model", str(run), "--workers", "0", "--attention", "1",
+                 "--json", str(tmp_path / "p.jsonl")]) == 0
+    records = json.loads((tmp_path / "attention" / "attention.json").read_text())
+    assert len(records) == 1 and len(list((tmp_path / "attention").glob("*.png"))) == 1
+    layers = np.array([f["layers"] for f in records[0]["frames"]])
+    assert np.allclose(layers.sum(0), 1, atol=1e-4)
+    assert Image.open(next((tmp_path / "attention").glob("*.png"))).size[0] >= 600
+    assert main(["predict", str(videos / "val"), "--model", str(run), "--views", "2x1", "--attention", "1"]) == 2
+    assert "--views full" in capsys.readouterr().err
+
+
 def test_views_decode_only_their_frames_and_crops_cover_the_long_side(trained, tmp_path):
     times = np.arange(100) / 25.0  # 4 s at 25 fps; sampled at 8 fps: 32 frames
     every = sample(times, SamplingConfig(mode="fps", fps=8))
