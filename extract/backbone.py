@@ -130,7 +130,7 @@ def _hub_offline(timeout: float = 2.0) -> bool:
             pass
         done.set()
 
-    threading.Thread(target=probe, daemon=True).start()
+    threading.Thread(target=probe, name="vtn-hub-probe", daemon=True).start()
     done.wait(timeout)  # returns at once when the lookup or the connection fails
     return not reached
 

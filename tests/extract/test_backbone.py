@@ -1,5 +1,7 @@
 """Backbone set-up a new user meets first: timm's pretrained weights offline, and a mistyped model name."""
 
+import socket
+import threading
 import time
 
 import pytest
@@ -28,22 +30,37 @@ def no_hub(tmp_path, monkeypatch):
     return tmp_path / "hub"
 
 
-def test_missing_pretrained_weights_offline_fail_at_once_saying_the_ways_forward(no_hub):
+@pytest.fixture
+def connects(monkeypatch):
+    """The names of the threads that open a TCP connection (any library's), in order."""
+    seen, connect = [], socket.socket.connect
+
+    def spy(sock, address):
+        seen.append(threading.current_thread().name)
+        return connect(sock, address)
+
+    monkeypatch.setattr(socket.socket, "connect", spy)
+    return seen
+
+
+def test_missing_pretrained_weights_offline_fail_at_once_saying_the_ways_forward(no_hub, connects):
     t0 = time.monotonic()
     with pytest.raises(BackboneError) as e:
         create_backbone("resnet18", pretrained=True)
     assert time.monotonic() - t0 < 5  # timm's retries took about a minute here
+    assert connects == ["vtn-hub-probe"]  # one probe, then no request at all
     message = str(e.value)
     for needle in ("offline", "--weights FILE", "timm/resnet18.a1_in1k", str(no_hub), "HF_HOME", "HF_HUB_CACHE",
                    "--random-init"):
         assert needle in message
 
 
-def test_pretrained_weights_in_the_hub_cache_load_at_once_without_hf_hub_offline(no_hub):
+def test_pretrained_weights_in_the_hub_cache_load_at_once_without_hf_hub_offline(no_hub, connects):
     published = _hub_cache(no_hub, "resnet18", seed=3)
     t0 = time.monotonic()
     model, _, identity = create_backbone("resnet18", pretrained=True)
     assert time.monotonic() - t0 < 5
+    assert connects == ["vtn-hub-probe"]  # read from the cache without asking the hub
     assert identity["weights"] == "timm-pretrained"
     for k, v in model.state_dict().items():
         torch.testing.assert_close(v, published.state_dict()[k], rtol=0, atol=0)
