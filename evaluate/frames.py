@@ -12,9 +12,9 @@ from vtn.extract.decode import DecordReader, PyAVReader, VideoError
 
 
 def source_root(cache) -> Path | None:
-    """The folder video ids are relative to: the input folder the cache was extracted from (a manifest's
-    `root` when it recorded one, else its folder), or None when the cache does not say or it is gone."""
-    src = cache.attrs.get("source_root") or cache.attrs.get("source")
+    """The folder video ids are relative to (the cache's `root`; for older caches the input folder, or a manifest's
+    folder), or None when the cache does not say or it is gone."""
+    src = cache.attrs.get("root") or cache.attrs.get("source")
     if not src:
         return None
     root = Path(src)

@@ -40,7 +40,8 @@ def entries_of(source: str | Path) -> tuple[list[VideoEntry], list[str]]:
     path = Path(source)
     if path.is_file() and path.suffix.lower() != ".csv":
         return [VideoEntry(path.name, path, -1, "predict")], []
-    return discover(path)
+    entries, classes, _ = discover(path)
+    return entries, classes
 
 
 def sampling_of(inputs: dict) -> SamplingConfig:

@@ -3,7 +3,9 @@
 One small factory over `timm.create_model(name, num_classes=0)`, which returns one pooled vector per
 image (the CLS token for ViTs, global average pooling for CNNs). Weights come from timm (`pretrained`),
 from a file (safetensors, or a torch state dict loaded with `weights_only=True`, so a file cannot run
-code), or from a seeded random init (tests, benchmarks). The preprocessing is timm's resolved data config
+code), or from a seeded random init (tests, benchmarks). Offline, timm's weights come from the local hub cache at
+once: the hub is probed with one ~2 s TCP connect, and when it does not answer the download runs in Hugging Face's
+offline mode instead of retrying for about a minute. The preprocessing is timm's resolved data config
 for the model, applied on the device to uint8 frames: resize the short side to size / crop_pct, centre
 crop, scale to 0..1, normalise. On the CPU it resamples uint8 in fixed point as PIL does and reproduces
 timm's own eval transform (which works on PIL images) up to rare one-level roundings; on a GPU it resamples
@@ -12,9 +14,15 @@ in float, within a grey level of that. It is saved with the cache so every later
 
 from __future__ import annotations
 
+import contextlib
+import difflib
 import hashlib
 import math
+import socket
+import threading
 from pathlib import Path
+from urllib.parse import urlsplit
+from urllib.request import getproxies, proxy_bypass
 
 import torch
 import torch.nn.functional as F
@@ -48,22 +56,21 @@ def create_backbone(
     if image_size is not None:
         # ViT-style models fix their position embedding to the input size at construction; CNNs take any size.
         kwargs["img_size"] = image_size
+    check_model_name(name)
+    offline = pretrained and _hub_offline()
     torch.manual_seed(seed)
     try:
-        try:
-            model = timm.create_model(name, pretrained=pretrained, num_classes=0, **kwargs)
-        except TypeError:
-            model = timm.create_model(name, pretrained=pretrained, num_classes=0)
+        with _hub_offline_mode() if offline else contextlib.nullcontext():
+            try:
+                model = timm.create_model(name, pretrained=pretrained, num_classes=0, **kwargs)
+            except TypeError:
+                model = timm.create_model(name, pretrained=pretrained, num_classes=0)
     except RuntimeError as e:
         raise BackboneError(f"backbone '{name}': {e}") from None
     except Exception as e:
         if not pretrained:
             raise
-        raise BackboneError(
-            f"backbone '{name}': cannot load timm's pretrained weights ({type(e).__name__}: {e}); "
-            "offline, they must already be in the local Hugging Face hub cache (HF_HOME or HF_HUB_CACHE), "
-            "or give the file with --weights"
-        ) from None
+        raise BackboneError(_missing_weights_message(name, offline, e)) from None
     identity = {"name": name, "weights": "random-init", "seed": seed}
     if pretrained:
         identity = {"name": name, "weights": "timm-pretrained", "pretrained_tag": model.pretrained_cfg.get("tag")}
@@ -75,6 +82,94 @@ def create_backbone(
     overrides = {"input_size": (3, image_size, image_size)} if image_size is not None else {}
     data_config = timm.data.resolve_data_config(overrides, model=model)
     return model, data_config, identity
+
+
+def check_model_name(name: str) -> None:
+    """Refuse a name timm does not know, suggesting the closest of its models (timm's own error lists none).
+
+    Names with a source prefix (`hf-hub:...`, `local-dir:...`) are left to timm. A pretrained tag
+    (`resnet50.a1_in1k`) is stripped for the lookup; timm checks the tag itself.
+    """
+    import timm
+    from timm.models import get_arch_name
+
+    if ":" in name or "/" in name or timm.is_model(name):
+        return
+    arch = get_arch_name(name)
+    # Names that extend what was typed first (`vit_base_patch16` -> `vit_base_patch16_224`), then by similarity.
+    scored = ((m, difflib.SequenceMatcher(None, arch, m).ratio()) for m in timm.list_models())
+    close = sorted(((m, r) for m, r in scored if r >= 0.6), key=lambda mr: (not mr[0].startswith(arch), -mr[1], mr[0]))
+    hint = f"closest: {', '.join(m for m, _ in close[:5])}" if close else "no close name"
+    raise BackboneError(f"unknown timm model '{name}'; {hint} (timm.list_models() lists them all)")
+
+
+def _hub_offline(timeout: float = 2.0) -> bool:
+    """Whether the Hugging Face hub is out of reach: HF_HUB_OFFLINE is set, or a TCP connection to the hub
+    (HF_ENDPOINT, or the HTTPS proxy that leads to it) does not open within `timeout` seconds.
+
+    Only a connection is opened and closed; nothing is sent. The probe runs in a thread so that a slow DNS
+    lookup, which a socket timeout does not bound, cannot hold the job either.
+    """
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return True
+    url = urlsplit(constants.ENDPOINT)
+    host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
+    proxy = getproxies().get(url.scheme)
+    if proxy and not proxy_bypass(host):
+        proxy_url = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+        host, port = proxy_url.hostname, proxy_url.port or (443 if proxy_url.scheme == "https" else 80)
+    done, reached = threading.Event(), []
+
+    def probe():
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            reached.append(True)
+        except OSError:
+            pass
+        done.set()
+
+    threading.Thread(target=probe, name="vtn-hub-probe", daemon=True).start()
+    done.wait(timeout)  # returns at once when the lookup or the connection fails
+    return not reached
+
+
+@contextlib.contextmanager
+def _hub_offline_mode():
+    """Hugging Face's offline mode for the calls inside: downloads are looked up in the local hub cache only.
+
+    huggingface_hub reads HF_HUB_OFFLINE once, at import, into `constants.HF_HUB_OFFLINE`, and checks that
+    value on every request; setting it is how the environment variable takes effect in a running process.
+    """
+    from huggingface_hub import constants
+
+    before = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = before
+
+
+def _missing_weights_message(name: str, offline: bool, error: Exception) -> str:
+    """Why timm's pretrained weights could not be loaded, and the three ways forward."""
+    from huggingface_hub import constants
+    from timm.models import get_pretrained_cfg
+
+    try:
+        repo = getattr(get_pretrained_cfg(name), "hf_hub_id", None)
+    except RuntimeError:
+        repo = None
+    where = f"the hub repo '{repo}'" if repo else "its files"
+    why = ("the Hugging Face hub is not reachable (offline) and they are not in the local hub cache"
+           if offline else f"{type(error).__name__}: {error}")
+    return (
+        f"backbone '{name}': cannot load timm's pretrained weights ({why}). Either give the weights file with "
+        f"--weights FILE; or put {where} into the local Hugging Face hub cache ({constants.HF_HUB_CACHE}; set "
+        f"HF_HOME or HF_HUB_CACHE to use another), e.g. copied from a machine where timm downloaded it; "
+        f"or use --random-init"
+    )
 
 
 def load_weights(model: torch.nn.Module, path: str | Path) -> str:

@@ -133,7 +133,7 @@ def main(args) -> int:
         per_class = max(1, -(-args.videos // len(synth.CLASSES)))
         if not data.exists():
             synth.make_dataset(data, per_split={"train": per_class}, seconds=(2.0, 4.0))
-        entries, classes = discover(data)
+        entries, classes, _ = discover(data)
         jobs = [(e.id, str(e.path)) for e in entries]
         sampling = SamplingConfig()  # every frame: decoding is exercised in full
         model, data_config, _ = create_backbone(args.backbone, image_size=args.image_size)

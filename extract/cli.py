@@ -21,6 +21,8 @@ def register(sub, bench_sub) -> None:
         "Exit status: 0 all videos stored, 3 some failed (the rest stored, failures recorded), 2 usage error.",
     )
     p.add_argument("input", help="folder of videos, or a .csv manifest")
+    p.add_argument("--root", metavar="DIR", help="with a manifest: video ids are paths relative to DIR (default: the "
+                   "manifest's folder when every video lies under it, else the deepest folder they all share)")
     p.add_argument("--out", required=True, help="the cache: a local path or an fsspec URL")
     p.add_argument("--overwrite", action="store_true", help="replace an existing cache (needed to change backbone or sampling)")
     s = p.add_mutually_exclusive_group()
@@ -134,7 +136,7 @@ def _run(cfg, args, rank: int, world_size: int):
     from vtn.extract.job import run
 
     return run(cfg, args.input, args.out, overwrite=args.overwrite, rank=rank, world_size=world_size,
-               shard=_shard(args.shard))
+               shard=_shard(args.shard), root=args.root)
 
 
 def _shard(text: str | None) -> tuple[int, int] | None:

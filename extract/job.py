@@ -312,19 +312,20 @@ def rank_share(todo: list[VideoEntry], sampling: SamplingConfig, rank: int, worl
 
 
 def run(cfg: ExtractConfig, source: str | Path, out: str, overwrite: bool = False, rank: int = 0,
-        world_size: int = 1, shard: tuple[int, int] | None = None) -> Summary:
+        world_size: int = 1, shard: tuple[int, int] | None = None, root: str | Path | None = None) -> Summary:
     """Extract every video of `source` (folder or CSV) not yet in the cache at `out`; returns the summary.
 
     With `world_size` > 1, torch.distributed must be initialised by the caller; every rank calls this.
     The returned summary covers all ranks (on every rank). `shard = (k, n)` keeps only the k-th of n fixed
     shares of the videos (by a hash of the id, so a share never depends on which other files exist), for
-    job arrays whose tasks run independently, each writing its own part of the same cache.
+    job arrays whose tasks run independently, each writing its own part of the same cache. `root` is the folder
+    a manifest's video ids are relative to (see inputs.discover); the root used is recorded with the cache.
     """
     from vtn.store import consolidate
 
     t0 = time.monotonic()
     device = check_runtime(cfg)
-    entries, class_names = discover(source)
+    entries, class_names, ids_root = discover(source, root)
     if shard is not None:
         k, n = shard
         if not 0 <= k < n:
@@ -339,6 +340,7 @@ def run(cfg: ExtractConfig, source: str | Path, out: str, overwrite: bool = Fals
         "config": to_dict(cfg),
         "versions": library_versions(),
         "source": str(Path(source).resolve()),
+        "root": str(ids_root),  # video ids are paths relative to it
     }
     writer = open_writer(out, overwrite, rank, world_size, feature_dim=identity["feature_dim"],
                          dtype=cfg.runtime.feature_dtype, class_names=class_names, attrs=attrs,

@@ -74,10 +74,11 @@ def test_manifest_weights_file_and_unlabelled_rows(videos, tmp_path, vtn):
     (tmp_path / "videos_link").symlink_to(videos)
     sub = tmp_path / "m"
     sub.mkdir()
-    # The absolute path lies outside the manifest's folder: refused, naming the row.
+    # The absolute path lies outside --root: refused, naming the row.
     (sub / "list.csv").write_text("\n".join(rows) + "\n")
-    proc = vtn("extract", sub / "list.csv", "--out", tmp_path / "c0", *BACKBONE, "--weights", weights, check_rc=2)
-    assert "list.csv:2" in proc.stderr and "outside" in proc.stderr
+    proc = vtn("extract", sub / "list.csv", "--out", tmp_path / "c0", "--root", sub, *BACKBONE, "--weights", weights,
+               check_rc=2)
+    assert "list.csv:2" in proc.stderr and "outside --root" in proc.stderr
     manifest = tmp_path / "list.csv"
     manifest.write_text("path,label,split\nvideos_link/train/left_to_right_red_first/0000.mp4,ltr,train\n"
                         "videos_link/val/right_to_left_green_first/0000.mp4,,val\n")
