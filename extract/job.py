@@ -37,6 +37,7 @@ from vtn.extract.config import ExtractConfig, RuntimeConfig
 from vtn.extract.inputs import VideoEntry, discover
 from vtn.extract.sampling import SamplingConfig, check, effective
 from vtn.extract.workers import DecodePool
+from vtn.paths import check_cache_out
 from vtn.progress import progress_bar
 
 
@@ -290,6 +291,19 @@ def run(cfg: ExtractConfig, source: str | Path, out: str, overwrite: bool = Fals
     if device.type == "cpu":
         torch.set_num_threads(cfg.runtime.threads or len(os.sched_getaffinity(0)))
     entries, class_names = discover(source)
+    # Before the model is built: an --out that is the input, holds it, or is not a vtn cache is refused
+    # (vtn/paths.py). The input is the folder, or the CSV and every video it lists. Rank 0 decides, so under
+    # torchrun no rank reads a cache that rank 0 may be replacing, and every rank stops with one message.
+    verdict = [None]
+    if rank == 0:
+        try:
+            check_cache_out(out, inputs=[source, *(e.path for e in entries)], overwrite=overwrite)
+        except UserError as e:
+            verdict = [str(e)]
+    if world_size > 1:
+        dist.broadcast_object_list(verdict, src=0)
+    if verdict[0] is not None:
+        raise UserError(verdict[0])
     if shard is not None:
         k, n = shard
         if not 0 <= k < n:
