@@ -131,8 +131,7 @@ def check_export_out(out: str | os.PathLike, inputs: Iterable[str | os.PathLike]
     """Refuse an HDF5 export target that exists, unless `overwrite` and it is a file vtn export wrote."""
     path = Path(out).expanduser()
     if not path.exists() and not path.is_symlink():
-        _check_inputs(path, inputs, False, "export")  # a new file inside a cache folder would change the cache
-        return
+        return  # a new file: nothing to lose
     if path.is_dir():
         raise UserError(f"{out}: is a folder; --out names the .h5 file to write (nothing was changed)")
     _check_inputs(path, inputs, overwrite, "export")
