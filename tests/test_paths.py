@@ -208,3 +208,15 @@ def test_paths_imports_only_the_standard_library():
     code = "import sys, vtn.paths; print(sorted(m for m in ('torch', 'zarr', 'numpy', 'h5py') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_a_linked_video_is_compared_by_its_target(tmp_path):
+    # The input folder holds a link to a video stored in `elsewhere`: replacing `elsewhere` would delete it.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "real.mp4").write_bytes(b"video")
+    (tmp_path / "videos").mkdir()
+    (tmp_path / "videos" / "link.mp4").symlink_to(elsewhere / "real.mp4")
+    with pytest.raises(UserError, match=r"elsewhere: contains the input .*link.mp4"):
+        check_cache_out(str(elsewhere), inputs=[tmp_path / "videos", tmp_path / "videos" / "link.mp4"], overwrite=True)
+    assert (elsewhere / "real.mp4").read_bytes() == b"video"

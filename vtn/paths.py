@@ -61,21 +61,27 @@ def _remote_has_content(url: str, storage_options: dict | None) -> bool:
         return False
 
 
-def _real(path: str | os.PathLike) -> Path:
-    return Path(os.path.realpath(os.path.expanduser(os.fspath(path))))
-
-
 def _check_inputs(out: Path, inputs: Iterable[str | os.PathLike], overwrite: bool, label: str) -> None:
-    """Refuse an existing `out` that is or contains an input, or (to be replaced) lies inside an input folder."""
-    real_out = _real(out)
+    """Refuse an existing `out` that is or contains an input, or (to be replaced) lies inside an input folder.
+
+    Paths are compared resolved (links followed). A manifest may list hundreds of thousands of videos, so each
+    folder is resolved once and a file only when it is itself a link: plain string prefixes after that.
+    """
+    real_out = os.path.realpath(out)
+    folders: dict[str, str] = {}
     for item in inputs:
-        if is_remote(str(item)):
+        text = os.fspath(item)
+        if is_remote(text):
             continue  # a remote input cannot be inside a local folder
-        real_in = _real(item)
-        if real_in == real_out or real_out in real_in.parents:
+        head, name = os.path.split(os.path.abspath(text))
+        if head not in folders:
+            folders[head] = os.path.realpath(head)
+        real_in = os.path.realpath(text) if os.path.islink(text) else os.path.join(folders[head], name)
+        if real_in == real_out or real_in.startswith(real_out.rstrip(os.sep) + os.sep):
             what = "is the input" if real_in == real_out else f"contains the input {item}"
             raise UserError(f"{out}: {what}; write the {label} somewhere else (nothing was changed)")
-        if overwrite and real_in.is_dir() and real_in in real_out.parents:
+        # Only a folder can have `out` inside it, so no need to ask whether the input is one.
+        if overwrite and real_out.startswith(real_in.rstrip(os.sep) + os.sep):
             raise UserError(f"{out}: lies inside the input folder {item}; --overwrite never replaces anything "
                             f"there, write the {label} somewhere else (nothing was changed)")
 
