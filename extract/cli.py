@@ -24,7 +24,8 @@ def register(sub, bench_sub) -> None:
     p.add_argument("--root", metavar="DIR", help="with a manifest: video ids are paths relative to DIR (default: the "
                    "manifest's folder when every video lies under it, else the deepest folder they all share)")
     p.add_argument("--out", required=True, help="the cache: a local path or an fsspec URL")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing cache (needed to change backbone or sampling)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing vtn cache (needed to change backbone or sampling); "
+                   "never anything else, the input, or a folder holding it")
     s = p.add_mutually_exclusive_group()
     s.add_argument("--fps", type=float, help="sample F frames per second of video")
     s.add_argument("--every", type=int, metavar="K", help="sample every K-th frame (default: every frame)")

@@ -38,6 +38,7 @@ from vtn.extract.config import BackboneConfig, ExtractConfig, RuntimeConfig
 from vtn.extract.inputs import VideoEntry, discover
 from vtn.extract.sampling import SamplingConfig, check, effective
 from vtn.extract.workers import DecodePool
+from vtn.paths import check_cache_out
 from vtn.progress import progress_bar
 from vtn.runtime import autocast, resolve_device
 
@@ -283,22 +284,26 @@ def check_runtime(cfg: ExtractConfig) -> torch.device:
     return device
 
 
-def open_writer(out: str, overwrite: bool, rank: int, world_size: int, **writer_args):
-    """This process's CacheWriter. Under torchrun rank 0 creates (or checks) the cache first and the others join
-    it only if that worked, so a refused cache stops every rank with the same message instead of a barrier."""
-    from vtn.store import CacheWriter
-
-    if world_size == 1:
-        return CacheWriter(out, overwrite=overwrite, **writer_args)
-    error, writer = [None], None
+def on_rank0(fn: Callable, rank: int, world_size: int):
+    """`fn()` on rank 0 only; a UserError it raises stops every rank with the same message (not at a barrier)."""
+    error, result = [None], None
     if rank == 0:
         try:
-            writer = CacheWriter(out, overwrite=overwrite, **writer_args)
+            result = fn()
         except UserError as e:
             error = [str(e)]
-    dist.broadcast_object_list(error, src=0)
+    if world_size > 1:
+        dist.broadcast_object_list(error, src=0)
     if error[0] is not None:
         raise UserError(error[0])
+    return result
+
+
+def open_writer(out: str, overwrite: bool, rank: int, world_size: int, **writer_args):
+    """This process's CacheWriter: rank 0 creates (or checks) the cache first, the others join it after."""
+    from vtn.store import CacheWriter
+
+    writer = on_rank0(lambda: CacheWriter(out, overwrite=overwrite, **writer_args), rank, world_size)
     return writer if rank == 0 else CacheWriter(out, create=False, **writer_args)
 
 
@@ -326,6 +331,11 @@ def run(cfg: ExtractConfig, source: str | Path, out: str, overwrite: bool = Fals
     t0 = time.monotonic()
     device = check_runtime(cfg)
     entries, class_names, ids_root = discover(source, root)
+    # Before the model is built: an --out that is the input, holds it, or is not a vtn cache is refused
+    # (vtn/paths.py). The input is the folder, or the CSV and every video it lists. Rank 0 decides, so under
+    # torchrun no rank reads a cache that rank 0 may be replacing.
+    on_rank0(lambda: check_cache_out(out, inputs=[source, *(e.path for e in entries)], overwrite=overwrite),
+             rank, world_size)
     if shard is not None:
         k, n = shard
         if not 0 <= k < n:

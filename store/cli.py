@@ -29,12 +29,13 @@ def register(sub, bench_sub) -> None:
     q.add_argument("--labels", help="CSV of id,label[,split]; class names are the sorted labels")
     q.add_argument("--fps", type=float, default=1.0, help="feature rate for timestamps when the source has none (default 1)")
     q.add_argument("--dtype", default="float16", choices=["float16", "float32"])
-    q.add_argument("--overwrite", action="store_true", help="replace an existing cache at --out")
+    q.add_argument("--overwrite", action="store_true", help="replace an existing vtn cache at --out (never anything else)")
     q.set_defaults(func=_import)
 
     q = store_sub.add_parser("export", help="write a cache to HDF5: one dataset per video id")
     q.add_argument("cache")
     q.add_argument("--out", required=True, help="the .h5 file to write")
+    q.add_argument("--overwrite", action="store_true", help="replace an existing --out that vtn store export wrote")
     q.set_defaults(func=_export)
 
     q = bench_sub.add_parser("store", help="files, bytes, open/index time, random reads and split loading vs plain zarr",
@@ -84,6 +85,7 @@ def cache_info(url: str) -> dict:
         "frames": int(c.lengths.sum()),
         "splits": {s: {"videos": splits[s], "frames": frames[s]} for s in sorted(splits)},
         "classes": len(c.class_names),
+        "class_names": c.class_names,
         "videos_per_class": {c.class_names[k] if k >= 0 else "(unlabeled)": v for k, v in sorted(per_class.items())},
         "feature_dim": c.feature_dim,
         "dtype": c.dtype.name,
@@ -108,6 +110,8 @@ def _info(args) -> int:
     for s, v in info["splits"].items():
         print(f"  {s:<10} {v['videos']:,} videos, {v['frames']:,} frames")
     print(f"classes      {info['classes']}")
+    for line in _wrap_names(info["class_names"]):
+        print(f"  {line}")
     print(f"features     D={info['feature_dim']} {info['dtype']}")
     if info["bytes"] is not None:
         print(f"on disk      {info['bytes'] / 2**20:,.1f} MiB in {info['files']:,} files")
@@ -120,6 +124,16 @@ def _info(args) -> int:
     if len(info["failures"]) > 20:
         print(f"  ... and {len(info['failures']) - 20} more (--json lists all)")
     return 0
+
+
+def _wrap_names(names: list[str], shown: int = 50, width: int = 100) -> list[str]:
+    """The first `shown` class names, comma-separated in lines of about `width` characters, and how many more."""
+    import textwrap
+
+    text = ", ".join(names[:shown])
+    if len(names) > shown:
+        text += f", ... and {len(names) - shown} more (--json lists all)"
+    return textwrap.wrap(text, width=width, break_long_words=False, break_on_hyphens=False)
 
 
 def _verify(args) -> int:
@@ -144,6 +158,6 @@ def _import(args) -> int:
 def _export(args) -> int:
     from vtn.store.interop import export_h5
 
-    n = export_h5(args.cache, args.out)
+    n = export_h5(args.cache, args.out, overwrite=args.overwrite)
     print(f"exported {n:,} videos to {args.out}")
     return 0

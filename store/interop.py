@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from vtn.paths import check_cache_out, check_export_out
 from vtn.progress import progress_bar
 from vtn.store.layout import StoreError
 from vtn.store.reader import open_cache
@@ -84,6 +85,7 @@ def import_features(src: str | Path, out: str, labels_csv: str | None = None, fp
         count = None
     else:
         raise StoreError(f"{src}: expected an HDF5 file (.h5/.hdf5) or a folder of .npy files")
+    check_cache_out(out, inputs=[src, *([labels_csv] if labels_csv else [])], overwrite=overwrite)
     labels = read_labels(labels_csv) if labels_csv else None
     class_names = list(info.get("class_names", []))
     if labels is not None and not class_names:
@@ -130,11 +132,15 @@ def _chain(first, rest):
     yield from rest
 
 
-def export_h5(cache_url: str, out: str | Path, progress: bool = True) -> int:
-    """One dataset per video id (features), its timestamps and metadata as attributes, the cache's attributes at the root."""
+def export_h5(cache_url: str, out: str | Path, progress: bool = True, overwrite: bool = False) -> int:
+    """One dataset per video id (features), its timestamps and metadata as attributes, the cache's attributes at the root.
+
+    An existing `out` is replaced only with `overwrite`, and only when it is a file this function wrote.
+    """
     import h5py
 
     cache = open_cache(cache_url)
+    check_export_out(out, inputs=[cache_url], overwrite=overwrite)
     out = Path(out)
     tmp = out.with_name(out.name + ".partial")
     with h5py.File(tmp, "w", libver="latest") as f:  # "latest": attributes larger than 64 KiB (long timestamp lists)

@@ -27,7 +27,11 @@ prefix is meaningful. Reading one video with plain zarr:
 
 Commit protocol: a writer appends rows to its own part, then writes the video-table entries, then
 rewrites the part's attributes (one atomic object write) — that last write is the commit. A writer killed
-at any instant leaves a part whose committed prefix is complete; anything after it is ignored.
+at any instant leaves a part whose committed prefix is complete; anything after it is ignored. On local
+disks this rests on zarr >= 3.1.3 writing every object to a temporary file and renaming it into place
+(a shard that already holds committed rows is rewritten whole on each flush). A part with nothing
+committed (committed == rows == 0) may lack its arrays, when its writer was killed while creating it: it
+holds no videos and readers and `verify` pass over it.
 """
 
 from __future__ import annotations

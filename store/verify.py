@@ -61,6 +61,11 @@ def verify(cache_url: str, progress: bool = True) -> tuple[list[str], dict]:
     for part, state in sorted(parts.items()):
         g = root["parts"][part]
         committed, rows = int(state.get("committed", 0)), int(state.get("rows", 0))
+        if committed == 0 and rows == 0:
+            # Nothing committed: a writer killed while it created this part may have left it without some of
+            # its arrays. Readers ignore it, a resumed writer starts a new part: an empty part, not a problem.
+            tables[part] = {col: np.empty(0, dtype=object if dt is str else dt) for col, (dt, _) in TABLE_COLUMNS.items()}
+            continue
         try:
             cols = read_columns(g, 0, committed, list(TABLE_COLUMNS))
         except Exception as e:  # noqa: BLE001 - a broken table is a finding, not a crash

@@ -17,6 +17,8 @@ from pathlib import PurePosixPath
 import numpy as np
 import zarr
 
+from vtn.errors import UserError
+from vtn.paths import check_cache_out
 from vtn.store.index import consolidate as _consolidate
 from vtn.store.index import read_index
 from vtn.store.layout import (
@@ -92,11 +94,15 @@ class CacheWriter:
     # -- opening -----------------------------------------------------------------------------------------
     def _open_or_create(self, attrs, identity, overwrite, create, storage_options):
         expected = {"feature_dim": self.feature_dim, "dtype": self.dtype.name, "class_names": self.class_names}
+        try:  # the one output rule (vtn/paths.py): never write into, or replace, anything but a vtn cache
+            check_cache_out(self.url, overwrite=overwrite, storage_options=storage_options)
+        except UserError as e:
+            raise StoreError(str(e)) from None
         if not overwrite:
             try:
                 root = open_root(self.url, "r+", storage_options)
             except StoreError:
-                if not create or _exists_non_cache(self.url, storage_options):
+                if not create:
                     raise
             else:
                 self._check_compatible(root.attrs.asdict(), {**expected, **{k: attrs.get(k) for k in identity}})
@@ -118,9 +124,9 @@ class CacheWriter:
         return root
 
     def _check_compatible(self, have: dict, want: dict) -> None:
-        diffs = [k for k, v in want.items() if _jsonable(have.get(k)) != v]
+        diffs = _differences({k: have.get(k, _MISSING) for k in want}, want)
         if diffs:
-            lines = "; ".join(f"{k}: cache has {have.get(k)!r}, this job has {want[k]!r}" for k in diffs)
+            lines = "; ".join(f"{key}: cache has {_short(a)}, this job has {_short(b)}" for key, a, b in diffs)
             raise StoreError(f"{self.url}: existing cache was made with other settings ({lines}); "
                              "use another output or --overwrite to replace it")
 
@@ -247,14 +253,31 @@ class CacheWriter:
         self.close(consolidate=exc_type is None)
 
 
-def _exists_non_cache(url: str, storage_options) -> bool:
-    """True when `url` is an existing local folder with content that is not a Zarr group: never write into it."""
-    from pathlib import Path
+_MISSING = object()  # a key one side lacks
 
-    if "://" in url:
-        return False
-    p = Path(url)
-    return p.exists() and (not p.is_dir() or (any(p.iterdir()) and not (p / "zarr.json").exists()))
+
+def _differences(have, want, key: str = "") -> list[tuple[str, object, object]]:
+    """(dotted key, cache value, job value) for every leaf that differs, descending into dicts on both sides.
+
+    A cache's settings are big nested dicts (backbone identity, preprocessing, sampling); naming only the
+    leaves that differ tells the user what to change.
+    """
+    if isinstance(have, dict) and isinstance(want, dict):
+        out = []
+        for k in [*want, *(k for k in have if k not in want)]:
+            out += _differences(have.get(k, _MISSING), want.get(k, _MISSING), f"{key}.{k}" if key else str(k))
+        return out
+    if have is not _MISSING and want is not _MISSING and _jsonable(have) == _jsonable(want):
+        return []
+    return [(key, have, want)]
+
+
+def _short(value, limit: int = 80) -> str:
+    """repr of a setting, cut to `limit` characters (a class list of thousands of names would bury the rest)."""
+    if value is _MISSING:
+        return "no such setting"
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def consolidate(url: str, storage_options: dict | None = None) -> int:

@@ -38,6 +38,7 @@ import yaml
 
 from vtn.config import merge, resolve, to_dict
 from vtn.errors import UserError
+from vtn.paths import check_run_dir
 from vtn.plots import curves_png
 from vtn.progress import progress_bar
 from vtn.runtime import Processes, autocast, processes, resolve_device
@@ -476,7 +477,7 @@ def train(cache_url: str, out: str | Path, cfg: TrainConfig | None = None, resum
     """
     procs, device, own_group = setup_processes((cfg or TrainConfig()).run.device)
     try:
-        run = Path(out)
+        run = check_run_dir(out)  # never over a file or a folder that is not a run
         cache = open_cache(cache_url)
         last = checkpoint.find(run, "last")
         if last is not None and not resume:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from vtn import __version__
@@ -37,7 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # output still buffered meets a closed pipe here, inside this handler, not at exit
+        return code
     except UserError as e:
         print(f"vtn {args.command}: error: {e}", file=sys.stderr)
         return 2
@@ -45,3 +48,8 @@ def main(argv: list[str] | None = None) -> int:
         hint = getattr(args, "interrupted", "committed work is kept, re-run to continue")
         print(f"vtn {args.command}: interrupted; {hint}", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (`vtn store info CACHE | head`): stop quietly, as Unix tools do. Point stdout at
+        # devnull so the interpreter's final flush of the buffered rest does not raise the error again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a command a closed pipe stopped

@@ -1,5 +1,7 @@
 import csv
 import json
+import subprocess
+import sys
 
 import h5py
 import numpy as np
@@ -7,7 +9,7 @@ import pytest
 from store_helpers import CLASSES, D, feats
 
 from vtn.cli import main
-from vtn.store import StoreError, open_cache
+from vtn.store import CacheWriter, StoreError, open_cache
 from vtn.store.interop import export_h5, import_features
 
 
@@ -107,3 +109,27 @@ def test_info_and_verify_cli(make_cache, capsys, tmp_path):
     assert main(["store", "verify", str(tmp_path)]) == 2
     assert "not a vtn cache" in capsys.readouterr().err
     assert main(["store", "import", str(tmp_path / "missing.h5"), "--out", str(tmp_path / "z.zarr")]) == 2
+
+
+def test_info_prints_the_class_names(tmp_path, capsys):
+    url = str(tmp_path / "c.zarr")
+    names = [f"class_{i:03d}" for i in range(120)]
+    CacheWriter(url, feature_dim=D, class_names=names).close()
+    assert main(["store", "info", url]) == 0
+    out = capsys.readouterr().out
+    assert "class_000, class_001" in out and "class_049" in out and "class_050" not in out
+    assert "... and 70 more" in out
+    assert max(len(line) for line in out.splitlines() if "class_0" in line) <= 110  # wrapped, not one long line
+    assert main(["store", "info", url, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["class_names"] == names
+
+
+def test_info_into_a_closed_pipe_ends_quietly(make_cache):
+    # `vtn store info CACHE | head -1` with head already gone: no BrokenPipeError traceback or message.
+    url, _ = make_cache(3)
+    proc = subprocess.Popen([sys.executable, "-m", "vtn", "store", "info", url], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader is gone before the command writes anything (its imports take far longer)
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 141
+    assert "BrokenPipeError" not in err and "Traceback" not in err and "Exception ignored" not in err, err

@@ -90,13 +90,32 @@ def test_memory_url(tmp_path):
 
 def test_existing_cache_with_other_settings_is_refused(make_cache):
     url, _ = make_cache(2)
-    with pytest.raises(StoreError, match="backbone: cache has"):
+    with pytest.raises(StoreError, match=r"\(backbone.name: cache has 'test', this job has 'other'\)"):
         CacheWriter(url, feature_dim=D, class_names=CLASSES, attrs={"backbone": {"name": "other"}}, identity=("backbone",))
     with pytest.raises(StoreError, match="feature_dim"):
         CacheWriter(url, feature_dim=D * 2, class_names=CLASSES)
     w = CacheWriter(url, feature_dim=8, class_names=["a"], overwrite=True)
     w.close()
     assert len(open_cache(url)) == 0
+
+
+def test_other_settings_name_only_the_keys_that_differ(tmp_path):
+    url = str(tmp_path / "c.zarr")
+    backbone = {"name": "vit", "weights_sha256": "ab12" * 16, "preprocessing": {"size": [224, 224], "crop": 0.9}}
+    sampling = {"mode": "fps", "fps": 2.0, "max_seconds": None}
+    CacheWriter(url, feature_dim=D, class_names=CLASSES, attrs={"backbone": backbone, "sampling": sampling}).close()
+    other = {"name": "vit", "weights_sha256": "cd34" * 16, "preprocessing": {"size": [224, 224], "crop": 1.0}}
+    with pytest.raises(StoreError) as e:
+        CacheWriter(url, feature_dim=D, class_names=CLASSES, identity=("backbone", "sampling"),
+                    attrs={"backbone": other, "sampling": {**sampling, "fps": 4.0}})
+    message = str(e.value)
+    assert (f"(backbone.weights_sha256: cache has '{'ab12' * 16}', this job has '{'cd34' * 16}'; "
+            "backbone.preprocessing.crop: cache has 0.9, this job has 1.0; "
+            "sampling.fps: cache has 2.0, this job has 4.0)") in message
+    assert "'name'" not in message and "size" not in message and "max_seconds" not in message  # no whole dicts
+    with pytest.raises(StoreError, match=r"sampling.max_seconds: cache has None, this job has no such setting"):
+        CacheWriter(url, feature_dim=D, class_names=CLASSES, identity=("sampling",),
+                    attrs={"sampling": {"mode": "fps", "fps": 2.0}})
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,178 @@
+"""The one rule for writing over an output path: replace only what vtn itself wrote, never the input.
+
+A new user's `vtn extract data/videos --out data/videos --overwrite` once deleted the videos, and
+`--out some_folder --overwrite` deleted an unrelated file. So every command that writes over something asks
+here first, and anything that is not vtn's own output is refused with a `UserError` naming the path and the
+reason, before anything is touched:
+
+- a feature cache (`vtn extract`, `vtn store import`): a new path, an empty folder, or a vtn cache (a Zarr
+  group whose root attributes hold `vtn_schema`); `--overwrite` replaces only a vtn cache, never a folder
+  that contains the input or lies inside an input folder; a file is never a cache;
+- an HDF5 export (`vtn store export`): a new file, or with `--overwrite` an HDF5 file written by vtn export
+  (root attribute `vtn_cache_attrs`);
+- a run directory (`vtn train`, `vtn finetune`): a new path, an empty folder, or a vtn run.
+
+Only the standard library and vtn.errors at module level: every command imports this before its heavy work.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+from vtn.errors import UserError
+
+SCHEMA_KEY = "vtn_schema"  # the root attribute that marks a vtn cache (vtn.store.layout.SCHEMA_KEY)
+EXPORT_KEY = "vtn_cache_attrs"  # the root attribute `vtn store export` writes into its HDF5 files
+
+
+def is_remote(url: str) -> bool:
+    """An fsspec URL (`s3://…`, `memory://…`) rather than a local path."""
+    return "://" in str(url)
+
+
+def is_vtn_cache(url: str, storage_options: dict | None = None) -> bool:
+    """True when `url` holds a Zarr group with the `vtn_schema` root attribute (any schema version)."""
+    if not is_remote(url):
+        meta = Path(url) / "zarr.json"
+        try:
+            doc = json.loads(meta.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return False
+        return isinstance(doc, dict) and doc.get("node_type") == "group" and SCHEMA_KEY in (doc.get("attributes") or {})
+    import zarr  # remote: let zarr open it (whatever fsspec store it maps to) and read the attribute
+
+    try:
+        return SCHEMA_KEY in zarr.open_group(str(url), mode="r", storage_options=storage_options).attrs
+    except Exception:  # noqa: BLE001 - missing, not a group, unreadable: in every case not a vtn cache
+        return False
+
+
+def _remote_has_content(url: str, storage_options: dict | None) -> bool:
+    """Whether anything at all is stored at or under the remote `url`."""
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(str(url), **(storage_options or {}))
+    try:
+        return bool(fs.exists(path) and (fs.isfile(path) or fs.ls(path, detail=False)))
+    except FileNotFoundError:
+        return False
+
+
+def _check_inputs(out: Path, inputs: Iterable[str | os.PathLike], overwrite: bool, label: str) -> None:
+    """Refuse an existing `out` that is or contains an input, or (to be replaced) lies inside an input folder.
+
+    Paths are compared resolved (links followed). A manifest may list hundreds of thousands of videos, so each
+    folder is resolved once and a file only when it is itself a link: plain string prefixes after that.
+    """
+    real_out = os.path.realpath(out)
+    folders: dict[str, str] = {}
+    for item in inputs:
+        text = os.fspath(item)
+        if is_remote(text):
+            continue  # a remote input cannot be inside a local folder
+        head, name = os.path.split(os.path.abspath(text))
+        if head not in folders:
+            folders[head] = os.path.realpath(head)
+        real_in = os.path.realpath(text) if os.path.islink(text) else os.path.join(folders[head], name)
+        if real_in == real_out or real_in.startswith(real_out.rstrip(os.sep) + os.sep):
+            what = "is the input" if real_in == real_out else f"contains the input {item}"
+            raise UserError(f"{out}: {what}; write the {label} somewhere else (nothing was changed)")
+        # Only a folder can have `out` inside it, so no need to ask whether the input is one.
+        if overwrite and real_out.startswith(real_in.rstrip(os.sep) + os.sep):
+            raise UserError(f"{out}: lies inside the input folder {item}; --overwrite never replaces anything "
+                            f"there, write the {label} somewhere else (nothing was changed)")
+
+
+def check_cache_out(out: str, inputs: Iterable[str | os.PathLike] = (), overwrite: bool = False,
+                    storage_options: dict | None = None) -> None:
+    """Refuse to write (or with `overwrite`, replace) a cache at `out` unless that can only touch a vtn cache.
+
+    `inputs` are the command's input paths (a folder, a CSV manifest and every video it lists, an HDF5 file):
+    a cache may never be or contain one of them, nor be replaced inside an input folder.
+    Raises UserError naming `out` and why; returns None when writing is safe.
+    """
+    out = str(out)
+    if is_remote(out):
+        # Remote inputs are not supported, so only the target itself matters: replace only a vtn cache.
+        if overwrite and not is_vtn_cache(out, storage_options) and _remote_has_content(out, storage_options):
+            raise UserError(f"{out}: not a vtn cache (it holds data, but no Zarr group with a '{SCHEMA_KEY}' "
+                            "attribute); --overwrite replaces only a vtn cache, so nothing was changed")
+        return
+    path = Path(out).expanduser()
+    if not path.exists():
+        if path.is_symlink():  # a dangling link: writing would follow it somewhere unexpected
+            raise UserError(f"{out}: is a broken symbolic link; choose another --out (nothing was changed)")
+        return
+    if not path.is_dir():
+        raise UserError(f"{out}: is a file, not a cache folder; choose another --out (nothing was changed)")
+    cache = is_vtn_cache(out)
+    if cache and not overwrite:
+        return  # adding parts to an existing cache deletes nothing
+    _check_inputs(path, inputs, overwrite, "cache")
+    if cache or not any(path.iterdir()):
+        return
+    if overwrite:
+        raise UserError(f"{out}: not a vtn cache (a folder with other content, no zarr.json with a '{SCHEMA_KEY}' "
+                        "attribute); --overwrite replaces only a vtn cache, so nothing was changed: choose another --out")
+    raise UserError(f"{out}: not a vtn cache (a folder with other content, no zarr.json with a '{SCHEMA_KEY}' "
+                    "attribute); a cache is written only into a new or empty folder or an existing cache: "
+                    "choose another --out")
+
+
+def is_vtn_export(path: str | os.PathLike) -> bool:
+    """True when `path` is an HDF5 file written by `vtn store export` (root attribute `vtn_cache_attrs`)."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            return EXPORT_KEY in f.attrs
+    except (OSError, ValueError):
+        return False
+
+
+def check_export_out(out: str | os.PathLike, inputs: Iterable[str | os.PathLike] = (), overwrite: bool = False) -> None:
+    """Refuse an HDF5 export target that exists, unless `overwrite` and it is a file vtn export wrote."""
+    path = Path(out).expanduser()
+    if not path.exists() and not path.is_symlink():
+        return  # a new file: nothing to lose
+    if path.is_dir():
+        raise UserError(f"{out}: is a folder; --out names the .h5 file to write (nothing was changed)")
+    _check_inputs(path, inputs, overwrite, "export")
+    if not overwrite:
+        raise UserError(f"{out}: already exists; pass --overwrite to replace a file that vtn store export wrote, "
+                        "or choose another --out (nothing was changed)")
+    if not is_vtn_export(path):
+        raise UserError(f"{out}: is not an HDF5 file written by vtn store export (no '{EXPORT_KEY}' root "
+                        "attribute); --overwrite replaces only such a file, so nothing was changed")
+
+
+def is_vtn_run(path: str | os.PathLike) -> bool:
+    """A folder `vtn train`/`vtn finetune` wrote: config.yaml plus a checkpoint (last/, best/) or metrics.jsonl.
+
+    metrics.jsonl counts too: a run killed before its first checkpoint has it, and resuming it must work.
+    """
+    path = Path(path)
+    return (path / "config.yaml").is_file() and (
+        (path / "last").is_dir() or (path / "best").is_dir() or (path / "metrics.jsonl").is_file())
+
+
+def check_run_dir(out: str | os.PathLike) -> Path:
+    """Return `out` as a Path if a training run may write there: new, an empty folder, or a vtn run.
+
+    Anything else (a file, a folder holding other things) raises UserError naming it, before anything is written.
+    """
+    path = Path(out).expanduser()
+    if not path.exists():
+        if path.is_symlink():
+            raise UserError(f"{out}: is a broken symbolic link; choose another --out (nothing was changed)")
+        return path
+    if not path.is_dir():
+        raise UserError(f"{out}: is a file, not a run directory; choose another --out (nothing was changed)")
+    if any(path.iterdir()) and not is_vtn_run(path):
+        raise UserError(f"{out}: exists and is not a vtn run directory (no config.yaml with last/, best/ or "
+                        "metrics.jsonl); a run is written only into a new or empty folder or its own run "
+                        "directory: choose another --out (nothing was changed)")
+    return path
