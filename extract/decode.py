@@ -113,9 +113,14 @@ class DecordReader:
     """Frames through decord: the packet index gives every frame's timestamp; `get_batch` reads by index."""
 
     backend = "decord"
+    # Frames per `get_batch` call: between calls the reader reports that it is alive (a sparse chunk can take
+    # one seek and GOP decode per frame).
+    batch = 16
 
-    def __init__(self, path: str | Path, threads: int = 1):
+    def __init__(self, path: str | Path, threads: int = 1, alive=None):
         import decord
+
+        self.alive = alive or _nothing
 
         try:
             self.vr = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=threads)
@@ -139,40 +144,60 @@ class DecordReader:
         for i in range(0, len(indices), step):
             idx = indices[i: i + step]
             try:
-                frames = self.vr.get_batch(idx.tolist()).asnumpy()
+                parts = []
+                for j in range(0, len(idx), self.batch):
+                    parts.append(self.vr.get_batch(idx[j: j + self.batch].tolist()).asnumpy())
+                    self.alive()
+                frames = parts[0] if len(parts) == 1 else np.concatenate(parts)
             except Exception as e:
                 raise DecodeError(f"{self.path}: decord cannot decode frames {idx[0]}..{idx[-1]}: {_first_line(e)}") from None
             yield Chunk(idx, self.info.timestamps[idx], frames)
 
 
 class PyAVReader:
-    """Frames through PyAV: one demux pass for the timestamps, then one sequential decode pass.
+    """Frames through PyAV: one demux pass (packets only, no decoding) for the index, then one decode pass.
 
-    Sequential decoding is slower than decord's seeking for sparse sampling, but it reads files decord
-    cannot, and frame i is exactly the i-th frame decoded in presentation order.
+    The index is the presentation time of every packet the decoder will output a frame for: packets the
+    demuxer flags as discarded (frames before an MP4 edit list's start, e.g. a trimmed clip) are left out, and
+    repeated times are kept (each packet is a frame). The decode pass is the truth: frame i is the i-th frame
+    the decoder outputs (presentation order) and its timestamp is that frame's own pts, so a frame the index
+    did not foresee can never shift the times of the frames after it. Sequential decoding is slower than
+    decord's seeking for sparse sampling, but it reads files decord cannot.
     """
 
     backend = "pyav"
 
-    def __init__(self, path: str | Path, threads: int = 1):
+    def __init__(self, path: str | Path, threads: int = 1, alive=None):
         import av
 
-        self.path, self.threads = path, threads
+        self.path, self.threads, self.alive = path, threads, alive or _nothing
         try:
             with av.open(str(path)) as container:
                 if not container.streams.video:
                     raise NotAVideo(f"{path}: no video stream")
                 stream = container.streams.video[0]
                 width, height = stream.codec_context.width, stream.codec_context.height
-                time_base = float(stream.time_base)
-                pts = [p.pts for p in container.demux(stream) if p.pts is not None and p.size > 0]
+                self.time_base = float(stream.time_base)
+                pts, untimed = [], 0
+                for packet in container.demux(stream):
+                    self.alive()
+                    if packet.size == 0 or packet.is_discard:  # end-of-stream marker; frame dropped by an edit list
+                        continue
+                    t = _packet_time(packet)
+                    if t is None:
+                        untimed += 1
+                    else:
+                        pts.append(t)
         except VideoError:
             raise
         except Exception as e:
             raise NotAVideo(f"{path}: cannot open it as a video: {_first_line(e)}") from None
+        if untimed:
+            raise NotAVideo(f"{path}: {untimed} of {untimed + len(pts)} frames carry no timestamp")
         if not pts:
             raise NoFrames(f"{path}: the video stream has no frames")
-        ts = _sorted_unique(pts) * time_base
+        ts = np.sort(np.asarray(pts, dtype=np.int64)) * self.time_base
+        self.t0 = ts[0]  # what frames' times are counted from, as in `_info`
         self.info = _info(ts, width, height, self.backend)
 
     def read(self, indices: np.ndarray, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[Chunk]:
@@ -182,6 +207,7 @@ class PyAVReader:
         wanted = set(indices.tolist())
         last = int(indices[-1])
         buf_idx: list[int] = []
+        buf_pts: list[int] = []
         buf: list[np.ndarray] = []
         decoded = 0
         try:
@@ -189,14 +215,19 @@ class PyAVReader:
                 stream = container.streams.video[0]
                 stream.thread_count = self.threads
                 for frame in container.decode(stream):
+                    self.alive()
                     if decoded in wanted:
+                        pts = _packet_time(frame)
+                        if pts is None:
+                            raise DecodeError(f"{self.path}: frame {decoded} decodes without a timestamp")
                         buf_idx.append(decoded)
+                        buf_pts.append(pts)
                         # Turned upright as the container's display matrix says (decord does the same); PyAV's
                         # angle is counter-clockwise, as np.rot90's.
                         buf.append(np.rot90(frame.to_ndarray(format="rgb24"), frame.rotation // 90))
                         if len(buf) == step:
-                            yield self._chunk(buf_idx, buf)
-                            buf_idx, buf = [], []
+                            yield self._chunk(buf_idx, buf_pts, buf)
+                            buf_idx, buf_pts, buf = [], [], []
                     decoded += 1
                     if decoded > last:
                         break
@@ -209,11 +240,22 @@ class PyAVReader:
         if decoded <= last:
             raise DecodeError(f"{self.path}: only {decoded} of {self.info.num_frames} listed frames decode")
         if buf:
-            yield self._chunk(buf_idx, buf)
+            yield self._chunk(buf_idx, buf_pts, buf)
 
-    def _chunk(self, idx: list[int], frames: list[np.ndarray]) -> Chunk:
-        idx_arr = np.asarray(idx, dtype=np.int64)
-        return Chunk(idx_arr, self.info.timestamps[idx_arr], np.stack(frames))
+    def _chunk(self, idx: list[int], pts: list[int], frames: list[np.ndarray]) -> Chunk:
+        # The frames' own times, computed exactly as `_info` computes the index's, so they agree to the bit.
+        t = np.round(np.asarray(pts, dtype=np.int64) * self.time_base - self.t0, 6)
+        return Chunk(np.asarray(idx, dtype=np.int64), t, np.stack(frames))
+
+
+def _packet_time(p) -> int | None:
+    """A packet's or decoded frame's presentation time in time-base ticks: its pts, else its dts (streams
+    without B-frames whose container stores one time only), else None."""
+    return p.pts if p.pts is not None else p.dts
+
+
+def _nothing() -> None:
+    pass
 
 
 def _first_line(e: Exception) -> str:
@@ -222,8 +264,13 @@ def _first_line(e: Exception) -> str:
     return text.splitlines()[0][:300]
 
 
-def decode_video(path: str | Path, cfg: SamplingConfig, chunk_bytes: int = DEFAULT_CHUNK_BYTES, threads: int = 1):
+def decode_video(path: str | Path, cfg: SamplingConfig, chunk_bytes: int = DEFAULT_CHUNK_BYTES, threads: int = 1,
+                 alive=None):
     """Decode the sampled frames of one video: yields the `VideoInfo` first, then `Chunk`s.
+
+    `alive()`, if given, is called often while the decoders make progress (every packet demuxed, frame decoded
+    or small batch read), so a caller can tell a slow decode (an hour-long file sampled sparsely sends its first
+    chunk only after decoding most of it) from a hung one; it must be cheap.
 
     decord first; if it cannot open or read the file (or all its frames exceed `DECORD_MAX_BYTES`), PyAV from
     the start. When decord fails after some chunks were yielded, a `None` is yielded before PyAV's own
@@ -234,7 +281,7 @@ def decode_video(path: str | Path, cfg: SamplingConfig, chunk_bytes: int = DEFAU
     check_file(path)
     yielded = False
     try:
-        reader = DecordReader(path, threads)
+        reader = DecordReader(path, threads, alive)
         info = reader.info
         if info.num_frames * info.width * info.height * 3 > DECORD_MAX_BYTES:
             raise NotAVideo(f"{path}: {info.num_frames} frames of {info.width}x{info.height} are read with PyAV (bounded memory)")
@@ -248,7 +295,7 @@ def decode_video(path: str | Path, cfg: SamplingConfig, chunk_bytes: int = DEFAU
     if yielded:
         yield None
     try:
-        reader = PyAVReader(path, threads)
+        reader = PyAVReader(path, threads, alive)
     except VideoError as e:
         # Report the more specific of the two errors (e.g. PyAV's "no video stream" over decord's "cannot open").
         raise e if not isinstance(e, NotAVideo) or isinstance(first_error, NotAVideo) else first_error

@@ -192,6 +192,89 @@ def set_rotation(path: str | Path, degrees: int) -> Path:
     return Path(path)
 
 
+def _write_h264(path: str | Path, frames, fps: int, bframes: int, retime, fmt: str | None = None,
+                keyint: int | None = None) -> Path:
+    """Encode `frames` ([H, W, 3] uint8 arrays; frame i at pts i in the time base 1/fps) as H.264 and mux
+    the packets that `retime(packets)` returns: it may change their pts/dts or repeat them (as copies)."""
+    import av
+
+    frames = list(frames)
+    with av.open(str(path), "w", format=fmt) as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = frames[0].shape[1], frames[0].shape[0], "yuv420p"
+        options = {"preset": "ultrafast", "bf": str(bframes)}
+        if keyint:
+            options["keyint"] = options["min-keyint"] = str(keyint)
+        stream.options = options
+        packets = []
+        for i, image in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+            frame.pts, frame.time_base = i, fractions.Fraction(1, fps)
+            packets += stream.encode(frame)
+        packets += stream.encode(None)
+        for packet in retime(packets):
+            container.mux(packet)
+    return Path(path)
+
+
+def _copy_packet(packet, shift: int):
+    """A new packet with `packet`'s data and flags, `shift` ticks later (muxing takes a packet's data away)."""
+    import av
+
+    out = av.Packet(bytes(packet))
+    out.pts, out.dts = packet.pts + shift, packet.dts + shift
+    out.time_base, out.stream, out.is_keyframe = packet.time_base, packet.stream, packet.is_keyframe
+    return out
+
+
+def counting_frames(n: int, width: int = 64, height: int = 48) -> list[np.ndarray]:
+    """`n` flat grey frames, frame i of brightness 10 + 5 * i (mod 240): which source frame a decoded one is
+    can be read from its mean."""
+    return [np.full((height, width, 3), 10 + (5 * i) % 240, np.uint8) for i in range(n)]
+
+
+def write_trimmed_video(path: str | Path, frames, fps: int = 25, skip: int = 3) -> Path:
+    """An `.mp4` with B-frames whose edit list starts after its first `skip` frames, as a clip cut without
+    re-encoding is: those frames are in the file (the others depend on them) and readers must not show them.
+
+    The first `skip` frames get negative times; the MP4 muxer writes an edit list starting at time 0, and the
+    demuxer flags their packets as discarded.
+    """
+    shift = lambda packets: [_copy_packet(p, -skip) for p in packets]  # noqa: E731
+    return _write_h264(path, frames, fps, bframes=3, retime=shift)
+
+
+def write_repeated_pts_video(path: str | Path, frames, fps: int = 25, at: int = 6) -> Path:
+    """A Matroska file (no B-frames) whose frame `at` carries the same pts as the frame before it, as muxers
+    that round times to a coarse time base write: every frame is there and decodes, two share one time."""
+    def repeat(packets):
+        packets = [_copy_packet(p, 0) for p in packets]
+        packets[at].pts = packets[at].dts = packets[at - 1].pts
+        return packets
+
+    return _write_h264(path, frames, fps, bframes=0, retime=repeat, fmt="matroska")
+
+
+def make_looped_video(path: str | Path, seconds: float, width: int = 320, height: int = 180, fps: int = 25,
+                      loop_seconds: float = 1.0) -> Path:
+    """A long video that is quick to write: `loop_seconds` of a square crossing a noisy background are
+    encoded once (one closed GOP) and their packets muxed again and again, shifted in time. Decoding it costs
+    what any file of that length and size costs (e.g. 10 minutes of 320x180: a few seconds)."""
+    rng = np.random.default_rng(0)
+    background = np.clip(rng.normal(60, 30, size=(height, width, 3)), 0, 255).astype(np.uint8)
+    n = max(1, int(round(loop_seconds * fps)))
+    frames = []
+    for i in range(n):
+        frame = background.copy()
+        side = height // 4
+        x = int(i / n * (width - side))
+        frame[height // 2 - side // 2: height // 2 + side // 2, x: x + side] = 255
+        frames.append(frame)
+    loops = int(np.ceil(seconds * fps / n))
+    again = lambda packets: [_copy_packet(p, k * n) for k in range(loops) for p in packets]  # noqa: E731
+    return _write_h264(path, frames, fps, bframes=0, retime=again, keyint=n)
+
+
 BAD_KINDS = ("zero_byte", "truncated", "not_video", "audio_only", "zero_frames", "corrupt")
 
 

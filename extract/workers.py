@@ -17,7 +17,13 @@ Events, each a tuple (kind, key, payload):
 - ("done", key, None): every sampled frame was sent;
 - ("fail", key, (error class, message)): the video failed; drop what arrived for it.
 The timeout counts only time in which the worker sent nothing while the parent was ready to receive, so a
-long video that keeps producing frames, or a worker waiting on a busy model, is never killed.
+worker waiting on a busy model is never killed. Besides its events, a worker that is decoding sends a small
+"alive" message (at most every `timeout / 4` s, 1 s at most) from inside the decoders' demux and decode
+loops: a sparse sample of an hour-long file sends its first chunk only after minutes of decoding, and that
+is progress, not a hang. The pool reads those and does not pass them on. A worker that is really stuck (in a
+read that never returns, a decoder that spins in one call) sends nothing and is killed after the timeout.
+Workers ignore SIGINT: on Ctrl-C the parent alone stops (closing the pool stops them), so the terminal shows
+the CLI's one line, not a KeyboardInterrupt traceback from every worker.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import multiprocessing as mp
 import queue
+import signal
 import threading
 import time
 from collections import deque
@@ -36,12 +43,32 @@ from vtn.extract.decode import Chunk, VideoError, VideoInfo, decode_video
 from vtn.extract.sampling import SamplingConfig
 
 _END = object()
+# A worker that has not said it is up yet (spawning, importing its decoders) is given at least this long:
+# that time is not spent on the video it was handed, and the timeout may be set shorter than a start.
+_STARTUP_S = 60.0
 
 
-def _send_video(send, key, path, cfg: SamplingConfig, chunk_bytes: int, threads: int) -> None:
-    """Decode one video and report it through `send(kind, key, payload)`."""
+def _heartbeat(send, key, every: float):
+    """`alive()` for `decode_video`: sends ("alive", key, None) at most every `every` seconds."""
+    last = time.monotonic()
+
+    def alive() -> None:
+        nonlocal last
+        now = time.monotonic()
+        if now - last >= every:
+            last = now
+            send("alive", key, None)
+
+    return alive
+
+
+def _send_video(send, key, path, cfg: SamplingConfig, chunk_bytes: int, threads: int,
+                heartbeat: float | None = None) -> None:
+    """Decode one video and report it through `send(kind, key, payload)`; with `heartbeat` (seconds), also
+    ("alive", key, None) messages while decoding makes progress."""
+    alive = None if heartbeat is None else _heartbeat(send, key, heartbeat)
     try:
-        for item in decode_video(path, cfg, chunk_bytes, threads):
+        for item in decode_video(path, cfg, chunk_bytes, threads, alive):
             if item is None:
                 send("reset", key, None)
             elif isinstance(item, VideoInfo):
@@ -55,8 +82,12 @@ def _send_video(send, key, path, cfg: SamplingConfig, chunk_bytes: int, threads:
         send("fail", key, ("DecodeError", f"{path}: {type(e).__name__}: {e}"))
 
 
-def _worker_main(conn, chunk_bytes: int, threads: int) -> None:
+def _worker_main(conn, chunk_bytes: int, threads: int, heartbeat: float) -> None:
     """A decode worker: receive (key, path, sampling) until None; send events back; frames as raw bytes."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle (see the module docstring)
+    # The decoders' imports are part of starting up, not of the first video's decode time.
+    import av  # noqa: F401
+    import decord  # noqa: F401
 
     def send(kind, key, payload):
         if kind == "chunk":
@@ -65,22 +96,30 @@ def _worker_main(conn, chunk_bytes: int, threads: int) -> None:
         else:
             conn.send((kind, key, payload))
 
+    send("alive", None, None)  # up and ready
     while True:
         msg = conn.recv()
         if msg is None:
             return
         key, path, sampling = msg
-        _send_video(send, key, path, SamplingConfig(**sampling), chunk_bytes, threads)
+        _send_video(send, key, path, SamplingConfig(**sampling), chunk_bytes, threads, heartbeat)
 
 
 class _Worker:
-    def __init__(self, ctx, chunk_bytes: int, threads: int):
+    def __init__(self, ctx, chunk_bytes: int, threads: int, heartbeat: float):
         self.conn, child = ctx.Pipe(duplex=True)
-        self.proc = ctx.Process(target=_worker_main, args=(child, chunk_bytes, threads), daemon=True)
-        self.proc.start()
+        self.proc = ctx.Process(target=_worker_main, args=(child, chunk_bytes, threads, heartbeat), daemon=True)
+        # SIGINT blocked in the thread that starts the process: the child inherits the mask, so a Ctrl-C in
+        # the second before `_worker_main` ignores it (the interpreter starting, imports) cannot interrupt it.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            self.proc.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         child.close()  # so a dead worker shows as EOF on our end
         self.job = None  # (key, path) being decoded
         self.stall = 0.0  # seconds waited on this worker without hearing from it
+        self.ready = False  # it has sent its first message (it is up, its decoders imported)
 
     def kill(self) -> None:
         self.proc.kill()
@@ -100,6 +139,7 @@ class DecodePool:
         self.jobs = deque(jobs)
         self.cfg, self.workers, self.timeout = cfg, workers, timeout
         self.chunk_bytes, self.threads = chunk_bytes, threads
+        self.heartbeat = min(1.0, timeout / 4)  # so several heartbeats fit in one timeout
         self._events: queue.Queue = queue.Queue(maxsize=prefetch)
         self._stop = threading.Event()
         self._pool: list[_Worker] = []
@@ -130,8 +170,9 @@ class DecodePool:
             except queue.Empty:
                 pass
         for w in self._pool:
-            w.proc.join(timeout=2)  # finished workers got None and exit by themselves
-            w.kill()
+            if w.job is None:
+                w.proc.join(timeout=2)  # idle workers got None and exit by themselves
+            w.kill()  # one still decoding (stopped early, e.g. Ctrl-C) is not waited for: it ignores SIGINT
         self._pool = []
 
     # -- the background thread -----------------------------------------------------------------------------
@@ -163,7 +204,7 @@ class DecodePool:
 
     def _run_workers(self) -> None:
         ctx = mp.get_context("spawn")  # no inherited threads or CUDA state; workers import only numpy and decoders
-        self._pool = [_Worker(ctx, self.chunk_bytes, self.threads) for _ in range(self.workers)]
+        self._pool = [_Worker(ctx, self.chunk_bytes, self.threads, self.heartbeat) for _ in range(self.workers)]
         sampling = dataclasses.asdict(self.cfg)
         while not self._stop.is_set():
             for w in self._pool:
@@ -182,10 +223,11 @@ class DecodePool:
                     continue
                 if w.conn not in ready:
                     w.stall += waited
-                    if w.stall > self.timeout:
-                        self._replace(i, "DecodeTimeout", f"no frame decoded for {self.timeout:g} s; the worker was killed")
+                    if w.stall > (self.timeout if w.ready else max(self.timeout, _STARTUP_S)):
+                        self._replace(i, "DecodeTimeout", f"no decoding progress for {self.timeout:g} s; the worker was killed")
                     continue
                 w.stall = 0.0
+                w.ready = True
                 try:
                     kind, key, payload = w.conn.recv()
                     if kind == "chunk":
@@ -195,6 +237,8 @@ class DecodePool:
                         payload = Chunk(indices, timestamps, frames)
                 except (EOFError, OSError):
                     self._replace(i, "WorkerCrashed", f"the decode worker died (exit code {w.proc.exitcode})", dead=True)
+                    continue
+                if kind == "alive":  # progress (or the worker saying it is up); nothing for the consumer
                     continue
                 if kind in ("done", "fail"):
                     w.job = None
@@ -216,5 +260,5 @@ class DecodePool:
         else:
             w.proc.join()
             w.conn.close()
-        self._pool[i] = _Worker(mp.get_context("spawn"), self.chunk_bytes, self.threads)
+        self._pool[i] = _Worker(mp.get_context("spawn"), self.chunk_bytes, self.threads, self.heartbeat)
         self._put(("fail", key, (error, f"{path}: {why}")))

@@ -2,6 +2,10 @@
 
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -48,3 +52,34 @@ def test_a_hung_decode_is_killed_after_the_timeout(videos, tmp_path, vtn):
     errors = {f["id"]: f["error"] for f in cache.failures}
     assert errors == {"hang.mp4": "DecodeTimeout", "missing.mp4": "NotAVideo"}
     assert "2 failed" in proc.stderr
+
+
+def test_ctrl_c_prints_one_line_and_no_worker_traceback(videos, tmp_path):
+    # A FIFO first in the list holds one worker in the middle of a decode for as long as the test likes;
+    # opening its write end succeeds only once a worker has opened it, i.e. extraction is under way.
+    src = tmp_path / "in"
+    shutil.copytree(videos / "val", src)
+    fifo = src / "0_hang.mp4"
+    os.mkfifo(fifo)
+    proc = subprocess.Popen([sys.executable, "-m", "vtn", "extract", str(src), "--out", str(tmp_path / "cache"),
+                             *BACKBONE, "--workers", "2", "--timeout", "600", "--no-progress"],
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                writer = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+                break
+            except OSError:  # no reader yet
+                assert proc.poll() is None and time.monotonic() < deadline, "extraction never reached the FIFO"
+                time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C does: the whole foreground process group
+        _, stderr = proc.communicate(timeout=60)
+        os.close(writer)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
+    assert "vtn extract: interrupted; committed work is kept, re-run to continue" in stderr
