@@ -45,7 +45,7 @@ def register(sub, bench_sub) -> None:
                         "features equal eager mode up to float rounding")
     p.add_argument("--workers", type=int, help="decode processes (default: 2 with the model on the CPU; with a GPU, "
                    "one per CPU core of its share of the machine, less one; 0: decode in the main process)")
-    p.add_argument("--timeout", type=float, metavar="S", help="kill a decode that produces no frame for S seconds (default 120)")
+    p.add_argument("--timeout", type=float, metavar="S", help="kill a decode that makes no progress for S seconds (default 120)")
     p.add_argument("--shard", metavar="K/N", help="only the K-th of N fixed shares of the videos (K = 0..N-1), for job "
                    "arrays (SLURM, Kubernetes) whose tasks start on their own: each writes its own part of the same "
                    "cache, and re-running a task resumes its share")
