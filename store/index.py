@@ -21,8 +21,8 @@ def child_groups(group) -> list:
 
     fsspec file systems (s3fs, gcsfs, ...) cache directory listings and share one instance per URL within a
     process, so without dropping that cache a process that once listed `parts/` would never see a part
-    another writer added later: a reader re-opening a cache, or rank 0 consolidating after the other ranks
-    committed, would miss their videos.
+    another writer added later: re-opening the cache would not show its videos, and a consolidation (rank 0
+    after the other ranks committed) would leave its part out of the index.
     """
     fs = getattr(group.store, "fs", None)
     if fs is not None:
