@@ -16,18 +16,32 @@ import numpy as np
 from vtn.store.layout import TABLE_COLUMNS
 
 
+def child_groups(group) -> list:
+    """[(name, group)] of the groups inside `group`, listed afresh.
+
+    fsspec file systems (s3fs, gcsfs, ...) cache directory listings and share one instance per URL within a
+    process, so without dropping that cache a process that once listed `parts/` would never see a part
+    another writer added later: re-opening the cache would not show its videos, and a consolidation (rank 0
+    after the other ranks committed) would leave its part out of the index.
+    """
+    fs = getattr(group.store, "fs", None)
+    if fs is not None:
+        fs.invalidate_cache()
+    return list(group.groups())
+
+
 def part_states(root) -> dict[str, dict]:
     """{part name: its attributes (committed, rows, failures)} for every part in the cache."""
     if "parts" not in root:
         return {}
-    return {name: dict(g.attrs) for name, g in root["parts"].groups()}
+    return {name: dict(g.attrs) for name, g in child_groups(root["parts"])}
 
 
 def newest_index(root):
     """The newest complete consolidated index group, or None."""
     if "index" not in root:
         return None
-    groups = sorted(root["index"].groups(), key=lambda kv: kv[0], reverse=True)
+    groups = sorted(child_groups(root["index"]), key=lambda kv: kv[0], reverse=True)
     for _, g in groups:
         if g.attrs.get("complete"):
             return g
@@ -87,7 +101,7 @@ def consolidate(root) -> int:
         if n:
             arr[:] = values.astype(str) if dtype is str else values
     g.attrs.update({"complete": True, "videos": n, "parts": {p: int(s.get("committed", 0)) for p, s in parts.items()}})
-    for name, old in list(root["index"].groups()):
+    for name, old in child_groups(root["index"]):
         if name < stamp and old.attrs.get("complete"):
             del root["index"][name]
     return n
