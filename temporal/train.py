@@ -244,20 +244,29 @@ class Data:
     holdout: list[str] | None  # ids held out of the train split for validation, when the cache has no val split
 
 
-def load_data(cache, cfg: TrainConfig, model_cfg: VTNConfig, procs: Processes) -> Data:
+def shared_source(cache, split: str, mode: str, local_world: int, sources: dict | None):
+    """split_source, kept in `sources` when given: a sweep trains many runs in one process on one loaded split."""
+    if sources is None:
+        return split_source(cache, split, mode, local_world)
+    if (split, mode) not in sources:
+        sources[split, mode] = split_source(cache, split, mode, local_world)
+    return sources[split, mode]
+
+
+def load_data(cache, cfg: TrainConfig, model_cfg: VTNConfig, procs: Processes, sources: dict | None = None) -> Data:
     d = cfg.data
     for split, what in ((d.train_split, "train"), (d.val_split, "val")):
         if not len(cache.split_ids(split)) and not (what == "val" and d.val_split == "val" and d.holdout > 0):
             raise UserError(f"{cache.url}: no videos in the {what} split '{split}' (the cache has splits "
                             f"{sorted(set(cache.splits))}); set data.{what}_split")
-    train_source = split_source(cache, d.train_split, d.load, procs.local_world)
+    train_source = shared_source(cache, d.train_split, d.load, procs.local_world, sources)
     streaming = train_source is cache
     every = ClipDataset(train_source, split=d.train_split, train=False)
     keep = every.labels >= 0  # unlabelled videos cannot teach a classifier
     holdout = None
     whole = dict(clip_frames=None, max_frames=model_cfg.max_positions, train=False)
     if len(cache.split_ids(d.val_split)):
-        val_source = split_source(cache, d.val_split, d.load, procs.local_world)
+        val_source = shared_source(cache, d.val_split, d.load, procs.local_world, sources)
         val = ClipDataset(val_source, split=d.val_split, **whole)
     else:
         out = held_out(every.ids, every.labels, d.holdout)
@@ -342,29 +351,38 @@ def checkpoint_last(loop: Loop) -> None:
         checkpoint.save_last(loop.dir, loop.model, loop.opt, loop.scaler, rngs, loop.state, loop.inputs)
 
 
+def set_lr(loop: Loop) -> None:
+    """The learning rate of the coming optimiser step, from the schedule."""
+    factor = lr_factor(loop.state["step"], loop.state["total_steps"], loop.optim)
+    for group in loop.opt.param_groups:
+        group["lr"] = group["base_lr"] * factor
+
+
+def finish_step(loop: Loop, loss: float) -> None:
+    """After the backward pass of a step with this loss: clip, step the optimiser, count."""
+    state, opt = loop.state, loop.opt
+    if loop.optim.clip_grad > 0:
+        loop.scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(loop.model.parameters(), loop.optim.clip_grad)
+    loop.scaler.step(opt)
+    loop.scaler.update()
+    opt.zero_grad(set_to_none=True)
+    state["loss_sum"] += loss
+    state["loss_count"] += 1
+    state["step"] += 1
+    state["step_in_epoch"] += 1
+
+
 def train_epoch(loop: Loop, loader, weights: list[float], loss_fn: Callable, bar, on_step: Callable[[], None]) -> None:
     """The optimiser steps of one epoch (what is left of it): `loss_fn(batch, weight)` gives this process's
-    weighted loss of a batch; each step sets the learning rate, steps, counts, then calls `on_step()`."""
-    state, opt = loop.state, loop.opt
+    weighted loss of a batch; each step is `set_lr`, backward, `finish_step`, then `on_step()`."""
     tick, clips = time.perf_counter(), 0
     for batch, weight in zip(loader, weights):
-        factor = lr_factor(state["step"], state["total_steps"], loop.optim)
-        for group in opt.param_groups:
-            group["lr"] = group["base_lr"] * factor
+        set_lr(loop)
         loss = loss_fn(batch, weight)
         loop.scaler.scale(loss).backward()
-        if loop.optim.clip_grad > 0:
-            loop.scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_(loop.model.parameters(), loop.optim.clip_grad)
-        loop.scaler.step(opt)
-        loop.scaler.update()
-        opt.zero_grad(set_to_none=True)
-
         value = float(loss.detach())
-        state["loss_sum"] += value
-        state["loss_count"] += 1
-        state["step"] += 1
-        state["step_in_epoch"] += 1
+        finish_step(loop, value)
         clips += len(batch["labels"]) * loop.procs.world
         bar.set_postfix(loss=f"{value:.3f}", clips_s=f"{clips / max(time.perf_counter() - tick, 1e-9):.0f}",
                         refresh=False)
@@ -372,35 +390,60 @@ def train_epoch(loop: Loop, loader, weights: list[float], loss_fn: Callable, bar
         on_step()
 
 
+def eval_interval(epochs: int, eval_every: int | None) -> int:
+    """Epochs between evaluations: `eval_every`, or about 25 evaluations per run."""
+    return eval_every or max(1, math.ceil(epochs / 25))
+
+
+def step_checkpoint(loop: Loop, checkpoint_every: int) -> None:
+    """After a step: last/ every `checkpoint_every` steps, between evaluations (an evaluated epoch's end saves its own)."""
+    state = loop.state
+    ends_epoch = state["step_in_epoch"] == state["steps_per_epoch"] or state["step"] == state["total_steps"]
+    if checkpoint_every and state["step"] % checkpoint_every == 0 and not ends_epoch:
+        state["elapsed"] = time.perf_counter() - loop.started
+        checkpoint_last(loop)
+
+
+def close_epoch(loop: Loop, epoch: int, epochs: int, every: int, checkpoint_every: int,
+                evaluate: Callable[[], dict]) -> dict | None:
+    """After the steps of `epoch`: every `every` epochs (and the last) `evaluate()` gives the val metrics for
+    `end_epoch` (its record is returned); otherwise the state moves to the next epoch, saving last/ when a
+    checkpoint falls due."""
+    if (epoch + 1) % every == 0 or epoch + 1 == epochs:
+        return end_epoch(loop, epoch, evaluate())
+    state = loop.state
+    state.update(epoch=epoch + 1, step_in_epoch=0)
+    if checkpoint_every and state["step"] % checkpoint_every == 0:
+        state["elapsed"] = time.perf_counter() - loop.started
+        checkpoint_last(loop)
+    return None
+
+
 def run_epochs(loop: Loop, epochs: int, eval_every: int | None, checkpoint_every: int, batches: Callable,
                loss_fn: Callable, evaluate: Callable[[], dict], bar) -> None:
     """Epochs from the state's epoch to `epochs`: `batches(epoch)` gives the epoch's (loader, weights) from the
     state's step in it on; every `eval_every` epochs (and the last) `evaluate()` gives the val metrics for
     `end_epoch`; last/ is also saved every `checkpoint_every` steps."""
-    state = loop.state
-    every = eval_every or max(1, math.ceil(epochs / 25))
-
-    def evaluated(epoch: int) -> bool:
-        return (epoch + 1) % every == 0 or epoch + 1 == epochs
-
-    def on_step() -> None:  # a checkpoint between evaluations; an evaluated epoch's end saves its own
-        ends_epoch = state["step_in_epoch"] == state["steps_per_epoch"] or state["step"] == state["total_steps"]
-        if checkpoint_every and state["step"] % checkpoint_every == 0 and not ends_epoch:
-            state["elapsed"] = time.perf_counter() - loop.started
-            checkpoint_last(loop)
-
-    for epoch in range(state["epoch"], epochs):
+    every = eval_interval(epochs, eval_every)
+    for epoch in range(loop.state["epoch"], epochs):
         bar.set_description(f"epoch {epoch + 1}/{epochs}", refresh=False)
         loader, weights = batches(epoch)
-        train_epoch(loop, loader, weights, loss_fn, bar, on_step)
-        if evaluated(epoch):
-            record = end_epoch(loop, epoch, evaluate())
+        train_epoch(loop, loader, weights, loss_fn, bar, lambda: step_checkpoint(loop, checkpoint_every))
+        record = close_epoch(loop, epoch, epochs, every, checkpoint_every, evaluate)
+        if record is not None:
             bar.set_postfix(loss=f"{record['train_loss']:.3f}", val_top1=f"{record['val_top1']:.3f}", refresh=False)
-            continue
-        state.update(epoch=epoch + 1, step_in_epoch=0)
-        if checkpoint_every and state["step"] % checkpoint_every == 0:
-            state["elapsed"] = time.perf_counter() - loop.started
-            checkpoint_last(loop)
+
+
+def epoch_batches(data: Data, state: dict, epoch: int) -> tuple[torch.utils.data.DataLoader, list[float]]:
+    """The loader of what is left of `epoch` (from the state's step in it, up to the run's last step) and the
+    weight of each of its batches."""
+    data.train.set_epoch(epoch)
+    data.sampler.set_epoch(epoch)
+    shares = data.sampler.shares()[state["step_in_epoch"]:][:state["total_steps"] - state["step"]]
+    # Its own generator, so making the loader does not draw from the global RNG (dropout's).
+    loader = torch.utils.data.DataLoader(data.train, batch_sampler=[b for b, _ in shares], collate_fn=collate_clips,
+                                         num_workers=data.workers, generator=torch.Generator())
+    return loader, [w for _, w in shares]
 
 
 def evaluate_views(model: VTN, dataset: ClipDataset, device: torch.device, batch_size: int, procs: Processes,
@@ -468,112 +511,135 @@ def resume_config(cls, run: Path, given):
 
 # -- the job ---------------------------------------------------------------------------------------------------
 
+@dataclass
+class Started:
+    """A run set up to train: its loop (model, optimiser, counters), data, model config and schedule."""
+
+    loop: Loop
+    data: Data
+    model_cfg: VTNConfig
+    cfg: TrainConfig
+    epochs: int
+
+
+def start_run(run: Path, cache, cfg: TrainConfig | None, resume: bool, procs: Processes, device: torch.device,
+              sources: dict | None = None, announce: bool = True) -> Started:
+    """Everything before the first step of the run in `run` (checked by check_run_dir): its config (the saved
+    one when resuming), data, schedule, model (seeded by run.seed), optimiser, state (a resumed run's from
+    last/), config.yaml and the start of metrics.jsonl. `sources`: loaded splits to share with other runs of
+    this process (see `shared_source`)."""
+    last = checkpoint.find(run, "last")
+    if last is not None and not resume:
+        raise UserError(f"{run} already holds a run; pass --resume to continue it, or choose another --out")
+    resuming = resume and last is not None
+    cfg = resume_config(TrainConfig, run, cfg) if resuming else (cfg or TrainConfig())
+    model_cfg = model_config(cfg, cache)
+    if cfg.optim.batch_size % procs.world:
+        raise UserError(f"optim.batch_size {cfg.optim.batch_size} is not divisible by the {procs.world} processes")
+    data = load_data(cache, cfg, model_cfg, procs, sources)
+    steps_per_epoch = len(data.sampler)
+    epochs, total_steps, why = schedule(cfg.optim, steps_per_epoch)
+
+    torch.manual_seed(cfg.run.seed)
+    model = VTN(model_cfg).to(device)
+    torch.manual_seed(cfg.run.seed + procs.rank)  # dropout differs between processes, as their data does
+    opt = build_optimizer([(list(model.parameters()), cfg.optim.lr)], cfg.optim)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.run.amp == "fp16")
+    state = new_state(procs.world, epochs, steps_per_epoch, total_steps, data_fingerprint(data, cache))
+    inputs = {**cache_inputs(cache), "clip_frames": cfg.data.clip_frames, "stride": cfg.data.stride}
+    if resuming:
+        saved = VTN.from_pretrained(last).config
+        if saved != model_cfg:
+            raise UserError(f"{cache.url} does not fit the checkpoint {last}: it was trained on features of "
+                            f"{saved.feature_dim} dimensions and classes {list(saved.class_names)}; this cache "
+                            f"has {model_cfg.feature_dim} and {list(model_cfg.class_names)}")
+        check_inputs(checkpoint.read_inputs(last), cache, last)
+        saved_state = checkpoint.load_last(last, model, opt, scaler, procs.rank, device)
+        check_resume(saved_state, state, last)
+        state.update(saved_state)
+    elif cfg.data.normalize:
+        model.set_feature_stats(*feature_stats(data.train.source, cfg.data.train_split))
+    ddp = torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None) if procs.world > 1 else model
+    loop = Loop(run, procs, device, model, ddp, opt, scaler, cfg.optim, cfg.run.amp, state, inputs)
+
+    if procs.rank == 0:
+        run.mkdir(parents=True, exist_ok=True)
+        (run / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        if data.holdout is not None:
+            (run / "holdout.json").write_text(json.dumps({"split": cfg.data.train_split, "share": cfg.data.holdout,
+                                                          "ids": data.holdout}, indent=1) + "\n")
+        start_metrics(run, state["step"] if resuming else 0)
+    if procs.rank == 0 and announce:
+        n_params = sum(p.numel() for p in model.parameters())
+        val_from = (f"{len(data.val)} val videos" if data.holdout is None else
+                    f"{len(data.val)} val videos held out of '{cfg.data.train_split}' (no '{cfg.data.val_split}' "
+                    f"split; {cfg.data.holdout:.0%} of each class by a hash of the id; listed in "
+                    f"{run / 'holdout.json'})")
+        print(f"vtn train: {len(data.train)} train videos and {val_from} from {cache.url} "
+              f"({'streamed' if data.streaming else 'memory'}), {n_params / 1e6:.2f} M parameters on {device}"
+              + (f" x {procs.world} processes" if procs.world > 1 else "")
+              + f"\n  schedule: {total_steps} steps ({epochs} epochs x {steps_per_epoch} steps of "
+              f"{cfg.optim.batch_size} clips), set by {why}"
+              + (f"; resuming at step {state['step']}" if resuming else ""), flush=True)
+        if len(cache.class_names) == 1:
+            print(f"warning: {cache.url} has a single class ({cache.class_names[0]}); every prediction is that "
+                  "class and accuracy means nothing", flush=True)
+    return Started(loop, data, model_cfg, cfg, epochs)
+
+
+def finish_run(loop: Loop, epochs: int, announce: bool = True) -> dict:
+    """The summary of a run whose steps are done; rank 0 draws curves.png and reports."""
+    state, run, rank = loop.state, loop.dir, loop.procs.rank
+    best = state["best"]
+    summary = {"run": str(run), "epochs": epochs, "steps": state["step"], "seconds": round(state["elapsed"], 1),
+               "best": best, "last": json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+               if rank == 0 else None}
+    if rank == 0:
+        curves_png([json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()], run / "curves.png")
+    if rank == 0 and announce:
+        print(f"vtn train: {epochs} epochs, {state['step']} steps in {state['elapsed']:.0f} s; best val top-1 "
+              f"{best['val_top1']:.1%} (top-5 {best['val_top5']:.1%}, mean class "
+              f"{best['val_mean_class_accuracy']:.1%}) at epoch {best['epoch']}; last top-1 "
+              f"{summary['last']['val_top1']:.1%}\n  checkpoints: {run / 'best'}, {run / 'last'}; "
+              f"metrics: {run / 'metrics.jsonl'}, curves: {run / 'curves.png'}", flush=True)
+    return summary
+
+
 def train(cache_url: str, out: str | Path, cfg: TrainConfig | None = None, resume: bool = False,
-          progress: bool = True) -> dict:
+          progress: bool = True, cache=None, sources: dict | None = None) -> dict:
     """Train VTN on the cache at `cache_url` into the run directory `out`; returns the final summary.
 
     `cfg` None means the defaults, or when resuming, the run's saved config. Under torchrun every process
-    calls this; rank 0 writes the run directory.
+    calls this; rank 0 writes the run directory. `cache` (the cache already open) and `sources` (its loaded
+    splits, see `shared_source`) let a sweep train many runs in one process without reloading them.
     """
     procs, device, own_group = setup_processes((cfg or TrainConfig()).run.device)
     try:
         run = check_run_dir(out)  # never over a file or a folder that is not a run
-        cache = open_cache(cache_url)
-        last = checkpoint.find(run, "last")
-        if last is not None and not resume:
-            raise UserError(f"{run} already holds a run; pass --resume to continue it, or choose another --out")
-        resuming = resume and last is not None
-        cfg = resume_config(TrainConfig, run, cfg) if resuming else (cfg or TrainConfig())
-        model_cfg = model_config(cfg, cache)
-        if cfg.optim.batch_size % procs.world:
-            raise UserError(f"optim.batch_size {cfg.optim.batch_size} is not divisible by the {procs.world} processes")
-        data = load_data(cache, cfg, model_cfg, procs)
-        steps_per_epoch = len(data.sampler)
-        epochs, total_steps, why = schedule(cfg.optim, steps_per_epoch)
-
-        torch.manual_seed(cfg.run.seed)
-        model = VTN(model_cfg).to(device)
-        torch.manual_seed(cfg.run.seed + procs.rank)  # dropout differs between processes, as their data does
-        opt = build_optimizer([(list(model.parameters()), cfg.optim.lr)], cfg.optim)
-        scaler = torch.amp.GradScaler(device.type, enabled=cfg.run.amp == "fp16")
-        state = new_state(procs.world, epochs, steps_per_epoch, total_steps, data_fingerprint(data, cache))
-        inputs = {**cache_inputs(cache), "clip_frames": cfg.data.clip_frames, "stride": cfg.data.stride}
-        if resuming:
-            saved = VTN.from_pretrained(last).config
-            if saved != model_cfg:
-                raise UserError(f"{cache.url} does not fit the checkpoint {last}: it was trained on features of "
-                                f"{saved.feature_dim} dimensions and classes {list(saved.class_names)}; this cache "
-                                f"has {model_cfg.feature_dim} and {list(model_cfg.class_names)}")
-            check_inputs(checkpoint.read_inputs(last), cache, last)
-            saved_state = checkpoint.load_last(last, model, opt, scaler, procs.rank, device)
-            check_resume(saved_state, state, last)
-            state.update(saved_state)
-        elif cfg.data.normalize:
-            model.set_feature_stats(*feature_stats(data.train.source, cfg.data.train_split))
-        ddp = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None) if procs.world > 1 else model
-        loop = Loop(run, procs, device, model, ddp, opt, scaler, cfg.optim, cfg.run.amp, state, inputs)
-
-        if procs.rank == 0:
-            run.mkdir(parents=True, exist_ok=True)
-            (run / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-            if data.holdout is not None:
-                (run / "holdout.json").write_text(json.dumps({"split": cfg.data.train_split, "share": cfg.data.holdout,
-                                                              "ids": data.holdout}, indent=1) + "\n")
-            start_metrics(run, state["step"] if resuming else 0)
-            n_params = sum(p.numel() for p in model.parameters())
-            val_from = (f"{len(data.val)} val videos" if data.holdout is None else
-                        f"{len(data.val)} val videos held out of '{cfg.data.train_split}' (no '{cfg.data.val_split}' "
-                        f"split; {cfg.data.holdout:.0%} of each class by a hash of the id; listed in "
-                        f"{run / 'holdout.json'})")
-            print(f"vtn train: {len(data.train)} train videos and {val_from} from {cache.url} "
-                  f"({'streamed' if data.streaming else 'memory'}), {n_params / 1e6:.2f} M parameters on {device}"
-                  + (f" x {procs.world} processes" if procs.world > 1 else "")
-                  + f"\n  schedule: {total_steps} steps ({epochs} epochs x {steps_per_epoch} steps of "
-                  f"{cfg.optim.batch_size} clips), set by {why}"
-                  + (f"; resuming at step {state['step']}" if resuming else ""), flush=True)
-            if len(cache.class_names) == 1:
-                print(f"warning: {cache.url} has a single class ({cache.class_names[0]}); every prediction is that "
-                      "class and accuracy means nothing", flush=True)
+        cache = cache if cache is not None else open_cache(cache_url)
+        job = start_run(run, cache, cfg, resume, procs, device, sources)
+        loop, data, model_cfg, cfg, epochs = job.loop, job.data, job.model_cfg, job.cfg, job.epochs
 
         def loss_fn(batch: dict, weight: float) -> torch.Tensor:
             features, mask, positions = model_inputs(batch, model_cfg, device)
             with autocast(device, cfg.run.amp):
-                logits = ddp(features, mask, positions)
+                logits = loop.ddp(features, mask, positions)
             loss = F.cross_entropy(logits.float(), batch["labels"].to(device), reduction="sum",
                                    label_smoothing=cfg.optim.label_smoothing)
             return loss * weight
 
-        def batches(epoch: int):
-            data.train.set_epoch(epoch)
-            data.sampler.set_epoch(epoch)
-            shares = data.sampler.shares()[state["step_in_epoch"]:][:total_steps - state["step"]]
-            # Its own generator, so making the loader does not draw from the global RNG (dropout's).
-            loader = torch.utils.data.DataLoader(data.train, batch_sampler=[b for b, _ in shares],
-                                                 collate_fn=collate_clips, num_workers=data.workers,
-                                                 generator=torch.Generator())
-            return loader, [w for _, w in shares]
-
-        bar = progress_bar(total=total_steps, initial=state["step"], disable=not progress or procs.rank != 0,
-                           unit="step")
+        state = loop.state
+        bar = progress_bar(total=state["total_steps"], initial=state["step"],
+                           disable=not progress or procs.rank != 0, unit="step")
         loop.started = time.perf_counter() - state["elapsed"]
-        model.train()
-        run_epochs(loop, epochs, cfg.run.eval_every, cfg.run.checkpoint_every, batches, loss_fn,
-                   lambda: evaluate_views(model, data.val, device, cfg.data.eval_batch_size, procs, cfg.run.amp), bar)
+        loop.model.train()
+        run_epochs(loop, epochs, cfg.run.eval_every, cfg.run.checkpoint_every,
+                   lambda epoch: epoch_batches(data, state, epoch), loss_fn,
+                   lambda: evaluate_views(loop.model, data.val, device, cfg.data.eval_batch_size, procs, cfg.run.amp),
+                   bar)
         bar.close()
-
-        best = state["best"]
-        summary = {"run": str(run), "epochs": epochs, "steps": state["step"], "seconds": round(state["elapsed"], 1),
-                   "best": best, "last": json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
-                   if procs.rank == 0 else None}
-        if procs.rank == 0:
-            curves_png([json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()], run / "curves.png")
-            print(f"vtn train: {epochs} epochs, {state['step']} steps in {state['elapsed']:.0f} s; best val top-1 "
-                  f"{best['val_top1']:.1%} (top-5 {best['val_top5']:.1%}, mean class "
-                  f"{best['val_mean_class_accuracy']:.1%}) at epoch {best['epoch']}; last top-1 "
-                  f"{summary['last']['val_top1']:.1%}\n  checkpoints: {run / 'best'}, {run / 'last'}; "
-                  f"metrics: {run / 'metrics.jsonl'}, curves: {run / 'curves.png'}", flush=True)
-        return summary
+        return finish_run(loop, epochs)
     finally:
         if own_group:
             dist.destroy_process_group()

@@ -1,0 +1,142 @@
+"""Batched stage-two runs: members that differ only in seed, learning rate and weight decay, trained as one model.
+
+The members' weights are stacked (one [members, ...] tensor per parameter) and one `torch.func.vmap` of
+`functional_call` over a template VTN computes every member's logits in one pass; each member's loss is
+weighted exactly as its own `vtn train` run weights it, and the summed loss's backward gives every member its
+own gradient. Each member keeps its own VTN module, AdamW/SGD optimiser (its lr and weight decay), schedule,
+counters and run directory, all through temporal/train.py's pieces (`start_run`, `set_lr`, `finish_step`,
+`step_checkpoint`, `close_epoch`, `evaluate_views`, `finish_run`), so every member is a normal `vtn train` run: config.yaml, metrics.jsonl,
+best/, last/, and `vtn evaluate` and `vtn train --resume` work on it.
+
+Equal to the separate runs. A member is initialised from its seed as its separate run is (`start_run` seeds
+the same way), and draws the same clips in the same order: clips come from (seed, epoch, item) and the batch
+order from (seed, epoch) (store/dataset.py), so each member takes its own batch at every step. Batches of
+different members are padded to a common shape (masked frames; stand-in clips weighted 0), which changes the
+result only by float rounding. What cannot be made equal is dropout: a separate run draws its masks from the
+global generator inside fused kernels (scaled_dot_product_attention's attention dropout among them), which a
+vmapped pass cannot replay. So only runs without dropout (model.dropout, attention_dropout and head_dropout all
+0), with fp32 or bf16 autocast (fp16's loss scaler is per run) and the `fast` backend are batched; every other
+run trains on its own (`batch_key` says which). tests/temporal/test_sweep.py proves the equality.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call, vmap
+
+from vtn.config import to_dict
+from vtn.errors import UserError
+from vtn.progress import progress_bar
+from vtn.runtime import autocast
+from vtn.temporal.data import model_inputs
+from vtn.paths import check_run_dir
+from vtn.temporal.train import (TrainConfig, close_epoch, epoch_batches, eval_interval, evaluate_views, finish_run,
+                                finish_step, set_lr, setup_processes, start_run, step_checkpoint)
+
+# What batched members may differ in; everything else of their configs must be equal.
+MEMBER_KEYS = (("run", "seed"), ("optim", "lr"), ("optim", "weight_decay"))
+
+
+def batch_key(cfg: TrainConfig) -> str | None:
+    """Runs with the same key can train as one batched model; None: this run trains on its own (it has dropout,
+    fp16 or the hf backend, see the module docstring)."""
+    m = cfg.model
+    if m.dropout or m.attention_dropout or m.head_dropout or cfg.run.amp == "fp16" or m.backend != "fast":
+        return None
+    shared = to_dict(cfg)
+    for section, key in MEMBER_KEYS:
+        del shared[section][key]
+    return json.dumps(shared, sort_keys=True)
+
+
+def _pad(inputs: list[tuple], labels: list[torch.Tensor], weights: list[float], device: torch.device):
+    """Each member's (features [B, T, D], mask, positions) padded to the largest B and T and stacked: [M, B, T, ...];
+    labels [M, B]; per-clip loss weights [M, B] (the member's batch weight, 0 for a stand-in clip)."""
+    B = max(len(y) for y in labels)
+    T = max(x.shape[1] for x, _, _ in inputs)
+    xs, ms, ps, ys, ws = [], [], [], [], []
+    for (x, m, p), y, w in zip(inputs, labels, weights):
+        b, t = x.shape[:2]
+        extra = [0] * (B - b)  # stand-in clips: copies of the first, weighted 0
+        xs.append(F.pad(x, (0, 0, 0, T - t))[[*range(b), *extra]])
+        ms.append(F.pad(m, (0, T - t), value=False)[[*range(b), *extra]])
+        if p is not None:
+            ps.append(F.pad(p, (0, T - t))[[*range(b), *extra]])
+        ys.append(y.to(device)[[*range(b), *extra]])
+        ws.append(torch.tensor([w] * b + [0.0] * (B - b), device=device))
+    return torch.stack(xs), torch.stack(ms), torch.stack(ps) if ps else None, torch.stack(ys), torch.stack(ws)
+
+
+def train_batched(cache, runs: list[tuple[Path, TrainConfig]], sources: dict | None = None,
+                  progress: bool = True) -> list[dict]:
+    """Train the fresh runs `runs` ((run directory, config) with one `batch_key`) together; returns each run's
+    summary, as `train` would."""
+    keys = {batch_key(cfg) for _, cfg in runs}
+    if len(keys) != 1 or None in keys:
+        raise UserError("batched runs must share everything but run.seed, optim.lr and optim.weight_decay, and have "
+                        "no dropout, fp16 or hf backend: " + ", ".join(str(r) for r, _ in runs))
+    procs, device, _ = setup_processes(runs[0][1].run.device)
+    if procs.world > 1:
+        raise UserError("batched runs train in one process; run vtn sweep without torchrun")
+    jobs = [start_run(check_run_dir(run), cache, cfg, False, procs, device, sources, announce=False)
+            for run, cfg in runs]
+    steps = {(j.epochs, j.loop.state["total_steps"]) for j in jobs}
+    if len(steps) != 1:  # the same data and schedule give the same steps; guard against a future difference
+        raise UserError(f"batched runs have different schedules {sorted(steps)}: {[str(r) for r, _ in runs]}")
+    models = [j.loop.model for j in jobs]
+    # The template is only the function: its tensors are replaced by the members' (stacked) in every call.
+    template = copy.deepcopy(models[0]).to("meta")
+    # The position range check branches on tensor values, which vmap cannot; each member's positions are
+    # checked by its own model before the batched pass (below), so the template skips it.
+    template._frame_positions = lambda positions, mask: torch.where(mask, positions, 0)
+    forward = vmap(lambda params, buffers, x, m, p: functional_call(template, (params, buffers), (x, m, p)),
+                   in_dims=(0, 0, 0, 0, None if models[0].config.positions == "none" else 0))
+    # vmap runs scaled_dot_product_attention member by member (no batching rule on the CPU), and says so at
+    # every call; that is known and still faster than separate runs.
+    warnings.filterwarnings("ignore", message=".*batching rule for aten::_scaled_dot_product")
+    cfg, epochs, total = jobs[0].cfg, jobs[0].epochs, jobs[0].loop.state["total_steps"]
+    every = eval_interval(epochs, cfg.run.eval_every)
+    bar = progress_bar(total=total, disable=not progress, unit="step",
+                       desc=f"{len(jobs)} batched runs")
+    started = time.perf_counter()
+    for j in jobs:
+        j.loop.started = started
+        j.loop.model.train()
+    for epoch in range(epochs):
+        loaders = [epoch_batches(j.data, j.loop.state, epoch) for j in jobs]
+        for step in zip(*(zip(loader, weights) for loader, weights in loaders)):
+            inputs = []
+            for j, (batch, _) in zip(jobs, step):
+                set_lr(j.loop)
+                x, m, p = model_inputs(batch, j.model_cfg, device)
+                if p is not None:
+                    j.loop.model._frame_positions(p, m)  # refuses positions outside the table, as a run does
+                inputs.append((x, m, p))
+            x, m, p, y, w = _pad(inputs, [b["labels"] for b, _ in step], [wt for _, wt in step], device)
+            params = {n: torch.stack([dict(mod.named_parameters())[n] for mod in models])
+                      for n, _ in models[0].named_parameters()}
+            buffers = {n: torch.stack([dict(mod.named_buffers())[n] for mod in models])
+                       for n, _ in models[0].named_buffers()}
+            with autocast(device, cfg.run.amp):
+                logits = forward(params, buffers, x, m, p)  # [M, B, classes]
+            losses = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none",
+                                     label_smoothing=cfg.optim.label_smoothing).view(y.shape)
+            member_loss = (losses * w).sum(1)  # [M]: each member's loss, weighted as its own run weights it
+            member_loss.sum().backward()  # members share no tensor, so each gets exactly its own gradient
+            for j, value in zip(jobs, member_loss.tolist()):
+                finish_step(j.loop, value)
+                step_checkpoint(j.loop, cfg.run.checkpoint_every)
+            bar.update()
+        for j in jobs:
+            close_epoch(j.loop, epoch, epochs, every, cfg.run.checkpoint_every,
+                        lambda: evaluate_views(j.loop.model, j.data.val, device, cfg.data.eval_batch_size, procs,
+                                               cfg.run.amp))
+    bar.close()
+    return [finish_run(j.loop, epochs, announce=False) for j in jobs]

@@ -1,0 +1,522 @@
+"""`vtn sweep CACHE --out DIR --grid KEY=V1,V2 ...`: many stage-two runs on one cache, and their comparison.
+
+Runs. Every `--grid KEY=V1,V2,...` is a `vtn train` config key and its values; the runs are the product of the
+grids (`--zip`: the grids side by side, all of one length), each repeated for `--seeds N` seeds (run.seed +
+0..N-1), on the base config (`--model`, `--config`, `--set`, as `vtn train`). Values are read as YAML, one
+by one; commas inside brackets belong to the value, so a list is written as a YAML flow list:
+`--grid model.attention_window=[8,16,32],16` is two values, the list and the number. Every run's config is
+checked (unknown key, wrong type, a model the cache cannot take) before anything trains, naming the key or run.
+`--preset ablations` is the paper's ablations instead of a grid (see `ablations`).
+
+Each run is a normal `vtn train` run directory DIR/<name>/ (config.yaml, metrics.jsonl, best/, last/), named
+by its values (`lr-0.001_num_layers-3_seed-0`), plus metrics.json: what the table shows of it. A re-run skips
+runs with metrics.json and resumes the others from their last checkpoint (`vtn train --resume`); a run whose
+saved config differs from the sweep's is refused, naming the difference.
+
+How runs are trained. One process loads the split once and trains its runs one after another on it. Runs that
+differ only in seed, lr and weight decay, and have no dropout, train together as one batched model
+(temporal/batched.py; equal to their separate runs); a batched run interrupted part-way resumes on its own.
+`--jobs J` spreads the work over J processes (each with its own copy of the split and 1/J of the cores, or one
+GPU each where there are several GPUs); the default is one per GPU, or 1 on the CPU.
+
+The comparison. DIR/results.csv and results.md: per config (runs that differ only in seed), mean ± std over
+seeds (sample std; 0 for one seed) of the best epoch's val top-1, top-5 and mean class accuracy (the epoch
+best/ holds), with parameters and train seconds (a batched run's share: its group's time / members). The
+table is printed too. DIR/results.png: val top-1 against each varied key (one panel per key: the configs
+whose other varied keys are at the base config's values, else the mean over the others), probes as lines.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import csv
+import dataclasses
+import io
+import itertools
+import json
+import math
+import multiprocessing
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from vtn.config import ConfigError, merge, parse_set, resolve, to_dict
+from vtn.errors import UserError
+
+METRICS = (("val_top1", "top-1"), ("val_top5", "top-5"), ("val_mean_class_accuracy", "mean class"))
+RESULT_NAME = "metrics.json"
+
+
+@dataclass(frozen=True)
+class Run:
+    name: str
+    values: dict  # flat config key -> value: what this run varies (run.seed included)
+    cfg: object  # TrainConfig
+
+
+# -- the runs ---------------------------------------------------------------------------------------------------
+
+def split_values(raw: str) -> list[str]:
+    """`a,[1,2],b` -> ["a", "[1,2]", "b"]: commas at bracket depth 0 separate values."""
+    out, depth, cur = [], 0, ""
+    for ch in raw:
+        depth += (ch in "[{") - (ch in "]}")
+        if ch == "," and depth == 0:
+            out.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    return [*out, cur]
+
+
+def _flat_key(nested: dict) -> tuple[str, object]:
+    key, node = [], nested
+    while isinstance(node, dict) and len(node) == 1:
+        (k, node), = node.items()
+        key.append(k)
+    return ".".join(key), node
+
+
+def parse_grid(items: list[str], base) -> list[tuple[str, list]]:
+    """[(key, [values])] of `--grid KEY=V1,V2,...` items, each value checked against `base` (a TrainConfig)."""
+    grids = []
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key or not raw.strip():
+            raise UserError(f"--grid expects KEY=V1,V2,..., got '{item}'")
+        if key in (k for k, _ in grids):
+            raise UserError(f"--grid {key} is given twice")
+        values = []
+        for text in split_values(raw):
+            if not text.strip():
+                raise UserError(f"--grid {item}: an empty value")
+            try:
+                nested = parse_set(f"{key}={text}")
+                merge(base, nested)  # refuses an unknown key or a value of the wrong type, naming it
+            except ConfigError as e:
+                raise UserError(f"--grid {item}: {e}") from None
+            values.append(_flat_key(nested)[1])
+        grids.append((key, values))
+    return grids
+
+
+def _short(value) -> str:
+    if isinstance(value, (list, tuple)):
+        return "-".join(_short(v) for v in value)
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def run_name(values: dict) -> str:
+    """`lr-0.001_num_layers-3_seed-0`: each key's last part (the whole key where two would clash) and value."""
+    last = [k.rsplit(".", 1)[-1] for k in values]
+    parts = [f"{k.rsplit('.', 1)[-1] if last.count(k.rsplit('.', 1)[-1]) == 1 else k}-{_short(v)}"
+             for k, v in values.items()]
+    return "_".join(parts).replace("/", "-").replace(" ", "")
+
+
+def _nested(values: dict) -> dict:
+    out: dict = {}
+    for key, v in values.items():
+        *head, tail = key.split(".")
+        node = out
+        for k in head:
+            node = node.setdefault(k, {})
+        node[tail] = v
+    return out
+
+
+def variants_of(grids: list[tuple[str, list]], zipped: bool) -> list[dict]:
+    """The configs' varied values: the product of the grids, or with `zipped` the grids side by side."""
+    if not grids:
+        return [{}]
+    keys = [k for k, _ in grids]
+    if zipped:
+        lengths = {k: len(v) for k, v in grids}
+        if len(set(lengths.values())) != 1:
+            raise UserError(f"--zip needs grids of one length, got {lengths}")
+        combos = zip(*(v for _, v in grids))
+    else:
+        combos = itertools.product(*(v for _, v in grids))
+    return [dict(zip(keys, c)) for c in combos]
+
+
+def expand(base, variants: list[dict], seeds: int) -> list[Run]:
+    """One Run per variant and seed (run.seed + 0..seeds-1), with its checked config."""
+    if seeds < 1:
+        raise UserError(f"--seeds must be >= 1, got {seeds}")
+    runs = []
+    for variant in variants:
+        if seeds > 1 and "run.seed" in variant:
+            raise UserError("run.seed is in --grid, so --seeds must be 1")
+        for s in range(seeds):
+            values = {**variant, **({} if "run.seed" in variant else {"run.seed": base.run.seed + s})}
+            try:
+                cfg = merge(base, _nested(values))
+            except ConfigError as e:
+                raise UserError(f"run {run_name(values)}: {e}") from None
+            runs.append(Run(run_name(values), values, cfg))
+    names = [r.name for r in runs]
+    if len(set(names)) != len(names):
+        raise UserError(f"two runs would share a directory name: {sorted({n for n in names if names.count(n) > 1})}")
+    return runs
+
+
+def growing_windows(layers: int, low: int = 8, high: int = 32) -> list[int]:
+    """Windows growing from `low` in the first layer to `high` in the last, doubling (even values)."""
+    if layers == 1:
+        return [high]
+    steps = math.log2(high / low)
+    return [int(low * 2 ** round(steps * i / (layers - 1))) for i in range(layers)]
+
+
+def ablations(base) -> list[dict]:
+    """The paper's ablations, each one factor changed from `base`: frames per clip, sampling stride, depth
+    (1, 3, 6 layers), attention window uniform (the base's) vs growing per layer (8 ... 32), and positions
+    index / time / none. The base itself is the first variant."""
+    m, d = base.model, base.data
+    uniform = m.attention_window if isinstance(m.attention_window, int) else max(m.attention_window)
+    variants = [{}]
+    variants += [{"data.clip_frames": f} for f in (8, 16, 32) if f != d.clip_frames]
+    variants += [{"data.stride": s} for s in (4, 8, 16) if s != d.stride]
+    for layers in (1, 3, 6):
+        if layers != m.num_layers:  # a depth with the base's uniform window
+            variants.append({"model.num_layers": layers, "model.attention_window": uniform})
+    variants.append({"model.attention_window": growing_windows(m.num_layers)})
+    if not isinstance(m.attention_window, int):
+        variants.append({"model.attention_window": uniform})
+    variants += [{"model.positions": p} for p in ("index", "time", "none") if p != m.positions]
+    return variants
+
+
+# -- training ---------------------------------------------------------------------------------------------------
+
+_WORKER: dict = {}  # per process: the open cache and its loaded splits, shared by every run the process trains
+
+
+def _shared(cache_url: str):
+    if _WORKER.get("url") != cache_url:
+        from vtn.store import open_cache
+
+        _WORKER.update(url=cache_url, cache=open_cache(cache_url), sources={})
+    return _WORKER["cache"], _WORKER["sources"]
+
+
+def _init_worker(slots, threads: int, gpus: int) -> None:
+    """A --jobs process: its share of the cores, and its own GPU where there are several."""
+    slot = slots.get()
+    if gpus > 1:
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(slot % gpus)
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def record(run_dir: Path, run: Run, summary: dict, members: int) -> dict:
+    """metrics.json of a finished run: its best epoch's val figures, parameters, train seconds."""
+    from safetensors.torch import load_file
+
+    weights = load_file(str(run_dir / "best" / "model.safetensors"))
+    params = sum(t.numel() for k, t in weights.items() if k not in ("feature_mean", "feature_scale"))  # not buffers
+    best = summary["best"]
+    out = {"run": run.name, "values": run.values, **{k: best[k] for k, _ in METRICS}, "best_epoch": best["epoch"],
+           "epochs": summary["epochs"], "steps": summary["steps"], "parameters": int(params),
+           "train_seconds": round(summary["seconds"] / members, 2), "batched": members}
+    (run_dir / RESULT_NAME).write_text(json.dumps(out, indent=2) + "\n")
+    return out
+
+
+def train_unit(cache_url: str, out: str, unit: list[Run], progress: bool) -> list[dict]:
+    """Train one unit of work (one run, or runs to batch) into `out`; returns their metrics.json records."""
+    from vtn.temporal.batched import train_batched
+    from vtn.temporal.train import train
+
+    cache, sources = _shared(cache_url)
+    dirs = [Path(out) / r.name for r in unit]
+    if len(unit) > 1:
+        summaries = train_batched(cache, [(d, r.cfg) for d, r in zip(dirs, unit)], sources, progress)
+    else:
+        summaries = [train(cache_url, dirs[0], unit[0].cfg, resume=True, progress=progress, cache=cache,
+                           sources=sources)]
+    return [record(d, r, s, len(unit)) for d, r, s in zip(dirs, unit, summaries)]
+
+
+def plan(runs: list[Run], out: Path, batch: bool) -> tuple[list[Run], list[list[Run]]]:
+    """(finished runs, units of work): a run with metrics.json is finished; fresh runs with one batch key form
+    one batched unit; an interrupted run (a last/ checkpoint) resumes alone. A saved config that differs from
+    the sweep's is refused."""
+    from vtn.temporal import checkpoint
+    from vtn.temporal.batched import batch_key
+    from vtn.temporal.train import TrainConfig, resume_config
+
+    done, alone, groups = [], [], {}
+    for r in runs:
+        d = out / r.name
+        if (d / "config.yaml").is_file():
+            try:
+                resume_config(TrainConfig, d, r.cfg)
+            except UserError as e:
+                raise UserError(f"{d} holds a run of another config ({e}); sweep into another --out") from None
+        if (d / RESULT_NAME).is_file():
+            done.append(r)
+        elif not batch or checkpoint.find(d, "last") is not None or batch_key(r.cfg) is None:
+            alone.append([r])
+        else:
+            groups.setdefault(batch_key(r.cfg), []).append(r)
+    return done, alone + list(groups.values())
+
+
+def sweep(cache_url: str, out: str | Path, runs: list[Run], jobs: int | None = None, batch: bool = True,
+          progress: bool = True, probes: bool = False) -> list[dict]:
+    """Train what is not finished of `runs` into `out`, then write and print the comparison; returns its rows."""
+    import torch
+
+    from vtn.runtime import processes
+    from vtn.temporal.train import model_config
+
+    if processes().world > 1:
+        raise UserError("vtn sweep starts its own processes (--jobs); run it without torchrun")
+    out = Path(out)
+    cache, _ = _shared(cache_url)
+    for r in runs:  # a model the cache cannot take is refused before anything trains
+        try:
+            model_config(r.cfg, cache)
+        except UserError as e:
+            raise UserError(f"run {r.name}: {e}") from None
+    done, units = plan(runs, out, batch)
+    gpus = torch.cuda.device_count()
+    jobs = jobs or max(1, gpus)
+    print(f"vtn sweep: {len(runs)} runs in {out}: {len(done)} finished, {len(runs) - len(done)} to train in "
+          f"{len(units)} unit(s) ({sum(len(u) > 1 for u in units)} batched), {jobs} process(es)", flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    if jobs == 1 or len(units) <= 1:
+        for unit in units:
+            train_unit(cache_url, str(out), unit, progress)
+    else:
+        ctx = multiprocessing.get_context("spawn")
+        slots = ctx.Manager().Queue()
+        for i in range(jobs):
+            slots.put(i)
+        threads = max(1, (os.cpu_count() or 1) // jobs)
+        with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init_worker,
+                                                    initargs=(slots, threads, gpus)) as pool:
+            for f in [pool.submit(train_unit, cache_url, str(out), unit, False) for unit in units]:
+                f.result()
+    results = [json.loads((out / r.name / RESULT_NAME).read_text()) for r in runs]
+    rows = table(runs, results)
+    if probes:
+        from vtn.temporal.probe import probe_rows
+
+        rows += probe_rows(cache_url, runs[0].cfg)
+    write_results(rows, out, varied_keys(runs), base=runs[0].cfg)
+    return rows
+
+
+# -- the comparison ---------------------------------------------------------------------------------------------
+
+def varied_keys(runs: list[Run]) -> list[str]:
+    """Keys that vary across the runs' configs, run.seed excluded (seeds are averaged)."""
+    keys = dict.fromkeys(k for r in runs for k in r.values if k != "run.seed")
+    return list(keys)
+
+
+def _value(cfg, key: str):
+    node = to_dict(cfg)
+    for k in key.split("."):
+        node = node[k]
+    return node
+
+
+def _stats(xs: list[float]) -> tuple[float, float]:
+    mean = sum(xs) / len(xs)
+    std = math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
+    return mean, std
+
+
+def table(runs: list[Run], results: list[dict]) -> list[dict]:
+    """One row per config (its runs differ only in seed): the varied keys' values, the seeds, mean and std of
+    each metric, parameters and mean train seconds."""
+    keys = varied_keys(runs)
+    groups: dict[str, list[tuple[Run, dict]]] = {}
+    for r, res in zip(runs, results):
+        name = run_name({k: v for k, v in r.values.items() if k != "run.seed"}) or "base"
+        groups.setdefault(name, []).append((r, res))
+    rows = []
+    for name, members in groups.items():
+        cfg = members[0][0].cfg
+        row = {"run": name, **{k: _value(cfg, k) for k in keys}, "seeds": len(members)}
+        for metric, _ in METRICS:
+            row[f"{metric}_mean"], row[f"{metric}_std"] = _stats([res[metric] for _, res in members])
+        row["parameters"] = members[0][1]["parameters"]
+        row["train_seconds"] = round(_stats([res["train_seconds"] for _, res in members])[0], 2)
+        rows.append(row)
+    return rows
+
+
+def _cell(v) -> str:
+    if v is None or v == "":
+        return ""
+    if isinstance(v, (list, tuple)):
+        return "[" + ",".join(_cell(x) for x in v) + "]"
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def markdown(rows: list[dict], keys: list[str]) -> str:
+    head = ["run", *keys, "seeds", *(label for _, label in METRICS), "parameters", "train s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        cells = [row["run"], *(_cell(row.get(k)) for k in keys), str(row["seeds"])]
+        cells += [f"{100 * row[f'{m}_mean']:.1f} ± {100 * row[f'{m}_std']:.1f}" for m, _ in METRICS]
+        cells += [f"{row['parameters']:,}", f"{row['train_seconds']:.1f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_results(rows: list[dict], out: Path, keys: list[str], base=None, name: str = "results") -> None:
+    """`name`.csv, `name`.md and (with varied keys) `name`.png in `out`; prints the Markdown table."""
+    columns = ["run", *keys, "seeds", *(f"{m}_{s}" for m, _ in METRICS for s in ("mean", "std")), "parameters",
+               "train_seconds"]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, columns, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({**r, **{k: _cell(r.get(k)) for k in keys}} for r in rows)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.csv").write_text(buf.getvalue())
+    md = markdown(rows, keys)
+    (out / f"{name}.md").write_text(md)
+    print(md, end="", flush=True)
+    if keys:
+        plot(rows, keys, out / f"{name}.png", base)
+    print(f"written: {out / (name + '.csv')}, {out / (name + '.md')}" + (f", {out / (name + '.png')}" if keys else ""))
+
+
+def plot(rows: list[dict], keys: list[str], path: Path, base=None) -> None:
+    """Val top-1 against each varied key (see the module docstring); probes as horizontal lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [r for r in rows if not r["run"].startswith("probe")]
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.5), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        others = [k for k in keys if k != key]
+        mine = [r for r in runs if base is not None and all(_cell(r[k]) == _cell(_value(base, k)) for k in others)]
+        if len({_cell(r[key]) for r in mine}) < 2:  # no ablation of this key alone: the mean over the others
+            mine = runs
+        points: dict[str, list[dict]] = {}
+        for r in mine:
+            points.setdefault(_cell(r[key]), []).append(r)
+        xs = list(points)
+        means = [100 * sum(r["val_top1_mean"] for r in g) / len(g) for g in points.values()]
+        stds = [100 * max(r["val_top1_std"] for r in g) for g in points.values()]
+        ax.errorbar(range(len(xs)), means, yerr=stds, fmt="o-", capsize=3, label="VTN")
+        for r in rows:
+            if r["run"].startswith("probe"):
+                ax.axhline(100 * r["val_top1_mean"], ls="--", lw=1, color="grey")
+                ax.text(0, 100 * r["val_top1_mean"], r["run"][len("probe: "):], fontsize=6, va="bottom")
+        ax.set_xticks(range(len(xs)), xs, rotation=30, fontsize=7)
+        ax.set_xlabel(key)
+        ax.set_ylabel("val top-1 (%)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# -- the command ------------------------------------------------------------------------------------------------
+
+def base_config(args):
+    from vtn.temporal.train import MODEL_SIZES, RECIPES, TrainConfig
+
+    base = RECIPES[args.recipe or "default"]
+    if args.model:
+        base = dataclasses.replace(base, model=MODEL_SIZES[args.model])
+    return resolve(TrainConfig, args.config, args.sets, base=base)
+
+
+def main(args) -> int:
+    base = base_config(args)
+    if args.preset and args.grid:
+        raise UserError("--preset ablations is a grid of its own; give --grid or --preset, not both")
+    variants = ablations(base) if args.preset == "ablations" else variants_of(parse_grid(args.grid, base), args.zip)
+    runs = expand(base, variants, args.seeds)
+    sweep(args.cache, args.out, runs, jobs=args.jobs, batch=not args.no_batch, progress=not args.quiet,
+          probes=args.probes or args.preset == "ablations")
+    return 0
+
+
+# -- vtn bench sweep --------------------------------------------------------------------------------------------
+
+BENCH_SETS = ["data.clip_frames=8", "data.stride=2", "optim.batch_size=16", "model.dropout=0",
+              "model.attention_dropout=0", "model.head_dropout=0"]
+
+
+def bench_cache(path: Path) -> str:
+    """A small generated cache: 4 classes of 32-D features, 96 train and 32 val videos of 16-32 frames."""
+    import numpy as np
+
+    from vtn.store import CacheWriter
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(4, 32))
+    with CacheWriter(str(path), feature_dim=32, class_names=[f"k{c}" for c in range(4)]) as w:
+        for split, n in (("train", 24), ("val", 8)):
+            for c in range(4):
+                for i in range(n):
+                    t = int(rng.integers(16, 33))
+                    idx = np.arange(t) * 2
+                    w.add(f"{split}/{c}/{i}", centres[c] + rng.normal(size=(t, 32)), idx / 25, idx, label=c,
+                          split=split, fps=25.0)
+    return str(path)
+
+
+def _timed(argvs: list[list[str]]) -> float:
+    """Seconds to run these `vtn` commands one after another (each a fresh process, as a user runs them)."""
+    import subprocess
+    import sys
+    import time
+
+    tick = time.perf_counter()
+    for argv in argvs:
+        done = subprocess.run([sys.executable, "-m", "vtn", *argv], capture_output=True, text=True)
+        if done.returncode:
+            raise RuntimeError(f"vtn {' '.join(argv)} failed:\n{done.stderr[-2000:]}")
+    return time.perf_counter() - tick
+
+
+def bench(steps: int = 60, jobs: int = 2) -> dict:
+    """8 seed x lr runs batched vs 8 `vtn train` commands; a 12-run mixed grid with --jobs vs 12 commands."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        cache = bench_cache(tmp / "cache")
+        common = ["--model", "tiny", *(x for s in BENCH_SETS for x in ("--set", s)), "--set", f"optim.steps={steps}",
+                  "--quiet"]
+
+        def commands(grid: dict, seeds: int, out: str) -> list[list[str]]:
+            combos = [dict(zip(grid, c)) for c in itertools.product(*grid.values())]
+            return [["train", cache, "--out", str(tmp / out / f"{i}-{s}"), *common, "--set", f"run.seed={s}",
+                     *(x for k, v in combo.items() for x in ("--set", f"{k}={v}"))]
+                    for i, combo in enumerate(combos) for s in range(seeds)]
+
+        def grid_args(grid: dict) -> list[str]:
+            return [x for k, v in grid.items() for x in ("--grid", f"{k}={','.join(map(str, v))}")]
+
+        same = {"optim.lr": [1e-3, 3e-3]}
+        separate = _timed(commands(same, 4, "separate8"))
+        batched = _timed([["sweep", cache, "--out", str(tmp / "sweep8"), *grid_args(same), "--seeds", "4", *common]])
+        mixed = {"model.num_layers": [1, 2], "model.dropout": [0.0, 0.1], "optim.lr": [1e-3, 3e-3, 1e-2]}
+        separate12 = _timed(commands(mixed, 1, "separate12"))
+        swept12 = _timed([["sweep", cache, "--out", str(tmp / "sweep12"), *grid_args(mixed), "--jobs", str(jobs),
+                           *common]])
+    figures = {"separate_8": separate, "batched_8": batched, "separate_12": separate12, f"jobs{jobs}_12": swept12}
+    print(f"vtn bench sweep: tiny encoder (hidden 128, 2 layers, no dropout unless varied), {steps} steps of 16 "
+          f"clips x 8 frames per run, 96 train / 32 val videos of 32-D features; wall time with process start-up")
+    print(f"  8 runs (lr 1e-3, 3e-3 x 4 seeds): 8 vtn train commands {separate:.1f} s; one batched vtn sweep "
+          f"{batched:.1f} s = {batched / separate:.2f}x")
+    print(f"  12 runs (layers 1, 2 x dropout 0, 0.1 x lr 1e-3, 3e-3, 1e-2): 12 vtn train commands {separate12:.1f} s; "
+          f"vtn sweep --jobs {jobs} {swept12:.1f} s = {swept12 / separate12:.2f}x", flush=True)
+    return figures

@@ -1,0 +1,166 @@
+"""`vtn sweep`, batched runs and `vtn probe` on the small generated caches of test_train (classes in frame order)."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_train import make_cache, records
+
+import vtn.temporal.train as train_job
+from vtn.cli import main
+from vtn.config import resolve
+from vtn.store import open_cache
+from vtn.temporal.sweep import ablations, expand, parse_grid, variants_of
+from vtn.temporal.train import TrainConfig
+
+# A tiny encoder without dropout (so lr/seed runs are batched), 3 steps per epoch on the 48 train clips.
+SMALL = ["model.hidden_size=16", "model.num_layers=1", "model.num_heads=2", "model.intermediate_size=32",
+         "model.attention_window=4", "data.clip_frames=8", "data.stride=2", "optim.batch_size=16",
+         "model.dropout=0", "model.attention_dropout=0", "model.head_dropout=0"]
+SETS = [x for s in SMALL for x in ("--set", s)]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return make_cache(tmp_path_factory.mktemp("cache") / "cache")
+
+
+def test_grid_expands_to_the_product_of_its_values_with_list_values_and_seeds():
+    base = resolve(TrainConfig, sets=SMALL)
+    grids = parse_grid(["optim.lr=1e-3,3e-4", "model.attention_window=[2,4],6"], base)
+    assert grids == [("optim.lr", [1e-3, 3e-4]), ("model.attention_window", [[2, 4], 6])]
+    runs = expand(base, variants_of(grids, zipped=False), seeds=2)
+    assert [r.name for r in runs[:3]] == ["lr-0.001_attention_window-2-4_seed-0",
+                                          "lr-0.001_attention_window-2-4_seed-1", "lr-0.001_attention_window-6_seed-0"]
+    assert len(runs) == 8
+    assert {(r.cfg.optim.lr, r.cfg.model.attention_window, r.cfg.run.seed) for r in runs} == {
+        (lr, w, s) for lr in (1e-3, 3e-4) for w in ((2, 4), 6) for s in (0, 1)}
+    assert all(r.cfg.model.hidden_size == 16 for r in runs)  # the base's --set values stay
+    zipped = expand(base, variants_of(parse_grid(["optim.lr=1e-3,3e-4", "run.seed=5,6"], base), zipped=True), 1)
+    assert [(r.cfg.optim.lr, r.cfg.run.seed) for r in zipped] == [(1e-3, 5), (3e-4, 6)]
+    # The paper's ablations: one factor at a time from the base, the base first.
+    variants = ablations(resolve(TrainConfig))
+    assert variants[0] == {} and {"model.num_layers": 6, "model.attention_window": 18} in variants
+    assert {"model.attention_window": [8, 16, 32]} in variants and {"model.positions": "none"} in variants
+    assert {"data.clip_frames": 32} in variants and {"data.stride": 4} in variants
+
+
+@pytest.mark.parametrize("grid, named", [
+    ("optim.lrr=1e-3,3e-4", "unknown config key 'optim.lrr'"),
+    ("optim.lr=1e-3,fast", "optim.lr: expected a number, got 'fast'"),
+    ("model.positions=index,frames", "model.positions: 'frames' is not one of"),
+    ("model.attention_window=[2,4],4", "attention_window has 2 values for 1 layers"),
+])
+def test_a_bad_grid_is_refused_naming_it_before_anything_runs(cache, tmp_path, capsys, grid, named):
+    out = tmp_path / "sweep"
+    assert main(["sweep", cache, "--out", str(out), "--grid", grid, *SETS, "--quiet"]) == 2
+    assert named in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_batched_members_equal_their_separate_runs_and_the_table_equals_metrics_json(cache, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    # Batches of 10 (the 5th of 8) and clips of up to 12 frames (videos have 8..16): members' batches differ in
+    # size and length at some steps, so the batched pass pads them.
+    argv = ["sweep", cache, "--out", str(out), "--grid", "optim.lr=1e-3,3e-3", "--seeds", "2", *SETS,
+            "--set", "optim.batch_size=10", "--set", "data.clip_frames=12", "--set", "data.stride=1",
+            "--set", "optim.steps=6", "--quiet"]
+    assert main(argv) == 0
+    assert "4 to train in 1 unit(s) (1 batched)" in capsys.readouterr().out
+    results = {d.name: json.loads((d / "metrics.json").read_text()) for d in out.iterdir() if d.is_dir()}
+    assert sorted(results) == ["lr-0.001_seed-0", "lr-0.001_seed-1", "lr-0.003_seed-0", "lr-0.003_seed-1"]
+    assert all(r["batched"] == 4 for r in results.values())
+    # Members that differ in seed and in lr each equal a separate `vtn train` run of the same config.
+    for name in ("lr-0.001_seed-0", "lr-0.003_seed-1"):
+        alone = tmp_path / name
+        assert main(["train", cache, "--out", str(alone), "--config", str(out / name / "config.yaml"), "--quiet"]) == 0
+        mine, theirs = load_file(str(out / name / "last" / "model.safetensors")), load_file(str(alone / "last" / "model.safetensors"))
+        for k in theirs:
+            torch.testing.assert_close(mine[k], theirs[k], atol=1e-5, rtol=1e-4, msg=f"{name} {k}")
+        for a, b in zip(records(out / name), records(alone), strict=True):
+            assert a["step"] == b["step"] and a["val_top1"] == b["val_top1"]
+            assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
+    lr_1, lr_3 = (load_file(str(out / f"lr-{lr}_seed-0" / "last" / "model.safetensors")) for lr in ("0.001", "0.003"))
+    assert not torch.allclose(lr_1["head.4.weight"], lr_3["head.4.weight"])  # the members did differ
+    # The table: mean and sample std over the seeds of each run's metrics.json.
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert [r["run"] for r in rows] == ["lr-0.001", "lr-0.003"]
+    for row in rows:
+        mine = [results[f"{row['run']}_seed-{s}"] for s in (0, 1)]
+        for metric in ("val_top1", "val_top5", "val_mean_class_accuracy"):
+            values = [m[metric] for m in mine]
+            assert float(row[f"{metric}_mean"]) == pytest.approx(np.mean(values))
+            assert float(row[f"{metric}_std"]) == pytest.approx(np.std(values, ddof=1))
+        assert int(row["parameters"]) == mine[0]["parameters"] == sum(
+            t.numel() for k, t in load_file(str(out / f"{row['run']}_seed-0" / "best" / "model.safetensors")).items()
+            if not k.startswith("feature_"))
+    assert "| lr-0.001 | 0.001 | 2 |" in (out / "results.md").read_text()
+    assert (out / "results.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_rerun_skips_finished_runs_and_resumes_an_interrupted_one(cache, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "sweep"
+    argv = ["sweep", cache, "--out", str(out), "--grid", "optim.lr=1e-3,3e-3", *SETS, "--set", "optim.steps=6",
+            "--set", "run.checkpoint_every=2", "--no-batch", "--quiet"]
+    checkpointed = train_job.step_checkpoint
+
+    def interrupted(loop, every):  # the second run stops after its checkpoint at step 4
+        checkpointed(loop, every)
+        if loop.dir.name == "lr-0.003_seed-0" and loop.state["step"] == 4:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_job, "step_checkpoint", interrupted)
+    assert main(argv) == 130
+    first = out / "lr-0.001_seed-0" / "metrics.json"
+    done = first.read_text()
+    assert not (out / "lr-0.003_seed-0" / "metrics.json").exists()
+    assert json.loads((out / "lr-0.003_seed-0" / "last" / "state.json").read_text())["step"] == 4
+    monkeypatch.setattr(train_job, "step_checkpoint", checkpointed)
+    capsys.readouterr()
+
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "1 finished, 1 to train" in printed and "resuming at step 4" in printed
+    assert first.read_text() == done  # not trained again
+    assert [(r["epoch"], r["step"]) for r in records(out / "lr-0.003_seed-0")] == [(1, 3), (2, 6)]
+    # A third run finds both finished and trains nothing.
+    assert main(argv) == 0
+    assert "2 finished, 0 to train" in capsys.readouterr().out
+
+
+def test_probes_equal_scikit_learn_called_directly(cache, tmp_path):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.neural_network import MLPClassifier
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    assert main(["probe", cache, "--out", str(tmp_path)]) == 0
+    rows = {r["run"]: r for r in csv.DictReader((tmp_path / "probes.csv").open())}
+
+    c = open_cache(cache)
+    def videos(split):
+        ids = c.split_ids(split)
+        return [c.video(v).features.astype(np.float64) for v in ids], np.array([c.video(v).label for v in ids])
+    (train, y), (val, y_val) = videos("train"), videos("val")
+
+    def top1(model, x, x_val):
+        return np.mean(model.fit(x, y_fit).predict(x_val) == y_val)
+
+    y_fit = y
+    mean = top1(make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000)),
+                np.stack([f.mean(0) for f in train]), np.stack([f.mean(0) for f in val]))
+    pooled = lambda fs: np.stack([np.concatenate([f.mean(0), f.max(0)]) for f in fs])  # noqa: E731
+    mlp = top1(make_pipeline(StandardScaler(), MLPClassifier(hidden_layer_sizes=(256,), max_iter=500, random_state=0)),
+               pooled(train), pooled(val))
+    picks = [np.unique(np.linspace(0, len(f) - 1, min(len(f), 8)).round().astype(int)) for f in train]
+    y_fit = np.concatenate([np.full(len(p), label) for p, label in zip(picks, y)])
+    frame = top1(make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000)),
+                 np.concatenate([f[p] for f, p in zip(train, picks)]), np.stack([f[len(f) // 2] for f in val]))
+    assert float(rows["probe: logistic regression (mean pooling)"]["val_top1_mean"]) == pytest.approx(mean)
+    assert float(rows["probe: MLP (mean + max pooling)"]["val_top1_mean"]) == pytest.approx(mlp)
+    assert float(rows["probe: single frame (logistic regression)"]["val_top1_mean"]) == pytest.approx(frame)
+    assert mean <= 0.75  # a video and its reversal have one mean: order-blind probes cannot separate them
