@@ -406,12 +406,17 @@ def evaluate_views(model: VTN, dataset: ClipDataset, device: torch.device, batch
                    amp: str) -> dict:
     """Metrics of the model over every item of `dataset` (whole videos), the work split over processes."""
     logits, index = predict(model, dataset, device, batch_size, (procs.rank, procs.world), amp)
+    return gathered_metrics(logits, dataset.labels[index], procs)
+
+
+def gathered_metrics(logits: np.ndarray, labels: np.ndarray, procs: Processes) -> dict:
+    """Classification metrics of every process's (logits [n, classes], labels [n]) together."""
     if procs.world > 1:
         parts = [None] * procs.world
-        dist.all_gather_object(parts, (logits, index))
+        dist.all_gather_object(parts, (logits, labels))
         logits = np.concatenate([p[0] for p in parts])
-        index = np.concatenate([p[1] for p in parts])
-    return classification_metrics(logits, dataset.labels[index])
+        labels = np.concatenate([p[1] for p in parts])
+    return classification_metrics(logits, labels)
 
 
 def end_epoch(loop: Loop, epoch: int, val: dict) -> dict:

@@ -1,0 +1,152 @@
+"""`vtn finetune`: backbone + VTN as one model, trained end to end from raw video, starting from a stage-two run."""
+
+import numpy as np
+import pytest
+import torch
+
+from vtn.cli import main
+from vtn.extract import synth
+from vtn.extract.decode import decode_video
+from vtn.store import open_cache
+from vtn.temporal.checkpoint import read_inputs
+from vtn.temporal.data import model_inputs
+from vtn.temporal.e2e import VideoVTN, rebuild_backbone, sampling_of
+from vtn.temporal.model import VTN
+
+EXTRACT = ["--backbone", "resnet18", "--image-size", "32", "--fps", "8", "--workers", "0", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def stage_two(tmp_path_factory):
+    """Generated videos (2 classes, train and val), their resnet18 cache and a tiny stage-two run on it."""
+    root = tmp_path_factory.mktemp("finetune")
+    videos = root / "videos"
+    synth.make_dataset(videos, per_split={"train": 2, "val": 1}, classes=synth.CLASSES[:2], seconds=(1.0, 2.0), seed=3)
+    cache, run = str(root / "cache"), root / "run"
+    assert main(["extract", str(videos), "--out", cache, "--weights", "random", *EXTRACT]) == 0
+    assert main(["train", cache, "--out", str(run), "--model", "tiny", "--steps", "2", "--frames", "4",
+                 "--stride", "2", "--quiet"]) == 0
+    return videos, cache, run
+
+
+def composed(run, device=torch.device("cpu")):
+    inputs = read_inputs(run / "best")
+    backbone, preprocess, bc, identity = rebuild_backbone(inputs, run / "best", device)
+    vtn = VTN.from_pretrained(run / "best")
+    video = {"backbone": identity, "backbone_config": {"name": bc.name, "weights": bc.weights,
+                                                       "image_size": bc.image_size, "seed": bc.seed},
+             "sampling": inputs["sampling"]}
+    return VideoVTN.compose(vtn, backbone, preprocess, video).eval(), vtn.eval(), inputs
+
+
+def test_composed_model_gives_the_cache_features_and_the_stage_two_logits(stage_two, tmp_path):
+    videos, cache_url, run = stage_two
+    model, vtn, inputs = composed(run)
+    cache = open_cache(cache_url)
+    for vid in cache.split_ids("val"):
+        v = cache.video(vid)
+        chunks = [c for c in decode_video(videos / vid, sampling_of(inputs)) if hasattr(c, "frames")]
+        frames = torch.from_numpy(np.concatenate([c.frames for c in chunks]))  # [T, H, W, 3] uint8
+        np.testing.assert_array_equal(np.concatenate([c.frame_indices for c in chunks]), v.frame_indices)
+        with torch.no_grad():
+            feats = model.frame_features(model.preprocess(frames))
+        # The cache stores float16: equal within its rounding.
+        np.testing.assert_allclose(feats.numpy(), v.features.astype(np.float32), rtol=2e-3, atol=2e-3)
+        item = {"features": torch.from_numpy(v.features.astype(np.float32)), "positions": torch.from_numpy(v.frame_indices),
+                "times": torch.from_numpy(v.timestamps).float(), "label": -1, "id": vid}
+        from vtn.store import collate_clips
+
+        batch = collate_clips([item])
+        features, mask, positions = model_inputs(batch, vtn.config, torch.device("cpu"))
+        with torch.no_grad():
+            expected = vtn(features, mask, positions)
+            got = model(frames[None], mask, positions)
+            exact = vtn(feats[None], mask, positions)
+        np.testing.assert_allclose(got.numpy(), exact.numpy(), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(got.numpy(), expected.numpy(), rtol=1e-2, atol=1e-2)
+
+    model.save_pretrained(tmp_path / "ckpt")
+    back = VideoVTN.from_pretrained(tmp_path / "ckpt").eval()
+    for (k, a), (k2, b) in zip(sorted(model.state_dict().items()), sorted(back.state_dict().items())):
+        assert k == k2 and torch.equal(a, b), k
+    assert any(k.startswith("backbone.") for k in back.state_dict()) and "cls_token" in back.state_dict()
+    assert back.video["sampling"] == inputs["sampling"]
+
+
+FT = ["--batch-size", "2", "--workers", "0", "--quiet"]
+
+
+@pytest.mark.slow
+def test_finetune_through_the_cli_records_and_skips_a_broken_video(stage_two, tmp_path, capsys):
+    import json
+    import shutil
+
+    videos, cache_url, run = stage_two
+    mine = tmp_path / "videos"
+    shutil.copytree(videos, mine)
+    broken = sorted((mine / "train").rglob("*.mp4"))[0]
+    broken.write_bytes(b"not a video at all" * 100)
+    out = tmp_path / "ft"
+    assert main(["finetune", str(run), "--out", str(out), "--videos", str(mine), "--epochs", "2", *FT]) == 0
+    failures = [json.loads(x) for x in (out / "failures.jsonl").read_text().splitlines()]
+    bad_id = str(broken.relative_to(mine))
+    # Recorded once although the video is drawn in both epochs: known failures are not decoded again.
+    assert [(f["id"], f["phase"]) for f in failures] == [(bad_id, "train")] and f"{bad_id} failed" in capsys.readouterr().out
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2] and all(r["val_videos"] == 2 for r in records)
+    # 4 train videos, 2 per step: 2 steps per epoch; the broken video's batch trained on its other clip.
+    assert records[-1]["step"] == 4
+    for name in ("best", "last"):
+        assert {"config.json", "model.safetensors", "video.json", "inputs.json", "state.json"} <= {
+            p.name for p in (out / name).iterdir()}
+    tuned = VideoVTN.from_pretrained(out / "last")
+    start, _, _ = composed(run)
+    changed = [k for k, v in start.state_dict().items() if not torch.equal(v, tuned.state_dict()[k])]
+    assert any(k.startswith("backbone.") for k in changed) and "cls_token" in changed
+    assert tuned.video["sampling"] == read_inputs(run / "best")["sampling"]
+
+
+def test_finetune_refuses_a_backbone_that_is_not_the_recorded_one(stage_two, tmp_path, capsys):
+    import json
+    import shutil
+
+    _, _, run = stage_two
+    fake = tmp_path / "run"
+    shutil.copytree(run / "best", fake / "best")
+    inputs = json.loads((fake / "best" / "inputs.json").read_text())
+    recorded = inputs["backbone"]["weights_sha256"]
+    inputs["backbone_config"]["seed"] += 1  # other random weights than the cache's
+    (fake / "best" / "inputs.json").write_text(json.dumps(inputs))
+    assert main(["finetune", str(fake), "--out", str(tmp_path / "ft"), *FT]) == 2
+    err = capsys.readouterr().err
+    built = err.split("weights_sha256 '")[1].split("'")[0]
+    assert recorded in err and len(built) == 64 and built != recorded
+    assert not (tmp_path / "ft").exists()
+
+
+@pytest.mark.slow
+def test_finetune_resumed_after_an_interruption_equals_an_uninterrupted_run(stage_two, tmp_path, monkeypatch, capsys):
+    from safetensors.torch import load_file
+
+    import vtn.temporal.train as train_job
+
+    _, _, run = stage_two
+    args = ["--steps", "3", "--set", "run.checkpoint_every=1", "--set", "finetune.freeze_bn=false", *FT]
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    assert main(["finetune", str(run), "--out", str(whole), *args]) == 0
+    real = train_job.lr_factor
+
+    def interrupt_at_step_1(step, total, optim):
+        if step == 1:
+            raise KeyboardInterrupt
+        return real(step, total, optim)
+
+    monkeypatch.setattr(train_job, "lr_factor", interrupt_at_step_1)
+    assert main(["finetune", str(run), "--out", str(parts), *args]) == 130
+    assert "add --resume" in capsys.readouterr().err
+    monkeypatch.setattr(train_job, "lr_factor", real)
+    assert main(["finetune", str(run), "--out", str(parts), *args]) == 2  # a run is there
+    assert main(["finetune", str(run), "--out", str(parts), "--resume", "--quiet"]) == 0
+    a, b = load_file(str(whole / "last" / "model.safetensors")), load_file(str(parts / "last" / "model.safetensors"))
+    assert a.keys() == b.keys() and any(k.startswith("backbone.") for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a)
