@@ -6,8 +6,8 @@ with. Given the same frames, its per-frame features are the cache's features and
 model's on them (a test checks both). `vtn finetune` trains it; its checkpoints hold both parts together with
 the backbone's identity, preprocessing and sampling (`video.json`), so they predict on raw video.
 
-Memory controls of the backbone pass (all exact, see `frame_features`): frames in micro-batches, timm's
-activation checkpointing inside the backbone, and exact chunked backprop (each micro-batch's activations are
+Memory controls (all exact, see `set_memory` and `frame_features`): frames through the backbone in micro-batches,
+activation checkpointing (timm's inside the backbone, per layer in the encoder), and exact chunked backprop (each micro-batch's activations are
 dropped after its forward and recomputed, with the random state replayed, when its features' gradient arrives:
 gradient caching, so peak memory holds one micro-batch's activations, not the clip's).
 
@@ -86,6 +86,7 @@ class VideoVTN(VTN):
         self.micro_batch: int | None = None  # frames per backbone call (None: all at once)
         self.chunked = False  # exact chunked backprop (recompute each micro-batch in the backward pass)
         self.freeze_bn = False  # BatchNorm of the backbone stays in eval mode (running statistics) in train()
+        self.backbone_frozen = False  # the backbone runs without gradients (a frozen warm-up)
 
     @classmethod
     def compose(cls, vtn: VTN, backbone: nn.Module, preprocess: Preprocess, video: dict) -> "VideoVTN":
@@ -96,7 +97,8 @@ class VideoVTN(VTN):
         return model.to(next(backbone.parameters()).device)
 
     def set_memory(self, micro_batch: int | None = None, chunked: bool = False, grad_checkpointing: bool = False) -> None:
-        """The memory controls (module docstring). `grad_checkpointing` is timm's `set_grad_checkpointing`."""
+        """The memory controls (module docstring). `grad_checkpointing`: timm's `set_grad_checkpointing` in the
+        backbone and per-layer checkpointing in the encoder."""
         if micro_batch is not None and micro_batch < 1:
             raise UserError(f"micro_batch must be >= 1, got {micro_batch}")
         self.micro_batch, self.chunked = micro_batch, chunked
@@ -104,6 +106,12 @@ class VideoVTN(VTN):
             raise UserError(f"{type(self.backbone).__name__} has no set_grad_checkpointing (timm models do)")
         if hasattr(self.backbone, "set_grad_checkpointing"):
             self.backbone.set_grad_checkpointing(grad_checkpointing)
+        if self.config.backend == "fast":
+            self.longformer.grad_checkpointing = grad_checkpointing
+        elif grad_checkpointing:
+            self.longformer.gradient_checkpointing_enable({"use_reentrant": False})
+        else:
+            self.longformer.gradient_checkpointing_disable()
 
     def train(self, mode: bool = True) -> "VideoVTN":
         super().train(mode)
@@ -118,13 +126,15 @@ class VideoVTN(VTN):
         `chunked` (and gradients on) each call is recomputed in the backward pass (torch.utils.checkpoint, RNG
         state replayed), so only one call's activations are alive at a time."""
         step = self.micro_batch or max(1, len(x))
+        grad = torch.is_grad_enabled() and not self.backbone_frozen
         out = []
-        for i in range(0, len(x), step):
-            chunk = x[i:i + step]  # [n, 3, h, w]
-            if self.chunked and torch.is_grad_enabled():
-                out.append(checkpoint(self.backbone, chunk, use_reentrant=False, preserve_rng_state=True))
-            else:
-                out.append(self.backbone(chunk))  # [n, D]
+        with torch.set_grad_enabled(grad):
+            for i in range(0, len(x), step):
+                chunk = x[i:i + step]  # [n, 3, h, w]
+                if self.chunked and grad:
+                    out.append(checkpoint(self.backbone, chunk, use_reentrant=False, preserve_rng_state=True))
+                else:
+                    out.append(self.backbone(chunk))  # [n, D]
         return torch.cat(out)  # [N, D]
 
     def forward(self, frames: torch.Tensor, mask: torch.Tensor | None = None, positions: torch.Tensor | None = None,

@@ -52,6 +52,10 @@ from vtn.temporal.train import (FLAGS, DataSection, Loop, OptimSection, RunSecti
 @dataclass(frozen=True)
 class FinetuneSection:
     backbone_lr: float = 0.1  # the backbone's learning rate as a multiple of optim.lr (it is already trained)
+    # Layer-wise decay: a backbone layer n layers below the last (timm's group_matcher: ViT blocks, ResNet stages)
+    # learns at backbone_lr x layer_decay^n (BEiT/MAE fine-tuning takes 0.65-0.75). 1: one rate for the backbone.
+    layer_decay: float = 1.0
+    frozen_steps: int = 0  # the first steps train only the encoder and head (the backbone gets no gradient)
     freeze_bn: bool = True  # BatchNorm keeps its running statistics (clips are small batches of similar frames)
     # Memory controls (temporal/e2e.py): frames per backbone call; timm's activation checkpointing; exact chunked
     # backprop (each micro-batch recomputed in the backward pass). All give plain training's loss and gradients.
@@ -176,6 +180,24 @@ class ClipFrames:
             self.failures.record(vid, *payload, "train")
 
 
+def backbone_groups(backbone: torch.nn.Module, lr: float, layer_decay: float) -> list[tuple[list, float]]:
+    """(parameters, base lr) groups of the backbone: `lr` for all, or with `layer_decay` < 1 lr x
+    layer_decay^(layers above), layers as timm's group_matcher numbers them (the last layer and the final norm
+    get `lr`)."""
+    params = dict(backbone.named_parameters())
+    if layer_decay >= 1.0:
+        return [(list(params.values()), lr)]
+    if not hasattr(backbone, "group_matcher"):
+        raise UserError(f"finetune.layer_decay needs a timm backbone with group_matcher; {type(backbone).__name__} "
+                        "has none (set finetune.layer_decay=1)")
+    from timm.models import group_parameters
+
+    layer_of = group_parameters(backbone, backbone.group_matcher(coarse=False), reverse=True)  # name -> layer
+    top = max(layer_of.values())
+    return [([p for n, p in params.items() if layer_of[n] == i], lr * layer_decay ** (top - i))
+            for i in sorted(set(layer_of.values()))]
+
+
 def clip_tensor(model: VideoVTN, frames: list[torch.Tensor], device: torch.device) -> torch.Tensor:
     """Each clip's uint8 frames preprocessed on `device` (clips may differ in size), padded to [B, T, 3, h, w]."""
     with torch.no_grad():
@@ -261,7 +283,7 @@ def finetune(stage_two: str | Path, out: str | Path, videos: str | None = None, 
 
         torch.manual_seed(cfg.run.seed + procs.rank)  # dropout differs between processes, as their data does
         temporal = [p for n, p in model.named_parameters() if not n.startswith("backbone.")]
-        opt = build_optimizer([(list(model.backbone.parameters()), cfg.optim.lr * ft.backbone_lr),
+        opt = build_optimizer([*backbone_groups(model.backbone, cfg.optim.lr * ft.backbone_lr, ft.layer_decay),
                                (temporal, cfg.optim.lr)], cfg.optim)
         scaler = torch.amp.GradScaler(device.type, enabled=cfg.run.amp == "fp16")
         state = new_state(procs.world, epochs, steps_per_epoch, total_steps, data_fingerprint(data, cache))
@@ -270,8 +292,10 @@ def finetune(stage_two: str | Path, out: str | Path, videos: str | None = None, 
             saved_state = checkpoint.load_last(last, model, opt, scaler, procs.rank, device)
             check_resume(saved_state, state, last)
             state.update(saved_state)
+        # A frozen warm-up leaves the backbone without gradients for a while, which DDP must be told.
         ddp = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None) if procs.world > 1 else model
+            model, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=ft.frozen_steps > 0) if procs.world > 1 else model
         loop = Loop(run, procs, device, model, ddp, opt, scaler, cfg.optim, cfg.run.amp, state, ckpt_inputs)
 
         if procs.rank == 0:
@@ -301,8 +325,9 @@ def finetune(stage_two: str | Path, out: str | Path, videos: str | None = None, 
         eval_cfg = ExtractConfig(replace(sampling, view_frames=vtn.config.max_positions), bc, rt)
 
         def loss_fn(batch: dict, weight: float) -> torch.Tensor:
-            if not batch["frames"]:  # every clip failed: a zero loss that still gives every parameter a gradient
-                return sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
+            if not batch["frames"]:  # every clip failed: a zero loss; only [CLS] gets a (zero) gradient, so the
+                return (model.cls_token * 0.0).sum()  # optimiser and fp16's scaler can step and the rest stays put
+            model.backbone_frozen = state["step"] < ft.frozen_steps
             _, mask, positions = model_inputs(batch, vtn.config, device)
             x = clip_tensor(model, batch["frames"], device)  # [B, T, 3, h, w]
             with autocast(device, cfg.run.amp):

@@ -87,7 +87,9 @@ def test_finetune_through_the_cli_records_and_skips_a_broken_video(stage_two, tm
     broken = sorted((mine / "train").rglob("*.mp4"))[0]
     broken.write_bytes(b"not a video at all" * 100)
     out = tmp_path / "ft"
-    assert main(["finetune", str(run), "--out", str(out), "--videos", str(mine), "--epochs", "2", *FT]) == 0
+    # The backbone frozen for all 4 steps: only encoder and head learn, and BatchNorm keeps its statistics.
+    assert main(["finetune", str(run), "--out", str(out), "--videos", str(mine), "--epochs", "2",
+                 "--set", "finetune.frozen_steps=4", *FT]) == 0
     failures = [json.loads(x) for x in (out / "failures.jsonl").read_text().splitlines()]
     bad_id = str(broken.relative_to(mine))
     # Recorded once although the video is drawn in both epochs: known failures are not decoded again.
@@ -102,7 +104,7 @@ def test_finetune_through_the_cli_records_and_skips_a_broken_video(stage_two, tm
     tuned = VideoVTN.from_pretrained(out / "last")
     start, _, _ = composed(run)
     changed = [k for k, v in start.state_dict().items() if not torch.equal(v, tuned.state_dict()[k])]
-    assert any(k.startswith("backbone.") for k in changed) and "cls_token" in changed
+    assert "cls_token" in changed and not any(k.startswith("backbone.") for k in changed)
     assert tuned.video["sampling"] == read_inputs(run / "best")["sampling"]
 
 
@@ -131,7 +133,9 @@ def test_finetune_resumed_after_an_interruption_equals_an_uninterrupted_run(stag
     import vtn.temporal.train as train_job
 
     _, _, run = stage_two
-    args = ["--steps", "3", "--set", "run.checkpoint_every=1", "--set", "finetune.freeze_bn=false", *FT]
+    # Step 0 with the backbone frozen, then all of it, BatchNorm updating its statistics.
+    args = ["--steps", "3", "--set", "run.checkpoint_every=1", "--set", "finetune.freeze_bn=false",
+            "--set", "finetune.frozen_steps=1", *FT]
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     assert main(["finetune", str(run), "--out", str(whole), *args]) == 0
     real = train_job.lr_factor
@@ -150,3 +154,101 @@ def test_finetune_resumed_after_an_interruption_equals_an_uninterrupted_run(stag
     a, b = load_file(str(whole / "last" / "model.safetensors")), load_file(str(parts / "last" / "model.safetensors"))
     assert a.keys() == b.keys() and any(k.startswith("backbone.") for k in a)
     assert all(torch.equal(a[k], b[k]) for k in a)
+    start = composed(run)[0].state_dict()
+    assert not torch.equal(start["backbone.conv1.weight"], a["backbone.conv1.weight"])
+    assert not torch.equal(start["backbone.bn1.running_mean"], a["backbone.bn1.running_mean"])
+
+
+def tiny_video_model(drop: float) -> VideoVTN:
+    """A 2-block ViT at 32 px (dropout and drop-path `drop`) + a 2-layer VTN, all in train mode."""
+    import timm
+
+    from vtn.extract.backbone import Preprocess
+    from vtn.temporal.model import VTNConfig
+
+    torch.manual_seed(0)
+    backbone = timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=32, depth=2, drop_path_rate=drop,
+                                 proj_drop_rate=drop)
+    preprocess = Preprocess(timm.data.resolve_data_config({}, model=backbone))
+    cfg = VTNConfig(feature_dim=192, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, attention_window=4,
+                    max_positions=32, num_classes=3, dropout=drop, attention_dropout=drop, head_dropout=drop)
+    return VideoVTN(cfg, backbone, preprocess, {}).train()
+
+
+def loss_and_grads(model: VideoVTN, seed: int = 2, **controls):
+    model.set_memory(**controls)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 7, 3, 32, 32, generator=g)  # 3 clips of up to 7 preprocessed frames
+    mask = torch.arange(7) < torch.tensor([[7], [5], [6]])
+    positions = torch.where(mask, torch.arange(7) * 2, 0)
+    torch.manual_seed(seed)  # the same dropout draws for every setting
+    loss = torch.nn.functional.cross_entropy(model(x, mask, positions), torch.tensor([0, 2, 1]), reduction="sum")
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    model.set_memory()
+    return float(loss.detach()), grads
+
+
+def assert_same(a, b, tol):
+    assert a[0] == pytest.approx(b[0], rel=tol, abs=tol)
+    assert a[1].keys() == b[1].keys()
+    for k in a[1]:
+        torch.testing.assert_close(a[1][k], b[1][k], rtol=tol, atol=tol, msg=k)
+
+
+def test_memory_controls_give_plain_trainings_loss_and_gradients():
+    # Without dropout (eval mode: the ViT has no BatchNorm), frames through the backbone in micro-batches (alone or
+    # recomputed chunk by chunk) are plain training up to float summation order.
+    model = tiny_video_model(0.2).eval()
+    plain = loss_and_grads(model)
+    assert_same(loss_and_grads(model, micro_batch=4), plain, 1e-5)
+    assert_same(loss_and_grads(model, micro_batch=4, chunked=True), plain, 1e-5)
+    # With dropout and drop-path the recomputation replays the random state: the same masks as without it.
+    model.train()
+    plain, micro = loss_and_grads(model), loss_and_grads(model, micro_batch=4)
+    assert_same(loss_and_grads(model, grad_checkpointing=True), plain, 1e-6)
+    assert_same(loss_and_grads(model, micro_batch=4, chunked=True), micro, 1e-6)
+    assert_same(loss_and_grads(model, micro_batch=4, chunked=True, grad_checkpointing=True), micro, 1e-6)
+    with pytest.raises(AssertionError):  # the dropout is real: other draws give another loss
+        assert_same(loss_and_grads(model, seed=3), plain, 1e-6)
+
+
+def test_layer_decay_frozen_backbone_frozen_batchnorm_and_autocast(stage_two):
+    import timm
+
+    from vtn.temporal.finetune import backbone_groups
+
+    vit = timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=32, depth=3)
+    groups = backbone_groups(vit, 1.0, 0.5)
+    assert [lr for _, lr in groups] == [0.125, 0.25, 0.5, 1.0]  # patch embedding, blocks 0, 1, 2 (+ final norm)
+    names = {id(p): n for n, p in vit.named_parameters()}
+    assert "patch_embed.proj.weight" in [names[id(p)] for p in groups[0][0]]
+    assert {"blocks.2.attn.qkv.weight", "norm.weight"} <= {names[id(p)] for p in groups[-1][0]}
+    assert sorted(names[id(p)] for ps, _ in groups for p in ps) == sorted(names.values())
+    assert len(backbone_groups(vit, 1.0, 1.0)) == 1
+
+    model = composed(stage_two[2])[0].train()  # resnet18: BatchNorm
+    x = torch.randn(2, 3, 3, 32, 32)
+    bn = model.backbone.bn1
+    before = bn.running_mean.clone()
+    positions = torch.arange(3).expand(2, 3)
+    model.freeze_bn, model.backbone_frozen = True, True
+    model.train()
+    assert not bn.training and model.longformer.training
+    model(x, None, positions).sum().backward()
+    assert torch.equal(bn.running_mean, before)
+    assert all(p.grad is None for p in model.backbone.parameters()) and model.cls_token.grad is not None
+    model.freeze_bn, model.backbone_frozen = False, False
+    model.train()
+    model(x, None, positions).sum().backward()
+    assert not torch.equal(bn.running_mean, before) and model.backbone.conv1.weight.grad is not None
+
+    tiny = tiny_video_model(0.0).eval()
+    x = torch.randn(2, 4, 3, 32, 32)
+    with torch.no_grad():
+        full = tiny(x, None, torch.arange(4).expand(2, 4))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        half = tiny(x, None, torch.arange(4).expand(2, 4))
+    assert half.dtype == torch.bfloat16
+    torch.testing.assert_close(half.float(), full, atol=0.05, rtol=0.05)
