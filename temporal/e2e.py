@@ -9,7 +9,8 @@ the backbone's identity, preprocessing and sampling (`video.json`), so they pred
 Memory controls (all exact, see `set_memory` and `frame_features`): frames through the backbone in micro-batches,
 activation checkpointing (timm's inside the backbone, per layer in the encoder), and exact chunked backprop (each micro-batch's activations are
 dropped after its forward and recomputed, with the random state replayed, when its features' gradient arrives:
-gradient caching, so peak memory holds one micro-batch's activations, not the clip's).
+gradient caching, so peak memory holds one micro-batch's activations, not the clip's). And a feature memory
+bank (TALLFormer): only some frames of a clip go through the backbone, the others' features are given.
 
 `rebuild_backbone` rebuilds the backbone a checkpoint's features came from (shared with `vtn predict`).
 No training or data code here.
@@ -138,19 +139,33 @@ class VideoVTN(VTN):
         return torch.cat(out)  # [N, D]
 
     def forward(self, frames: torch.Tensor, mask: torch.Tensor | None = None, positions: torch.Tensor | None = None,
-                return_attention: bool = False):
+                return_attention: bool = False, bank: torch.Tensor | None = None, fresh: torch.Tensor | None = None):
         """frames [B, T, H, W, 3] uint8 (preprocessed here) or [B, T, 3, h, w] float (already preprocessed);
         mask [B, T] (True = a real frame; only real frames go through the backbone); positions as VTN.forward.
-        Returns VTN.forward's logits [B, classes] (and attention)."""
-        B, T = frames.shape[:2]
-        mask = torch.ones(B, T, dtype=torch.bool, device=frames.device) if mask is None else mask.bool()
-        real = frames[mask]  # [N, ...]: the real frames, clip by clip
+        Returns VTN.forward's logits [B, classes] (and attention).
+
+        As a feature memory bank (TALLFormer): `bank` [B, T, D] holds stored features of every frame and `fresh`
+        [B, T] marks the frames run through the backbone now; `frames` are then only those, [N, ...] in the
+        order of fresh's True entries. Only they get gradients; their new features are left in `fresh_features`
+        [N, D] (detached) for the caller to write back."""
+        if bank is not None:
+            real, B, T = frames, *bank.shape[:2]
+            mask = torch.ones(B, T, dtype=torch.bool, device=bank.device) if mask is None else mask.bool()
+            fresh = fresh.bool() & mask
+        else:
+            B, T = frames.shape[:2]
+            mask = torch.ones(B, T, dtype=torch.bool, device=frames.device) if mask is None else mask.bool()
+            real, fresh = frames[mask], mask  # [N, ...]: the real frames, clip by clip
         if real.dtype == torch.uint8:
             with torch.no_grad():
                 real = self.preprocess(real)  # [N, 3, h, w]
         feats = self.frame_features(real)  # [N, D]
-        features = feats.new_zeros(B, T, feats.shape[-1])
-        features[mask] = feats  # [B, T, D]; padding stays 0 and is never attended to
+        if bank is None:
+            features = feats.new_zeros(B, T, feats.shape[-1])  # padding stays 0 and is never attended to
+        else:
+            features = bank.detach().to(feats.dtype, copy=True)  # a copy: the stored features, without gradients
+            self.fresh_features = feats.detach()
+        features[fresh] = feats  # [B, T, D]
         return VTN.forward(self, features, mask, positions, return_attention)
 
     def save_pretrained(self, directory: str | Path) -> None:

@@ -57,6 +57,11 @@ class FinetuneSection:
     layer_decay: float = 1.0
     frozen_steps: int = 0  # the first steps train only the encoder and head (the backbone gets no gradient)
     freeze_bn: bool = True  # BatchNorm keeps its running statistics (clips are small batches of similar frames)
+    # Feature memory bank (TALLFormer): only this many contiguous frames of each clip (at a random place) are
+    # decoded and run through the backbone with gradients; the clip's other frames take their features from this
+    # process's in-memory copy of the train split's cached features (the cache itself is never written), into which
+    # the fresh features are written back. None: every frame of the clip is fresh.
+    bank_frames: int | None = None
     # Memory controls (temporal/e2e.py): frames per backbone call; timm's activation checkpointing; exact chunked
     # backprop (each micro-batch recomputed in the backward pass). All give plain training's loss and gradients.
     micro_batch: int | None = None
@@ -121,21 +126,31 @@ class ClipFrames:
     full, so at most that many chunks wait while the model trains."""
 
     def __init__(self, dataset, batches: list[list[int]], epoch: int, paths: dict, sampling, rt: RuntimeConfig,
-                 workers: int, failures: Failures):
+                 workers: int, failures: Failures, bank_frames: int | None = None):
         self.dataset, self.batches, self.epoch, self.paths = dataset, batches, epoch, paths
         self.sampling, self.rt, self.workers, self.failures = sampling, rt, workers, failures
+        self.bank_frames = bank_frames
 
     def __len__(self) -> int:
         return len(self.batches)
 
-    def _rows(self, i: int) -> np.ndarray:
-        ds = self.dataset  # the very clip ClipDataset draws for item i (store/dataset.py)
-        return clip_rows(int(ds.lengths[i]), ds.clip_frames, ds.stride, None, np.random.default_rng((ds.seed, self.epoch, i)))
+    def _rows(self, i: int) -> tuple[np.ndarray, slice]:
+        """The rows of item i's clip among its video's sampled frames (the very clip ClipDataset draws, see
+        store/dataset.py), and which of the clip's frames are fresh (all, or `bank_frames` contiguous ones)."""
+        ds = self.dataset
+        rows = clip_rows(int(ds.lengths[i]), ds.clip_frames, ds.stride, None, np.random.default_rng((ds.seed, self.epoch, i)))
+        k = self.bank_frames
+        if k is None or k >= len(rows):
+            return rows, slice(0, len(rows))
+        start = int(np.random.default_rng((ds.seed, self.epoch, i, 1)).integers(0, len(rows) - k + 1))
+        return rows, slice(start, start + k)
 
     def __iter__(self):
         ds = self.dataset
         ds.set_epoch(self.epoch)
-        jobs = [(ds.ids[i], str(self.paths[ds.ids[i]]), replace(self.sampling, view_rows=tuple(self._rows(i).tolist())))
+        fresh = {i: self._rows(i) for b in self.batches for i in b}
+        jobs = [(ds.ids[i], str(self.paths[ds.ids[i]]),
+                 replace(self.sampling, view_rows=tuple(fresh[i][0][fresh[i][1]].tolist())))
                 for b in self.batches for i in b if ds.ids[i] not in self.failures.ids]
         videos: dict[str, dict] = {}
         with DecodePool(jobs, self.sampling, workers=self.workers, timeout=self.rt.timeout,
@@ -152,19 +167,27 @@ class ClipFrames:
                     v = videos.pop(ds.ids[i], None)
                     if v is None or ds.ids[i] in self.failures.ids:
                         continue
-                    item = ds[i]
+                    item, (rows, part) = ds[i], fresh[i]
                     decoded = np.concatenate(v["indices"]) if v["indices"] else np.zeros(0, np.int64)
-                    if not np.array_equal(decoded, item["positions"].numpy()):
+                    expected = item["positions"].numpy()[part]
+                    if not np.array_equal(decoded, expected):
                         self.failures.record(ds.ids[i], "VideoChanged", f"{self.paths[ds.ids[i]]}: the decoded frames "
-                                             f"{decoded.tolist()} are not the cache's {item['positions'].tolist()}; is "
-                                             "it the video the cache was extracted from?", "train")
+                                             f"{decoded.tolist()} are not the cache's {expected.tolist()}; is it the "
+                                             "video the cache was extracted from?", "train")
                         continue
-                    items.append({**item, "frames": torch.from_numpy(np.concatenate(v["frames"]))})
+                    # With a bank: where the fresh frames' features live in the in-memory split, for the write-back.
+                    at = ds.source.video_rows(int(ds.rows[i])).start + rows[part] if self.bank_frames else None
+                    items.append({**item, "frames": torch.from_numpy(np.concatenate(v["frames"])), "part": part,
+                                  "bank_rows": at})
                 if not items:
                     yield {"labels": torch.zeros(0, dtype=torch.long), "frames": []}
                     continue
                 out = collate_clips(items)
                 out["frames"] = [x["frames"] for x in items]
+                out["fresh"] = torch.zeros_like(out["mask"])  # [B, T]: the frames decoded now
+                for j, x in enumerate(items):
+                    out["fresh"][j, x["part"]] = True
+                out["bank_rows"] = [x["bank_rows"] for x in items]
                 yield out
 
     def _event(self, videos: dict, kind: str, vid: str, payload) -> None:
@@ -278,6 +301,9 @@ def finetune(stage_two: str | Path, out: str | Path, videos: str | None = None, 
         model.freeze_bn = ft.freeze_bn
         data = load_data(cache, cfg, vtn.config, procs)
         missing = [v for v in [*data.train.ids, *data.val.ids] if v not in paths]
+        if ft.bank_frames is not None and (ft.bank_frames < 1 or data.streaming):
+            raise UserError(f"finetune.bank_frames={ft.bank_frames}: needs a number >= 1 and the train split in memory "
+                            f"(data.load is {cfg.data.load}; the split was {'streamed' if data.streaming else 'loaded'})")
         steps_per_epoch = len(data.sampler)
         epochs, total_steps, why = schedule(cfg.optim, steps_per_epoch)
 
@@ -328,10 +354,18 @@ def finetune(stage_two: str | Path, out: str | Path, videos: str | None = None, 
             if not batch["frames"]:  # every clip failed: a zero loss; only [CLS] gets a (zero) gradient, so the
                 return (model.cls_token * 0.0).sum()  # optimiser and fp16's scaler can step and the rest stays put
             model.backbone_frozen = state["step"] < ft.frozen_steps
-            _, mask, positions = model_inputs(batch, vtn.config, device)
-            x = clip_tensor(model, batch["frames"], device)  # [B, T, 3, h, w]
-            with autocast(device, cfg.run.amp):
-                logits = ddp(x, mask, positions)
+            stored, mask, positions = model_inputs(batch, vtn.config, device)
+            if ft.bank_frames:
+                with torch.no_grad():
+                    x = torch.cat([model.preprocess(f.to(device)) for f in batch["frames"]])  # [N fresh, 3, h, w]
+                with autocast(device, cfg.run.amp):
+                    logits = ddp(x, mask, positions, bank=stored, fresh=batch["fresh"].to(device))
+                bank = data.train.source.features  # this process's copy of the split: the fresh features go back
+                bank[np.concatenate(batch["bank_rows"])] = model.fresh_features.float().cpu().numpy().astype(bank.dtype)
+            else:
+                x = clip_tensor(model, batch["frames"], device)  # [B, T, 3, h, w]
+                with autocast(device, cfg.run.amp):
+                    logits = ddp(x, mask, positions)
             loss = F.cross_entropy(logits.float(), batch["labels"].to(device), reduction="sum",
                                    label_smoothing=cfg.optim.label_smoothing)
             return loss * weight
@@ -339,7 +373,8 @@ def finetune(stage_two: str | Path, out: str | Path, videos: str | None = None, 
         def batches(epoch: int):
             data.sampler.set_epoch(epoch)
             shares = data.sampler.shares()[state["step_in_epoch"]:][:total_steps - state["step"]]
-            return (ClipFrames(data.train, [b for b, _ in shares], epoch, paths, sampling, rt, workers, failures),
+            return (ClipFrames(data.train, [b for b, _ in shares], epoch, paths, sampling, rt, workers, failures,
+                               ft.bank_frames),
                     [w for _, w in shares])
 
         bar = progress_bar(total=total_steps, initial=state["step"], disable=not progress or procs.rank != 0,

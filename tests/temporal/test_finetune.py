@@ -88,8 +88,9 @@ def test_finetune_through_the_cli_records_and_skips_a_broken_video(stage_two, tm
     broken.write_bytes(b"not a video at all" * 100)
     out = tmp_path / "ft"
     # The backbone frozen for all 4 steps: only encoder and head learn, and BatchNorm keeps its statistics.
+    # With the memory bank: 2 of each clip's 4 frames decoded and run, the others' features from the bank.
     assert main(["finetune", str(run), "--out", str(out), "--videos", str(mine), "--epochs", "2",
-                 "--set", "finetune.frozen_steps=4", *FT]) == 0
+                 "--set", "finetune.frozen_steps=4", "--set", "finetune.bank_frames=2", *FT]) == 0
     failures = [json.loads(x) for x in (out / "failures.jsonl").read_text().splitlines()]
     bad_id = str(broken.relative_to(mine))
     # Recorded once although the video is drawn in both epochs: known failures are not decoded again.
@@ -201,8 +202,11 @@ def test_memory_controls_give_plain_trainings_loss_and_gradients():
     # Without dropout (eval mode: the ViT has no BatchNorm), frames through the backbone in micro-batches (alone or
     # recomputed chunk by chunk) are plain training up to float summation order.
     model = tiny_video_model(0.2).eval()
+    calls = []
+    model.backbone.register_forward_hook(lambda m, args, out: calls.append(len(args[0])))
     plain = loss_and_grads(model)
     assert_same(loss_and_grads(model, micro_batch=4), plain, 1e-5)
+    assert calls == [18, 4, 4, 4, 4, 2]  # only the 18 real frames; then in micro-batches
     assert_same(loss_and_grads(model, micro_batch=4, chunked=True), plain, 1e-5)
     # With dropout and drop-path the recomputation replays the random state: the same masks as without it.
     model.train()
@@ -252,3 +256,31 @@ def test_layer_decay_frozen_backbone_frozen_batchnorm_and_autocast(stage_two):
         half = tiny(x, None, torch.arange(4).expand(2, 4))
     assert half.dtype == torch.bfloat16
     torch.testing.assert_close(half.float(), full, atol=0.05, rtol=0.05)
+
+
+def test_memory_bank_fresh_frames_get_gradients_the_others_none():
+    model = tiny_video_model(0.0).eval()
+    calls = []
+    model.backbone.register_forward_hook(lambda m, args, out: calls.append(len(args[0])))
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 5, 3, 32, 32, generator=g).requires_grad_()  # every frame of 2 clips
+    bank = torch.randn(2, 5, 192, generator=g).requires_grad_()  # stored features of every frame
+    kept = bank.detach().clone()
+    fresh = torch.zeros(2, 5, dtype=torch.bool)
+    fresh[0, 1:3], fresh[1, 3:5] = True, True
+    positions = torch.arange(5).expand(2, 5)
+    model(x[fresh], None, positions, bank=bank, fresh=fresh).sum().backward()
+    assert calls == [4]  # only the fresh frames went through the backbone
+    per_frame = x.grad.flatten(2).abs().sum(-1)  # [2, 5]
+    assert (per_frame[fresh] > 0).all() and (per_frame[~fresh] == 0).all()
+    assert bank.grad is None and torch.equal(bank.detach(), kept)  # stored features: no gradient, not changed
+    assert all(p.grad is not None for p in model.backbone.parameters() if p.requires_grad)
+    with torch.no_grad():
+        torch.testing.assert_close(model.fresh_features, model.backbone(x[fresh]))  # what goes back to the bank
+        base = model(x[fresh], None, positions, bank=kept, fresh=fresh)
+        stale = kept.clone()
+        stale[fresh] += 1  # a fresh frame's stored feature is replaced by the new one
+        torch.testing.assert_close(model(x[fresh], None, positions, bank=stale, fresh=fresh), base)
+        stale = kept.clone()
+        stale[~fresh] += 1  # the others' stored features are used
+        assert not torch.allclose(model(x[fresh], None, positions, bank=stale, fresh=fresh), base)
