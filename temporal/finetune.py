@@ -27,7 +27,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 import yaml
 
 from vtn.config import merge, resolve, to_dict
@@ -45,8 +44,9 @@ from vtn.temporal.data import check_inputs, model_inputs
 from vtn.temporal.e2e import VideoVTN, rebuild_backbone, sampling_of
 from vtn.temporal.model import VTN
 from vtn.temporal.train import (FLAGS, DataSection, Loop, OptimSection, RunSection, TrainConfig, build_optimizer,
-                                check_resume, data_fingerprint, flag_updates, gathered_metrics, load_data, new_state,
-                                resume_config, run_epochs, schedule, start_metrics)
+                                check_resume, clip_loss, data_fingerprint, epoch_shares, flag_updates,
+                                gathered_metrics, load_data, new_state, resume_config, run_epochs, schedule,
+                                start_metrics)
 
 
 @dataclass(frozen=True)
@@ -366,13 +366,10 @@ def finetune(stage_two: str | Path, out: str | Path, videos: str | None = None, 
                 x = clip_tensor(model, batch["frames"], device)  # [B, T, 3, h, w]
                 with autocast(device, cfg.run.amp):
                     logits = ddp(x, mask, positions)
-            loss = F.cross_entropy(logits.float(), batch["labels"].to(device), reduction="sum",
-                                   label_smoothing=cfg.optim.label_smoothing)
-            return loss * weight
+            return clip_loss(logits, batch["labels"].to(device), cfg.optim, weight)
 
         def batches(epoch: int):
-            data.sampler.set_epoch(epoch)
-            shares = data.sampler.shares()[state["step_in_epoch"]:][:total_steps - state["step"]]
+            shares = epoch_shares(data.sampler, epoch, state)
             return (ClipFrames(data.train, [b for b, _ in shares], epoch, paths, sampling, rt, workers, failures,
                                ft.bank_frames),
                     [w for _, w in shares])

@@ -371,6 +371,19 @@ def train_epoch(loop: Loop, loader, weights: list[float], loss_fn: Callable, bar
         on_step()
 
 
+def clip_loss(logits: torch.Tensor, labels: torch.Tensor, optim: OptimSection, weight: float) -> torch.Tensor:
+    """This process's weighted loss of a batch: the summed cross-entropy times the batch's weight (see
+    LengthBucketSampler.shares), so that the processes' losses together are the global batch's mean."""
+    return F.cross_entropy(logits.float(), labels, reduction="sum", label_smoothing=optim.label_smoothing) * weight
+
+
+def epoch_shares(sampler: LengthBucketSampler, epoch: int, state: dict) -> list[tuple[list[int], float]]:
+    """This process's (items, weight) of each of the epoch's steps still to run: from the state's step in the
+    epoch on, and no further than the run's last step."""
+    sampler.set_epoch(epoch)
+    return sampler.shares()[state["step_in_epoch"]:][:state["total_steps"] - state["step"]]
+
+
 def run_epochs(loop: Loop, epochs: int, eval_every: int | None, checkpoint_every: int, batches: Callable,
                loss_fn: Callable, evaluate: Callable[[], dict], bar) -> None:
     """Epochs from the state's epoch to `epochs`: `batches(epoch)` gives the epoch's (loader, weights) from the
@@ -544,14 +557,11 @@ def train(cache_url: str, out: str | Path, cfg: TrainConfig | None = None, resum
             features, mask, positions = model_inputs(batch, model_cfg, device)
             with autocast(device, cfg.run.amp):
                 logits = ddp(features, mask, positions)
-            loss = F.cross_entropy(logits.float(), batch["labels"].to(device), reduction="sum",
-                                   label_smoothing=cfg.optim.label_smoothing)
-            return loss * weight
+            return clip_loss(logits, batch["labels"].to(device), cfg.optim, weight)
 
         def batches(epoch: int):
             data.train.set_epoch(epoch)
-            data.sampler.set_epoch(epoch)
-            shares = data.sampler.shares()[state["step_in_epoch"]:][:total_steps - state["step"]]
+            shares = epoch_shares(data.sampler, epoch, state)
             # Its own generator, so making the loader does not draw from the global RNG (dropout's).
             loader = torch.utils.data.DataLoader(data.train, batch_sampler=[b for b, _ in shares],
                                                  collate_fn=collate_clips, num_workers=data.workers,
