@@ -22,14 +22,15 @@ import numpy as np
 import torch
 
 from vtn.errors import UserError
-from vtn.extract.config import BackboneConfig, ExtractConfig, RuntimeConfig
+from vtn.extract.config import ExtractConfig, RuntimeConfig
 from vtn.extract.inputs import VideoEntry, discover
-from vtn.extract.job import build_backbone, check_runtime, extract_features
-from vtn.extract.sampling import SamplingConfig, sample
+from vtn.extract.job import check_runtime, extract_features
+from vtn.extract.sampling import sample
 from vtn.store import collate_clips
 from vtn.store.clips import clip_rows
 from vtn.temporal.checkpoint import read_inputs
 from vtn.temporal.data import model_inputs
+from vtn.temporal.e2e import rebuild_backbone, sampling_of  # noqa: F401 (sampling_of: part of this module's API)
 from vtn.temporal.metrics import log_softmax
 from vtn.temporal.model import VTN
 from vtn.evaluate.run import checkpoint_dir, clip_settings, parse_views
@@ -42,13 +43,6 @@ def entries_of(source: str | Path) -> tuple[list[VideoEntry], list[str]]:
         return [VideoEntry(path.name, path, -1, "predict")], []
     entries, classes, _ = discover(path)
     return entries, classes
-
-
-def sampling_of(inputs: dict) -> SamplingConfig:
-    """The SamplingConfig a cache recorded (its `effective` settings)."""
-    s = dict(inputs["sampling"])
-    mode = s.pop("mode")
-    return SamplingConfig(mode=mode, max_seconds=s.pop("max_seconds", None), **s)
 
 
 @dataclass
@@ -72,29 +66,17 @@ class Predictor:
         or are not the same weights."""
         ckpt = checkpoint_dir(Path(run), checkpoint)
         inputs = read_inputs(ckpt)
-        if not inputs or not inputs.get("backbone") or not inputs.get("backbone_config"):
-            raise UserError(f"{ckpt}: the checkpoint does not record the backbone its features came from (trained on "
-                            "a cache imported from other features, or by an older vtn); predict needs a model trained "
-                            "on a cache made by `vtn extract`")
-        identity, bc = inputs["backbone"], BackboneConfig(**inputs["backbone_config"])
-        if weights is not None:
-            bc = replace(bc, weights=weights)
-        if bc.weights not in ("pretrained", "random") and not Path(bc.weights).is_file():
-            raise UserError(f"{ckpt}: its features came from {bc.name} with the weights file {bc.weights} (sha256 "
-                            f"{identity.get('weights_sha256')}), which is not there; give its path with --weights")
-        model = VTN.from_pretrained(ckpt)
         mode = parse_views(views)
+        runtime = runtime or RuntimeConfig()
+        device = check_runtime(ExtractConfig(runtime=runtime))
+        backbone, preprocess, bc, _ = rebuild_backbone(inputs, ckpt, device, weights, runtime,
+                                                       crops=1 if mode is None else mode[1])
+        model = VTN.from_pretrained(ckpt)
         frames, stride = clip_settings(inputs)
         sampling = sampling_of(inputs)
         sampling = replace(sampling, view_frames=model.config.max_positions) if mode is None else \
             replace(sampling, view_clips=(mode[0], frames, stride))
-        cfg = ExtractConfig(sampling, bc, runtime or RuntimeConfig())
-        device = check_runtime(cfg)
-        backbone, preprocess, built = build_backbone(bc, cfg.runtime, device, crops=1 if mode is None else mode[1])
-        for key in ("weights_sha256", "preprocessing"):
-            if built[key] != identity.get(key):
-                raise UserError(f"{ckpt}: the backbone built from {bc.weights} is not the one its features came from: "
-                                f"{key} {built[key]!r} now, {identity.get(key)!r} recorded")
+        cfg = ExtractConfig(sampling, bc, runtime)
         return cls(model.to(device).eval(), backbone, preprocess, cfg, mode, (frames, stride), device)
 
     def view_logits(self, features: np.ndarray, timestamps: np.ndarray, indices: np.ndarray,

@@ -39,6 +39,9 @@ class SamplingConfig:
     # evenly spaced clips (store/clips.py). Both None: every sampled frame (extraction).
     view_frames: int | None = None
     view_clips: tuple[int, int, int] | None = None
+    # Or exactly these rows of the sampled frames (a fine-tuning clip, store/clips.py's clip_rows); rows past the
+    # end are left out, so a consumer that expects frames checks what it got.
+    view_rows: tuple[int, ...] | None = None
 
 
 def effective(cfg: SamplingConfig) -> dict:
@@ -98,6 +101,9 @@ def sample(timestamps: np.ndarray, cfg: SamplingConfig) -> np.ndarray:
         # The frame on screen at time g is the last one that started at or before g.
         idx = np.searchsorted(t[:limit], targets + _EPS, side="right") - 1
         idx = np.unique(np.clip(idx, 0, limit - 1)).astype(np.int64)
+    if cfg.view_rows is not None:
+        rows = np.asarray(cfg.view_rows, dtype=np.int64)
+        return idx[rows[(rows >= 0) & (rows < len(idx))]]
     if cfg.view_frames is None and cfg.view_clips is None:
         return idx
     from vtn.store.clips import view_rows

@@ -128,7 +128,8 @@ class _Worker:
 
 
 class DecodePool:
-    """Decode `jobs` ((key, path) pairs) in `workers` processes; iterate to get the events.
+    """Decode `jobs` ((key, path) pairs, or (key, path, SamplingConfig) for a video with its own sampling) in
+    `workers` processes; iterate to get the events.
 
     `workers=0` decodes in a thread of this process instead (no timeout can be enforced there).
     Always `close()` (or use `with`), which stops and reaps the workers.
@@ -197,10 +198,11 @@ class DecodePool:
 
     def _run_inline(self) -> None:
         sampling = self.cfg
-        for key, path in self.jobs:
+        for key, path, *own in self.jobs:
             if self._stop.is_set():
                 return
-            _send_video(lambda k, key, p: self._put((k, key, p)), key, path, sampling, self.chunk_bytes, self.threads)
+            _send_video(lambda k, key, p: self._put((k, key, p)), key, path, own[0] if own else sampling,
+                        self.chunk_bytes, self.threads)
 
     def _run_workers(self) -> None:
         ctx = mp.get_context("spawn")  # no inherited threads or CUDA state; workers import only numpy and decoders
@@ -209,9 +211,9 @@ class DecodePool:
         while not self._stop.is_set():
             for w in self._pool:
                 if w.job is None and self.jobs:
-                    w.job = self.jobs.popleft()
-                    w.stall = 0.0
-                    w.conn.send((*w.job, sampling))
+                    key, path, *own = self.jobs.popleft()
+                    w.job, w.stall = (key, path), 0.0
+                    w.conn.send((key, path, dataclasses.asdict(own[0]) if own else sampling))
             busy = [w for w in self._pool if w.job is not None]
             if not busy:
                 break

@@ -112,6 +112,38 @@ def register(sub, bench_sub) -> None:
     bench.add_argument("--jobs", type=int, default=2, help="processes for the mixed grid (default 2)")
     bench.set_defaults(func=_bench_sweep)
 
+    f = sub.add_parser(
+        "finetune", help="fine-tune backbone + encoder + head end to end from raw video, from a stage-two run",
+        description="End-to-end fine-tuning: starts from RUN's best/ checkpoint (encoder and head) and the backbone its "
+        "cache was extracted with (rebuilt and checked by sha256), and trains them together on clips decoded from the "
+        "videos (INPUT, default: the folder or CSV the cache was extracted from), sampled as the cache was; whole val "
+        "videos are evaluated through the same model. RUN2 gets config.yaml, metrics.jsonl, failures.jsonl and the "
+        "checkpoints best/ and last/ (backbone and temporal weights, with the preprocessing and sampling).",
+    )
+    f.add_argument("run", help="the stage-two run directory (or a checkpoint directory of one)")
+    f.add_argument("--out", required=True, metavar="RUN2", help="the run directory to write")
+    f.add_argument("--videos", metavar="INPUT", help="folder or CSV of the videos (default: the cache's recorded source)")
+    f.add_argument("--resume", action="store_true", help="continue the run in RUN2 from its last checkpoint (exactly)")
+    f.add_argument("--frames", type=int, help="frames per training clip (data.clip_frames; default: RUN's)")
+    f.add_argument("--stride", type=int, help="sampled frames between clip frames (data.stride; default: RUN's)")
+    flength = f.add_mutually_exclusive_group()
+    flength.add_argument("--epochs", type=int, help="train exactly this many epochs (optim.epochs, default 5)")
+    flength.add_argument("--steps", type=int, help="train exactly this many optimiser steps (optim.steps)")
+    f.add_argument("--batch-size", type=int, help="clips per step over all processes (optim.batch_size, default 8)")
+    f.add_argument("--lr", type=float, help="peak learning rate of encoder and head (optim.lr); the backbone's is "
+                   "finetune.backbone_lr times it")
+    f.add_argument("--amp", choices=["none", "bf16", "fp16"], help="autocast dtype (run.amp)")
+    f.add_argument("--seed", type=int, help="run.seed")
+    f.add_argument("--device", help="cpu, cuda, cuda:1 ... (run.device; default: the GPU when there is one)")
+    f.add_argument("--micro-batch", type=int, help="frames per backbone call (finetune.micro_batch)")
+    f.add_argument("--chunked", action="store_true", help="exact chunked backprop: each micro-batch's activations "
+                   "recomputed in the backward pass (finetune.chunked)")
+    f.add_argument("--workers", type=int, help="decode processes (finetune.workers; 0: decode in this process)")
+    add_config_args(f, "finetune.backbone_lr=0.1")
+    f.add_argument("--quiet", action="store_true", help="no progress bar")
+    f.set_defaults(func=_finetune, interrupted="the last checkpoint is kept; add --resume to the same command to "
+                   "continue exactly where it stopped")
+
 
 def _bench_temporal(args) -> int:
     import dataclasses
@@ -154,3 +186,8 @@ def _bench_sweep(args) -> int:
 
     bench(args.steps, args.jobs)
     return 0
+
+def _finetune(args) -> int:
+    from vtn.temporal.finetune import main
+
+    return main(args)

@@ -24,6 +24,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 # Hugging Face's LongformerConfig default, kept so both backends compute the same function.
 LAYER_NORM_EPS = 1e-12
@@ -218,6 +219,9 @@ class FastLongformer(nn.Module):
         self.encoder = LongformerEncoder(
             [LongformerLayer(hidden_size, num_heads, intermediate_size, w, dropout, attention_dropout) for w in windows]
         )
+        # Activation checkpointing (end-to-end fine-tuning): each layer's activations are recomputed in the backward
+        # pass, dropout replayed, instead of kept.
+        self.grad_checkpointing = False
 
     def forward(self, h: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """h: [B, 1 + T, d] embedded tokens, [CLS] first; valid: [B, 1 + T] bool.
@@ -226,6 +230,9 @@ class FastLongformer(nn.Module):
         """
         attentions = []
         for layer in self.encoder.layer:
-            h, probs = layer(h, valid)
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                h, probs = checkpoint(layer, h, valid, use_reentrant=False)
+            else:
+                h, probs = layer(h, valid)
             attentions.append(probs)
         return h, attentions

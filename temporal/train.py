@@ -419,6 +419,19 @@ def close_epoch(loop: Loop, epoch: int, epochs: int, every: int, checkpoint_ever
     return None
 
 
+def clip_loss(logits: torch.Tensor, labels: torch.Tensor, optim: OptimSection, weight: float) -> torch.Tensor:
+    """This process's weighted loss of a batch: the summed cross-entropy times the batch's weight (see
+    LengthBucketSampler.shares), so that the processes' losses together are the global batch's mean."""
+    return F.cross_entropy(logits.float(), labels, reduction="sum", label_smoothing=optim.label_smoothing) * weight
+
+
+def epoch_shares(sampler: LengthBucketSampler, epoch: int, state: dict) -> list[tuple[list[int], float]]:
+    """This process's (items, weight) of each of the epoch's steps still to run: from the state's step in the
+    epoch on, and no further than the run's last step."""
+    sampler.set_epoch(epoch)
+    return sampler.shares()[state["step_in_epoch"]:][:state["total_steps"] - state["step"]]
+
+
 def run_epochs(loop: Loop, epochs: int, eval_every: int | None, checkpoint_every: int, batches: Callable,
                loss_fn: Callable, evaluate: Callable[[], dict], bar) -> None:
     """Epochs from the state's epoch to `epochs`: `batches(epoch)` gives the epoch's (loader, weights) from the
@@ -438,8 +451,7 @@ def epoch_batches(data: Data, state: dict, epoch: int) -> tuple[torch.utils.data
     """The loader of what is left of `epoch` (from the state's step in it, up to the run's last step) and the
     weight of each of its batches."""
     data.train.set_epoch(epoch)
-    data.sampler.set_epoch(epoch)
-    shares = data.sampler.shares()[state["step_in_epoch"]:][:state["total_steps"] - state["step"]]
+    shares = epoch_shares(data.sampler, epoch, state)
     # Its own generator, so making the loader does not draw from the global RNG (dropout's).
     loader = torch.utils.data.DataLoader(data.train, batch_sampler=[b for b, _ in shares], collate_fn=collate_clips,
                                          num_workers=data.workers, generator=torch.Generator())
@@ -450,12 +462,17 @@ def evaluate_views(model: VTN, dataset: ClipDataset, device: torch.device, batch
                    amp: str) -> dict:
     """Metrics of the model over every item of `dataset` (whole videos), the work split over processes."""
     logits, index = predict(model, dataset, device, batch_size, (procs.rank, procs.world), amp)
+    return gathered_metrics(logits, dataset.labels[index], procs)
+
+
+def gathered_metrics(logits: np.ndarray, labels: np.ndarray, procs: Processes) -> dict:
+    """Classification metrics of every process's (logits [n, classes], labels [n]) together."""
     if procs.world > 1:
         parts = [None] * procs.world
-        dist.all_gather_object(parts, (logits, index))
+        dist.all_gather_object(parts, (logits, labels))
         logits = np.concatenate([p[0] for p in parts])
-        index = np.concatenate([p[1] for p in parts])
-    return classification_metrics(logits, dataset.labels[index])
+        labels = np.concatenate([p[1] for p in parts])
+    return classification_metrics(logits, labels)
 
 
 def end_epoch(loop: Loop, epoch: int, val: dict) -> dict:
@@ -625,9 +642,7 @@ def train(cache_url: str, out: str | Path, cfg: TrainConfig | None = None, resum
             features, mask, positions = model_inputs(batch, model_cfg, device)
             with autocast(device, cfg.run.amp):
                 logits = loop.ddp(features, mask, positions)
-            loss = F.cross_entropy(logits.float(), batch["labels"].to(device), reduction="sum",
-                                   label_smoothing=cfg.optim.label_smoothing)
-            return loss * weight
+            return clip_loss(logits, batch["labels"].to(device), cfg.optim, weight)
 
         state = loop.state
         bar = progress_bar(total=state["total_steps"], initial=state["step"],

@@ -1,0 +1,199 @@
+"""Backbone + VTN as one model: raw frames -> per-frame features -> [CLS] + positions -> Longformer -> head.
+
+`VideoVTN` is a `VTN` (the very module stage two trains on cached features, with its parameter names) that also
+holds the timm backbone (`backbone.*` in its state dict) and the Preprocess module the cache was extracted
+with. Given the same frames, its per-frame features are the cache's features and its logits are the stage-two
+model's on them (a test checks both). `vtn finetune` trains it; its checkpoints hold both parts together with
+the backbone's identity, preprocessing and sampling (`video.json`), so they predict on raw video.
+
+Memory controls (all exact, see `set_memory` and `frame_features`): frames through the backbone in micro-batches,
+activation checkpointing (timm's inside the backbone, per layer in the encoder), and exact chunked backprop (each micro-batch's activations are
+dropped after its forward and recomputed, with the random state replayed, when its features' gradient arrives:
+gradient caching, so peak memory holds one micro-batch's activations, not the clip's). And a feature memory
+bank (TALLFormer): only some frames of a clip go through the backbone, the others' features are given.
+
+`rebuild_backbone` rebuilds the backbone a checkpoint's features came from (shared with `vtn predict`).
+No training or data code here.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from vtn.config import merge, to_dict
+from vtn.errors import UserError
+from vtn.extract.backbone import Preprocess, create_backbone
+from vtn.extract.config import BackboneConfig, RuntimeConfig
+from vtn.extract.sampling import SamplingConfig
+from vtn.temporal.model import CONFIG_NAME, VTN, WEIGHTS_NAME, VTNConfig
+
+VIDEO_NAME = "video.json"  # the backbone's identity and build settings, its preprocessing, the sampling
+BACKBONE_PREFIX = "backbone."
+
+
+def sampling_of(inputs: dict) -> SamplingConfig:
+    """The SamplingConfig a cache recorded (its `effective` settings)."""
+    s = dict(inputs["sampling"])
+    mode = s.pop("mode")
+    return SamplingConfig(mode=mode, max_seconds=s.pop("max_seconds", None), **s)
+
+
+def rebuild_backbone(inputs: dict | None, where: Path, device: torch.device, weights: str | None = None,
+                     runtime: RuntimeConfig | None = None, crops: int = 1):
+    """The backbone a checkpoint's features came from (its recorded `inputs`): timm's weights, seeded random ones,
+    or the recorded weights file (`weights` gives another path to the same file). Returns (backbone, preprocess,
+    BackboneConfig, identity). Refused, naming what it looked for, when they cannot be found, and naming both
+    hashes when the weights built are not the recorded ones."""
+    from vtn.extract.job import build_backbone  # the library part of stage one's job module
+
+    if not inputs or not inputs.get("backbone") or not inputs.get("backbone_config"):
+        raise UserError(f"{where}: the checkpoint does not record the backbone its features came from (trained on "
+                        "a cache imported from other features, or by an older vtn); it needs a model trained "
+                        "on a cache made by `vtn extract`")
+    recorded, bc = inputs["backbone"], BackboneConfig(**inputs["backbone_config"])
+    if weights is not None:
+        bc = replace(bc, weights=weights)
+    if bc.weights not in ("pretrained", "random") and not Path(bc.weights).is_file():
+        raise UserError(f"{where}: its features came from {bc.name} with the weights file {bc.weights} (sha256 "
+                        f"{recorded.get('weights_sha256')}), which is not there; give its path with --weights")
+    backbone, preprocess, built = build_backbone(bc, runtime or RuntimeConfig(), device, crops=crops)
+    for key in ("weights_sha256", "preprocessing"):
+        if built[key] != recorded.get(key):
+            raise UserError(f"{where}: the backbone built from {bc.weights} is not the one its features came from: "
+                            f"{key} {built[key]!r} now, {recorded.get(key)!r} recorded")
+    return backbone, preprocess, bc, built
+
+
+class VideoVTN(VTN):
+    """VTN over raw frames: `backbone` (timm, num_classes=0) and `preprocess` (timm's eval transform) in front of
+    the temporal encoder and head. `video` records what a predictor needs: {"backbone": identity,
+    "backbone_config": BackboneConfig fields, "sampling": the cache's sampling}."""
+
+    def __init__(self, config: VTNConfig, backbone: nn.Module, preprocess: Preprocess, video: dict):
+        super().__init__(config)  # VTN's init touches only its own modules; the backbone keeps its weights
+        dim = int(getattr(backbone, "num_features", config.feature_dim))
+        if dim != config.feature_dim:
+            raise UserError(f"the backbone gives {dim}-D features but the VTN takes {config.feature_dim}-D ones")
+        self.backbone = backbone
+        self.preprocess = preprocess  # buffers not persistent: nothing of it in the state dict
+        self.video = video
+        self.micro_batch: int | None = None  # frames per backbone call (None: all at once)
+        self.chunked = False  # exact chunked backprop (recompute each micro-batch in the backward pass)
+        self.freeze_bn = False  # BatchNorm of the backbone stays in eval mode (running statistics) in train()
+        self.backbone_frozen = False  # the backbone runs without gradients (a frozen warm-up)
+
+    @classmethod
+    def compose(cls, vtn: VTN, backbone: nn.Module, preprocess: Preprocess, video: dict) -> "VideoVTN":
+        """The composed model with `vtn`'s weights (and feature normalisation) and this backbone."""
+        model = cls(vtn.config, backbone, preprocess, video)
+        missing, unexpected = model.load_state_dict(vtn.state_dict(), strict=False)
+        assert not unexpected and all(k.startswith(BACKBONE_PREFIX) for k in missing)
+        return model.to(next(backbone.parameters()).device)
+
+    def set_memory(self, micro_batch: int | None = None, chunked: bool = False, grad_checkpointing: bool = False) -> None:
+        """The memory controls (module docstring). `grad_checkpointing`: timm's `set_grad_checkpointing` in the
+        backbone and per-layer checkpointing in the encoder."""
+        if micro_batch is not None and micro_batch < 1:
+            raise UserError(f"micro_batch must be >= 1, got {micro_batch}")
+        self.micro_batch, self.chunked = micro_batch, chunked
+        if grad_checkpointing and not hasattr(self.backbone, "set_grad_checkpointing"):
+            raise UserError(f"{type(self.backbone).__name__} has no set_grad_checkpointing (timm models do)")
+        if hasattr(self.backbone, "set_grad_checkpointing"):
+            self.backbone.set_grad_checkpointing(grad_checkpointing)
+        if self.config.backend == "fast":
+            self.longformer.grad_checkpointing = grad_checkpointing
+        elif grad_checkpointing:
+            self.longformer.gradient_checkpointing_enable({"use_reentrant": False})
+        else:
+            self.longformer.gradient_checkpointing_disable()
+
+    def train(self, mode: bool = True) -> "VideoVTN":
+        super().train(mode)
+        if mode and self.freeze_bn:
+            for m in self.backbone.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        return self
+
+    def frame_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Preprocessed frames [N, 3, h, w] -> features [N, D], `micro_batch` frames per backbone call; with
+        `chunked` (and gradients on) each call is recomputed in the backward pass (torch.utils.checkpoint, RNG
+        state replayed), so only one call's activations are alive at a time."""
+        step = self.micro_batch or max(1, len(x))
+        grad = torch.is_grad_enabled() and not self.backbone_frozen
+        out = []
+        with torch.set_grad_enabled(grad):
+            for i in range(0, len(x), step):
+                chunk = x[i:i + step]  # [n, 3, h, w]
+                if self.chunked and grad:
+                    out.append(checkpoint(self.backbone, chunk, use_reentrant=False, preserve_rng_state=True))
+                else:
+                    out.append(self.backbone(chunk))  # [n, D]
+        return torch.cat(out)  # [N, D]
+
+    def forward(self, frames: torch.Tensor, mask: torch.Tensor | None = None, positions: torch.Tensor | None = None,
+                return_attention: bool = False, bank: torch.Tensor | None = None, fresh: torch.Tensor | None = None):
+        """frames [B, T, H, W, 3] uint8 (preprocessed here) or [B, T, 3, h, w] float (already preprocessed);
+        mask [B, T] (True = a real frame; only real frames go through the backbone); positions as VTN.forward.
+        Returns VTN.forward's logits [B, classes] (and attention).
+
+        As a feature memory bank (TALLFormer): `bank` [B, T, D] holds stored features of every frame and `fresh`
+        [B, T] marks the frames run through the backbone now; `frames` are then only those, [N, ...] in the
+        order of fresh's True entries. Only they get gradients; their new features are left in `fresh_features`
+        [N, D] (detached) for the caller to write back."""
+        if bank is not None:
+            real, B, T = frames, *bank.shape[:2]
+            mask = torch.ones(B, T, dtype=torch.bool, device=bank.device) if mask is None else mask.bool()
+            fresh = fresh.bool() & mask
+        else:
+            B, T = frames.shape[:2]
+            mask = torch.ones(B, T, dtype=torch.bool, device=frames.device) if mask is None else mask.bool()
+            real, fresh = frames[mask], mask  # [N, ...]: the real frames, clip by clip
+        if real.dtype == torch.uint8:
+            with torch.no_grad():
+                real = self.preprocess(real)  # [N, 3, h, w]
+        feats = self.frame_features(real)  # [N, D]
+        if bank is None:
+            features = feats.new_zeros(B, T, feats.shape[-1])  # padding stays 0 and is never attended to
+        else:
+            features = bank.detach().to(feats.dtype, copy=True)  # a copy: the stored features, without gradients
+            self.fresh_features = feats.detach()
+        features[fresh] = feats  # [B, T, D]
+        return VTN.forward(self, features, mask, positions, return_attention)
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """config.json (the VTNConfig) and model.safetensors (VTN's names, the backbone under `backbone.`), as
+        VTN writes them, and video.json (the backbone's identity, build settings and preprocessing, the sampling)."""
+        super().save_pretrained(directory)
+        (Path(directory) / VIDEO_NAME).write_text(json.dumps(self.video, indent=2) + "\n")
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, backend: str | None = None) -> "VideoVTN":
+        """Load a `save_pretrained` directory on the CPU: the backbone is built by timm (seeded random init, no
+        download) and gets the saved weights; its preprocessing must be the recorded one."""
+        path = Path(directory)
+        files = [path / n for n in (CONFIG_NAME, WEIGHTS_NAME, VIDEO_NAME)]
+        if not all(f.is_file() for f in files):
+            raise UserError(f"{path}: not a fine-tuned VTN checkpoint (needs {', '.join(f.name for f in files)})")
+        config = merge(VTNConfig(), json.loads((path / CONFIG_NAME).read_text()))
+        if backend is not None:
+            config = merge(config, {"backend": backend})
+        video = json.loads((path / VIDEO_NAME).read_text())
+        bc = BackboneConfig(**video["backbone_config"])
+        backbone, data_config, _ = create_backbone(bc.name, image_size=bc.image_size, seed=bc.seed)
+        preprocess = Preprocess(data_config)
+        if to_dict(preprocess.attrs) != video["backbone"].get("preprocessing"):
+            raise UserError(f"{path}: timm's preprocessing for {bc.name} is now {preprocess.attrs}, the checkpoint "
+                            f"recorded {video['backbone'].get('preprocessing')}")
+        model = cls(config, backbone, preprocess, video)
+        missing, unexpected = model.load_state_dict(load_file(str(path / WEIGHTS_NAME)), strict=False)
+        if missing or unexpected:
+            raise UserError(f"{path}: weights do not match the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
+        return model

@@ -1,0 +1,411 @@
+"""`vtn finetune RUN --out RUN2 [--videos INPUT]`: backbone + encoder + head trained end to end from raw video.
+
+It starts from a stage-two run's best/ checkpoint: the encoder and head (with their feature normalisation) from
+it, the backbone rebuilt from the identity recorded with it (timm name, weights checked by sha256, the same
+preprocessing; a mismatch is refused naming both hashes), composed as one `VideoVTN` (temporal/e2e.py). The
+videos are INPUT, by default the folder or CSV the cache was extracted from (recorded in the cache).
+
+Training clips are the ones stage two draws from the cache, from (seed, epoch, item) (train.py's `load_data`:
+the same split, held-out share and length buckets): `clip_rows` over the video's sampled frames, sampled as
+the cache was. Only those frames are decoded, in stage one's decode workers (`DecodePool`); the decoded frame
+indices must be the cache's, else the video is not the one the cache was made from. A video that fails is
+recorded in RUN2/failures.jsonl and left out of its batch (the batch's loss keeps its weight: nothing is put in
+its place), and is not decoded again. Evaluation runs whole val videos (up to max_positions frames spread over
+each, as in stage two) through stage one's pipeline (`extract_features`) and the same model.
+
+The steps, schedule, metrics.jsonl, best/ and last/ checkpoints and exact --resume are train.py's pieces
+(`Loop`, `run_epochs`, `end_epoch`, temporal/checkpoint.py), so a run resumed after an interruption ends with the
+weights of an uninterrupted one (on the CPU).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from vtn.config import merge, resolve, to_dict
+from vtn.errors import UserError
+from vtn.extract.config import ExtractConfig, RuntimeConfig
+from vtn.extract.inputs import discover
+from vtn.extract.job import extract_features
+from vtn.extract.workers import DecodePool
+from vtn.progress import progress_bar
+from vtn.runtime import Processes, autocast
+from vtn.store import collate_clips, open_cache
+from vtn.store.clips import clip_rows
+from vtn.temporal import checkpoint
+from vtn.temporal.data import check_inputs, model_inputs
+from vtn.temporal.e2e import VideoVTN, rebuild_backbone, sampling_of
+from vtn.temporal.model import VTN
+from vtn.temporal.train import (FLAGS, DataSection, Loop, OptimSection, RunSection, TrainConfig, build_optimizer,
+                                check_resume, clip_loss, data_fingerprint, epoch_shares, flag_updates,
+                                gathered_metrics, load_data, new_state, resume_config, run_epochs, schedule,
+                                start_metrics)
+
+
+@dataclass(frozen=True)
+class FinetuneSection:
+    backbone_lr: float = 0.1  # the backbone's learning rate as a multiple of optim.lr (it is already trained)
+    # Layer-wise decay: a backbone layer n layers below the last (timm's group_matcher: ViT blocks, ResNet stages)
+    # learns at backbone_lr x layer_decay^n (BEiT/MAE fine-tuning takes 0.65-0.75). 1: one rate for the backbone.
+    layer_decay: float = 1.0
+    frozen_steps: int = 0  # the first steps train only the encoder and head (the backbone gets no gradient)
+    freeze_bn: bool = True  # BatchNorm keeps its running statistics (clips are small batches of similar frames)
+    # Feature memory bank (TALLFormer): only this many contiguous frames of each clip (at a random place) are
+    # decoded and run through the backbone with gradients; the clip's other frames take their features from this
+    # process's in-memory copy of the train split's cached features (the cache itself is never written), into which
+    # the fresh features are written back. None: every frame of the clip is fresh.
+    bank_frames: int | None = None
+    # Memory controls (temporal/e2e.py): frames per backbone call; timm's activation checkpointing; exact chunked
+    # backprop (each micro-batch recomputed in the backward pass). All give plain training's loss and gradients.
+    micro_batch: int | None = None
+    grad_checkpointing: bool = False
+    chunked: bool = False
+    workers: int | None = None  # decode processes (stage one's rule when None); 0: a thread of this process
+    timeout: float = 120.0  # seconds a decode may go without producing a frame
+    eval_frames: int = 64  # frames per backbone call in evaluation
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """data, optim and run mean what they mean in `vtn train` (data defaults to the stage-two run's)."""
+
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimSection = field(default_factory=lambda: OptimSection(lr=1e-4, batch_size=8, epochs=5, warmup=0.1))
+    run: RunSection = field(default_factory=RunSection)
+    finetune: FinetuneSection = field(default_factory=FinetuneSection)
+
+
+def default_config(stage_two: Path) -> FinetuneConfig:
+    """The defaults for a run started from `stage_two`: its data settings (clip length, stride, splits) and seed."""
+    path = stage_two / "config.yaml"
+    if not path.is_file():
+        return FinetuneConfig()
+    saved = resolve(TrainConfig, path)
+    return FinetuneConfig(data=saved.data, run=replace(RunSection(), seed=saved.run.seed))
+
+
+def best_of(run: Path) -> Path:
+    """The best/ checkpoint of a stage-two run (or RUN itself when it is one)."""
+    if (run / "state.json").is_file() and (run / checkpoint.INPUTS_NAME).is_file():
+        return run
+    best = checkpoint.find(run, "best")
+    if best is None:
+        raise UserError(f"{run}: not a stage-two run with a best/ checkpoint (run `vtn train CACHE --out {run}` first)")
+    return best
+
+
+class Failures:
+    """RUN2/failures.jsonl: every video that could not be used, once (id, error class, message, phase)."""
+
+    def __init__(self, run: Path, procs: Processes):
+        self.path, self.procs = run / "failures.jsonl", procs
+        lines = self.path.read_text().splitlines() if self.path.exists() else []
+        self.ids = {json.loads(x)["id"] for x in lines}
+
+    def record(self, vid: str, error: str, message: str, phase: str) -> None:
+        if vid in self.ids:
+            return
+        self.ids.add(vid)
+        # Each process appends its own lines (one write each, so lines never interleave).
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"id": vid, "error": error, "message": message, "phase": phase}) + "\n")
+        print(f"vtn finetune: {vid} failed ({error}: {message}); left out", flush=True)
+
+
+class ClipFrames:
+    """The decoded frames of an epoch's batches of training clips, in order: a batch is collate_clips' batch of
+    the clips' cached items (positions, times, labels) plus "frames", one uint8 [t, H, W, 3] tensor per clip.
+    Every clip of the epoch is queued in the decode workers at once; the workers stop when the pool's queue is
+    full, so at most that many chunks wait while the model trains."""
+
+    def __init__(self, dataset, batches: list[list[int]], epoch: int, paths: dict, sampling, rt: RuntimeConfig,
+                 workers: int, failures: Failures, bank_frames: int | None = None):
+        self.dataset, self.batches, self.epoch, self.paths = dataset, batches, epoch, paths
+        self.sampling, self.rt, self.workers, self.failures = sampling, rt, workers, failures
+        self.bank_frames = bank_frames
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def _rows(self, i: int) -> tuple[np.ndarray, slice]:
+        """The rows of item i's clip among its video's sampled frames (the very clip ClipDataset draws, see
+        store/dataset.py), and which of the clip's frames are fresh (all, or `bank_frames` contiguous ones)."""
+        ds = self.dataset
+        rows = clip_rows(int(ds.lengths[i]), ds.clip_frames, ds.stride, None, np.random.default_rng((ds.seed, self.epoch, i)))
+        k = self.bank_frames
+        if k is None or k >= len(rows):
+            return rows, slice(0, len(rows))
+        start = int(np.random.default_rng((ds.seed, self.epoch, i, 1)).integers(0, len(rows) - k + 1))
+        return rows, slice(start, start + k)
+
+    def __iter__(self):
+        ds = self.dataset
+        ds.set_epoch(self.epoch)
+        fresh = {i: self._rows(i) for b in self.batches for i in b}
+        jobs = [(ds.ids[i], str(self.paths[ds.ids[i]]),
+                 replace(self.sampling, view_rows=tuple(fresh[i][0][fresh[i][1]].tolist())))
+                for b in self.batches for i in b if ds.ids[i] not in self.failures.ids]
+        videos: dict[str, dict] = {}
+        with DecodePool(jobs, self.sampling, workers=self.workers, timeout=self.rt.timeout,
+                        chunk_bytes=self.rt.chunk_mb << 20, prefetch=max(8, 2 * self.workers)) as pool:
+            events = iter(pool)
+            for batch in self.batches:
+                wanted = [i for i in batch if ds.ids[i] not in self.failures.ids]
+                while any(ds.ids[i] not in self.failures.ids and not videos.get(ds.ids[i], {}).get("done")
+                          for i in wanted):
+                    kind, vid, payload = next(events)
+                    self._event(videos, kind, vid, payload)
+                items = []
+                for i in wanted:
+                    v = videos.pop(ds.ids[i], None)
+                    if v is None or ds.ids[i] in self.failures.ids:
+                        continue
+                    item, (rows, part) = ds[i], fresh[i]
+                    decoded = np.concatenate(v["indices"]) if v["indices"] else np.zeros(0, np.int64)
+                    expected = item["positions"].numpy()[part]
+                    if not np.array_equal(decoded, expected):
+                        self.failures.record(ds.ids[i], "VideoChanged", f"{self.paths[ds.ids[i]]}: the decoded frames "
+                                             f"{decoded.tolist()} are not the cache's {expected.tolist()}; is it the "
+                                             "video the cache was extracted from?", "train")
+                        continue
+                    # With a bank: where the fresh frames' features live in the in-memory split, for the write-back.
+                    at = ds.source.video_rows(int(ds.rows[i])).start + rows[part] if self.bank_frames else None
+                    items.append({**item, "frames": torch.from_numpy(np.concatenate(v["frames"])), "part": part,
+                                  "bank_rows": at})
+                if not items:
+                    yield {"labels": torch.zeros(0, dtype=torch.long), "frames": []}
+                    continue
+                out = collate_clips(items)
+                out["frames"] = [x["frames"] for x in items]
+                out["fresh"] = torch.zeros_like(out["mask"])  # [B, T]: the frames decoded now
+                for j, x in enumerate(items):
+                    out["fresh"][j, x["part"]] = True
+                out["bank_rows"] = [x["bank_rows"] for x in items]
+                yield out
+
+    def _event(self, videos: dict, kind: str, vid: str, payload) -> None:
+        if kind in ("info", "reset"):  # reset: decord gave up mid-video and PyAV starts it again
+            videos[vid] = {"frames": [], "indices": [], "done": False}
+        elif kind == "chunk":
+            videos[vid]["frames"].append(payload.frames)
+            videos[vid]["indices"].append(payload.frame_indices)
+        elif kind == "done":
+            videos[vid]["done"] = True
+        elif kind == "fail":
+            videos.pop(vid, None)
+            self.failures.record(vid, *payload, "train")
+
+
+def backbone_groups(backbone: torch.nn.Module, lr: float, layer_decay: float) -> list[tuple[list, float]]:
+    """(parameters, base lr) groups of the backbone: `lr` for all, or with `layer_decay` < 1 lr x
+    layer_decay^(layers above), layers as timm's group_matcher numbers them (the last layer and the final norm
+    get `lr`)."""
+    params = dict(backbone.named_parameters())
+    if layer_decay >= 1.0:
+        return [(list(params.values()), lr)]
+    if not hasattr(backbone, "group_matcher"):
+        raise UserError(f"finetune.layer_decay needs a timm backbone with group_matcher; {type(backbone).__name__} "
+                        "has none (set finetune.layer_decay=1)")
+    from timm.models import group_parameters
+
+    layer_of = group_parameters(backbone, backbone.group_matcher(coarse=False), reverse=True)  # name -> layer
+    top = max(layer_of.values())
+    return [([p for n, p in params.items() if layer_of[n] == i], lr * layer_decay ** (top - i))
+            for i in sorted(set(layer_of.values()))]
+
+
+def clip_tensor(model: VideoVTN, frames: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """Each clip's uint8 frames preprocessed on `device` (clips may differ in size), padded to [B, T, 3, h, w]."""
+    with torch.no_grad():
+        xs = [model.preprocess(f.to(device)) for f in frames]  # each [t, 3, h, w]
+    out = xs[0].new_zeros(len(xs), max(len(x) for x in xs), *xs[0].shape[1:])  # [B, T, 3, h, w]
+    for j, x in enumerate(xs):
+        out[j, :len(x)] = x
+    return out
+
+
+def evaluate_videos(model: VideoVTN, dataset, paths: dict, cfg: ExtractConfig, device: torch.device,
+                    procs: Processes, failures: Failures) -> dict:
+    """Metrics of the composed model over whole val videos (this process's share, gathered): frames through the
+    backbone in stage one's pipeline, then the model's encoder and head."""
+    from vtn.extract.inputs import VideoEntry
+
+    label = dict(zip(dataset.ids, dataset.labels.tolist()))
+    mine = [VideoEntry(v, Path(paths[v]), label[v], "val") for v in dataset.ids[procs.rank::procs.world]
+            if v not in failures.ids]
+    logits, labels = [], []
+
+    def store(entry, info, features, timestamps, indices) -> None:
+        item = {"features": torch.from_numpy(features), "positions": torch.from_numpy(indices),
+                "times": torch.from_numpy(timestamps).float(), "label": entry.label, "id": entry.id}
+        with torch.no_grad(), autocast(device, cfg.runtime.amp):
+            out = VTN.forward(model, *model_inputs(collate_clips([item]), model.config, device))
+        logits.append(out.float().cpu().numpy()[0])
+        labels.append(entry.label)
+
+    was_training = model.training
+    model.eval()
+    try:
+        extract_features(mine, model.backbone, model.preprocess, device, cfg, store,
+                         lambda vid, error, message: failures.record(vid, error, message, "val"))
+    finally:
+        model.train(was_training)
+    classes = model.config.num_classes
+    return gathered_metrics(np.array(logits, np.float32).reshape(-1, classes), np.array(labels, np.int64), procs)
+
+
+def finetune(stage_two: str | Path, out: str | Path, videos: str | None = None, cfg: FinetuneConfig | None = None,
+             resume: bool = False, progress: bool = True) -> dict:
+    """Fine-tune the stage-two run `stage_two` end to end on the videos of `videos` (default: the cache's source)
+    into `out`; returns the summary. `cfg` None: the defaults (see `default_config`), or when resuming, the run's
+    saved config."""
+    from vtn.temporal.train import setup_processes
+
+    stage_two, run = Path(stage_two), Path(out)
+    best = best_of(stage_two)
+    procs, device, own_group = setup_processes((cfg or FinetuneConfig()).run.device)
+    try:
+        inputs = checkpoint.read_inputs(best)
+        if not inputs or not inputs.get("cache"):
+            raise UserError(f"{best}: the checkpoint does not record the cache it was trained on; fine-tuning needs a "
+                            "stage-two run of this vtn")
+        cache = open_cache(inputs["cache"])
+        check_inputs(inputs, cache, best)
+        source = videos or cache.attrs.get("source")
+        if not source or not Path(source).exists():
+            raise UserError(f"{cache.url} was extracted from {source}, which is not there; give the videos with --videos")
+        paths = {e.id: e.path for e in discover(source)[0]}
+        last = checkpoint.find(run, "last")
+        if last is not None and not resume:
+            raise UserError(f"{run} already holds a run; pass --resume to continue it, or choose another --out")
+        resuming = resume and last is not None
+        cfg = resume_config(FinetuneConfig, run, cfg) if resuming else (cfg or default_config(best.parent))
+        ft = cfg.finetune
+        if cfg.optim.batch_size % procs.world:
+            raise UserError(f"optim.batch_size {cfg.optim.batch_size} is not divisible by the {procs.world} processes")
+
+        # The backbone first: timm's random init seeds the global RNG, which the run then reseeds.
+        backbone, preprocess, bc, identity = rebuild_backbone(inputs, best, device)
+        vtn = VTN.from_pretrained(best)
+        video = {"backbone": identity, "backbone_config": to_dict(bc), "sampling": inputs["sampling"],
+                 "finetuned_from": str(best)}
+        model = VideoVTN.compose(vtn, backbone, preprocess, video)
+        model.set_memory(ft.micro_batch, ft.chunked, ft.grad_checkpointing)
+        model.freeze_bn = ft.freeze_bn
+        data = load_data(cache, cfg, vtn.config, procs)
+        missing = [v for v in [*data.train.ids, *data.val.ids] if v not in paths]
+        if ft.bank_frames is not None and (ft.bank_frames < 1 or data.streaming):
+            raise UserError(f"finetune.bank_frames={ft.bank_frames}: needs a number >= 1 and the train split in memory "
+                            f"(data.load is {cfg.data.load}; the split was {'streamed' if data.streaming else 'loaded'})")
+        steps_per_epoch = len(data.sampler)
+        epochs, total_steps, why = schedule(cfg.optim, steps_per_epoch)
+
+        torch.manual_seed(cfg.run.seed + procs.rank)  # dropout differs between processes, as their data does
+        temporal = [p for n, p in model.named_parameters() if not n.startswith("backbone.")]
+        opt = build_optimizer([*backbone_groups(model.backbone, cfg.optim.lr * ft.backbone_lr, ft.layer_decay),
+                               (temporal, cfg.optim.lr)], cfg.optim)
+        scaler = torch.amp.GradScaler(device.type, enabled=cfg.run.amp == "fp16")
+        state = new_state(procs.world, epochs, steps_per_epoch, total_steps, data_fingerprint(data, cache))
+        ckpt_inputs = {**inputs, "finetuned_from": str(best)}
+        if resuming:
+            saved_state = checkpoint.load_last(last, model, opt, scaler, procs.rank, device)
+            check_resume(saved_state, state, last)
+            state.update(saved_state)
+        # A frozen warm-up leaves the backbone without gradients for a while, which DDP must be told.
+        ddp = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=ft.frozen_steps > 0) if procs.world > 1 else model
+        loop = Loop(run, procs, device, model, ddp, opt, scaler, cfg.optim, cfg.run.amp, state, ckpt_inputs)
+
+        if procs.rank == 0:
+            run.mkdir(parents=True, exist_ok=True)
+            (run / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+            start_metrics(run, state["step"] if resuming else 0)
+        if procs.world > 1:
+            torch.distributed.barrier()  # the run directory exists before any process records a failure
+        failures = Failures(run, procs)
+        for v in missing:
+            failures.record(v, "NotAVideo", f"{v} is in {cache.url} but not in {source}", "train")
+        if procs.rank == 0:
+            n_backbone = sum(p.numel() for p in model.backbone.parameters())
+            print(f"vtn finetune: {bc.name} ({n_backbone / 1e6:.2f} M) + VTN ({sum(p.numel() for p in temporal) / 1e6:.2f}"
+                  f" M) from {best}; {len(data.train)} train and {len(data.val)} val videos from {source} on {device}"
+                  + (f" x {procs.world} processes" if procs.world > 1 else "")
+                  + f"\n  schedule: {total_steps} steps ({epochs} epochs x {steps_per_epoch} steps of "
+                  f"{cfg.optim.batch_size} clips), set by {why}" + (f"; resuming at step {state['step']}" if resuming else ""),
+                  flush=True)
+
+        sampling = sampling_of(inputs)
+        rt = RuntimeConfig(device=str(device), batch_size=ft.eval_frames, amp=cfg.run.amp, workers=ft.workers,
+                           timeout=ft.timeout, progress=False)
+        from vtn.extract.job import decode_workers
+
+        workers = decode_workers(rt, device)
+        eval_cfg = ExtractConfig(replace(sampling, view_frames=vtn.config.max_positions), bc, rt)
+
+        def loss_fn(batch: dict, weight: float) -> torch.Tensor:
+            if not batch["frames"]:  # every clip failed: a zero loss; only [CLS] gets a (zero) gradient, so the
+                return (model.cls_token * 0.0).sum()  # optimiser and fp16's scaler can step and the rest stays put
+            model.backbone_frozen = state["step"] < ft.frozen_steps
+            stored, mask, positions = model_inputs(batch, vtn.config, device)
+            if ft.bank_frames:
+                with torch.no_grad():
+                    x = torch.cat([model.preprocess(f.to(device)) for f in batch["frames"]])  # [N fresh, 3, h, w]
+                with autocast(device, cfg.run.amp):
+                    logits = ddp(x, mask, positions, bank=stored, fresh=batch["fresh"].to(device))
+                bank = data.train.source.features  # this process's copy of the split: the fresh features go back
+                bank[np.concatenate(batch["bank_rows"])] = model.fresh_features.float().cpu().numpy().astype(bank.dtype)
+            else:
+                x = clip_tensor(model, batch["frames"], device)  # [B, T, 3, h, w]
+                with autocast(device, cfg.run.amp):
+                    logits = ddp(x, mask, positions)
+            return clip_loss(logits, batch["labels"].to(device), cfg.optim, weight)
+
+        def batches(epoch: int):
+            shares = epoch_shares(data.sampler, epoch, state)
+            return (ClipFrames(data.train, [b for b, _ in shares], epoch, paths, sampling, rt, workers, failures,
+                               ft.bank_frames),
+                    [w for _, w in shares])
+
+        bar = progress_bar(total=total_steps, initial=state["step"], disable=not progress or procs.rank != 0,
+                           unit="step")
+        loop.started = time.perf_counter() - state["elapsed"]
+        model.train()
+        run_epochs(loop, epochs, cfg.run.eval_every, cfg.run.checkpoint_every, batches, loss_fn,
+                   lambda: evaluate_videos(model, data.val, paths, eval_cfg, device, procs, failures), bar)
+        bar.close()
+        best_record = state["best"]
+        if procs.rank == 0:
+            print(f"vtn finetune: {state['step']} steps in {state['elapsed']:.0f} s; best val top-1 "
+                  f"{best_record['val_top1']:.1%} at epoch {best_record['epoch']}\n  checkpoints: {run / 'best'}, "
+                  f"{run / 'last'}; metrics: {run / 'metrics.jsonl'}; failures: {len(failures.ids)}", flush=True)
+        return {"run": str(run), "epochs": epochs, "steps": state["step"], "best": best_record,
+                "failures": sorted(failures.ids)}
+    finally:
+        if own_group:
+            torch.distributed.destroy_process_group()
+
+
+FINETUNE_FLAGS = {**FLAGS, "micro_batch": ("finetune", "micro_batch"), "workers": ("finetune", "workers")}
+
+
+def main(args) -> int:
+    """`vtn finetune`: the stage-two run's data settings, then --config, then --set, then the explicit flags;
+    none of them with --resume means "the run's saved config"."""
+    updates = flag_updates(args, FINETUNE_FLAGS)
+    if args.chunked:
+        updates.setdefault("finetune", {})["chunked"] = True
+    cfg = None
+    if args.config or args.sets or updates or not args.resume:
+        cfg = merge(resolve(FinetuneConfig, args.config, args.sets, base=default_config(best_of(Path(args.run)).parent)),
+                    updates)
+    finetune(args.run, args.out, args.videos, cfg, resume=args.resume, progress=not args.quiet)
+    return 0
+

@@ -1,0 +1,286 @@
+"""`vtn finetune`: backbone + VTN as one model, trained end to end from raw video, starting from a stage-two run."""
+
+import numpy as np
+import pytest
+import torch
+
+from vtn.cli import main
+from vtn.extract import synth
+from vtn.extract.decode import decode_video
+from vtn.store import open_cache
+from vtn.temporal.checkpoint import read_inputs
+from vtn.temporal.data import model_inputs
+from vtn.temporal.e2e import VideoVTN, rebuild_backbone, sampling_of
+from vtn.temporal.model import VTN
+
+EXTRACT = ["--backbone", "resnet18", "--image-size", "32", "--fps", "8", "--workers", "0", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def stage_two(tmp_path_factory):
+    """Generated videos (2 classes, train and val), their resnet18 cache and a tiny stage-two run on it."""
+    root = tmp_path_factory.mktemp("finetune")
+    videos = root / "videos"
+    synth.make_dataset(videos, per_split={"train": 2, "val": 1}, classes=synth.CLASSES[:2], seconds=(1.0, 2.0), seed=3)
+    cache, run = str(root / "cache"), root / "run"
+    assert main(["extract", str(videos), "--out", cache, "--weights", "random", *EXTRACT]) == 0
+    assert main(["train", cache, "--out", str(run), "--model", "tiny", "--steps", "2", "--frames", "4",
+                 "--stride", "2", "--quiet"]) == 0
+    return videos, cache, run
+
+
+def composed(run, device=torch.device("cpu")):
+    inputs = read_inputs(run / "best")
+    backbone, preprocess, bc, identity = rebuild_backbone(inputs, run / "best", device)
+    vtn = VTN.from_pretrained(run / "best")
+    video = {"backbone": identity, "backbone_config": {"name": bc.name, "weights": bc.weights,
+                                                       "image_size": bc.image_size, "seed": bc.seed},
+             "sampling": inputs["sampling"]}
+    return VideoVTN.compose(vtn, backbone, preprocess, video).eval(), vtn.eval(), inputs
+
+
+def test_composed_model_gives_the_cache_features_and_the_stage_two_logits(stage_two, tmp_path):
+    videos, cache_url, run = stage_two
+    model, vtn, inputs = composed(run)
+    cache = open_cache(cache_url)
+    for vid in cache.split_ids("val"):
+        v = cache.video(vid)
+        chunks = [c for c in decode_video(videos / vid, sampling_of(inputs)) if hasattr(c, "frames")]
+        frames = torch.from_numpy(np.concatenate([c.frames for c in chunks]))  # [T, H, W, 3] uint8
+        np.testing.assert_array_equal(np.concatenate([c.frame_indices for c in chunks]), v.frame_indices)
+        with torch.no_grad():
+            feats = model.frame_features(model.preprocess(frames))
+        # The cache stores float16: equal within its rounding.
+        np.testing.assert_allclose(feats.numpy(), v.features.astype(np.float32), rtol=2e-3, atol=2e-3)
+        item = {"features": torch.from_numpy(v.features.astype(np.float32)), "positions": torch.from_numpy(v.frame_indices),
+                "times": torch.from_numpy(v.timestamps).float(), "label": -1, "id": vid}
+        from vtn.store import collate_clips
+
+        batch = collate_clips([item])
+        features, mask, positions = model_inputs(batch, vtn.config, torch.device("cpu"))
+        with torch.no_grad():
+            expected = vtn(features, mask, positions)
+            got = model(frames[None], mask, positions)
+            exact = vtn(feats[None], mask, positions)
+        np.testing.assert_allclose(got.numpy(), exact.numpy(), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(got.numpy(), expected.numpy(), rtol=1e-2, atol=1e-2)
+
+    model.save_pretrained(tmp_path / "ckpt")
+    back = VideoVTN.from_pretrained(tmp_path / "ckpt").eval()
+    for (k, a), (k2, b) in zip(sorted(model.state_dict().items()), sorted(back.state_dict().items())):
+        assert k == k2 and torch.equal(a, b), k
+    assert any(k.startswith("backbone.") for k in back.state_dict()) and "cls_token" in back.state_dict()
+    assert back.video["sampling"] == inputs["sampling"]
+
+
+FT = ["--batch-size", "2", "--workers", "0", "--quiet"]
+
+
+@pytest.mark.slow
+def test_finetune_through_the_cli_records_and_skips_a_broken_video(stage_two, tmp_path, capsys):
+    import json
+    import shutil
+
+    videos, cache_url, run = stage_two
+    mine = tmp_path / "videos"
+    shutil.copytree(videos, mine)
+    broken = sorted((mine / "train").rglob("*.mp4"))[0]
+    broken.write_bytes(b"not a video at all" * 100)
+    out = tmp_path / "ft"
+    # The backbone frozen for all 4 steps: only encoder and head learn, and BatchNorm keeps its statistics.
+    # With the memory bank: 2 of each clip's 4 frames decoded and run, the others' features from the bank.
+    assert main(["finetune", str(run), "--out", str(out), "--videos", str(mine), "--epochs", "2",
+                 "--set", "finetune.frozen_steps=4", "--set", "finetune.bank_frames=2", *FT]) == 0
+    failures = [json.loads(x) for x in (out / "failures.jsonl").read_text().splitlines()]
+    bad_id = str(broken.relative_to(mine))
+    # Recorded once although the video is drawn in both epochs: known failures are not decoded again.
+    assert [(f["id"], f["phase"]) for f in failures] == [(bad_id, "train")] and f"{bad_id} failed" in capsys.readouterr().out
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2] and all(r["val_videos"] == 2 for r in records)
+    # 4 train videos, 2 per step: 2 steps per epoch; the broken video's batch trained on its other clip.
+    assert records[-1]["step"] == 4
+    for name in ("best", "last"):
+        assert {"config.json", "model.safetensors", "video.json", "inputs.json", "state.json"} <= {
+            p.name for p in (out / name).iterdir()}
+    tuned = VideoVTN.from_pretrained(out / "last")
+    start, _, _ = composed(run)
+    changed = [k for k, v in start.state_dict().items() if not torch.equal(v, tuned.state_dict()[k])]
+    assert "cls_token" in changed and not any(k.startswith("backbone.") for k in changed)
+    assert tuned.video["sampling"] == read_inputs(run / "best")["sampling"]
+
+
+def test_finetune_refuses_a_backbone_that_is_not_the_recorded_one(stage_two, tmp_path, capsys):
+    import json
+    import shutil
+
+    _, _, run = stage_two
+    fake = tmp_path / "run"
+    shutil.copytree(run / "best", fake / "best")
+    inputs = json.loads((fake / "best" / "inputs.json").read_text())
+    recorded = inputs["backbone"]["weights_sha256"]
+    inputs["backbone_config"]["seed"] += 1  # other random weights than the cache's
+    (fake / "best" / "inputs.json").write_text(json.dumps(inputs))
+    assert main(["finetune", str(fake), "--out", str(tmp_path / "ft"), *FT]) == 2
+    err = capsys.readouterr().err
+    built = err.split("weights_sha256 '")[1].split("'")[0]
+    assert recorded in err and len(built) == 64 and built != recorded
+    assert not (tmp_path / "ft").exists()
+
+
+@pytest.mark.slow
+def test_finetune_resumed_after_an_interruption_equals_an_uninterrupted_run(stage_two, tmp_path, monkeypatch, capsys):
+    from safetensors.torch import load_file
+
+    import vtn.temporal.train as train_job
+
+    _, _, run = stage_two
+    # Step 0 with the backbone frozen, then all of it, BatchNorm updating its statistics.
+    args = ["--steps", "3", "--set", "run.checkpoint_every=1", "--set", "finetune.freeze_bn=false",
+            "--set", "finetune.frozen_steps=1", *FT]
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    assert main(["finetune", str(run), "--out", str(whole), *args]) == 0
+    real = train_job.lr_factor
+
+    def interrupt_at_step_1(step, total, optim):
+        if step == 1:
+            raise KeyboardInterrupt
+        return real(step, total, optim)
+
+    monkeypatch.setattr(train_job, "lr_factor", interrupt_at_step_1)
+    assert main(["finetune", str(run), "--out", str(parts), *args]) == 130
+    assert "add --resume" in capsys.readouterr().err
+    monkeypatch.setattr(train_job, "lr_factor", real)
+    assert main(["finetune", str(run), "--out", str(parts), *args]) == 2  # a run is there
+    assert main(["finetune", str(run), "--out", str(parts), "--resume", "--quiet"]) == 0
+    a, b = load_file(str(whole / "last" / "model.safetensors")), load_file(str(parts / "last" / "model.safetensors"))
+    assert a.keys() == b.keys() and any(k.startswith("backbone.") for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    start = composed(run)[0].state_dict()
+    assert not torch.equal(start["backbone.conv1.weight"], a["backbone.conv1.weight"])
+    assert not torch.equal(start["backbone.bn1.running_mean"], a["backbone.bn1.running_mean"])
+
+
+def tiny_video_model(drop: float) -> VideoVTN:
+    """A 2-block ViT at 32 px (dropout and drop-path `drop`) + a 2-layer VTN, all in train mode."""
+    import timm
+
+    from vtn.extract.backbone import Preprocess
+    from vtn.temporal.model import VTNConfig
+
+    torch.manual_seed(0)
+    backbone = timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=32, depth=2, drop_path_rate=drop,
+                                 proj_drop_rate=drop)
+    preprocess = Preprocess(timm.data.resolve_data_config({}, model=backbone))
+    cfg = VTNConfig(feature_dim=192, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, attention_window=4,
+                    max_positions=32, num_classes=3, dropout=drop, attention_dropout=drop, head_dropout=drop)
+    return VideoVTN(cfg, backbone, preprocess, {}).train()
+
+
+def loss_and_grads(model: VideoVTN, seed: int = 2, **controls):
+    model.set_memory(**controls)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 7, 3, 32, 32, generator=g)  # 3 clips of up to 7 preprocessed frames
+    mask = torch.arange(7) < torch.tensor([[7], [5], [6]])
+    positions = torch.where(mask, torch.arange(7) * 2, 0)
+    torch.manual_seed(seed)  # the same dropout draws for every setting
+    loss = torch.nn.functional.cross_entropy(model(x, mask, positions), torch.tensor([0, 2, 1]), reduction="sum")
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    model.set_memory()
+    return float(loss.detach()), grads
+
+
+def assert_same(a, b, tol):
+    assert a[0] == pytest.approx(b[0], rel=tol, abs=tol)
+    assert a[1].keys() == b[1].keys()
+    for k in a[1]:
+        torch.testing.assert_close(a[1][k], b[1][k], rtol=tol, atol=tol, msg=k)
+
+
+def test_memory_controls_give_plain_trainings_loss_and_gradients():
+    # Without dropout (eval mode: the ViT has no BatchNorm), frames through the backbone in micro-batches (alone or
+    # recomputed chunk by chunk) are plain training up to float summation order.
+    model = tiny_video_model(0.2).eval()
+    calls = []
+    model.backbone.register_forward_hook(lambda m, args, out: calls.append(len(args[0])))
+    plain = loss_and_grads(model)
+    assert_same(loss_and_grads(model, micro_batch=4), plain, 1e-5)
+    assert calls == [18, 4, 4, 4, 4, 2]  # only the 18 real frames; then in micro-batches
+    assert_same(loss_and_grads(model, micro_batch=4, chunked=True), plain, 1e-5)
+    # With dropout and drop-path the recomputation replays the random state: the same masks as without it.
+    model.train()
+    plain, micro = loss_and_grads(model), loss_and_grads(model, micro_batch=4)
+    assert_same(loss_and_grads(model, grad_checkpointing=True), plain, 1e-6)
+    assert_same(loss_and_grads(model, micro_batch=4, chunked=True), micro, 1e-6)
+    assert_same(loss_and_grads(model, micro_batch=4, chunked=True, grad_checkpointing=True), micro, 1e-6)
+    with pytest.raises(AssertionError):  # the dropout is real: other draws give another loss
+        assert_same(loss_and_grads(model, seed=3), plain, 1e-6)
+
+
+def test_layer_decay_frozen_backbone_frozen_batchnorm_and_autocast(stage_two):
+    import timm
+
+    from vtn.temporal.finetune import backbone_groups
+
+    vit = timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=32, depth=3)
+    groups = backbone_groups(vit, 1.0, 0.5)
+    assert [lr for _, lr in groups] == [0.125, 0.25, 0.5, 1.0]  # patch embedding, blocks 0, 1, 2 (+ final norm)
+    names = {id(p): n for n, p in vit.named_parameters()}
+    assert "patch_embed.proj.weight" in [names[id(p)] for p in groups[0][0]]
+    assert {"blocks.2.attn.qkv.weight", "norm.weight"} <= {names[id(p)] for p in groups[-1][0]}
+    assert sorted(names[id(p)] for ps, _ in groups for p in ps) == sorted(names.values())
+    assert len(backbone_groups(vit, 1.0, 1.0)) == 1
+
+    model = composed(stage_two[2])[0].train()  # resnet18: BatchNorm
+    x = torch.randn(2, 3, 3, 32, 32)
+    bn = model.backbone.bn1
+    before = bn.running_mean.clone()
+    positions = torch.arange(3).expand(2, 3)
+    model.freeze_bn, model.backbone_frozen = True, True
+    model.train()
+    assert not bn.training and model.longformer.training
+    model(x, None, positions).sum().backward()
+    assert torch.equal(bn.running_mean, before)
+    assert all(p.grad is None for p in model.backbone.parameters()) and model.cls_token.grad is not None
+    model.freeze_bn, model.backbone_frozen = False, False
+    model.train()
+    model(x, None, positions).sum().backward()
+    assert not torch.equal(bn.running_mean, before) and model.backbone.conv1.weight.grad is not None
+
+    tiny = tiny_video_model(0.0).eval()
+    x = torch.randn(2, 4, 3, 32, 32)
+    with torch.no_grad():
+        full = tiny(x, None, torch.arange(4).expand(2, 4))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        half = tiny(x, None, torch.arange(4).expand(2, 4))
+    assert half.dtype == torch.bfloat16
+    torch.testing.assert_close(half.float(), full, atol=0.05, rtol=0.05)
+
+
+def test_memory_bank_fresh_frames_get_gradients_the_others_none():
+    model = tiny_video_model(0.0).eval()
+    calls = []
+    model.backbone.register_forward_hook(lambda m, args, out: calls.append(len(args[0])))
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 5, 3, 32, 32, generator=g).requires_grad_()  # every frame of 2 clips
+    bank = torch.randn(2, 5, 192, generator=g).requires_grad_()  # stored features of every frame
+    kept = bank.detach().clone()
+    fresh = torch.zeros(2, 5, dtype=torch.bool)
+    fresh[0, 1:3], fresh[1, 3:5] = True, True
+    positions = torch.arange(5).expand(2, 5)
+    model(x[fresh], None, positions, bank=bank, fresh=fresh).sum().backward()
+    assert calls == [4]  # only the fresh frames went through the backbone
+    per_frame = x.grad.flatten(2).abs().sum(-1)  # [2, 5]
+    assert (per_frame[fresh] > 0).all() and (per_frame[~fresh] == 0).all()
+    assert bank.grad is None and torch.equal(bank.detach(), kept)  # stored features: no gradient, not changed
+    assert all(p.grad is not None for p in model.backbone.parameters() if p.requires_grad)
+    with torch.no_grad():
+        torch.testing.assert_close(model.fresh_features, model.backbone(x[fresh]))  # what goes back to the bank
+        base = model(x[fresh], None, positions, bank=kept, fresh=fresh)
+        stale = kept.clone()
+        stale[fresh] += 1  # a fresh frame's stored feature is replaced by the new one
+        torch.testing.assert_close(model(x[fresh], None, positions, bank=stale, fresh=fresh), base)
+        stale = kept.clone()
+        stale[~fresh] += 1  # the others' stored features are used
+        assert not torch.allclose(model(x[fresh], None, positions, bank=stale, fresh=fresh), base)
