@@ -23,20 +23,27 @@ def _resume_helpers():
     return helpers
 
 
-def test_two_ranks_equal_one_process(videos, tmp_path, vtn):
-    helpers = _resume_helpers()
-    one, two = tmp_path / "one", tmp_path / "two"
-    vtn("extract", videos, "--out", one, *ARGS, check_rc=0)
+def _extract_two_ranks(videos, out, *args) -> str:
+    """`vtn extract` under torchrun with 2 ranks; asserts success and returns stderr."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "vtn", "extract", str(videos), "--out", str(two), *ARGS]
+           "-m", "vtn", "extract", str(videos), "--out", str(out), *args]
     # Own session, so a hang is cleaned up with every rank and decode worker, not just the launcher.
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
         _, stderr = proc.communicate(timeout=240)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 0, stderr[-3000:]
+    return stderr
+
+
+def test_two_ranks_equal_one_process(videos, tmp_path, vtn):
+    helpers = _resume_helpers()
+    one, two = tmp_path / "one", tmp_path / "two"
+    vtn("extract", videos, "--out", one, *ARGS, check_rc=0)
+    stderr = _extract_two_ranks(videos, two, *ARGS)
     assert "extracted 12 videos" in stderr
     cache = open_cache(str(two))
     parts = {p.name.split("-")[0] for p in (two / "parts").iterdir() if p.is_dir()}
@@ -73,17 +80,8 @@ def test_ranks_that_finish_long_before_the_others_do_not_time_out(tmp_path):
     synth.make_video(videos / "a" / "long.mp4", synth.CLASSES[0], seconds=90, fps=25, size=(64, 64))
     for i in range(2):  # the other rank's share: done in a moment
         synth.make_video(videos / "a" / f"short{i}.mp4", synth.CLASSES[0], seconds=1, fps=25, size=(64, 64))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "vtn",
-           "extract", str(videos), "--out", str(tmp_path / "cache"), "--backbone", "resnet18", "--random-init",
-           "--image-size", "64", "--workers", "0", "--no-progress", "--set", "runtime.dist_timeout=3"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    try:
-        _, stderr = proc.communicate(timeout=240)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 0, stderr[-3000:]
+    stderr = _extract_two_ranks(videos, tmp_path / "cache", "--backbone", "resnet18", "--random-init", "--image-size",
+                                "64", "--workers", "0", "--no-progress", "--set", "runtime.dist_timeout=3")
     seconds = float(re.search(r"frames in ([\d.]+) s", stderr).group(1))
     assert seconds > 6  # rank 1 waited for rank 0 far longer than the 3 s collective timeout
     assert len(open_cache(str(tmp_path / "cache")).ids) == 3
