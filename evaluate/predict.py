@@ -30,7 +30,7 @@ from vtn.store import collate_clips
 from vtn.store.clips import clip_rows
 from vtn.temporal.checkpoint import read_inputs
 from vtn.temporal.data import model_inputs
-from vtn.temporal.e2e import rebuild_backbone, sampling_of  # noqa: F401 (sampling_of: part of this module's API)
+from vtn.temporal.e2e import rebuild_backbone, sampling_of
 from vtn.temporal.metrics import log_softmax
 from vtn.temporal.model import VTN
 from vtn.evaluate.run import checkpoint_dir, clip_settings, parse_views
