@@ -14,7 +14,6 @@ centre; 3: both ends and the centre of the long side), softmax scores averaged o
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -31,7 +30,7 @@ from vtn.store.clips import clip_rows
 from vtn.temporal.checkpoint import read_inputs
 from vtn.temporal.data import model_inputs
 from vtn.temporal.e2e import rebuild_backbone, sampling_of
-from vtn.temporal.metrics import log_softmax
+from vtn.temporal.metrics import mean_softmax
 from vtn.temporal.model import VTN
 from vtn.evaluate.run import checkpoint_dir, clip_settings, parse_views
 
@@ -96,8 +95,7 @@ class Predictor:
                  for r in rows for c in range(crops)]
         with torch.no_grad():
             logits = self.model(*model_inputs(collate_clips(items), self.model.config, self.device)).float().cpu().numpy()
-        probs = np.exp(log_softmax(logits)).mean(0)
-        return np.log(np.maximum(probs, 1e-30)), len(items)
+        return mean_softmax(logits[:, None])[0], len(items)
 
     @property
     def class_names(self) -> list[str]:

@@ -29,7 +29,7 @@ from vtn.store import ClipDataset, collate_clips, open_cache
 from vtn.temporal.checkpoint import read_inputs
 from vtn.temporal.data import check_inputs, model_inputs, predict, split_source
 from vtn.temporal.metrics import (calibration, classification_metrics, confused_pairs, confusion, log_softmax,
-                                  per_class, top_k)
+                                  mean_softmax, per_class, top_k)
 from vtn.temporal.model import CONFIG_NAME, VTN
 
 
@@ -59,12 +59,6 @@ def clip_settings(inputs: dict | None) -> tuple[int, int]:
     for checkpoints written before it was recorded."""
     inputs = inputs or {}
     return int(inputs.get("clip_frames", 16)), int(inputs.get("stride", 8))
-
-
-def average_views(predict_view, n: int) -> np.ndarray:
-    """Log of the mean softmax over `n` views: `predict_view(k)` gives view k's logits [videos, classes]."""
-    probs = sum(np.exp(log_softmax(predict_view(k))) for k in range(n)) / n
-    return np.log(np.maximum(probs, 1e-30))
 
 
 def evaluate(run: str | Path, cache_url: str, split: str | None = None, out: str | Path | None = None,
@@ -116,7 +110,7 @@ def evaluate(run: str | Path, cache_url: str, split: str | None = None, out: str
                              videos=videos, view=(k, mode[0])) for k in range(mode[0])]
         dataset = clips[0]
         index = np.arange(len(dataset))
-        logits = average_views(lambda k: _in_order(*predict(model, clips[k], dev, batch_size)), mode[0])
+        logits = mean_softmax(np.stack([_in_order(*predict(model, c, dev, batch_size)) for c in clips]))
         frames = int(dataset.sample_lengths().sum()) * mode[0]
     seconds = time.perf_counter() - started
     logits, index = _in_order(logits, index), np.sort(index)  # the cache's order of videos

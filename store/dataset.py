@@ -6,7 +6,6 @@ clips an uninterrupted one would, with any number of loader workers.
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import torch

@@ -18,6 +18,12 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
 
 
+def mean_softmax(logits: np.ndarray) -> np.ndarray:
+    """Log of the mean softmax over the first axis of [views, n, classes] logits: multi-view testing's score."""
+    probs = np.exp(log_softmax(logits.reshape(-1, logits.shape[-1]))).reshape(logits.shape).mean(0)
+    return np.log(np.maximum(probs, 1e-30))
+
+
 def top_k(logits: np.ndarray, k: int) -> np.ndarray:
     """[n, min(k, classes)] class indices, best first."""
     return np.argsort(-logits, axis=1, kind="stable")[:, :k]
