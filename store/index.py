@@ -100,7 +100,8 @@ def consolidate(root) -> int:
                              fill_value="" if dtype is str else None)
         if n:
             arr[:] = values.astype(str) if dtype is str else values
-    g.attrs.update({"complete": True, "videos": n, "parts": {p: int(s.get("committed", 0)) for p, s in parts.items()}})
+    # One metadata write (attrs.update writes once per key: "complete" could land without the rest).
+    g.update_attributes({"complete": True, "videos": n, "parts": {p: int(s.get("committed", 0)) for p, s in parts.items()}})
     for name, old in child_groups(root["index"]):
         if name < stamp and old.attrs.get("complete"):
             del root["index"][name]

@@ -228,7 +228,9 @@ class CacheWriter:
                 self._table[col][v0:v1] = values
             self._rows, self._videos = r1, v1
             self._committed_here.extend(ids)
-        self.part.attrs.update({"committed": self._videos, "rows": self._rows, "failures": self._failures})
+        # One write of the part's metadata (zarr's attrs.update would write it once per key: a kill in between
+        # would leave a committed count without its row count).
+        self.part = self.part.update_attributes({"committed": self._videos, "rows": self._rows, "failures": self._failures})
         self._buffer, self._buffered_rows, self._pending_failures = [], 0, False
         self._last_commit = time.monotonic()
 

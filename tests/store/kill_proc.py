@@ -4,8 +4,13 @@
                                    the features shard file of that flush
     kill_proc.py URL create K      commit videos 0..5 with one writer, then die in a second writer's part
                                    creation, after K of the part's arrays exist (0 = right after the group)
+    kill_proc.py URL commit        commit videos 0..5, add 6..11, die right after the commit's first write of
+                                   the part's attributes (its zarr.json)
+    kill_proc.py URL consolidate   commit videos 0..11, die right after the first write of the new index's
+                                   attributes
 """
 
+import json
 import os
 import pathlib
 import signal
@@ -88,4 +93,28 @@ if mode == "create":
     add(w, *videos[6])
     w.flush()  # creates the part: dies in there
     print("part created: the kill point was never reached")
+    sys.exit(3)
+
+if mode in ("commit", "consolidate"):
+    w = writer("w")
+    for v in videos[:6]:
+        add(w, *v)
+    w.flush()
+    for v in videos[6:]:
+        add(w, *v)
+    if mode == "consolidate":
+        w.flush()
+    real_replace = pathlib.Path.replace
+    watched = "parts" if mode == "commit" else "index"
+
+    def replace_and_die(self, target):
+        out = real_replace(self, target)
+        target = pathlib.Path(target)
+        if target.name == "zarr.json" and target.parent.parent.name == watched and json.loads(target.read_text())["attributes"]:
+            die()  # the attributes are complete and in place: this is the instant after their first write
+        return out
+
+    pathlib.Path.replace = replace_and_die
+    w.close()
+    print("closed: the kill point was never reached")
     sys.exit(3)

@@ -50,3 +50,14 @@ def test_kill_while_creating_a_part_leaves_a_clean_cache(tmp_path, arrays_before
     second = [p for p in (Path(url) / "parts").iterdir() if p.name.startswith("second-")]
     assert len(second) == 1 and not (second[0] / "id").exists()  # the kill point was inside part creation
     _resume_and_check(url, committed=6)
+
+
+@pytest.mark.parametrize("mode", ["commit", "consolidate"])
+def test_kill_after_the_first_metadata_write_of_a_commit_or_an_index(tmp_path, mode):
+    # A commit (the part's attributes) and a consolidation (the index's) are each one metadata write. zarr's
+    # attrs.update writes once per key, so a kill after the first write left a part whose committed count
+    # disagreed with its row count, or an index marked complete without its contents. One write: the commit
+    # of videos 6..11 is whole.
+    url = str(tmp_path / "c.zarr")
+    _killed(url, mode)
+    _resume_and_check(url, committed=12)
