@@ -27,6 +27,7 @@ from vtn.extract.job import check_runtime, extract_features
 from vtn.extract.sampling import sample
 from vtn.store import collate_clips
 from vtn.store.clips import clip_rows
+from vtn.store.dataset import video_span
 from vtn.temporal.checkpoint import read_inputs
 from vtn.temporal.data import model_inputs
 from vtn.temporal.e2e import rebuild_backbone, sampling_of
@@ -83,6 +84,7 @@ class Predictor:
         """Log of the mean softmax over the views of one video, and the views' count (1 for full)."""
         crops = 1 if self.views is None else self.views[1]
         feats = torch.from_numpy(features).view(len(indices), crops, -1)  # [frames, crops, D]
+        span = {}
         if self.views is None:
             rows = [np.arange(len(indices))]
         else:  # the clips, as rows of the decoded frames: map each clip's sampled frames to where they were decoded
@@ -90,8 +92,9 @@ class Predictor:
             every = sample(info.timestamps, base)
             rows = [np.searchsorted(indices, every[clip_rows(len(every), *self.clip, None, None, (k, self.views[0]))])
                     for k in range(self.views[0])]
+            span = {"span": video_span(every, np.asarray(info.timestamps)[every])}  # positions as in training
         items = [{"features": feats[r, c], "positions": torch.from_numpy(indices[r]),
-                  "times": torch.from_numpy(timestamps[r]).float(), "label": -1, "id": ""}
+                  "times": torch.from_numpy(timestamps[r]).float(), "label": -1, "id": "", **span}
                  for r in rows for c in range(crops)]
         with torch.no_grad():
             logits = self.model(*model_inputs(collate_clips(items), self.model.config, self.device)).float().cpu().numpy()

@@ -16,7 +16,11 @@ from vtn.store.reader import FeatureCache, SplitData
 
 
 class ClipDataset(Dataset):
-    """Items of one split: {"features" [t, D] float32, "positions" [t], "times" [t], "label", "id"}.
+    """Items of one split: {"features" [t, D] float32, "positions" [t], "times" [t], "span", "label", "id"}.
+
+    "span" [2] is the whole video's extent (last - first cached frame) in source frames and in seconds, whatever
+    part of it the item shows: `frame_positions` scales a long video's positions by it, so a training clip
+    and a whole-video view of the same video give a frame the same spacing.
 
     `source` is a SplitData (in memory; fastest) or an open FeatureCache (streams each video from disk).
     `videos` keeps only these positions among the split's videos (e.g. a held-out share), in that order.
@@ -60,23 +64,29 @@ class ClipDataset(Dataset):
         pick = clip_rows(int(self.lengths[i]), self.clip_frames, self.stride, self.max_frames, rng, self.view)
         if isinstance(self.source, SplitData):
             rows = self.source.video_rows(int(self.rows[i]))
-            feats = self.source.features[rows][pick]
-            frames = self.source.frame_indices[rows][pick]
-            times = self.source.timestamps[rows][pick]
+            feats, all_frames, all_times = self.source.features[rows][pick], self.source.frame_indices[rows], self.source.timestamps[rows]
         else:
             v = self.source.video(self.ids[i])
-            feats, frames, times = v.features[pick], v.frame_indices[pick], v.timestamps[pick]
+            feats, all_frames, all_times = v.features[pick], v.frame_indices, v.timestamps
         return {
             "features": torch.from_numpy(np.ascontiguousarray(feats, dtype=np.float32)),
-            "positions": torch.from_numpy(np.asarray(frames, dtype=np.int64)),
-            "times": torch.from_numpy(np.asarray(times, dtype=np.float32)),
+            "positions": torch.from_numpy(np.asarray(all_frames[pick], dtype=np.int64)),
+            "times": torch.from_numpy(np.asarray(all_times[pick], dtype=np.float32)),
+            "span": video_span(all_frames, all_times),
             "label": int(self.labels[i]),
             "id": self.ids[i],
         }
 
 
+def video_span(frame_indices, timestamps) -> torch.Tensor:
+    """[2]: a video's extent from its first to its last frame, in source frames and in seconds."""
+    return torch.tensor([float(frame_indices[-1] - frame_indices[0]), float(timestamps[-1] - timestamps[0])],
+                        dtype=torch.float64)
+
+
 def collate_clips(items: list[dict]) -> dict:
-    """Pad to the longest item: features [B,T,D], mask [B,T] (True = real frame), positions, times, labels, ids."""
+    """Pad to the longest item: features [B,T,D], mask [B,T] (True = real frame), positions, times, labels, ids,
+    and "span" [B, 2] when every item has one (None otherwise: each view is then its own extent)."""
     t = max(len(x["features"]) for x in items)
     b, d = len(items), items[0]["features"].shape[1]
     features = torch.zeros(b, t, d)
@@ -92,6 +102,7 @@ def collate_clips(items: list[dict]) -> dict:
     return {
         "features": features, "mask": mask, "positions": positions, "times": times,
         "labels": torch.tensor([x["label"] for x in items], dtype=torch.long), "ids": [x["id"] for x in items],
+        "span": torch.stack([x["span"] for x in items]) if all("span" in x for x in items) else None,
     }
 
 

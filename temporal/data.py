@@ -85,7 +85,7 @@ def model_inputs(batch: dict, config: VTNConfig, device: torch.device):
     """(features, mask, positions) for VTN.forward from a collate_clips batch, on `device`; positions by
     `frame_positions`, so every real frame of any video, however long, has a place in the table."""
     mask = batch["mask"]
-    positions = frame_positions(config, batch["positions"], batch["times"], mask)
+    positions = frame_positions(config, batch["positions"], batch["times"], mask, batch.get("span"))
     return (batch["features"].to(device),  # [B, T, D]; the model normalises them itself
             mask.to(device), None if positions is None else positions.to(device))
 

@@ -101,15 +101,19 @@ def frame_positions(
     frame_index: torch.Tensor | None = None,
     timestamps: torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
+    video_span: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """The `positions` argument of VTN.forward for views [B, T] of frames with these source indices / timestamps
-    (seconds); `mask` [B, T] marks the real frames (None: all), which come first and in order.
+    (seconds); `mask` [B, T] marks the real frames (None: all), which come first and in order; `video_span`
+    [B, 2] the extent of each view's whole video in source frames and seconds (None: the view's own).
 
     The one rule used by training, evaluation, prediction and fine-tuning, so a position means the same in all:
     a frame's position is its place in the video counted from the view's first frame, in source frames
     ("index") or seconds x position_rate ("time"); so a clip from minute 10 uses the same rows of the table as
-    one from the start. A view whose span does not fit the table (a long video seen whole, as the paper's
-    evaluation does) is spread over it: its positions are scaled by (max_positions - 1) / span. Positions are
+    one from the start. A video whose span does not fit the table (seen whole, as the paper's evaluation does)
+    is spread over it: the positions of every view of it, a short training clip as much as the whole video,
+    are scaled by (max_positions - 1) / the video's span, so two frames are as many positions apart in
+    training as in evaluation. Positions are
     then made distinct, each at least one after the previous (a view never has more real frames than
     positions: whole-video views are thinned to max_positions frames). Padding gets 0.
     """
@@ -123,6 +127,9 @@ def frame_positions(
     rel = torch.where(mask, raw - raw[:, :1], 0)  # [B, T]; the first frame of every view is real
     limit = config.max_positions - 1
     span = rel.amax(dim=1, keepdim=True)  # [B, 1]
+    if video_span is not None:
+        whole = video_span[:, 0] if config.positions == "index" else video_span[:, 1] * config.position_rate
+        span = torch.maximum(span, torch.round(whole.double()).long().to(span.device)[:, None])
     fit = torch.where(span > limit, torch.round(rel.double() * limit / span.clamp(min=1)).long(), rel)
     # Distinct and inside the table: p_i >= p_(i-1) + 1, and room left for the frames after it.
     i = torch.arange(raw.shape[1], device=raw.device).expand_as(raw)  # [B, T]

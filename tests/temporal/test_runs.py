@@ -67,6 +67,12 @@ def test_videos_of_20_and_3000_frames_train_on_full_clips_and_evaluate_over_thei
         assert item["positions"][0] == 0 and item["positions"][-1] == n - 1 and len(item["positions"]) == min(n, 288)
         _, mask, positions = model_inputs(collate_clips([item]), model_cfg, torch.device("cpu"))
         assert bool(mask.all()) and positions[0, -1] == min(n, 288) - 1 and bool((positions.diff() >= 1).all())
+    # A position means the same in training and evaluation: a training clip of the 3000-frame video (16 frames
+    # 8 apart) is scaled as the whole video is (287 / 2999 positions per source frame), so its frames are
+    # 8 x 287 / 2999 < 1, so 1, position apart: as in the whole-video view, not 8 apart.
+    clip = next(data.train[i] for i in range(len(data.train)) if data.train.lengths[i] == 3000)
+    _, _, positions = model_inputs(collate_clips([clip]), model_cfg, torch.device("cpu"))
+    assert positions[0].tolist() == list(range(16))
 
     run = tmp_path / "run"
     assert main(["train", cache, "--out", str(run), "--model", "tiny", "--steps", "2", "--batch-size", "4", "--quiet"]) == 0
