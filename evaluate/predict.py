@@ -3,9 +3,9 @@
 The backbone, its preprocessing and the sampling are the ones the model's features came from (a checkpoint's
 inputs.json records them), so a prediction sees what training saw; the backbone is rebuilt and its weights checked
 against the recorded sha256. For a fine-tuned run (`vtn finetune`) that is its own backbone, loaded from the
-checkpoint's backbone.safetensors, with the stage-two run's preprocessing and sampling. Decoding, preprocessing and batching across videos are stage one's
-pipeline (`extract_features`) with another consumer: each video, once its frames are through the backbone,
-goes through VTN.
+checkpoint's backbone.safetensors, with the stage-two run's preprocessing and sampling. Decoding, preprocessing
+and batching across videos are stage one's pipeline (`extract_features`) with another consumer: each video, once
+its frames are through the backbone, goes through VTN.
 
 Views: `full` decodes only the frames of one view over the whole video (up to max_positions, spread as in
 evaluation), `TxS` only the frames of T evenly spaced clips of the training clip length, each in S crops (1:
@@ -62,8 +62,8 @@ class Predictor:
                  runtime: RuntimeConfig | None = None) -> "Predictor":
         """The model of a stage-two or fine-tuned run (its best/ checkpoint, or a checkpoint directory), with the
         backbone its features come from: timm's weights, seeded random ones, the recorded weights file (`weights`
-        gives another path to the same file), or a fine-tuned run's own backbone.safetensors. Refused, naming what it looked for, when they cannot be found
-        or are not the same weights."""
+        gives another path to the same file), or a fine-tuned run's own backbone.safetensors. Refused, naming what
+        it looked for, when they cannot be found or are not the same weights."""
         ckpt = checkpoint_dir(Path(run), checkpoint)
         inputs = read_inputs(ckpt)
         mode = parse_views(views)

@@ -233,8 +233,8 @@ def load_temporal(directory: str | Path) -> VTN:
     if not (path / VIDEO_NAME).is_file():
         return VTN.from_pretrained(path)
     if not (path / BACKBONE_FILE).is_file():
-        raise UserError(f"{path}: a fine-tuned checkpoint without {BACKBONE_FILE} (written by an older vtn); load it "
-                        "with VideoVTN.from_pretrained and save it again")
+        raise UserError(f"{path}: a fine-tuned checkpoint without {BACKBONE_FILE}, written by an older vtn: its "
+                        "inputs.json names the stage-two backbone, not its own; fine-tune again with this vtn")
     config = merge(VTNConfig(), json.loads((path / CONFIG_NAME).read_text()))
     model = VTN(config)
     state = {k: v for k, v in load_file(str(path / WEIGHTS_NAME)).items() if not k.startswith(BACKBONE_PREFIX)}
