@@ -1,10 +1,11 @@
 """`vtn predict INPUT --model RUN`: classify raw video files end to end (decode -> backbone -> encoder -> head).
 
-The backbone, its preprocessing and the sampling are the ones the model's features came from (a stage-two
-checkpoint's inputs.json records them), so a prediction sees what training saw; the backbone is rebuilt and its
-weights checked against the recorded sha256. Decoding, preprocessing and batching across videos are stage one's
-pipeline (`extract_features`) with another consumer: each video, once its frames are through the backbone,
-goes through VTN.
+The backbone, its preprocessing and the sampling are the ones the model's features came from (a checkpoint's
+inputs.json records them), so a prediction sees what training saw; the backbone is rebuilt and its weights checked
+against the recorded sha256. For a fine-tuned run (`vtn finetune`) that is its own backbone, loaded from the
+checkpoint's backbone.safetensors, with the stage-two run's preprocessing and sampling. Decoding, preprocessing
+and batching across videos are stage one's pipeline (`extract_features`) with another consumer: each video, once
+its frames are through the backbone, goes through VTN.
 
 Views: `full` decodes only the frames of one view over the whole video (up to max_positions, spread as in
 evaluation), `TxS` only the frames of T evenly spaced clips of the training clip length, each in S crops (1:
@@ -30,7 +31,7 @@ from vtn.store.clips import clip_rows
 from vtn.store.dataset import video_span
 from vtn.temporal.checkpoint import read_inputs
 from vtn.temporal.data import model_inputs
-from vtn.temporal.e2e import rebuild_backbone, sampling_of
+from vtn.temporal.e2e import load_temporal, rebuild_backbone, sampling_of
 from vtn.temporal.metrics import mean_softmax
 from vtn.temporal.model import VTN
 from vtn.evaluate.run import checkpoint_dir, clip_settings, parse_views
@@ -60,10 +61,10 @@ class Predictor:
     @classmethod
     def from_run(cls, run: str | Path, checkpoint: str = "best", views: str = "full", weights: str | None = None,
                  runtime: RuntimeConfig | None = None) -> "Predictor":
-        """The model of a stage-two run (its best/ checkpoint, or a checkpoint directory), with the backbone its
-        cache was extracted with: timm's weights, seeded random ones, or the recorded weights file (`weights`
-        gives another path to the same file). Refused, naming what it looked for, when they cannot be found
-        or are not the same weights."""
+        """The model of a stage-two or fine-tuned run (its best/ checkpoint, or a checkpoint directory), with the
+        backbone its features come from: timm's weights, seeded random ones, the recorded weights file (`weights`
+        gives another path to the same file), or a fine-tuned run's own backbone.safetensors. Refused, naming what
+        it looked for, when they cannot be found or are not the same weights."""
         ckpt = checkpoint_dir(Path(run), checkpoint)
         inputs = read_inputs(ckpt)
         mode = parse_views(views)
@@ -71,7 +72,7 @@ class Predictor:
         device = check_runtime(ExtractConfig(runtime=runtime))
         backbone, preprocess, bc, _ = rebuild_backbone(inputs, ckpt, device, weights, runtime,
                                                        crops=1 if mode is None else mode[1])
-        model = VTN.from_pretrained(ckpt)
+        model = load_temporal(ckpt)
         frames, stride = clip_settings(inputs)
         sampling = sampling_of(inputs)
         sampling = replace(sampling, view_frames=model.config.max_positions) if mode is None else \

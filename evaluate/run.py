@@ -28,6 +28,7 @@ from vtn.runtime import resolve_device
 from vtn.store import ClipDataset, collate_clips, open_cache
 from vtn.temporal.checkpoint import read_inputs
 from vtn.temporal.data import check_inputs, model_inputs, predict, split_source
+from vtn.temporal.e2e import BACKBONE_FILE, load_temporal, reextract_command
 from vtn.temporal.metrics import (calibration, classification_metrics, confused_pairs, confusion, log_softmax,
                                   mean_softmax, per_class, top_k)
 from vtn.temporal.model import CONFIG_NAME, VTN
@@ -69,14 +70,22 @@ def evaluate(run: str | Path, cache_url: str, split: str | None = None, out: str
     metrics. A cache without labels or class names (new videos to score) gets predictions and no accuracy."""
     run = Path(run)
     ckpt = checkpoint_dir(run, checkpoint)
-    model = VTN.from_pretrained(ckpt)  # weights and the feature normalisation it was trained with
+    model = load_temporal(ckpt)  # weights and the feature normalisation it was trained with (no fine-tuned backbone)
     cfg = model.config
     cache = open_cache(cache_url)
     if cache.feature_dim != cfg.feature_dim:
         raise UserError(f"{cache.url}: the cache's features have {cache.feature_dim} dimensions, but the model in "
                         f"{ckpt} was trained on feature_dim={cfg.feature_dim}")
     inputs = read_inputs(ckpt)
-    check_inputs(inputs, cache, ckpt)
+    try:
+        check_inputs(inputs, cache, ckpt)
+    except UserError as e:
+        if not (ckpt / BACKBONE_FILE).is_file():
+            raise
+        # A fine-tuned checkpoint: its encoder fits the features of its own backbone, not the stage-two cache's.
+        raise UserError(f"{e}. {ckpt} holds a fine-tuned backbone: extract its features with `"
+                        f"{reextract_command(ckpt, inputs, cache.attrs.get('source'))}` and evaluate on that "
+                        "cache") from None
     names = list(cfg.class_names) or [str(i) for i in range(cfg.num_classes)]
     if cache.class_names and (len(cache.class_names) != cfg.num_classes
                               or (cfg.class_names and list(cfg.class_names) != cache.class_names)):

@@ -39,8 +39,11 @@ def find(run: Path, name: str) -> Path | None:
 
 
 def write_model(path: Path, model, info: dict, inputs: dict) -> None:
-    """`model` is anything with VTN's save_pretrained (a VTN, or backbone + VTN when fine-tuning)."""
+    """`model` is anything with VTN's save_pretrained (a VTN, or backbone + VTN when fine-tuning). A fine-tuned
+    backbone records itself as the backbone of the features (VideoVTN.finetuned_inputs)."""
     model.save_pretrained(path)
+    if hasattr(model, "finetuned_inputs"):
+        inputs = model.finetuned_inputs(inputs, path)
     (path / INPUTS_NAME).write_text(json.dumps(inputs, indent=2) + "\n")
     (path / "state.json").write_text(json.dumps(info, indent=2) + "\n")
 

@@ -13,7 +13,10 @@ gradient caching, so peak memory holds one micro-batch's activations, not the cl
 bank (TALLFormer): only some frames of a clip go through the backbone, the others' features are given.
 
 `rebuild_backbone` rebuilds the backbone a checkpoint's features came from (shared with `vtn predict`).
-No training or data code here.
+A fine-tuned checkpoint also holds its backbone alone (`backbone.safetensors`, timm's own names) and records it
+as the backbone of its features (`finetuned_inputs`): `vtn extract --weights CKPT/backbone.safetensors`
+re-extracts a cache whose identity matches, `vtn evaluate` takes that cache and `vtn predict` builds that
+backbone. `load_temporal` loads the encoder and head of either kind of checkpoint. No training or data code here.
 """
 
 from __future__ import annotations
@@ -23,19 +26,20 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from vtn.config import merge, to_dict
 from vtn.errors import UserError
-from vtn.extract.backbone import Preprocess, create_backbone
+from vtn.extract.backbone import Preprocess, create_backbone, file_sha256, state_dict_sha256
 from vtn.extract.config import BackboneConfig, RuntimeConfig
 from vtn.extract.sampling import SamplingConfig
 from vtn.temporal.model import CONFIG_NAME, VTN, WEIGHTS_NAME, VTNConfig
 
 VIDEO_NAME = "video.json"  # the backbone's identity and build settings, its preprocessing, the sampling
 BACKBONE_PREFIX = "backbone."
+BACKBONE_FILE = "backbone.safetensors"  # a fine-tuned checkpoint's backbone alone, for `vtn extract --weights`
 
 
 def sampling_of(inputs: dict) -> SamplingConfig:
@@ -60,6 +64,8 @@ def rebuild_backbone(inputs: dict | None, where: Path, device: torch.device, wei
     recorded, bc = inputs["backbone"], BackboneConfig(**inputs["backbone_config"])
     if weights is not None:
         bc = replace(bc, weights=weights)
+    elif bc.weights == BACKBONE_FILE:  # a fine-tuned checkpoint's own backbone file, next to inputs.json
+        bc = replace(bc, weights=str(Path(where) / BACKBONE_FILE))
     if bc.weights not in ("pretrained", "random") and not Path(bc.weights).is_file():
         raise UserError(f"{where}: its features came from {bc.name} with the weights file {bc.weights} (sha256 "
                         f"{recorded.get('weights_sha256')}), which is not there; give its path with --weights")
@@ -170,9 +176,28 @@ class VideoVTN(VTN):
 
     def save_pretrained(self, directory: str | Path) -> None:
         """config.json (the VTNConfig) and model.safetensors (VTN's names, the backbone under `backbone.`), as
-        VTN writes them, and video.json (the backbone's identity, build settings and preprocessing, the sampling)."""
+        VTN writes them; backbone.safetensors (the backbone alone under timm's names, which `vtn extract
+        --weights` loads); and video.json (the backbone's identity, build settings and preprocessing, the
+        sampling)."""
         super().save_pretrained(directory)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.backbone.state_dict().items()}
+        save_file(state, str(Path(directory) / BACKBONE_FILE), metadata={"format": "pt"})
         (Path(directory) / VIDEO_NAME).write_text(json.dumps(self.video, indent=2) + "\n")
+
+    def finetuned_inputs(self, inputs: dict, directory: str | Path) -> dict:
+        """The inputs.json of a checkpoint saved in `directory`: the features this model's encoder now fits are
+        its fine-tuned backbone's, so the backbone identity is the one `vtn extract --weights
+        directory/backbone.safetensors` records in a cache (the file's and the weights' sha256) and the build
+        settings name that file; the stage-two backbone stays as `stage_two_backbone`. A cache of the old
+        backbone is then refused by `vtn evaluate`, one re-extracted with this one is taken."""
+        path = Path(directory) / BACKBONE_FILE
+        identity = {"name": self.video["backbone"]["name"], "weights": "file", "weights_file_sha256": file_sha256(path),
+                    "weights_sha256": state_dict_sha256(self.backbone),
+                    "feature_dim": int(getattr(self.backbone, "num_features", self.config.feature_dim)),
+                    "preprocessing": self.video["backbone"]["preprocessing"]}
+        return {**inputs, "backbone": identity,
+                "backbone_config": {**self.video["backbone_config"], "weights": BACKBONE_FILE},
+                "stage_two_backbone": inputs.get("stage_two_backbone", inputs.get("backbone"))}
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, backend: str | None = None) -> "VideoVTN":
@@ -197,3 +222,34 @@ class VideoVTN(VTN):
         if missing or unexpected:
             raise UserError(f"{path}: weights do not match the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
         return model
+
+
+def load_temporal(directory: str | Path) -> VTN:
+    """The VTN (encoder, head, feature normalisation) of a checkpoint directory, stage-two or fine-tuned; a
+    fine-tuned one's backbone weights are left out (consumers build that backbone from backbone.safetensors, as
+    its inputs.json says). A fine-tuned checkpoint without that file (written by an older vtn) is refused: its
+    inputs.json names the stage-two backbone, not its own."""
+    path = Path(directory)
+    if not (path / VIDEO_NAME).is_file():
+        return VTN.from_pretrained(path)
+    if not (path / BACKBONE_FILE).is_file():
+        raise UserError(f"{path}: a fine-tuned checkpoint without {BACKBONE_FILE}, written by an older vtn: its "
+                        "inputs.json names the stage-two backbone, not its own; fine-tune again with this vtn")
+    config = merge(VTNConfig(), json.loads((path / CONFIG_NAME).read_text()))
+    model = VTN(config)
+    state = {k: v for k, v in load_file(str(path / WEIGHTS_NAME)).items() if not k.startswith(BACKBONE_PREFIX)}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise UserError(f"{path}: weights do not match config.json (missing {missing[:5]}, unexpected {unexpected[:5]})")
+    return model
+
+
+def reextract_command(ckpt: str | Path, inputs: dict, videos: str | None = None) -> str:
+    """The `vtn extract` command that makes a cache of a fine-tuned checkpoint's features: its backbone file,
+    the backbone's name and image size, the sampling its features were trained with."""
+    bc, s = inputs["backbone_config"], inputs["sampling"]
+    flag = {"fps": "--fps", "every": "--every", "num_frames": "--num-frames"}[s["mode"]]
+    words = ["vtn extract", videos or "VIDEOS", "--out NEW_CACHE", f"--backbone {bc['name']}"]
+    words += [f"--image-size {bc['image_size']}"] if bc.get("image_size") else []
+    words += [f"{flag} {s[s['mode']]}"] + ([f"--max-seconds {s['max_seconds']}"] if s.get("max_seconds") else [])
+    return " ".join([*words, f"--weights {Path(ckpt) / BACKBONE_FILE}"])

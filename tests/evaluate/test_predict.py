@@ -144,3 +144,45 @@ def vtn_cli():
     import sys
 
     return lambda *args: subprocess.run([sys.executable, "-m", "vtn", *args], capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_a_finetune_checkpoint_predicts_with_its_own_backbone_file(trained, tmp_path, capsys):
+    """A checkpoint as `vtn finetune` writes it (backbone + VTN, backbone.safetensors, inputs.json naming that
+    file), here with the backbone unchanged: the same predictions as the stage-two run, in multi-crop views too.
+    One without backbone.safetensors (an older vtn's) is refused: its inputs.json names the stage-two backbone."""
+    import shutil
+
+    from vtn.temporal.checkpoint import read_inputs, write_model
+    from vtn.temporal.e2e import BACKBONE_FILE, VideoVTN, rebuild_backbone
+    from vtn.temporal.model import VTN
+
+    videos, _, run, weights = trained
+    inputs = read_inputs(run / "best")
+    backbone, preprocess, bc, identity = rebuild_backbone(inputs, run / "best", torch.device("cpu"))
+    video = {"backbone": identity, "backbone_config": {"name": bc.name, "weights": bc.weights,
+                                                       "image_size": bc.image_size, "seed": bc.seed},
+             "sampling": inputs["sampling"]}
+    model = VideoVTN.compose(VTN.from_pretrained(run / "best"), backbone, preprocess, video)
+    ckpt = tmp_path / "ft" / "best"
+    ckpt.mkdir(parents=True)
+    write_model(ckpt, model, {}, inputs)
+    recorded = read_inputs(ckpt)
+    assert recorded["backbone_config"]["weights"] == BACKBONE_FILE
+    assert recorded["backbone"]["weights_sha256"] == identity["weights_sha256"]  # the same weights, now in the run
+    shutil.copy(weights, tmp_path / "w.safetensors")
+    weights.unlink()  # the stage-two weights file is not needed: the run holds its backbone
+    try:
+        for views in ("full", "2x3"):
+            a = {r["id"]: r["logits"] for r in Predictor.from_run(run, views=views, weights=str(tmp_path / "w.safetensors"))(
+                sorted((videos / "val").rglob("*.mp4")))}
+            b = {r["id"]: r["logits"] for r in Predictor.from_run(ckpt, views=views)(sorted((videos / "val").rglob("*.mp4")))}
+            assert a.keys() == b.keys() and len(a) == 2
+            for k in a:
+                np.testing.assert_allclose(b[k], a[k], rtol=1e-5, atol=1e-5)
+    finally:
+        shutil.copy(tmp_path / "w.safetensors", weights)
+    (ckpt / BACKBONE_FILE).unlink()
+    (ckpt / "inputs.json").write_text(json.dumps(inputs))
+    assert main(["predict", str(videos / "val"), "--model", str(ckpt)]) == 2
+    assert "older vtn" in capsys.readouterr().err
