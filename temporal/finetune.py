@@ -62,11 +62,17 @@ class FinetuneSection:
     # process's in-memory copy of the train split's cached features (the cache itself is never written), into which
     # the fresh features are written back. None: every frame of the clip is fresh.
     bank_frames: int | None = None
-    # Memory controls (temporal/e2e.py): frames per backbone call; timm's activation checkpointing; exact chunked
-    # backprop (each micro-batch recomputed in the backward pass). All give plain training's loss and gradients.
-    micro_batch: int | None = None
+    # Memory controls (temporal/e2e.py), exact (plain training's loss and gradients with BatchNorm frozen). The
+    # defaults suit any clip length and batch size: a step's frames go through the backbone `micro_batch` at a time
+    # (None: all in one call), and exact chunked backprop (each micro-batch's activations dropped after its forward
+    # and recomputed in the backward pass) is on whenever a step has more frames than one micro-batch (chunked
+    # null: that rule; true/false: always/never). So the backbone holds one micro-batch's activations, not the
+    # step's, for one more backbone forward per step (`vtn bench finetune` measures both). timm's activation
+    # checkpointing (backbone, and each encoder layer) is off: within a 16-frame micro-batch it saves little more
+    # and costs a third forward.
+    micro_batch: int | None = 16
     grad_checkpointing: bool = False
-    chunked: bool = False
+    chunked: bool | None = None
     workers: int | None = None  # decode processes (stage one's rule when None); 0: a thread of this process
     timeout: float = 120.0  # seconds a decode may go without producing a frame
     eval_frames: int = 64  # frames per backbone call in evaluation

@@ -284,3 +284,24 @@ def test_memory_bank_fresh_frames_get_gradients_the_others_none():
         stale = kept.clone()
         stale[~fresh] += 1  # the others' stored features are used
         assert not torch.allclose(model(x[fresh], None, positions, bank=stale, fresh=fresh), base)
+
+
+def test_default_memory_controls_chunk_a_step_with_more_frames_than_one_micro_batch():
+    from vtn.temporal.finetune import FinetuneSection
+
+    ft = FinetuneSection()
+    assert (ft.micro_batch, ft.chunked, ft.grad_checkpointing) == (16, None, False)
+    model = tiny_video_model(0.0).eval()
+    calls = []
+    # A pre-hook: the recomputation stops once it has what the backward pass needs, before forward hooks run.
+    model.backbone.register_forward_pre_hook(lambda m, args: calls.append(len(args[0])))
+    plain = loss_and_grads(model)
+    calls.clear()
+    # The default rule at micro_batch 4: the step's 18 real frames are 5 micro-batches, so each is run again in the
+    # backward pass (chunked backprop), and the gradients are plain training's.
+    auto = loss_and_grads(model, micro_batch=4, chunked=ft.chunked, grad_checkpointing=ft.grad_checkpointing)
+    assert calls[:5] == [4, 4, 4, 4, 2] and sorted(calls[5:]) == [2, 4, 4, 4, 4]
+    assert_same(auto, plain, 1e-5)
+    calls.clear()
+    loss_and_grads(model, micro_batch=18, chunked=None)  # one micro-batch: nothing to save, nothing run again
+    assert calls == [18]
