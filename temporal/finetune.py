@@ -209,6 +209,30 @@ class ClipFrames:
             self.failures.record(vid, *payload, "train")
 
 
+def peak_memory(device: torch.device) -> int:
+    """This process's peak memory in bytes: on CUDA the most allocated by torch on `device`, on the CPU the
+    resident-set high-water mark (what the operating system had to give, the figure that runs out)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports kB
+
+
+class MemoryBar:
+    """The progress bar with the peak memory added to every postfix train.py's loop sets (loss, clips/s; after an
+    evaluation loss, val top-1): memory is what fine-tuning runs out of first, so it is in view while it runs."""
+
+    def __init__(self, bar, device: torch.device):
+        self.bar, self.device = bar, device
+
+    def set_postfix(self, refresh: bool = True, **postfix) -> None:
+        self.bar.set_postfix(refresh=refresh, **postfix, peak=f"{peak_memory(self.device) / 2**20:.0f}MiB")
+
+    def __getattr__(self, name):
+        return getattr(self.bar, name)
+
+
 def backbone_groups(backbone: torch.nn.Module, lr: float, layer_decay: float) -> list[tuple[list, float]]:
     """(parameters, base lr) groups of the backbone: `lr` for all, or with `layer_decay` < 1 lr x
     layer_decay^(layers above), layers as timm's group_matcher numbers them (the last layer and the final norm
@@ -380,8 +404,8 @@ def finetune(stage_two: str | Path, out: str | Path, videos: str | None = None, 
                                ft.bank_frames),
                     [w for _, w in shares])
 
-        bar = progress_bar(total=total_steps, initial=state["step"], disable=not progress or procs.rank != 0,
-                           unit="step")
+        bar = MemoryBar(progress_bar(total=total_steps, initial=state["step"], disable=not progress or procs.rank != 0,
+                                     unit="step"), device)
         loop.started = time.perf_counter() - state["elapsed"]
         model.train()
         run_epochs(loop, epochs, cfg.run.eval_every, cfg.run.checkpoint_every, batches, loss_fn,

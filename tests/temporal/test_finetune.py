@@ -90,11 +90,13 @@ def test_finetune_through_the_cli_records_and_skips_a_broken_video(stage_two, tm
     # The backbone frozen for all 4 steps: only encoder and head learn, and BatchNorm keeps its statistics.
     # With the memory bank: 2 of each clip's 4 frames decoded and run, the others' features from the bank.
     assert main(["finetune", str(run), "--out", str(out), "--videos", str(mine), "--epochs", "2",
-                 "--set", "finetune.frozen_steps=4", "--set", "finetune.bank_frames=2", *FT]) == 0
+                 "--set", "finetune.frozen_steps=4", "--set", "finetune.bank_frames=2", *FT[:-1]]) == 0
     failures = [json.loads(x) for x in (out / "failures.jsonl").read_text().splitlines()]
     bad_id = str(broken.relative_to(mine))
     # Recorded once although the video is drawn in both epochs: known failures are not decoded again.
-    assert [(f["id"], f["phase"]) for f in failures] == [(bad_id, "train")] and f"{bad_id} failed" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert [(f["id"], f["phase"]) for f in failures] == [(bad_id, "train")] and f"{bad_id} failed" in captured.out
+    assert "peak=" in captured.err and "MiB" in captured.err  # the progress bar (not --quiet) shows peak memory
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2] and all(r["val_videos"] == 2 for r in records)
     # 4 train videos, 2 per step: 2 steps per epoch; the broken video's batch trained on its other clip.
@@ -305,3 +307,24 @@ def test_default_memory_controls_chunk_a_step_with_more_frames_than_one_micro_ba
     calls.clear()
     loss_and_grads(model, micro_batch=18, chunked=None)  # one micro-batch: nothing to save, nothing run again
     assert calls == [18]
+
+
+def test_finetune_progress_bar_shows_clips_per_second_and_peak_memory():
+    import io
+    import re
+
+    from vtn.progress import progress_bar
+    from vtn.temporal.finetune import MemoryBar, peak_memory
+
+    cpu = torch.device("cpu")
+    out = io.StringIO()
+    low = peak_memory(cpu)
+    bar = MemoryBar(progress_bar(total=2, file=out, unit="step"), cpu)
+    bar.set_postfix(loss="0.693", clips_s="12", refresh=False)  # as train.py's loop sets it
+    bar.update()
+    bar.close()
+    high = peak_memory(cpu)
+    text = out.getvalue()
+    assert "loss=0.693" in text and "clips_s=12" in text
+    shown = int(re.search(r"peak=(\d+)MiB", text).group(1))  # the process's resident-set high-water mark
+    assert low >= 2**20 and round(low / 2**20) <= shown <= round(high / 2**20)
