@@ -43,10 +43,10 @@ def register(sub, bench_sub) -> None:
     bench.add_argument("--image-size", type=int, help="input size in px (default 112)")
     bench.add_argument("--clips", type=int, help="clips per step (default 1)")
     bench.add_argument("--micro-batch", type=int, help="frames per backbone call of the micro-batch, chunked and "
-                       "default rows (default: finetune.micro_batch's default, 16)")
+                       "default rows (default: finetune.micro_batch's default, 8)")
     bench.add_argument("--bank-frames", type=int, help="fresh frames per clip of the memory-bank row (default 16)")
     bench.add_argument("--repeats", type=int, help="timed steps after one warm-up (default 2)")
-    bench.add_argument("--threads", type=int, help="CPU threads per measurement (default 2)")
+    bench.add_argument("--threads", type=int, help="CPU threads per measurement (default 1)")
     bench.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                        help="where to measure (default: CUDA where present, else the CPU)")
     bench.set_defaults(func=_bench_finetune)
@@ -158,7 +158,7 @@ def register(sub, bench_sub) -> None:
     f.add_argument("--amp", choices=["none", "bf16", "fp16"], help="autocast dtype (run.amp)")
     f.add_argument("--seed", type=int, help="run.seed")
     f.add_argument("--device", help="cpu, cuda, cuda:1 ... (run.device; default: the GPU when there is one)")
-    f.add_argument("--micro-batch", type=int, help="frames per backbone call (finetune.micro_batch, default 16)")
+    f.add_argument("--micro-batch", type=int, help="frames per backbone call (finetune.micro_batch, default 8)")
     f.add_argument("--chunked", action="store_true", help="exact chunked backprop always: each micro-batch's "
                    "activations recomputed in the backward pass (finetune.chunked; default: whenever a step has "
                    "more frames than one micro-batch)")
