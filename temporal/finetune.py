@@ -69,9 +69,10 @@ class FinetuneSection:
     # (None: all in one call), and exact chunked backprop (each micro-batch's activations dropped after its forward
     # and recomputed in the backward pass) is on whenever a step has more frames than one micro-batch (chunked
     # null: that rule; true/false: always/never). So the backbone holds one micro-batch's activations, not the
-    # step's, for one more backbone forward per step (`vtn bench finetune` measures both: with 16 frames a
-    # 64-frame ViT-Tiny clip kept 0.42x plain's peak, with 8 a third). timm's activation checkpointing (backbone,
-    # and each encoder layer) is off: a smaller micro-batch saves as much without a third forward.
+    # step's, for one more backbone forward per step (`vtn bench finetune` measures both: on a 64-frame clip at
+    # 112 px the default kept 0.26x plain's peak for ViT-Tiny and 0.33x for ResNet-18; with 16-frame micro-batches
+    # ViT-Tiny kept 0.42x). timm's activation checkpointing (backbone, and each encoder layer) is off: alone it
+    # kept 0.54x and 0.80x there, and inside chunked micro-batches it would cost a third forward.
     micro_batch: int | None = 8
     grad_checkpointing: bool = False
     chunked: bool | None = None
