@@ -28,6 +28,29 @@ def register(sub, bench_sub) -> None:
     bench.add_argument("--backbone", help="backbone to compare with (default: the cache's, else vit_base_patch16_224)")
     bench.set_defaults(func=_bench_temporal)
 
+    bench = bench_sub.add_parser(
+        "finetune",
+        help="end-to-end fine-tuning: peak memory and time per step under each memory control; vs stage two",
+        description="On frames decoded from a generated video, through small random-init timm backbones (ViT-Tiny "
+        "and ResNet-18 at 112 px) and a small VTN: peak memory and seconds per optimiser step for 16- and 64-frame "
+        "clips, plain end to end against each memory control alone (micro-batch, grad checkpointing, chunked "
+        "backprop, memory bank) and the default combination, each in a fresh process; whether chunked backprop's "
+        "gradients equal plain ones; and seconds per clip of stage-two training on the cache against end-to-end "
+        "fine-tuning. A few minutes on 2 CPU cores.",
+    )
+    bench.add_argument("--lengths", type=int, nargs="+", metavar="T", help="frames per clip (default 16 64)")
+    bench.add_argument("--backbones", nargs="+", metavar="NAME", help="timm backbones (default vit_tiny_patch16_224 resnet18)")
+    bench.add_argument("--image-size", type=int, help="input size in px (default 112)")
+    bench.add_argument("--clips", type=int, help="clips per step (default 1)")
+    bench.add_argument("--micro-batch", type=int, help="frames per backbone call of the micro-batch, chunked and "
+                       "default rows (default: finetune.micro_batch's default, 8)")
+    bench.add_argument("--bank-frames", type=int, help="fresh frames per clip of the memory-bank row (default 16)")
+    bench.add_argument("--repeats", type=int, help="timed steps after one warm-up (default 2)")
+    bench.add_argument("--threads", type=int, help="CPU threads per measurement (default 1)")
+    bench.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                       help="where to measure (default: CUDA where present, else the CPU)")
+    bench.set_defaults(func=_bench_finetune)
+
     from vtn.config import add_config_args  # light (yaml only), unlike the job it configures
 
     p = sub.add_parser(
@@ -135,9 +158,10 @@ def register(sub, bench_sub) -> None:
     f.add_argument("--amp", choices=["none", "bf16", "fp16"], help="autocast dtype (run.amp)")
     f.add_argument("--seed", type=int, help="run.seed")
     f.add_argument("--device", help="cpu, cuda, cuda:1 ... (run.device; default: the GPU when there is one)")
-    f.add_argument("--micro-batch", type=int, help="frames per backbone call (finetune.micro_batch)")
-    f.add_argument("--chunked", action="store_true", help="exact chunked backprop: each micro-batch's activations "
-                   "recomputed in the backward pass (finetune.chunked)")
+    f.add_argument("--micro-batch", type=int, help="frames per backbone call (finetune.micro_batch, default 8)")
+    f.add_argument("--chunked", action="store_true", help="exact chunked backprop always: each micro-batch's "
+                   "activations recomputed in the backward pass (finetune.chunked; default: whenever a step has "
+                   "more frames than one micro-batch)")
     f.add_argument("--workers", type=int, help="decode processes (finetune.workers; 0: decode in this process)")
     add_config_args(f, "finetune.backbone_lr=0.1")
     f.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -161,6 +185,12 @@ def _bench_temporal(args) -> int:
 
     throughput.bench(args.cache, args.backbone, None if args.device == "all" else args.device)
     return 0
+
+
+def _bench_finetune(args) -> int:
+    from vtn.temporal.finetune_bench import main
+
+    return main(args)
 
 
 def _train(args) -> int:

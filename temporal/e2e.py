@@ -7,10 +7,14 @@ model's on them (a test checks both). `vtn finetune` trains it; its checkpoints 
 the backbone's identity, preprocessing and sampling (`video.json`), so they predict on raw video.
 
 Memory controls (all exact, see `set_memory` and `frame_features`): frames through the backbone in micro-batches,
-activation checkpointing (timm's inside the backbone, per layer in the encoder), and exact chunked backprop (each micro-batch's activations are
-dropped after its forward and recomputed, with the random state replayed, when its features' gradient arrives:
-gradient caching, so peak memory holds one micro-batch's activations, not the clip's). And a feature memory
-bank (TALLFormer): only some frames of a clip go through the backbone, the others' features are given.
+activation checkpointing (timm's inside the backbone, per layer in the encoder), and exact chunked backprop (each
+micro-batch's activations are dropped after its forward and recomputed, with the random state replayed, when its
+features' gradient arrives: gradient caching, so peak memory holds one micro-batch's activations, not the clip's).
+Exact means plain training's loss and gradients up to float summation order, for a backbone without train-mode
+BatchNorm (finetune's freeze_bn, the default, keeps it in eval mode): BatchNorm in train mode normalises each
+micro-batch by its own statistics, and a recomputed micro-batch updates its running statistics a second time.
+And a feature memory bank (TALLFormer): only some frames of a clip go through the backbone, the others' features
+are given.
 
 `rebuild_backbone` rebuilds the backbone a checkpoint's features came from (shared with `vtn predict`).
 A fine-tuned checkpoint also holds its backbone alone (`backbone.safetensors`, timm's own names) and records it
@@ -91,7 +95,9 @@ class VideoVTN(VTN):
         self.preprocess = preprocess  # buffers not persistent: nothing of it in the state dict
         self.video = video
         self.micro_batch: int | None = None  # frames per backbone call (None: all at once)
-        self.chunked = False  # exact chunked backprop (recompute each micro-batch in the backward pass)
+        # Exact chunked backprop (recompute each micro-batch in the backward pass); None: whenever a call has more
+        # frames than one micro-batch (with one micro-batch there is nothing to save, only a forward to repeat).
+        self.chunked: bool | None = False
         self.freeze_bn = False  # BatchNorm of the backbone stays in eval mode (running statistics) in train()
         self.backbone_frozen = False  # the backbone runs without gradients (a frozen warm-up)
 
@@ -103,9 +109,11 @@ class VideoVTN(VTN):
         assert not unexpected and all(k.startswith(BACKBONE_PREFIX) for k in missing)
         return model.to(next(backbone.parameters()).device)
 
-    def set_memory(self, micro_batch: int | None = None, chunked: bool = False, grad_checkpointing: bool = False) -> None:
-        """The memory controls (module docstring). `grad_checkpointing`: timm's `set_grad_checkpointing` in the
-        backbone and per-layer checkpointing in the encoder."""
+    def set_memory(self, micro_batch: int | None = None, chunked: bool | None = False,
+                   grad_checkpointing: bool = False) -> None:
+        """The memory controls (module docstring). `chunked` None: on when a call has more frames than
+        `micro_batch`. `grad_checkpointing`: timm's `set_grad_checkpointing` in the backbone and per-layer
+        checkpointing in the encoder."""
         if micro_batch is not None and micro_batch < 1:
             raise UserError(f"micro_batch must be >= 1, got {micro_batch}")
         self.micro_batch, self.chunked = micro_batch, chunked
@@ -131,14 +139,16 @@ class VideoVTN(VTN):
     def frame_features(self, x: torch.Tensor) -> torch.Tensor:
         """Preprocessed frames [N, 3, h, w] -> features [N, D], `micro_batch` frames per backbone call; with
         `chunked` (and gradients on) each call is recomputed in the backward pass (torch.utils.checkpoint, RNG
-        state replayed), so only one call's activations are alive at a time."""
+        state replayed), so only one call's activations are alive at a time; `chunked` None: so when there is
+        more than one call."""
         step = self.micro_batch or max(1, len(x))
         grad = torch.is_grad_enabled() and not self.backbone_frozen
+        chunked = grad and (self.chunked or (self.chunked is None and len(x) > step))
         out = []
         with torch.set_grad_enabled(grad):
             for i in range(0, len(x), step):
                 chunk = x[i:i + step]  # [n, 3, h, w]
-                if self.chunked and grad:
+                if chunked:
                     out.append(checkpoint(self.backbone, chunk, use_reentrant=False, preserve_rng_state=True))
                 else:
                     out.append(self.backbone(chunk))  # [n, D]

@@ -10,7 +10,8 @@ the same split, held-out share and length buckets): `clip_rows` over the video's
 the cache was. Only those frames are decoded, in stage one's decode workers (`DecodePool`); the decoded frame
 indices must be the cache's, else the video is not the one the cache was made from. A video that fails is
 recorded in RUN2/failures.jsonl and left out of its batch (the batch's loss keeps its weight: nothing is put in
-its place), and is not decoded again. Evaluation runs whole val videos (up to max_positions frames spread over
+its place), and is not decoded again. The decoded frames are augmented, one random crop per clip (see
+FinetuneSection.augment). Evaluation runs whole val videos (up to max_positions frames spread over
 each, as in stage two) through stage one's pipeline (`extract_features`) and the same model.
 
 The steps, schedule, metrics.jsonl, best/ and last/ checkpoints and exact --resume are train.py's pieces
@@ -21,6 +22,7 @@ weights of an uninterrupted one (on the CPU).
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -62,11 +64,28 @@ class FinetuneSection:
     # process's in-memory copy of the train split's cached features (the cache itself is never written), into which
     # the fresh features are written back. None: every frame of the clip is fresh.
     bank_frames: int | None = None
-    # Memory controls (temporal/e2e.py): frames per backbone call; timm's activation checkpointing; exact chunked
-    # backprop (each micro-batch recomputed in the backward pass). All give plain training's loss and gradients.
-    micro_batch: int | None = None
+    # Memory controls (temporal/e2e.py), exact (plain training's loss and gradients with BatchNorm frozen). The
+    # defaults suit any clip length and batch size: a step's frames go through the backbone `micro_batch` at a time
+    # (None: all in one call), and exact chunked backprop (each micro-batch's activations dropped after its forward
+    # and recomputed in the backward pass) is on whenever a step has more frames than one micro-batch (chunked
+    # null: that rule; true/false: always/never). So the backbone holds one micro-batch's activations, not the
+    # step's, for one more backbone forward per step (`vtn bench finetune` measures both: on a 64-frame clip at
+    # 112 px the default kept 0.26x plain's peak for ViT-Tiny and 0.33x for ResNet-18; with 16-frame micro-batches
+    # ViT-Tiny kept 0.42x). timm's activation checkpointing (backbone, and each encoder layer) is off: alone it
+    # kept 0.54x and 0.80x there, and inside chunked micro-batches it would cost a third forward.
+    micro_batch: int | None = 8
     grad_checkpointing: bool = False
-    chunked: bool = False
+    chunked: bool | None = None
+    # Augmentation of the training clips' decoded uint8 frames (never of evaluation's), before preprocessing: a
+    # random resized crop taking a share in augment_scale of the frame's area at an aspect ratio in [3/4, 4/3] (drawn
+    # as torchvision's RandomResizedCrop draws; Preprocess then resizes it), and with augment_flip a horizontal flip
+    # half the time. One draw per clip, the same for all its frames, so motion stays coherent (timm's transforms
+    # draw per image); drawn from (seed, epoch, item), so a resumed run sees the same crops. The flip is off by
+    # default: it turns "left to right" into "right to left", another class in the generated videos (and in
+    # Something-Something). With a memory bank only the fresh frames are augmented (the stored features are not).
+    augment: bool = True
+    augment_scale: tuple[float, float] = (0.5, 1.0)
+    augment_flip: bool = False
     workers: int | None = None  # decode processes (stage one's rule when None); 0: a thread of this process
     timeout: float = 120.0  # seconds a decode may go without producing a frame
     eval_frames: int = 64  # frames per backbone call in evaluation
@@ -119,6 +138,26 @@ class Failures:
         print(f"vtn finetune: {vid} failed ({error}: {message}); left out", flush=True)
 
 
+def augment_clip(frames: np.ndarray, rng: np.random.Generator, scale: tuple[float, float] = (0.5, 1.0),
+                 flip: bool = False) -> np.ndarray:
+    """A clip's frames [t, H, W, 3] uint8 -> one random crop [t, h, w, 3] for all of them (area share in `scale`,
+    aspect ratio log-uniform in [3/4, 4/3], up to 10 draws as torchvision's RandomResizedCrop, else the whole
+    frame), with `flip` mirrored left-right half the time. No resize here: Preprocess resizes every clip."""
+    H, W = frames.shape[1:3]
+    y, x, h, w = 0, 0, H, W
+    for _ in range(10):
+        area = H * W * rng.uniform(*scale)
+        ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+        cw, ch = round(math.sqrt(area * ratio)), round(math.sqrt(area / ratio))
+        if 0 < cw <= W and 0 < ch <= H:
+            y, x, h, w = int(rng.integers(0, H - ch + 1)), int(rng.integers(0, W - cw + 1)), ch, cw
+            break
+    out = frames[:, y:y + h, x:x + w]  # [t, h, w, 3]
+    if flip and rng.random() < 0.5:
+        out = out[:, :, ::-1]
+    return np.ascontiguousarray(out)
+
+
 class ClipFrames:
     """The decoded frames of an epoch's batches of training clips, in order: a batch is collate_clips' batch of
     the clips' cached items (positions, times, labels) plus "frames", one uint8 [t, H, W, 3] tensor per clip.
@@ -126,10 +165,11 @@ class ClipFrames:
     full, so at most that many chunks wait while the model trains."""
 
     def __init__(self, dataset, batches: list[list[int]], epoch: int, paths: dict, sampling, rt: RuntimeConfig,
-                 workers: int, failures: Failures, bank_frames: int | None = None):
+                 workers: int, failures: Failures, bank_frames: int | None = None,
+                 augment: FinetuneSection | None = None):
         self.dataset, self.batches, self.epoch, self.paths = dataset, batches, epoch, paths
         self.sampling, self.rt, self.workers, self.failures = sampling, rt, workers, failures
-        self.bank_frames = bank_frames
+        self.bank_frames, self.augment = bank_frames, augment  # augment: its augment_* settings, None: none
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -177,8 +217,11 @@ class ClipFrames:
                         continue
                     # With a bank: where the fresh frames' features live in the in-memory split, for the write-back.
                     at = ds.source.video_rows(int(ds.rows[i])).start + rows[part] if self.bank_frames else None
-                    items.append({**item, "frames": torch.from_numpy(np.concatenate(v["frames"])), "part": part,
-                                  "bank_rows": at})
+                    frames = np.concatenate(v["frames"])  # [t, H, W, 3] uint8
+                    if self.augment is not None:
+                        frames = augment_clip(frames, np.random.default_rng((ds.seed, self.epoch, i, 2)),
+                                              self.augment.augment_scale, self.augment.augment_flip)
+                    items.append({**item, "frames": torch.from_numpy(frames), "part": part, "bank_rows": at})
                 if not items:
                     yield {"labels": torch.zeros(0, dtype=torch.long), "frames": []}
                     continue
@@ -201,6 +244,30 @@ class ClipFrames:
         elif kind == "fail":
             videos.pop(vid, None)
             self.failures.record(vid, *payload, "train")
+
+
+def peak_memory(device: torch.device) -> int:
+    """This process's peak memory in bytes: on CUDA the most allocated by torch on `device`, on the CPU the
+    resident-set high-water mark (what the operating system had to give, the figure that runs out)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports kB
+
+
+class MemoryBar:
+    """The progress bar with the peak memory added to every postfix train.py's loop sets (loss, clips/s; after an
+    evaluation loss, val top-1): memory is what fine-tuning runs out of first, so it is in view while it runs."""
+
+    def __init__(self, bar, device: torch.device):
+        self.bar, self.device = bar, device
+
+    def set_postfix(self, refresh: bool = True, **postfix) -> None:
+        self.bar.set_postfix(refresh=refresh, **postfix, peak=f"{peak_memory(self.device) / 2**20:.0f}MiB")
+
+    def __getattr__(self, name):
+        return getattr(self.bar, name)
 
 
 def backbone_groups(backbone: torch.nn.Module, lr: float, layer_decay: float) -> list[tuple[list, float]]:
@@ -304,6 +371,10 @@ def finetune(stage_two: str | Path, out: str | Path, videos: str | None = None, 
         if ft.bank_frames is not None and (ft.bank_frames < 1 or data.streaming):
             raise UserError(f"finetune.bank_frames={ft.bank_frames}: needs a number >= 1 and the train split in memory "
                             f"(data.load is {cfg.data.load}; the split was {'streamed' if data.streaming else 'loaded'})")
+        lo, hi = ft.augment_scale
+        if not 0 < lo <= hi <= 1:
+            raise UserError(f"finetune.augment_scale={list(ft.augment_scale)}: needs 0 < low <= high <= 1 (shares of "
+                            "the frame's area)")
         steps_per_epoch = len(data.sampler)
         epochs, total_steps, why = schedule(cfg.optim, steps_per_epoch)
 
@@ -371,11 +442,11 @@ def finetune(stage_two: str | Path, out: str | Path, videos: str | None = None, 
         def batches(epoch: int):
             shares = epoch_shares(data.sampler, epoch, state)
             return (ClipFrames(data.train, [b for b, _ in shares], epoch, paths, sampling, rt, workers, failures,
-                               ft.bank_frames),
+                               ft.bank_frames, ft if ft.augment else None),
                     [w for _, w in shares])
 
-        bar = progress_bar(total=total_steps, initial=state["step"], disable=not progress or procs.rank != 0,
-                           unit="step")
+        bar = MemoryBar(progress_bar(total=total_steps, initial=state["step"], disable=not progress or procs.rank != 0,
+                                     unit="step"), device)
         loop.started = time.perf_counter() - state["elapsed"]
         model.train()
         run_epochs(loop, epochs, cfg.run.eval_every, cfg.run.checkpoint_every, batches, loss_fn,

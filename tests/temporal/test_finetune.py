@@ -77,7 +77,7 @@ FT = ["--batch-size", "2", "--workers", "0", "--quiet"]
 
 
 @pytest.mark.slow
-def test_finetune_through_the_cli_records_and_skips_a_broken_video(stage_two, tmp_path, capsys):
+def test_finetune_through_the_cli_records_and_skips_a_broken_video(stage_two, tmp_path, capsys, monkeypatch):
     import json
     import shutil
 
@@ -87,14 +87,32 @@ def test_finetune_through_the_cli_records_and_skips_a_broken_video(stage_two, tm
     broken = sorted((mine / "train").rglob("*.mp4"))[0]
     broken.write_bytes(b"not a video at all" * 100)
     out = tmp_path / "ft"
+    import vtn.temporal.finetune as finetune_job
+
+    # Augmentation in training only: count its calls, and those made while evaluating.
+    calls, evaluating = [], []
+    real_augment, real_evaluate = finetune_job.augment_clip, finetune_job.evaluate_videos
+    monkeypatch.setattr(finetune_job, "augment_clip", lambda *a: calls.append(bool(evaluating)) or real_augment(*a))
+
+    def evaluate(*args):
+        evaluating.append(1)
+        try:
+            return real_evaluate(*args)
+        finally:
+            evaluating.clear()
+
+    monkeypatch.setattr(finetune_job, "evaluate_videos", evaluate)
     # The backbone frozen for all 4 steps: only encoder and head learn, and BatchNorm keeps its statistics.
     # With the memory bank: 2 of each clip's 4 frames decoded and run, the others' features from the bank.
     assert main(["finetune", str(run), "--out", str(out), "--videos", str(mine), "--epochs", "2",
-                 "--set", "finetune.frozen_steps=4", "--set", "finetune.bank_frames=2", *FT]) == 0
+                 "--set", "finetune.frozen_steps=4", "--set", "finetune.bank_frames=2", *FT[:-1]]) == 0
     failures = [json.loads(x) for x in (out / "failures.jsonl").read_text().splitlines()]
     bad_id = str(broken.relative_to(mine))
     # Recorded once although the video is drawn in both epochs: known failures are not decoded again.
-    assert [(f["id"], f["phase"]) for f in failures] == [(bad_id, "train")] and f"{bad_id} failed" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert [(f["id"], f["phase"]) for f in failures] == [(bad_id, "train")] and f"{bad_id} failed" in captured.out
+    assert "peak=" in captured.err and "MiB" in captured.err  # the progress bar (not --quiet) shows peak memory
+    assert calls == [False] * 6  # the 3 good train videos' clips in each of 2 epochs; none in the 2 evaluations
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2] and all(r["val_videos"] == 2 for r in records)
     # 4 train videos, 2 per step: 2 steps per epoch; the broken video's batch trained on its other clip.
@@ -284,3 +302,74 @@ def test_memory_bank_fresh_frames_get_gradients_the_others_none():
         stale = kept.clone()
         stale[~fresh] += 1  # the others' stored features are used
         assert not torch.allclose(model(x[fresh], None, positions, bank=stale, fresh=fresh), base)
+
+
+def test_default_memory_controls_chunk_a_step_with_more_frames_than_one_micro_batch():
+    from vtn.temporal.finetune import FinetuneSection
+
+    ft = FinetuneSection()
+    assert (ft.micro_batch, ft.chunked, ft.grad_checkpointing) == (8, None, False)
+    model = tiny_video_model(0.0).eval()
+    calls = []
+    # A pre-hook: the recomputation stops once it has what the backward pass needs, before forward hooks run.
+    model.backbone.register_forward_pre_hook(lambda m, args: calls.append(len(args[0])))
+    plain = loss_and_grads(model)
+    calls.clear()
+    # The default rule at micro_batch 4: the step's 18 real frames are 5 micro-batches, so each is run again in the
+    # backward pass (chunked backprop), and the gradients are plain training's.
+    auto = loss_and_grads(model, micro_batch=4, chunked=ft.chunked, grad_checkpointing=ft.grad_checkpointing)
+    assert calls[:5] == [4, 4, 4, 4, 2] and sorted(calls[5:]) == [2, 4, 4, 4, 4]
+    assert_same(auto, plain, 1e-5)
+    calls.clear()
+    loss_and_grads(model, micro_batch=18, chunked=None)  # one micro-batch: nothing to save, nothing run again
+    assert calls == [18]
+
+
+def test_finetune_progress_bar_shows_clips_per_second_and_peak_memory():
+    import io
+    import re
+
+    from vtn.progress import progress_bar
+    from vtn.temporal.finetune import MemoryBar, peak_memory
+
+    cpu = torch.device("cpu")
+    out = io.StringIO()
+    low = peak_memory(cpu)
+    bar = MemoryBar(progress_bar(total=2, file=out, unit="step"), cpu)
+    bar.set_postfix(loss="0.693", clips_s="12", refresh=False)  # as train.py's loop sets it
+    bar.update()
+    bar.close()
+    high = peak_memory(cpu)
+    text = out.getvalue()
+    assert "loss=0.693" in text and "clips_s=12" in text
+    shown = int(re.search(r"peak=(\d+)MiB", text).group(1))  # the process's resident-set high-water mark
+    assert low >= 2**20 and round(low / 2**20) <= shown <= round(high / 2**20)
+
+
+def test_augmentation_crops_all_frames_of_a_clip_alike_and_differs_between_items():
+    from vtn.temporal.finetune import augment_clip
+
+    # Frame k is a fixed random image plus k: the same crop of every frame differs only by k.
+    image = np.random.default_rng(0).integers(0, 200, (1, 48, 64, 3), dtype=np.uint8)
+    frames = image + np.arange(5, dtype=np.uint8)[:, None, None, None]  # [5, 48, 64, 3]
+    crops = []
+    for item in range(6):
+        out = augment_clip(frames, np.random.default_rng((7, 0, item, 2)), (0.3, 0.8), flip=True)
+        assert out.dtype == np.uint8 and len(out) == 5 and out.shape[1:3] != (48, 64)
+        assert all(np.array_equal(out[k] - k, out[0]) for k in range(5))  # one crop (and flip) for the clip
+        assert 0.3 * 48 * 64 * 0.9 <= out.shape[1] * out.shape[2] <= 0.8 * 48 * 64 * 1.1
+        crops.append(out[0])
+        # Reproducible from (seed, epoch, item): a resumed run draws the same crop.
+        assert np.array_equal(augment_clip(frames, np.random.default_rng((7, 0, item, 2)), (0.3, 0.8), True), out)
+    assert len({c.tobytes() for c in crops}) == 6  # other items, other crops
+    # The flip is drawn after the crop: the same crop, mirrored half the time.
+    same, mirrored = [], []
+    for i in range(8):
+        plain = augment_clip(frames, np.random.default_rng((7, 0, i, 2)), (0.3, 0.8), False)
+        out = augment_clip(frames, np.random.default_rng((7, 0, i, 2)), (0.3, 0.8), True)
+        same.append(np.array_equal(out, plain))
+        mirrored.append(np.array_equal(out, plain[:, :, ::-1]))
+    assert all(a or b for a, b in zip(same, mirrored)) and any(same) and any(mirrored)
+    from vtn.temporal.finetune import FinetuneSection
+
+    assert FinetuneSection().augment and not FinetuneSection().augment_flip
