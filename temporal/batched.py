@@ -1,7 +1,7 @@
 """Batched stage-two runs: members that differ only in seed, learning rate and weight decay, trained as one model.
 
-The members' weights are stacked (one [members, ...] tensor per parameter) and one `torch.func.vmap` of
-`functional_call` over a template VTN computes every member's logits in one pass; each member's loss is
+The members' weights are stacked (one [members, ...] tensor per parameter) and `members_forward`, VTN.forward
+written for M members at once, computes every member's logits in one pass; each member's loss is
 weighted exactly as its own `vtn train` run weights it, and the summed loss's backward gives every member its
 own gradient. Each member keeps its own VTN module, AdamW/SGD optimiser (its lr and weight decay), schedule,
 counters and run directory, all through temporal/train.py's pieces (`start_run`, `set_lr`, `finish_step`,
@@ -13,8 +13,8 @@ the same way), and draws the same clips in the same order: clips come from (seed
 order from (seed, epoch) (store/dataset.py), so each member takes its own batch at every step. Batches of
 different members are padded to a common shape (masked frames; stand-in clips weighted 0), which changes the
 result only by float rounding. What cannot be made equal is dropout: a separate run draws its masks from the
-global generator inside fused kernels (scaled_dot_product_attention's attention dropout among them), which a
-vmapped pass cannot replay. So only runs without dropout (model.dropout, attention_dropout and head_dropout all
+global generator inside fused kernels (scaled_dot_product_attention's attention dropout among them), which the
+batched pass cannot replay. Evaluation is batched too: one pass over the val videos gives every member's logits. So only runs without dropout (model.dropout, attention_dropout and head_dropout all
 0), with fp32 or bf16 autocast (fp16's loss scaler is per run) and the `fast` backend are batched; every other
 run trains on its own (`batch_key` says which). tests/temporal/test_sweep.py proves the equality.
 """
