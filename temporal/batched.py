@@ -5,8 +5,9 @@ written for M members at once, computes every member's logits in one pass; each 
 weighted exactly as its own `vtn train` run weights it, and the summed loss's backward gives every member its
 own gradient. Each member keeps its own VTN module, AdamW/SGD optimiser (its lr and weight decay), schedule,
 counters and run directory, all through temporal/train.py's pieces (`start_run`, `set_lr`, `finish_step`,
-`step_checkpoint`, `close_epoch`, `evaluate_views`, `finish_run`), so every member is a normal `vtn train` run: config.yaml, metrics.jsonl,
-best/, last/, and `vtn evaluate` and `vtn train --resume` work on it.
+`step_checkpoint`, `close_epoch`, `gathered_metrics`, `finish_run`), so every member is a normal `vtn train` run:
+config.yaml, metrics.jsonl, best/, last/, and `vtn evaluate` and `vtn train --resume` work on it. Evaluation is
+batched too: one pass over the val videos gives every member's logits (`members_predict`).
 
 Equal to the separate runs. A member is initialised from its seed as its separate run is (`start_run` seeds
 the same way), and draws the same clips in the same order: clips come from (seed, epoch, item) and the batch
@@ -14,7 +15,7 @@ order from (seed, epoch) (store/dataset.py), so each member takes its own batch 
 different members are padded to a common shape (masked frames; stand-in clips weighted 0), which changes the
 result only by float rounding. What cannot be made equal is dropout: a separate run draws its masks from the
 global generator inside fused kernels (scaled_dot_product_attention's attention dropout among them), which the
-batched pass cannot replay. Evaluation is batched too: one pass over the val videos gives every member's logits. So only runs without dropout (model.dropout, attention_dropout and head_dropout all
+batched pass cannot replay. So only runs without dropout (model.dropout, attention_dropout and head_dropout all
 0), with fp32 or bf16 autocast (fp16's loss scaler is per run) and the `fast` backend are batched; every other
 run trains on its own (`batch_key` says which). tests/temporal/test_sweep.py proves the equality.
 """
