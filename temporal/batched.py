@@ -1,44 +1,48 @@
 """Batched stage-two runs: members that differ only in seed, learning rate and weight decay, trained as one model.
 
-The members' weights are stacked (one [members, ...] tensor per parameter) and one `torch.func.vmap` of
-`functional_call` over a template VTN computes every member's logits in one pass; each member's loss is
+The members' weights are stacked (one [members, ...] tensor per parameter) and `members_forward`, VTN.forward
+written for M members at once, computes every member's logits in one pass; each member's loss is
 weighted exactly as its own `vtn train` run weights it, and the summed loss's backward gives every member its
 own gradient. Each member keeps its own VTN module, AdamW/SGD optimiser (its lr and weight decay), schedule,
 counters and run directory, all through temporal/train.py's pieces (`start_run`, `set_lr`, `finish_step`,
-`step_checkpoint`, `close_epoch`, `evaluate_views`, `finish_run`), so every member is a normal `vtn train` run: config.yaml, metrics.jsonl,
-best/, last/, and `vtn evaluate` and `vtn train --resume` work on it.
+`step_checkpoint`, `close_epoch`, `gathered_metrics`, `finish_run`), so every member is a normal `vtn train` run:
+config.yaml, metrics.jsonl, best/, last/, and `vtn evaluate` and `vtn train --resume` work on it. Evaluation is
+batched too: one pass over the val videos gives every member's logits (`members_predict`).
 
 Equal to the separate runs. A member is initialised from its seed as its separate run is (`start_run` seeds
 the same way), and draws the same clips in the same order: clips come from (seed, epoch, item) and the batch
 order from (seed, epoch) (store/dataset.py), so each member takes its own batch at every step. Batches of
 different members are padded to a common shape (masked frames; stand-in clips weighted 0), which changes the
 result only by float rounding. What cannot be made equal is dropout: a separate run draws its masks from the
-global generator inside fused kernels (scaled_dot_product_attention's attention dropout among them), which a
-vmapped pass cannot replay. So only runs without dropout (model.dropout, attention_dropout and head_dropout all
+global generator inside fused kernels (scaled_dot_product_attention's attention dropout among them), which the
+batched pass cannot replay. So only runs without dropout (model.dropout, attention_dropout and head_dropout all
 0), with fp32 or bf16 autocast (fp16's loss scaler is per run) and the `fast` backend are batched; every other
 run trains on its own (`batch_key` says which). tests/temporal/test_sweep.py proves the equality.
 """
 
 from __future__ import annotations
 
-import copy
+import itertools
 import json
+import math
 import time
-import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.func import functional_call, vmap
 
 from vtn.config import to_dict
 from vtn.errors import UserError
 from vtn.progress import progress_bar
 from vtn.runtime import autocast
+from vtn.store.dataset import ClipDataset, LengthBucketSampler, collate_clips
 from vtn.temporal.data import model_inputs
+from vtn.temporal.longformer import LAYER_NORM_EPS, LongformerLayer, banded_attention, global_attention
+from vtn.temporal.model import VTN
 from vtn.paths import check_run_dir
-from vtn.temporal.train import (TrainConfig, close_epoch, epoch_batches, eval_interval, evaluate_views, finish_run,
-                                finish_step, set_lr, setup_processes, start_run, step_checkpoint)
+from vtn.temporal.train import (TrainConfig, close_epoch, epoch_batches, eval_interval, finish_run, finish_step,
+                                gathered_metrics, set_lr, setup_processes, start_run, step_checkpoint)
 
 # What batched members may differ in; everything else of their configs must be equal.
 MEMBER_KEYS = (("run", "seed"), ("optim", "lr"), ("optim", "weight_decay"))
@@ -74,6 +78,111 @@ def _pad(inputs: list[tuple], labels: list[torch.Tensor], weights: list[float], 
     return torch.stack(xs), torch.stack(ms), torch.stack(ps) if ps else None, torch.stack(ys), torch.stack(ws)
 
 
+# -- the members' forward pass ------------------------------------------------------------------------------------
+# VTN.forward (temporal/model.py, the `fast` backend) for M members at once: weights are stacked [M, ...] and
+# activations carry the member dimension first, [M, B, ...]. Linear layers are one batched matmul over the
+# members (baddbmm: [M, rows, in] @ [M, in, out]); the parameter-free attention runs on the members folded into
+# the batch, [M * B, ...], through the same functions as VTN (banded_attention, global_attention). A plain
+# `torch.func.vmap` of VTN.forward computed the same but ran slower than the members one after another on the
+# CPU: scaled_dot_product_attention has no batching rule (member-by-member fallback), and a linear layer on a
+# sliced (non-contiguous) input became a per-clip matmul against a copy of the weight expanded over the batch.
+
+
+def _linear(x: torch.Tensor, w: dict, name: str) -> torch.Tensor:
+    """nn.Linear `name` of every member: x [M, ..., in] -> [M, ..., out]."""
+    weight, bias = w[name + ".weight"], w[name + ".bias"]  # [M, out, in], [M, out]
+    rows = x.reshape(x.shape[0], -1, x.shape[-1])  # [M, rows, in]
+    return torch.baddbmm(bias.unsqueeze(1), rows, weight.transpose(1, 2)).view(*x.shape[:-1], weight.shape[1])
+
+
+def _layer_norm(x: torch.Tensor, w: dict, name: str, eps: float) -> torch.Tensor:
+    """nn.LayerNorm `name` of every member: x [M, ..., d]."""
+    shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (x.shape[-1],)
+    return F.layer_norm(x, x.shape[-1:], eps=eps) * w[name + ".weight"].view(shape) + w[name + ".bias"].view(shape)
+
+
+def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """[M, B, N, d] -> [M * B, H, N, dh]: the members folded into the batch, as the attention functions take it."""
+    M, B, N, d = x.shape
+    return x.reshape(M * B, N, heads, d // heads).transpose(1, 2)
+
+
+def _layer(h: torch.Tensor, valid: torch.Tensor, w: dict, name: str, layer: LongformerLayer) -> torch.Tensor:
+    """LongformerLayer `name` (module `layer`, for its sizes) of every member: h [M, B, N, d], valid [M * B, N]."""
+    M, B, N, d = h.shape
+    att, heads = f"{name}.attention.self", layer.attention.self.num_heads
+    scale = math.sqrt(d // heads)
+    # As LongformerSelfAttention.forward: frames through the banded attention, [CLS] through the global one.
+    q = _heads(_linear(h[:, :, 1:], w, f"{att}.query") / scale, heads)
+    k, v = _heads(_linear(h, w, f"{att}.key"), heads), _heads(_linear(h, w, f"{att}.value"), heads)
+    frames = banded_attention(q, k, v, valid[:, 1:], layer.attention.self.radius, 0.0)  # [M*B, H, T, dh]
+    qg = _heads(_linear(h[:, :, :1], w, f"{att}.query_global") / scale, heads)
+    kg, vg = _heads(_linear(h, w, f"{att}.key_global"), heads), _heads(_linear(h, w, f"{att}.value_global"), heads)
+    cls, _ = global_attention(qg, kg, vg, valid, 0.0)
+    a = torch.cat([cls, frames], dim=2).transpose(1, 2).reshape(M, B, N, d)
+    # Post-LayerNorm residual blocks, as LongformerSelfOutput / LongformerIntermediate / LongformerOutput.
+    a = _layer_norm(_linear(a, w, f"{name}.attention.output.dense") + h, w, f"{name}.attention.output.LayerNorm",
+                    LAYER_NORM_EPS)
+    f = F.gelu(_linear(a, w, f"{name}.intermediate.dense"))
+    return _layer_norm(_linear(f, w, f"{name}.output.dense") + a, w, f"{name}.output.LayerNorm", LAYER_NORM_EPS)
+
+
+def members_forward(template: VTN, w: dict, features: torch.Tensor, mask: torch.Tensor,
+                    positions: torch.Tensor | None) -> torch.Tensor:
+    """Logits [M, B, classes] of M members of `template`'s architecture (a VTN without dropout, `fast` backend)
+    whose parameters and buffers, by VTN's state-dict names, are stacked in `w` ([M, ...] each).
+
+    features [M, B, T, D]; mask [M, B, T] bool; positions [M, B, T] long (checked by each member's own
+    VTN._frame_positions beforehand), or None with positions="none". The same function as VTN.forward.
+    """
+    cfg = template.config
+    M, B, T, _ = features.shape
+    shape = (M, 1, 1, -1)
+    x = (features - w["feature_mean"].view(shape)) / w["feature_scale"].view(shape)
+    if cfg.feature_dim != cfg.hidden_size:
+        x = _linear(x, w, "input_proj")  # [M, B, T, d]
+    cls = w["cls_token"].view(M, 1, 1, -1).expand(M, B, 1, -1)
+    if cfg.positions != "none":
+        table = w["position_embeddings.weight"]  # [M, max_positions + 1, d]
+        rows = torch.where(mask, positions, 0)
+        x = x + table[torch.arange(M, device=x.device).view(M, 1, 1), rows]
+        cls = cls + table[:, -1].view(M, 1, 1, -1)
+    h = _layer_norm(torch.cat([cls, x], dim=2), w, "embed_norm", LAYER_NORM_EPS)  # [M, B, 1 + T, d]
+    valid = F.pad(mask, (1, 0), value=True).reshape(M * B, 1 + T)
+    for i, layer in enumerate(template.longformer.encoder.layer):
+        h = _layer(h, valid, w, f"longformer.encoder.layer.{i}", layer)
+    # The head: LayerNorm, Linear, GELU, (dropout 0), Linear; its LayerNorm has nn.LayerNorm's default eps.
+    z = _layer_norm(h[:, :, 0], w, "head.0", template.head[0].eps)
+    return _linear(F.gelu(_linear(z, w, "head.1")), w, "head.4")
+
+
+def stacked(models: list[VTN]) -> dict:
+    """The members' parameters and buffers stacked, [M, ...] each by VTN's state-dict names, for members_forward.
+    Stacked afresh at every step (the members' own tensors change in their optimiser steps); the backward pass
+    through the stack gives each member's parameters their own gradient."""
+    tensors = [dict(itertools.chain(mod.named_parameters(), mod.named_buffers())) for mod in models]
+    return {n: torch.stack([t[n] for t in tensors]) for n in models[0].state_dict()}
+
+
+@torch.no_grad()
+def members_predict(models: list[VTN], dataset: ClipDataset, device: torch.device, batch_size: int,
+                    amp: str) -> tuple[np.ndarray, np.ndarray]:
+    """Every member's logits [M, n, classes] (float32) of the dataset's items, and their indices into the
+    dataset: `predict` (temporal/data.py) for all members in one pass over the data."""
+    batches = list(LengthBucketSampler(dataset.sample_lengths(), batch_size, shuffle=False))
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collate_clips)
+    w, M, out = stacked(models), len(models), []
+    for batch in loader:
+        x, m, p = model_inputs(batch, models[0].config, device)
+        with autocast(device, amp):
+            logits = members_forward(models[0], w, x.expand(M, *x.shape), m.expand(M, *m.shape),
+                                     None if p is None else p.expand(M, *p.shape))
+        out.append(logits.float().cpu())
+    index = np.array([i for b in batches for i in b], dtype=np.int64)
+    logits = torch.cat(out, dim=1).numpy() if out else np.zeros((M, 0, models[0].config.num_classes), np.float32)
+    return logits, index
+
+
 def train_batched(cache, runs: list[tuple[Path, TrainConfig]], sources: dict | None = None,
                   progress: bool = True) -> list[dict]:
     """Train the fresh runs `runs` ((run directory, config) with one `batch_key`) together; returns each run's
@@ -91,16 +200,12 @@ def train_batched(cache, runs: list[tuple[Path, TrainConfig]], sources: dict | N
     if len(steps) != 1:  # the same data and schedule give the same steps; guard against a future difference
         raise UserError(f"batched runs have different schedules {sorted(steps)}: {[str(r) for r, _ in runs]}")
     models = [j.loop.model for j in jobs]
-    # The template is only the function: its tensors are replaced by the members' (stacked) in every call.
-    template = copy.deepcopy(models[0]).to("meta")
-    # The position range check branches on tensor values, which vmap cannot; each member's positions are
-    # checked by its own model before the batched pass (below), so the template skips it.
-    template._frame_positions = lambda positions, mask: torch.where(mask, positions, 0)
-    forward = vmap(lambda params, buffers, x, m, p: functional_call(template, (params, buffers), (x, m, p)),
-                   in_dims=(0, 0, 0, 0, None if models[0].config.positions == "none" else 0))
-    # vmap runs scaled_dot_product_attention member by member (no batching rule on the CPU), and says so at
-    # every call; that is known and still faster than separate runs.
-    warnings.filterwarnings("ignore", message=".*batching rule for aten::_scaled_dot_product")
+    for j in jobs:
+        # The multi-tensor optimiser step: the same update as the one-tensor-at-a-time loop PyTorch picks on the
+        # CPU, in a few ops per step instead of ~10 per tensor; with M members the per-op cost was a large share of
+        # a batched step. (A per-group option of torch.optim, saved with the optimiser state.)
+        for group in j.loop.opt.param_groups:
+            group["foreach"] = True
     cfg, epochs, total = jobs[0].cfg, jobs[0].epochs, jobs[0].loop.state["total_steps"]
     every = eval_interval(epochs, cfg.run.eval_every)
     bar = progress_bar(total=total, disable=not progress, unit="step",
@@ -120,12 +225,8 @@ def train_batched(cache, runs: list[tuple[Path, TrainConfig]], sources: dict | N
                     j.loop.model._frame_positions(p, m)  # refuses positions outside the table, as a run does
                 inputs.append((x, m, p))
             x, m, p, y, w = _pad(inputs, [b["labels"] for b, _ in step], [wt for _, wt in step], device)
-            params = {n: torch.stack([dict(mod.named_parameters())[n] for mod in models])
-                      for n, _ in models[0].named_parameters()}
-            buffers = {n: torch.stack([dict(mod.named_buffers())[n] for mod in models])
-                       for n, _ in models[0].named_buffers()}
             with autocast(device, cfg.run.amp):
-                logits = forward(params, buffers, x, m, p)  # [M, B, classes]
+                logits = members_forward(models[0], stacked(models), x, m, p)  # [M, B, classes]
             losses = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none",
                                      label_smoothing=cfg.optim.label_smoothing).view(y.shape)
             member_loss = (losses * w).sum(1)  # [M]: each member's loss, weighted as its own run weights it
@@ -134,9 +235,19 @@ def train_batched(cache, runs: list[tuple[Path, TrainConfig]], sources: dict | N
                 finish_step(j.loop, value)
                 step_checkpoint(j.loop, cfg.run.checkpoint_every)
             bar.update()
-        for j in jobs:
-            close_epoch(j.loop, epoch, epochs, every, cfg.run.checkpoint_every,
-                        lambda: evaluate_views(j.loop.model, j.data.val, device, cfg.data.eval_batch_size, procs,
-                                               cfg.run.amp))
+        # Members share the schedule, so all evaluate at the same epochs: the first member's close_epoch that
+        # evaluates runs every member's evaluation in one pass over the val videos (the same for all members).
+        evaluated = []
+
+        def evaluate(i: int) -> dict:
+            if not evaluated:
+                logits, index = members_predict(models, jobs[0].data.val, device, cfg.data.eval_batch_size,
+                                                cfg.run.amp)
+                labels = jobs[0].data.val.labels[index]
+                evaluated.extend(gathered_metrics(member, labels, procs) for member in logits)
+            return evaluated[i]
+
+        for i, j in enumerate(jobs):
+            close_epoch(j.loop, epoch, epochs, every, cfg.run.checkpoint_every, lambda i=i: evaluate(i))
     bar.close()
     return [finish_run(j.loop, epochs, announce=False) for j in jobs]

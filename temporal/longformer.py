@@ -97,6 +97,20 @@ def banded_attention(
     return out.reshape(B, H, nb * c, dh)[:, :, :T]
 
 
+def global_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor, dropout_p: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """[CLS] attends to every valid token (itself included).
+
+    q: [B, H, 1, dh] its global query, already scaled; k, v: [B, H, N, dh] the global keys/values of all
+    tokens; valid: [B, N] bool. Returns the output [B, H, 1, dh] and the probabilities [B, H, N].
+    """
+    scores = (q @ k.transpose(-1, -2)).squeeze(2)  # [B, H, N]
+    scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
+    probs = F.softmax(scores, dim=-1, dtype=torch.float32).type_as(scores)  # fp32 softmax, as HF
+    return F.dropout(probs, dropout_p, dropout_p > 0).unsqueeze(2) @ v, probs
+
+
 class LongformerSelfAttention(nn.Module):
     """Sliding-window attention for frames and global attention for [CLS] (index 0); HF's parameter names."""
 
@@ -137,10 +151,7 @@ class LongformerSelfAttention(nn.Module):
         # [CLS]: its own projections over all tokens (itself included), masked tokens excluded.
         qg = self.heads(self.query_global(h[:, :1]) / scale)  # [B, H, 1, dh]
         kg, vg = self.heads(self.key_global(h)), self.heads(self.value_global(h))  # [B, H, N, dh]
-        scores = (qg @ kg.transpose(-1, -2)).squeeze(2)  # [B, H, N]
-        scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
-        probs = F.softmax(scores, dim=-1, dtype=torch.float32).type_as(scores)  # fp32 softmax, as HF
-        cls = F.dropout(probs, p, self.training).unsqueeze(2) @ vg  # [B, H, 1, dh]
+        cls, probs = global_attention(qg, kg, vg, valid, p)
 
         out = torch.cat([cls, frames], dim=2)  # [B, H, N, dh]
         return out.transpose(1, 2).reshape(B, N, d), probs

@@ -505,18 +505,20 @@ def bench(steps: int = 60, jobs: int = 2) -> dict:
         def grid_args(grid: dict) -> list[str]:
             return [x for k, v in grid.items() for x in ("--grid", f"{k}={','.join(map(str, v))}")]
 
+        # Each figure is printed as soon as it is measured: the whole bench takes minutes on a busy machine.
+        print(f"vtn bench sweep: tiny encoder (hidden 128, 2 layers, no dropout unless varied), {steps} steps of 16 "
+              f"clips x 8 frames per run, 96 train / 32 val videos of 32-D features; wall time with process "
+              f"start-up", flush=True)
         same = {"optim.lr": [1e-3, 3e-3]}
         separate = _timed(commands(same, 4, "separate8"))
         batched = _timed([["sweep", cache, "--out", str(tmp / "sweep8"), *grid_args(same), "--seeds", "4", *common]])
+        print(f"  8 runs (lr 1e-3, 3e-3 x 4 seeds): 8 vtn train commands {separate:.1f} s; one batched vtn sweep "
+              f"{batched:.1f} s = {batched / separate:.2f}x", flush=True)
         mixed = {"model.num_layers": [1, 2], "model.dropout": [0.0, 0.1], "optim.lr": [1e-3, 3e-3, 1e-2]}
         separate12 = _timed(commands(mixed, 1, "separate12"))
         swept12 = _timed([["sweep", cache, "--out", str(tmp / "sweep12"), *grid_args(mixed), "--jobs", str(jobs),
                            *common]])
+        print(f"  12 runs (layers 1, 2 x dropout 0, 0.1 x lr 1e-3, 3e-3, 1e-2): 12 vtn train commands "
+              f"{separate12:.1f} s; vtn sweep --jobs {jobs} {swept12:.1f} s = {swept12 / separate12:.2f}x", flush=True)
     figures = {"separate_8": separate, "batched_8": batched, "separate_12": separate12, f"jobs{jobs}_12": swept12}
-    print(f"vtn bench sweep: tiny encoder (hidden 128, 2 layers, no dropout unless varied), {steps} steps of 16 "
-          f"clips x 8 frames per run, 96 train / 32 val videos of 32-D features; wall time with process start-up")
-    print(f"  8 runs (lr 1e-3, 3e-3 x 4 seeds): 8 vtn train commands {separate:.1f} s; one batched vtn sweep "
-          f"{batched:.1f} s = {batched / separate:.2f}x")
-    print(f"  12 runs (layers 1, 2 x dropout 0, 0.1 x lr 1e-3, 3e-3, 1e-2): 12 vtn train commands {separate12:.1f} s; "
-          f"vtn sweep --jobs {jobs} {swept12:.1f} s = {swept12 / separate12:.2f}x", flush=True)
     return figures

@@ -164,3 +164,30 @@ def test_probes_equal_scikit_learn_called_directly(cache, tmp_path):
     assert float(rows["probe: MLP (mean + max pooling)"]["val_top1_mean"]) == pytest.approx(mlp)
     assert float(rows["probe: single frame (logistic regression)"]["val_top1_mean"]) == pytest.approx(frame)
     assert mean <= 0.75  # a video and its reversal have one mean: order-blind probes cannot separate them
+
+
+@pytest.mark.parametrize("positions, feature_dim, T", [("index", 32, 8), ("time", 16, 70), ("none", 32, 40)])
+def test_members_forward_equals_each_members_own_forward(positions, feature_dim, T):
+    """The batched pass computes VTN.forward of every member: dense and blocked (T > 2 blocks) attention,
+    padded frames, each positions mode, with and without input_proj (feature_dim = hidden_size)."""
+    from vtn.temporal.batched import members_forward, stacked
+    from vtn.temporal.model import VTN, VTNConfig
+
+    torch.manual_seed(0)
+    cfg = VTNConfig(feature_dim=feature_dim, hidden_size=16, num_layers=2, num_heads=2, intermediate_size=32,
+                    attention_window=(4, 8), positions=positions, dropout=0, attention_dropout=0, head_dropout=0,
+                    num_classes=4)
+    models = [VTN(cfg) for _ in range(3)]
+    for m in models:
+        m.set_feature_stats(torch.randn(feature_dim), torch.rand(feature_dim) + 0.5)
+    x = torch.randn(3, 5, T, feature_dim)
+    mask = torch.ones(3, 5, T, dtype=torch.bool)
+    mask[:, 1, T // 2:] = False
+    mask[2, 3, 3:] = False
+    p = None if positions == "none" else torch.randint(0, 200, (3, 5, T)).sort(-1).values
+    logits = members_forward(models[0], stacked(models), x, mask, p)
+    assert logits.shape == (3, 5, 4)
+    for i, m in enumerate(models):
+        torch.testing.assert_close(logits[i], m(x[i], mask[i], None if p is None else p[i]))
+    logits.sum().backward()  # the gradient reaches each member's own parameters
+    assert all(m.head[4].weight.grad is not None for m in models)
