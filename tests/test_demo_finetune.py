@@ -33,7 +33,8 @@ def test_demo_finetune_prints_the_table_and_keeps_both_runs(tmp_path, capsys, mo
     monkeypatch.setattr(demo, "TRAIN_SETS", [*demo.TRAIN_SETS, "optim.steps=2"])
     monkeypatch.setattr(demo, "FT_VIDEOS", {"train": 2, "val": 1})
     monkeypatch.setattr(demo, "FT_TRAIN_SETS", [*demo.FT_TRAIN_SETS, "optim.steps=2"])
-    monkeypatch.setattr(demo, "FINETUNE_SETS", [*demo.FINETUNE_SETS, "optim.epochs=1", "run.eval_every=1"])
+    monkeypatch.setattr(demo, "FINETUNE_SETS", [*demo.FINETUNE_SETS, "optim.epochs=1", "run.eval_every=1",
+                                                          "optim.batch_size=4"])
     assert main(["demo", "--out", str(tmp_path), "--quiet", "--finetune"]) == 0
     out = capsys.readouterr().out
     assert "VTN (order-aware)" in out  # the normal demo ran first

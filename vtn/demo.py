@@ -34,23 +34,23 @@ TRAIN_SETS = [
     "data.clip_frames=16", "data.stride=2", "optim.batch_size=16", "optim.lr=0.001", "optim.min_steps=1500",
 ]
 
-# `--finetune`: 4 layout classes, 24 train and 10 val videos each (1-2 s at 15 fps, sampled at 8 fps: 8-16 frames),
+# `--finetune`: 4 layout classes, 48 train and 10 val videos each (1-2 s at 15 fps, sampled at 8 fps: 8-16 frames),
 # a 64 px random-init ResNet-10t (its residual branches start at zero, so its pooled feature averages local features
 # over the frame, which is what makes the layout invisible to it), the same small encoder as above.
-FT_VIDEOS = {"train": 24, "val": 10}  # per class
+FT_VIDEOS = {"train": 48, "val": 10}  # per class
 FT_BACKBONE = {"name": "resnet10t", "weights": "random", "image_size": 64}
 FT_SAMPLING = {"mode": "fps", "fps": 8.0}
 FT_TRAIN_SETS = [
     "model.hidden_size=64", "model.num_layers=2", "model.num_heads=4", "model.intermediate_size=128",
     "model.attention_window=8", "model.positions=time", f"model.position_rate={FT_SAMPLING['fps']}",
     "model.dropout=0.0", "model.attention_dropout=0.0", "model.head_dropout=0.0",
-    "data.clip_frames=8", "data.stride=1", "optim.batch_size=16", "optim.lr=0.001", "optim.steps=150",
-    "run.eval_every=5",
+    "data.clip_frames=8", "data.stride=1", "optim.batch_size=16", "optim.lr=0.001", "optim.steps=60",
+    "run.eval_every=1",
 ]
 # Fine-tuning a random-init backbone, not a pretrained one: the backbone learns at the encoder's rate (not a tenth
 # of it) and its BatchNorm uses batch statistics (its running ones are still the init's). Short clips in small
-# batches keep a step cheap on a CPU; two whole-video evaluations (epochs 4 and 8).
-FINETUNE_SETS = ["optim.lr=0.002", "optim.batch_size=8", "optim.epochs=8", "optim.warmup=0.1", "run.eval_every=4",
+# batches keep a step cheap on a CPU; two whole-video evaluations (epochs 3 and 5).
+FINETUNE_SETS = ["optim.lr=0.003", "optim.batch_size=16", "optim.epochs=5", "optim.warmup=0.1", "run.eval_every=3",
                  "data.clip_frames=4", "data.stride=2", "finetune.backbone_lr=1.0", "finetune.freeze_bn=false",
                  "finetune.frozen_steps=0", "finetune.workers=0"]
 
