@@ -157,6 +157,80 @@ def make_dataset(
     return paths
 
 
+# The layout kind (`make_layout_dataset`): every class shows the same two textured squares, one striped
+# horizontally and one vertically, in the same colour, moving together; only where they sit relative to each other
+# (side by side or one above the other, and which is first) tells the classes apart.
+LAYOUT_CLASSES = ("horizontal_left", "vertical_left", "horizontal_above", "vertical_above")
+LAYOUT_SIZE = 72  # square frames; a 64 px backbone input (resize to 73, centre crop) sees them at about 1:1
+LAYOUT_PATCH = 12  # side of each textured square, px: 3 stripes of period 4
+LAYOUT_DISTANCE = 26  # between the squares' centres, px: a 14 px gap, wider than the local features of a
+# random-init ResNet stem, so no local feature sees both squares (see `render_layout_frame`)
+
+
+def render_layout_frame(cls: str, t: float, duration: float, background: np.ndarray, colour: np.ndarray,
+                        phase: int, start: tuple[float, float], drift: tuple[float, float]) -> np.ndarray:
+    """One RGB frame [72, 72, 3] uint8 of layout class `cls` at time `t` of a `duration`-second clip.
+
+    Two squares of stripes (period 4 px, phase `phase`, `colour` on the background's own colour) whose centres
+    are `LAYOUT_DISTANCE` apart, side by side or one above the other, the horizontally striped one first or
+    second; the pair's centre moves from `start` by `drift` (px) over the clip. Every class has the same local
+    content (two identical squares, the same edges, the same colours) in different places, so a backbone whose
+    pooled feature averages local features over the frame (a random-init ResNet, whose residual branches start
+    at zero, is one) gives the classes the same feature; a trained one can learn where the squares are.
+    """
+    first, axis = cls.split("_")  # "horizontal"/"vertical", "left"/"above"
+    u = min(max(t / duration, 0.0), 1.0)
+    cx, cy = start[0] + drift[0] * u, start[1] + drift[1] * u
+    out = background.astype(np.float32).copy()
+    base = background.astype(np.float32).mean(axis=(0, 1))
+    stripes = (np.sin(2 * np.pi * (np.arange(LAYOUT_PATCH) + phase + 0.5) / 4) > 0).astype(np.float32)
+    squares = {"horizontal": np.tile(stripes[:, None], (1, LAYOUT_PATCH)),  # stripes along x: rows alternate
+               "vertical": np.tile(stripes[None, :], (LAYOUT_PATCH, 1))}
+    order = (first, "vertical" if first == "horizontal" else "horizontal")
+    for kind, sign in zip(order, (-1, 1)):
+        x = cx + (sign * LAYOUT_DISTANCE / 2 if axis == "left" else 0.0)
+        y = cy + (sign * LAYOUT_DISTANCE / 2 if axis == "above" else 0.0)
+        x0, y0 = int(round(x - LAYOUT_PATCH / 2)), int(round(y - LAYOUT_PATCH / 2))
+        m = squares[kind][..., None]  # [p, p, 1]: 1 on a stripe
+        out[y0:y0 + LAYOUT_PATCH, x0:x0 + LAYOUT_PATCH] = m * colour + (1 - m) * base
+    return np.clip(out, 0, 255).astype(np.uint8)
+
+
+def make_layout_video(path: str | Path, cls: str, seconds: float, fps: float, seed: int = 0) -> Path:
+    """Write one layout video of class `cls` (see `render_layout_frame`); background, stripe colour and phase,
+    the pair's start and its drift come from `seed`, identically distributed for every class. Encoded at a low
+    crf so the 4 px stripes survive."""
+    rng = np.random.default_rng(seed)
+    size = LAYOUT_SIZE
+    base = rng.uniform(0, 90, size=3)
+    background = np.clip(base + rng.normal(0, 12, size=(size, size, 1)), 0, 255).astype(np.uint8)
+    colour = rng.uniform(140, 255, size=3).astype(np.float32)
+    phase = int(rng.integers(4))
+    start = tuple(size / 2 + rng.uniform(-2, 2, size=2))
+    drift = tuple(rng.uniform(-3, 3, size=2))
+    times = frame_times(seconds, fps, False, rng)
+    frames = (render_layout_frame(cls, t, seconds, background, colour, phase, start, drift) for t in times)
+    return write_video(path, frames, times, fps, crf=12)
+
+
+def make_layout_dataset(root: str | Path, per_split: dict[str, int] | None = None,
+                        classes: tuple[str, ...] = LAYOUT_CLASSES, seconds: tuple[float, float] = (1.0, 2.0),
+                        fps: float = 15.0, seed: int = 0) -> list[Path]:
+    """Write `root/split/class/NNNN.mp4` layout videos, `per_split[split]` per class (default 8 train, 4 val):
+    classes a frozen random-init backbone's pooled features cannot tell apart and a fine-tuned one can (used by
+    `vtn demo --finetune`). Constant `fps`, lengths drawn from `seconds`; deterministic for a given seed."""
+    per_split = per_split if per_split is not None else {"train": 8, "val": 4}
+    rng = np.random.default_rng(seed)
+    paths = []
+    for split, count in per_split.items():
+        for cls in classes:
+            for i in range(count):
+                paths.append(make_layout_video(Path(root) / split / cls / f"{i:04d}.mp4", cls,
+                                               seconds=float(rng.uniform(*seconds)), fps=fps,
+                                               seed=int(rng.integers(2**31))))
+    return paths
+
+
 def make_long_video(path: str | Path, seconds: float, width: int = 1920, height: int = 1080, fps: float = 10.0) -> Path:
     """A long, large video (e.g. 3 minutes of 1080p) for memory benchmarks: a blob crossing the frame every 10 s.
 
