@@ -1,7 +1,6 @@
 import av
 import decord
 import numpy as np
-import pytest
 
 from vtn.extract import synth
 
