@@ -1,5 +1,19 @@
+import os
+
 import pytest
 import torch
+
+
+def pytest_configure(config):
+    """Under pytest-xdist each worker gets its own share of the cores (and its subprocesses inherit it): two
+    workers that each run torch on every core would spend much of the suite fighting over them."""
+    worker, count = os.environ.get("PYTEST_XDIST_WORKER"), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    cores = sorted(os.sched_getaffinity(0))
+    if worker and 1 < count <= len(cores):
+        mine = cores[int(worker.removeprefix("gw")) % count::count]
+        os.sched_setaffinity(0, mine)
+        os.environ["OMP_NUM_THREADS"] = str(len(mine))
+        torch.set_num_threads(len(mine))
 
 
 def pytest_collection_modifyitems(config, items):
