@@ -27,12 +27,15 @@ SAMPLING = {"mode": "fps", "fps": 12.0}
 # Positions from time at the sampling rate: consecutive samples get consecutive positions whatever the source's
 # frame rate (15-30 fps here), which frame indices would not. No dropout: on 160 videos it mostly delays the
 # moment the encoder starts to use the frames' order (seen at 50 % val top-1 after 1000 steps on some seeds).
-TRAIN_SETS = [
-    "model.hidden_size=64", "model.num_layers=2", "model.num_heads=4", "model.intermediate_size=128",
-    "model.attention_window=8", "model.positions=time", f"model.position_rate={SAMPLING['fps']}",
-    "model.dropout=0.0", "model.attention_dropout=0.0", "model.head_dropout=0.0",
-    "data.clip_frames=16", "data.stride=2", "optim.batch_size=16", "optim.lr=0.001", "optim.min_steps=1500",
-]
+def small_encoder(fps: float) -> list[str]:
+    """The demo's encoder settings, for features sampled at `fps`."""
+    return ["model.hidden_size=64", "model.num_layers=2", "model.num_heads=4", "model.intermediate_size=128",
+            "model.attention_window=8", "model.positions=time", f"model.position_rate={fps}",
+            "model.dropout=0.0", "model.attention_dropout=0.0", "model.head_dropout=0.0"]
+
+
+TRAIN_SETS = [*small_encoder(SAMPLING["fps"]), "data.clip_frames=16", "data.stride=2", "optim.batch_size=16",
+              "optim.lr=0.001", "optim.min_steps=1500"]
 
 # `--finetune`: 4 layout classes, 48 train and 10 val videos each (1-2 s at 15 fps, sampled at 8 fps: 8-16 frames),
 # a 64 px random-init ResNet-10t (its residual branches start at zero, so its pooled feature averages local features
@@ -40,13 +43,8 @@ TRAIN_SETS = [
 FT_VIDEOS = {"train": 48, "val": 10}  # per class
 FT_BACKBONE = {"name": "resnet10t", "weights": "random", "image_size": 64}
 FT_SAMPLING = {"mode": "fps", "fps": 8.0}
-FT_TRAIN_SETS = [
-    "model.hidden_size=64", "model.num_layers=2", "model.num_heads=4", "model.intermediate_size=128",
-    "model.attention_window=8", "model.positions=time", f"model.position_rate={FT_SAMPLING['fps']}",
-    "model.dropout=0.0", "model.attention_dropout=0.0", "model.head_dropout=0.0",
-    "data.clip_frames=8", "data.stride=1", "optim.batch_size=16", "optim.lr=0.001", "optim.steps=60",
-    "run.eval_every=1",
-]
+FT_TRAIN_SETS = [*small_encoder(FT_SAMPLING["fps"]), "data.clip_frames=8", "data.stride=1", "optim.batch_size=16",
+                 "optim.lr=0.001", "optim.steps=60", "run.eval_every=1"]
 # Fine-tuning a random-init backbone, not a pretrained one: the backbone learns at the encoder's rate (not a tenth
 # of it) and its BatchNorm uses batch statistics (its running ones are still the init's). Short clips in small
 # batches keep a step cheap on a CPU; two whole-video evaluations (epochs 5 and 10). The rate is the one that
@@ -103,14 +101,27 @@ def baseline_top1(cache_url: str) -> float:
     return float(clf.score(xv, yv))
 
 
+def extract(videos: Path, cache: str, backbone: dict, sampling: dict, progress: bool):
+    """Step 2 of either demo: `backbone` (random init) over `videos` sampled as `sampling`, into `cache`.
+    Decoding in the main process: these files decode in milliseconds, so worker processes would cost more to
+    start than they save."""
+    from vtn.config import merge
+    from vtn.extract import job as extract_job
+    from vtn.extract.config import ExtractConfig
+
+    print(f"2/4 extracting features with a random-init {backbone['name']} at {backbone['image_size']} px, "
+          f"{sampling['fps']:g} frames per second", flush=True)
+    cfg = merge(ExtractConfig(), {"backbone": backbone, "sampling": sampling,
+                                  "runtime": {"device": "cpu", "workers": 0, "progress": progress}})
+    return extract_job.run(cfg, videos, cache, overwrite=True)
+
+
 def demo(out: str | Path | None = None, progress: bool = True) -> dict:
     """Run the demo in `out` (a new temporary folder when None); prints the report and returns its figures."""
     import tempfile
 
     from vtn.config import merge, resolve
     from vtn.evaluate.run import evaluate
-    from vtn.extract import job as extract_job
-    from vtn.extract.config import ExtractConfig
     from vtn.extract.synth import CLASSES, make_dataset
     from vtn.temporal.train import TrainConfig, train
 
@@ -126,13 +137,7 @@ def demo(out: str | Path | None = None, progress: bool = True) -> dict:
     times["generate"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    print(f"2/4 extracting features with a random-init {BACKBONE['name']} at {BACKBONE['image_size']} px, "
-          f"{SAMPLING['fps']:g} frames per second", flush=True)
-    # Decoding in the main process: these files decode in milliseconds, so worker processes would cost more
-    # to start than they save.
-    extract_cfg = merge(ExtractConfig(), {"backbone": BACKBONE, "sampling": SAMPLING,
-                                          "runtime": {"device": "cpu", "workers": 0, "progress": progress}})
-    summary = extract_job.run(extract_cfg, videos, cache, overwrite=True)
+    summary = extract(videos, cache, BACKBONE, SAMPLING, progress)
     times["extract"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -166,8 +171,6 @@ def finetune_stage(out: str | Path | None = None, progress: bool = True) -> dict
 
     from vtn.config import merge, resolve
     from vtn.evaluate.run import evaluate
-    from vtn.extract import job as extract_job
-    from vtn.extract.config import ExtractConfig
     from vtn.extract.synth import LAYOUT_CLASSES, make_layout_dataset
     from vtn.temporal.finetune import FinetuneConfig, default_config, finetune
     from vtn.temporal.train import TrainConfig, train
@@ -185,11 +188,7 @@ def finetune_stage(out: str | Path | None = None, progress: bool = True) -> dict
     times["generate"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    print(f"2/4 extracting features with a random-init {FT_BACKBONE['name']} at {FT_BACKBONE['image_size']} px, "
-          f"{FT_SAMPLING['fps']:g} frames per second", flush=True)
-    extract_cfg = merge(ExtractConfig(), {"backbone": FT_BACKBONE, "sampling": FT_SAMPLING,
-                                          "runtime": {"device": "cpu", "workers": 0, "progress": progress}})
-    extract_job.run(extract_cfg, videos, cache, overwrite=True)
+    extract(videos, cache, FT_BACKBONE, FT_SAMPLING, progress)
     times["extract"] = time.perf_counter() - start
 
     start = time.perf_counter()
