@@ -10,7 +10,7 @@ def pytest_configure(config):
     worker, count = os.environ.get("PYTEST_XDIST_WORKER"), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     cores = sorted(os.sched_getaffinity(0))
     if worker and 1 < count <= len(cores):
-        mine = cores[int(worker.removeprefix("gw")) % count::count]
+        mine = cores[int(worker.removeprefix("gw"))::count]  # gw0, gw1, ...: one core in every `count`
         os.sched_setaffinity(0, mine)
         os.environ["OMP_NUM_THREADS"] = str(len(mine))
         torch.set_num_threads(len(mine))
