@@ -206,7 +206,7 @@ def main(args) -> int:
                 print(f"(generated {long_file.name} in {time.perf_counter() - t0:.0f} s)")
             vtn = [sys.executable, "-m", "vtn", "extract", str(long_dir), "--out", str(work / "long.zarr"), "--overwrite",
                    "--backbone", args.backbone, "--random-init", "--image-size", str(args.image_size), "--fps", "2",
-                   "--device", "cpu", "--batch-size", str(args.batch_size), "--workers", "1", "--no-progress"]
+                   "--device", "cpu", "--batch-size", str(args.batch_size), "--workers", "1", "--quiet"]
             t0 = time.perf_counter()
             rc, peak, single = _peak_rss(vtn)
             print(f"peak memory      {peak:8.0f} MiB  all processes together (largest single {single:.0f} MiB), "

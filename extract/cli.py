@@ -49,7 +49,8 @@ def register(sub, bench_sub) -> None:
     p.add_argument("--shard", metavar="K/N", help="only the K-th of N fixed shares of the videos (K = 0..N-1), for job "
                    "arrays (SLURM, Kubernetes) whose tasks start on their own: each writes its own part of the same "
                    "cache, and re-running a task resumes its share")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", "--no-progress", action="store_true", help="no progress bar (as train, finetune, "
+                   "sweep and demo; --no-progress is the older spelling)")
     add_config_args(p, "runtime.decode_threads=2")
     p.set_defaults(func=_extract)
 
@@ -96,7 +97,7 @@ def _flags(args: argparse.Namespace) -> dict:
     for key in ("device", "batch_size", "amp", "workers", "timeout"):
         if getattr(args, key) is not None:
             runtime[key] = getattr(args, key)
-    if args.no_progress:
+    if args.quiet:
         runtime["progress"] = False
     if args.compile:
         runtime["compile"] = True

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import secrets
 import time
+import warnings
 
 import numpy as np
 
@@ -23,11 +24,17 @@ def child_groups(group) -> list:
     process, so without dropping that cache a process that once listed `parts/` would never see a part
     another writer added later: re-opening the cache would not show its videos, and a consolidation (rank 0
     after the other ranks committed) would leave its part out of the index.
+
+    Leftover `zarr.<hex>.partial` files (zarr's own atomic write of a zarr.json, its writer killed in the middle)
+    are not groups; zarr warns about each on every listing, which tells the user nothing, so that warning is
+    silenced here. They are harmless and `vtn store verify` does not count them as damage.
     """
     fs = getattr(group.store, "fs", None)
     if fs is not None:
         fs.invalidate_cache()
-    return list(group.groups())
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Object at .*\.partial is not recognized")
+        return list(group.groups())
 
 
 def part_states(root) -> dict[str, dict]:

@@ -18,7 +18,7 @@ from vtn.paths import check_cache_out, check_run_dir
 from vtn.store import CacheWriter, open_cache
 
 FAST = ["--backbone", "resnet18", "--image-size", "32", "--random-init", "--num-frames", "2", "--workers", "0",
-        "--device", "cpu", "--no-progress"]
+        "--device", "cpu", "--quiet"]
 
 
 def snapshot(root: Path) -> dict[str, bytes]:

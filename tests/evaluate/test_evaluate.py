@@ -179,7 +179,7 @@ def test_attention_of_real_videos_sums_to_one_and_equals_the_model(tmp_path, cap
     synth.make_dataset(videos, per_split={"train": 2, "val": 1}, classes=synth.CLASSES[:2], seconds=(1.0, 1.5))
     cache, run = str(tmp_path / "cache"), tmp_path / "run"
     assert main(["extract", str(videos), "--out", cache, "--backbone", "resnet18", "--random-init", "--image-size",
-                 "32", "--fps", "8", "--workers", "0", "--no-progress"]) == 0
+                 "32", "--fps", "8", "--workers", "0", "--quiet"]) == 0
     assert main(["train", cache, "--out", str(run), "--model", "tiny", "--steps", "2", "--quiet"]) == 0
     assert main(["evaluate", str(run), "--cache", cache, "--attention", "2", "--out", str(tmp_path / "e")]) == 0
     records = json.loads((tmp_path / "e" / "attention" / "attention.json").read_text())

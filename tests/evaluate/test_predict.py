@@ -13,7 +13,7 @@ from vtn.extract import synth
 from vtn.extract.backbone import Preprocess
 from vtn.extract.sampling import SamplingConfig, sample
 
-EXTRACT = ["--backbone", "resnet18", "--image-size", "32", "--fps", "8", "--workers", "0", "--no-progress"]
+EXTRACT = ["--backbone", "resnet18", "--image-size", "32", "--fps", "8", "--workers", "0", "--quiet"]
 
 
 @pytest.fixture(scope="module")

@@ -74,7 +74,7 @@ def test_cli_offline_without_hub_cache_is_a_usage_error_naming_the_ways_forward(
 
     env = {k: v for k, v in os.environ.items() if k not in PROXY_VARS and not k.startswith("HF_")}
     env.update(HF_HOME=str(tmp_path / "hf"), HF_ENDPOINT=UNREACHABLE)
-    proc = vtn("extract", videos / "val", "--out", tmp_path / "c", "--backbone", "resnet18", "--no-progress",
+    proc = vtn("extract", videos / "val", "--out", tmp_path / "c", "--backbone", "resnet18", "--quiet",
                env=env, check_rc=2)
     for needle in ("--weights FILE", "timm/resnet18.a1_in1k", str(tmp_path / "hf" / "hub"), "--random-init"):
         assert needle in proc.stderr

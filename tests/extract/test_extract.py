@@ -83,7 +83,7 @@ def test_manifest_weights_file_and_unlabelled_rows(videos, tmp_path, vtn):
     manifest.write_text("path,label,split\nvideos_link/train/left_to_right_red_first/0000.mp4,ltr,train\n"
                         "videos_link/val/right_to_left_green_first/0000.mp4,,val\n")
     out = tmp_path / "cache"
-    vtn("extract", manifest, "--out", out, *BACKBONE, "--weights", weights, "--num-frames", "4", "--no-progress", check_rc=0)
+    vtn("extract", manifest, "--out", out, *BACKBONE, "--weights", weights, "--num-frames", "4", "--quiet", check_rc=0)
     cache = open_cache(str(out))
     assert cache.class_names == ["ltr"]
     a, b = cache.video("videos_link/train/left_to_right_red_first/0000.mp4"), cache.video("videos_link/val/right_to_left_green_first/0000.mp4")
@@ -100,15 +100,15 @@ def test_manifest_weights_file_and_unlabelled_rows(videos, tmp_path, vtn):
 def test_other_sampling_on_existing_cache_is_refused_unless_overwrite(videos, tmp_path, vtn):
     out = tmp_path / "cache"
     src = videos / "val"
-    vtn("extract", src, "--out", out, *BACKBONE, "--random-init", "--num-frames", "2", "--workers", "0", "--no-progress", check_rc=0)
-    proc = vtn("extract", src, "--out", out, *BACKBONE, "--random-init", "--num-frames", "3", "--no-progress", check_rc=2)
+    vtn("extract", src, "--out", out, *BACKBONE, "--random-init", "--num-frames", "2", "--workers", "0", "--quiet", check_rc=0)
+    proc = vtn("extract", src, "--out", out, *BACKBONE, "--random-init", "--num-frames", "3", "--quiet", check_rc=2)
     assert "sampling" in proc.stderr
     proc = vtn("extract", src, "--out", out, "--backbone", "resnet18", "--image-size", "32", "--random-init",
-               "--num-frames", "2", "--no-progress", check_rc=2)
+               "--num-frames", "2", "--quiet", check_rc=2)
     assert "backbone" in proc.stderr and "--overwrite" in proc.stderr
-    proc = vtn("extract", src, "--out", out, *BACKBONE, "--random-init", "--num-frames", "2", "--no-progress", check_rc=0)
+    proc = vtn("extract", src, "--out", out, *BACKBONE, "--random-init", "--num-frames", "2", "--quiet", check_rc=0)
     assert "4 already in the cache" in proc.stderr
-    vtn("extract", src, "--out", out, *BACKBONE, "--random-init", "--num-frames", "3", "--overwrite", "--no-progress",
+    vtn("extract", src, "--out", out, *BACKBONE, "--random-init", "--num-frames", "3", "--overwrite", "--quiet",
         "--set", "runtime.batch_size=4", check_rc=0)
     assert open_cache(str(out)).lengths.tolist() == [3, 3, 3, 3]
 
@@ -133,7 +133,7 @@ def test_missing_input_exits_2(tmp_path, vtn):
 def test_compiled_backbone_gives_the_eager_features(videos, tmp_path, vtn):
     out = tmp_path / "cache"
     vtn("extract", videos / "val", "--out", out, *BACKBONE, "--random-init", "--num-frames", "5", "--compile",
-        "--batch-size", "8", "--no-progress", check_rc=0)
+        "--batch-size", "8", "--quiet", check_rc=0)
     cache = open_cache(str(out))
     assert cache.attrs["config"]["runtime"]["compile"] is True
     model, data_config, _ = create_backbone("resnet18", image_size=64)
@@ -176,7 +176,7 @@ def test_pretrained_weights_load_offline_from_the_local_hub_cache(videos, tmp_pa
     published = _hub_cache(tmp_path / "hub", "resnet18", seed=5)
     env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
     out = tmp_path / "cache"
-    vtn("extract", videos / "val", "--out", out, *BACKBONE, "--pretrained", "--num-frames", "3", "--no-progress",
+    vtn("extract", videos / "val", "--out", out, *BACKBONE, "--pretrained", "--num-frames", "3", "--quiet",
         env=env, check_rc=0)
     cache = open_cache(str(out))
     assert cache.attrs["backbone"]["weights"] == "timm-pretrained"
@@ -188,7 +188,7 @@ def test_pretrained_weights_load_offline_from_the_local_hub_cache(videos, tmp_pa
 
     # Weights that are not in the cache, offline: a usage error that says where they must be.
     proc = vtn("extract", videos / "val", "--out", tmp_path / "c2", "--backbone", "resnet34", "--pretrained",
-               "--no-progress", env=env, check_rc=2)
+               "--quiet", env=env, check_rc=2)
     assert "resnet34" in proc.stderr and "local Hugging Face hub cache" in proc.stderr
 
 
@@ -198,7 +198,7 @@ def test_manifest_from_a_spreadsheet_and_one_that_is_not_utf8(videos, tmp_path, 
     # Excel's "CSV UTF-8": a byte-order mark and CRLF line ends.
     (tmp_path / "excel.csv").write_bytes(f"\ufeffpath,label,split\r\nvideos/{src},ltr,val\r\n".encode("utf-8"))
     vtn("extract", tmp_path / "excel.csv", "--out", tmp_path / "c", *BACKBONE, "--random-init", "--num-frames", "2",
-        "--no-progress", check_rc=0)
+        "--quiet", check_rc=0)
     cache = open_cache(str(tmp_path / "c"))
     assert cache.ids == [f"videos/{src}"] and cache.class_names == ["ltr"] and cache.video(cache.ids[0]).split == "val"
     (tmp_path / "latin1.csv").write_bytes("path,label\nvidéo.mp4,a\n".encode("latin-1"))

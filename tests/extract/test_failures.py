@@ -46,7 +46,7 @@ def test_a_hung_decode_is_killed_after_the_timeout(videos, tmp_path, vtn):
     manifest.write_text("hang.mp4,a\nok.mp4,b\nmissing.mp4,b\n")
     out = tmp_path / "cache"
     proc = vtn("extract", manifest, "--out", out, *BACKBONE, "--num-frames", "2", "--timeout", "2", "--workers", "1",
-               "--no-progress", check_rc=3, timeout=120)
+               "--quiet", check_rc=3, timeout=120)
     cache = open_cache(str(out))
     assert cache.ids == ["ok.mp4"]
     errors = {f["id"]: f["error"] for f in cache.failures}
@@ -62,7 +62,7 @@ def test_ctrl_c_prints_one_line_and_no_worker_traceback(videos, tmp_path):
     fifo = src / "0_hang.mp4"
     os.mkfifo(fifo)
     proc = subprocess.Popen([sys.executable, "-m", "vtn", "extract", str(src), "--out", str(tmp_path / "cache"),
-                             *BACKBONE, "--workers", "2", "--timeout", "600", "--no-progress"],
+                             *BACKBONE, "--workers", "2", "--timeout", "600", "--quiet"],
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         deadline = time.monotonic() + 120

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.gpu
 @pytest.mark.parametrize("amp,compile", [("none", False), ("bf16", True), ("fp16", False)])
 def test_cuda_extraction_matches_the_cpu(videos, tmp_path, vtn, amp, compile):
     args = ["extract", videos / "val", "--backbone", "resnet18", "--image-size", "64", "--random-init", "--fps", "6",
-            "--batch-size", "8", "--no-progress"]
+            "--batch-size", "8", "--quiet"]
     vtn(*args, "--out", tmp_path / "cpu", "--device", "cpu", check_rc=0)
     vtn(*args, "--out", tmp_path / "gpu", "--device", "cuda", "--amp", amp, *(["--compile"] if compile else []),
         check_rc=0)

@@ -6,7 +6,7 @@ from vtn.extract.inputs import InputError, discover
 from vtn.store import open_cache
 
 BACKBONE = ["--backbone", "resnet18", "--image-size", "32", "--random-init", "--num-frames", "2", "--workers", "0",
-            "--no-progress"]
+            "--no-progress"]  # the older spelling of --quiet: scripts that use it keep working
 A = "train/left_to_right_red_first/0000.mp4"
 B = "val/right_to_left_green_first/0000.mp4"
 

@@ -11,7 +11,7 @@ import numpy as np
 from vtn.store import StoreError, open_cache
 
 ARGS = ["--backbone", "resnet18", "--random-init", "--image-size", "64", "--every", "2", "--batch-size", "8",
-        "--workers", "1", "--no-progress"]
+        "--workers", "1", "--quiet"]
 
 
 def _committed(out) -> int:

@@ -37,7 +37,7 @@ def _container_times(path):
 @pytest.mark.parametrize("flags", [["--every", "3"], ["--fps", "7"], ["--num-frames", "5"], ["--fps", "4", "--max-seconds", "0.8"]])
 def test_stored_timestamps_match_the_container(videos, tmp_path, flags, vtn):
     out = tmp_path / "cache"
-    vtn("extract", videos, "--out", out, *BACKBONE, *flags, "--workers", "1", "--no-progress", check_rc=0)
+    vtn("extract", videos, "--out", out, *BACKBONE, *flags, "--workers", "1", "--quiet", check_rc=0)
     cache = open_cache(str(out))
     mode = {"--every": "every", "--fps": "fps", "--num-frames": "num_frames"}[flags[0]]
     cfg = SamplingConfig(mode=mode, **{mode: type(getattr(SamplingConfig, mode))(flags[1])},
@@ -66,7 +66,7 @@ def test_containers_without_a_frame_count_get_real_counts_and_times(tmp_path, vt
         with av.open(str(tmp_path / "in" / name)) as c:
             assert c.streams.video[0].frames == 0  # the header does not say
     vtn("extract", tmp_path / "in", "--out", tmp_path / "cache", *BACKBONE, "--fps", "10", "--workers", "1",
-        "--no-progress", check_rc=0)
+        "--quiet", check_rc=0)
     cache = open_cache(str(tmp_path / "cache"))
     assert sorted(cache.ids) == ["a.mkv", "b.ts", "c.mkv"]
     for vid in cache.ids:

@@ -12,7 +12,7 @@ import pytest
 from vtn.store import open_cache
 
 ARGS = ["--backbone", "resnet18", "--random-init", "--image-size", "64", "--num-frames", "6", "--batch-size", "8",
-        "--workers", "1", "--no-progress"]
+        "--workers", "1", "--quiet"]
 
 
 def _resume_helpers():
@@ -81,7 +81,7 @@ def test_ranks_that_finish_long_before_the_others_do_not_time_out(tmp_path):
     for i in range(2):  # the other rank's share: done in a moment
         synth.make_video(videos / "a" / f"short{i}.mp4", synth.CLASSES[0], seconds=1, fps=25, size=(64, 64))
     stderr = _extract_two_ranks(videos, tmp_path / "cache", "--backbone", "resnet18", "--random-init", "--image-size",
-                                "64", "--workers", "0", "--no-progress", "--set", "runtime.dist_timeout=3")
+                                "64", "--workers", "0", "--quiet", "--set", "runtime.dist_timeout=3")
     seconds = float(re.search(r"frames in ([\d.]+) s", stderr).group(1))
     assert seconds > 6  # rank 1 waited for rank 0 far longer than the 3 s collective timeout
     assert len(open_cache(str(tmp_path / "cache")).ids) == 3

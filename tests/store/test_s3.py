@@ -120,7 +120,7 @@ def test_extract_kill_resume_train_evaluate_export_on_s3(s3, tmp_path):
     url = f"s3://{s3()}/cache"
     extract = [sys.executable, "-m", "vtn", "extract", str(videos), "--out", url, "--backbone", "resnet18",
                "--random-init", "--image-size", "32", "--every", "4", "--batch-size", "8", "--workers", "1",
-               "--no-progress", "--set", "runtime.commit_every=0"]  # every video commits at once
+               "--quiet", "--set", "runtime.commit_every=0"]  # every video commits at once
 
     proc = subprocess.Popen(extract, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 240

@@ -13,7 +13,7 @@ from vtn.temporal.data import model_inputs
 from vtn.temporal.e2e import VideoVTN, rebuild_backbone, sampling_of
 from vtn.temporal.model import VTN
 
-EXTRACT = ["--backbone", "resnet18", "--image-size", "32", "--fps", "8", "--workers", "0", "--no-progress"]
+EXTRACT = ["--backbone", "resnet18", "--image-size", "32", "--fps", "8", "--workers", "0", "--quiet"]
 
 
 @pytest.fixture(scope="module")

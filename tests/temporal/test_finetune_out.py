@@ -17,7 +17,7 @@ from vtn.store import open_cache
 from vtn.temporal.checkpoint import read_inputs
 from vtn.temporal.e2e import BACKBONE_FILE, VideoVTN, reextract_command
 
-EXTRACT = ["--backbone", "resnet18", "--image-size", "32", "--fps", "8", "--workers", "0", "--no-progress"]
+EXTRACT = ["--backbone", "resnet18", "--image-size", "32", "--fps", "8", "--workers", "0", "--quiet"]
 # No dropout anywhere (resnet18 has none; BatchNorm is frozen by default): a 2-process run can equal a 1-process one.
 NO_DROPOUT = ["--set", "model.dropout=0", "--set", "model.attention_dropout=0", "--set", "model.head_dropout=0"]
 FT = ["--steps", "2", "--batch-size", "2", "--lr", "0.01", "--workers", "0", "--quiet"]
@@ -44,7 +44,7 @@ def reextracted(tuned):
     videos, cache, _, run2 = tuned
     new = str(run2.parent / "cache2")
     cmd = reextract_command(run2 / "best", read_inputs(run2 / "best"), str(videos)).replace("NEW_CACHE", new)
-    assert main([*cmd.split()[1:], "--workers", "0", "--no-progress"]) == 0
+    assert main([*cmd.split()[1:], "--workers", "0", "--quiet"]) == 0
     return new, cmd
 
 
