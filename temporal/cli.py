@@ -89,8 +89,9 @@ def register(sub, bench_sub) -> None:
         "sweep", help="many stage-two runs on one cache (a grid of config values), compared in one table",
         description="Trains one `vtn train` run per combination of the --grid values (and seed) into DIR/<name>/, "
         "loading the cache's splits once per process; runs that differ only in seed, lr and weight decay and have "
-        "no dropout train together as one batched model (equal to their separate runs). A re-run skips finished "
-        "runs and resumes interrupted ones. Writes DIR/results.csv, results.md (mean ± std over seeds of the best "
+        "no dropout train together as one batched model (equal to their separate runs). A run that fails does not "
+        "stop the others: it is named at the end (tracebacks in DIR/failures.log, exit status 3). A re-run skips "
+        "finished runs and resumes interrupted and failed ones. Writes DIR/results.csv, results.md (mean ± std over seeds of the best "
         "epoch's val top-1, top-5, mean class accuracy; parameters; train seconds) and results.png (top-1 "
         "against each varied key). List values are YAML flow lists: --grid model.attention_window=[8,16,32],16.",
     )

@@ -11,7 +11,9 @@ checked (unknown key, wrong type, a model the cache cannot take) before anything
 Each run is a normal `vtn train` run directory DIR/<name>/ (config.yaml, metrics.jsonl, best/, last/), named
 by its values (`lr-0.001_num_layers-3_seed-0`), plus metrics.json: what the table shows of it. A re-run skips
 runs with metrics.json and resumes the others from their last checkpoint (`vtn train --resume`); a run whose
-saved config differs from the sweep's is refused, naming the difference.
+saved config differs from the sweep's is refused, naming the difference. A run that fails does not stop the
+others: its error is printed at the end, with the traceback in DIR/failures.log, the table shows the
+finished runs, and the exit status is 3. Batched runs that run out of memory together train one by one.
 
 How runs are trained. One process loads the split once and trains its runs one after another on it. Runs that
 differ only in seed, lr and weight decay, and have no dropout, train together as one batched model
@@ -37,6 +39,8 @@ import json
 import math
 import multiprocessing
 import os
+import sys
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -268,9 +272,34 @@ def plan(runs: list[Run], out: Path, batch: bool) -> tuple[list[Run], list[list[
     return done, alone + list(groups.values())
 
 
+def train_units(cache_url: str, out: Path, units: list[list[Run]], jobs: int, gpus: int, progress: bool):
+    """Train the units (in `jobs` processes); yields (unit, the exception it failed with, or None)."""
+    if jobs == 1 or len(units) <= 1:
+        for unit in units:
+            error = None
+            try:
+                train_unit(cache_url, str(out), unit, progress)
+            except Exception as e:  # noqa: BLE001 - one run's failure is reported, the others go on
+                error = e
+            yield unit, error
+        return
+    ctx = multiprocessing.get_context("spawn")
+    slots = ctx.Manager().Queue()
+    for i in range(jobs):
+        slots.put(i)
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init_worker,
+                                                initargs=(slots, threads, gpus)) as pool:
+        futures = {pool.submit(train_unit, cache_url, str(out), unit, False): unit for unit in units}
+        for f in concurrent.futures.as_completed(futures):
+            yield futures[f], f.exception()
+
+
 def sweep(cache_url: str, out: str | Path, runs: list[Run], jobs: int | None = None, batch: bool = True,
-          progress: bool = True, probes: bool = False) -> list[dict]:
-    """Train what is not finished of `runs` into `out`, then write and print the comparison; returns its rows."""
+          progress: bool = True, probes: bool = False) -> tuple[list[dict], dict[str, str]]:
+    """Train what is not finished of `runs` into `out`, then write and print the comparison of the finished
+    ones. A run that fails is reported and the others go on; batched runs that run out of memory together train
+    one by one instead. Returns the table's rows and {run name: error} of the runs that failed."""
     import torch
 
     from vtn.runtime import processes
@@ -291,27 +320,39 @@ def sweep(cache_url: str, out: str | Path, runs: list[Run], jobs: int | None = N
     print(f"vtn sweep: {len(runs)} runs in {out}: {len(done)} finished, {len(runs) - len(done)} to train in "
           f"{len(units)} unit(s) ({sum(len(u) > 1 for u in units)} batched), {jobs} process(es)", flush=True)
     out.mkdir(parents=True, exist_ok=True)
-    if jobs == 1 or len(units) <= 1:
-        for unit in units:
-            train_unit(cache_url, str(out), unit, progress)
-    else:
-        ctx = multiprocessing.get_context("spawn")
-        slots = ctx.Manager().Queue()
-        for i in range(jobs):
-            slots.put(i)
-        threads = max(1, (os.cpu_count() or 1) // jobs)
-        with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init_worker,
-                                                    initargs=(slots, threads, gpus)) as pool:
-            for f in [pool.submit(train_unit, cache_url, str(out), unit, False) for unit in units]:
-                f.result()
-    results = [json.loads((out / r.name / RESULT_NAME).read_text()) for r in runs]
-    rows = table(runs, results)
+    failed: dict[str, str] = {}
+    traces: list[str] = []
+    while units:
+        alone = []
+        for unit, error in train_units(cache_url, out, units, jobs, gpus, progress):
+            if error is None:
+                continue
+            if len(unit) > 1 and isinstance(error, torch.OutOfMemoryError):
+                print(f"vtn sweep: {len(unit)} batched runs ran out of memory together; training them one by one",
+                      flush=True)
+                alone += [[r] for r in unit]  # each resumes from the batched run's last checkpoint, if any
+            else:
+                for r in unit:
+                    failed[r.name] = f"{type(error).__name__}: {error}"
+                    traces.append(f"== {r.name}\n{''.join(traceback.format_exception(error))}\n")
+        units = alone
+    finished = [r for r in runs if r.name not in failed]
+    rows = table(finished, [json.loads((out / r.name / RESULT_NAME).read_text()) for r in finished])
     if probes:
         from vtn.temporal.probe import probe_rows
 
         rows += probe_rows(cache_url, runs[0].cfg)
-    write_results(rows, out, varied_keys(runs), base=runs[0].cfg)
-    return rows
+    if rows:
+        write_results(rows, out, varied_keys(runs), base=runs[0].cfg)
+    log = out / "failures.log"
+    log.unlink(missing_ok=True)
+    if failed:
+        log.write_text("".join(traces))
+        for name, error in failed.items():
+            print(f"vtn sweep: run {name} failed: {error}", file=sys.stderr)
+        print(f"vtn sweep: {len(failed)} of {len(runs)} runs failed (tracebacks in {log}); the others are in the "
+              f"table, and re-running the sweep retries only the failed ones", file=sys.stderr)
+    return rows, failed
 
 
 # -- the comparison ---------------------------------------------------------------------------------------------
@@ -442,9 +483,9 @@ def main(args) -> int:
         raise UserError("--preset ablations is a grid of its own; give --grid or --preset, not both")
     variants = ablations(base) if args.preset == "ablations" else variants_of(parse_grid(args.grid, base), args.zip)
     runs = expand(base, variants, args.seeds)
-    sweep(args.cache, args.out, runs, jobs=args.jobs, batch=not args.no_batch, progress=not args.quiet,
-          probes=args.probes or args.preset == "ablations")
-    return 0
+    _, failed = sweep(args.cache, args.out, runs, jobs=args.jobs, batch=not args.no_batch, progress=not args.quiet,
+                      probes=args.probes or args.preset == "ablations")
+    return 3 if failed else 0
 
 
 # -- vtn bench sweep --------------------------------------------------------------------------------------------

@@ -132,6 +132,43 @@ def test_a_rerun_skips_finished_runs_and_resumes_an_interrupted_one(cache, tmp_p
     assert "2 finished, 0 to train" in capsys.readouterr().out
 
 
+def test_a_failing_run_is_reported_and_the_others_finish(cache, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    argv = ["sweep", cache, "--out", str(out), "--grid", "optim.lr=1e-3,3e-3", *SETS, "--set", "optim.steps=3",
+            "--no-batch", "--quiet"]
+    foreign = out / "lr-0.001_seed-0" / "notes.txt"  # the first run's folder holds someone's file: train refuses it
+    foreign.parent.mkdir(parents=True)
+    foreign.write_text("mine")
+    assert main(argv) == 3
+    err = capsys.readouterr().err
+    assert "run lr-0.001_seed-0 failed: UserError: " in err and "not a vtn run directory" in err
+    assert "1 of 2 runs failed" in err
+    assert "== lr-0.001_seed-0\nTraceback" in (out / "failures.log").read_text()
+    assert (out / "lr-0.003_seed-0" / "metrics.json").is_file()  # the run after the failed one trained
+    assert [r["run"] for r in csv.DictReader((out / "results.csv").open())] == ["lr-0.003"]
+
+    foreign.unlink()
+    assert main(argv) == 0
+    assert "1 finished, 1 to train" in capsys.readouterr().out
+    assert not (out / "failures.log").exists()
+    assert [r["run"] for r in csv.DictReader((out / "results.csv").open())] == ["lr-0.001", "lr-0.003"]
+
+
+def test_batched_runs_out_of_memory_together_train_one_by_one(cache, tmp_path, capsys, monkeypatch):
+    import vtn.temporal.batched as batched
+
+    def out_of_memory(*args, **kw):
+        raise torch.OutOfMemoryError("out of memory (as a GPU says it)")
+
+    monkeypatch.setattr(batched, "train_batched", out_of_memory)
+    out = tmp_path / "sweep"
+    assert main(["sweep", cache, "--out", str(out), "--grid", "optim.lr=1e-3,3e-3", *SETS, "--set",
+                 "optim.steps=3", "--quiet"]) == 0
+    assert "2 batched runs ran out of memory together; training them one by one" in capsys.readouterr().out
+    for name in ("lr-0.001_seed-0", "lr-0.003_seed-0"):
+        assert json.loads((out / name / "metrics.json").read_text())["batched"] == 1
+
+
 def test_probes_equal_scikit_learn_called_directly(cache, tmp_path):
     from sklearn.linear_model import LogisticRegression
     from sklearn.neural_network import MLPClassifier
