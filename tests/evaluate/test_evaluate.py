@@ -2,6 +2,7 @@
 
 import csv
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -22,6 +23,10 @@ def test_metrics_by_hand():
     assert m["loss"] == pytest.approx(-np.mean(logp[np.arange(4), labels[:4]]))
     assert confusion(logits, labels).tolist() == [[1, 0, 0], [0, 1, 1], [1, 0, 0]]
     assert classification_metrics(logits[4:], labels[4:]) == {"videos": 0}
+    # Videos of one class (a small val split): mean class accuracy is that class's recall, quietly.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert classification_metrics(logits[1:3], labels[1:3])["mean_class_accuracy"] == 0.5
 
 
 def make_cache(path, dim=4, names=("a", "b", "c"), splits=("train", "val")):
