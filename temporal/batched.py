@@ -200,12 +200,6 @@ def train_batched(cache, runs: list[tuple[Path, TrainConfig]], sources: dict | N
     if len(steps) != 1:  # the same data and schedule give the same steps; guard against a future difference
         raise UserError(f"batched runs have different schedules {sorted(steps)}: {[str(r) for r, _ in runs]}")
     models = [j.loop.model for j in jobs]
-    for j in jobs:
-        # The multi-tensor optimiser step: the same update as the one-tensor-at-a-time loop PyTorch picks on the
-        # CPU, in a few ops per step instead of ~10 per tensor; with M members the per-op cost was a large share of
-        # a batched step. (A per-group option of torch.optim, saved with the optimiser state.)
-        for group in j.loop.opt.param_groups:
-            group["foreach"] = True
     cfg, epochs, total = jobs[0].cfg, jobs[0].epochs, jobs[0].loop.state["total_steps"]
     every = eval_interval(epochs, cfg.run.eval_every)
     bar = progress_bar(total=total, disable=not progress, unit="step",

@@ -215,9 +215,13 @@ def build_optimizer(groups: list[tuple[list[torch.nn.Parameter], float]], optim:
             if mine:
                 params.append({"params": mine, "weight_decay": optim.weight_decay if decay else 0.0,
                                "lr": lr, "base_lr": lr})
+    # The fused update (one kernel per group, on the CPU and on CUDA) equals the default loop up to float rounding
+    # and is several times faster on an encoder's many small tensors: 8 tiny encoders' AdamW steps took 7.6 ms
+    # against 46 ms on the CPU, a large share of a stage-two step at that size.
+    fused = all(p.device.type in ("cpu", "cuda") for group in params for p in group["params"])
     if optim.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=optim.lr, momentum=optim.momentum)
-    return torch.optim.AdamW(params, lr=optim.lr, betas=optim.betas)
+        return torch.optim.SGD(params, lr=optim.lr, momentum=optim.momentum, fused=fused)
+    return torch.optim.AdamW(params, lr=optim.lr, betas=optim.betas, fused=fused)
 
 
 # -- data --------------------------------------------------------------------------------------------------------
@@ -363,7 +367,9 @@ def finish_step(loop: Loop, loss: float) -> None:
     state, opt = loop.state, loop.opt
     if loop.optim.clip_grad > 0:
         loop.scaler.unscale_(opt)
-        torch.nn.utils.clip_grad_norm_(loop.model.parameters(), loop.optim.clip_grad)
+        # foreach: a few ops for all tensors (PyTorch picks it on CUDA only; on the CPU the loop over the small
+        # tensors cost more than the fused optimiser step)
+        torch.nn.utils.clip_grad_norm_(loop.model.parameters(), loop.optim.clip_grad, foreach=True)
     loop.scaler.step(opt)
     loop.scaler.update()
     opt.zero_grad(set_to_none=True)
