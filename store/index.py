@@ -17,6 +17,11 @@ import numpy as np
 from vtn.store.layout import TABLE_COLUMNS
 
 
+# An older consolidated index is deleted only once it is this old: a reader that found it newest a moment ago
+# may still be reading it (deleting it then made that reader fail, or read missing chunks as fill values).
+OLD_INDEX_KEPT_S = 60.0
+
+
 def child_groups(group) -> list:
     """[(name, group)] of the groups inside `group`, listed afresh.
 
@@ -93,8 +98,10 @@ def read_index(root, parts: dict[str, dict] | None = None) -> dict[str, np.ndarr
 def consolidate(root) -> int:
     """Write a fresh consolidated index of every committed video; return the number of videos.
 
-    Each consolidation writes a new `index/<stamp>` group and then removes the older complete ones, so
-    concurrent consolidations never write the same file and a reader always finds a complete index.
+    Each consolidation writes a new `index/<stamp>` group and then removes the older complete ones that are more
+    than OLD_INDEX_KEPT_S old, so concurrent consolidations never write the same file, a reader always finds a
+    complete index, and one that is reading an index (another writer's consolidation, a job array's tasks closing
+    together) does not see it deleted under it.
     """
     parts = part_states(root)
     cols = read_index(root, parts)
@@ -110,6 +117,7 @@ def consolidate(root) -> int:
     # One metadata write (attrs.update writes once per key: "complete" could land without the rest).
     g.update_attributes({"complete": True, "videos": n, "parts": {p: int(s.get("committed", 0)) for p, s in parts.items()}})
     for name, old in child_groups(root["index"]):
-        if name < stamp and old.attrs.get("complete"):
+        age = (time.time_ns() - int(name.split("-")[0])) / 1e9
+        if name < stamp and old.attrs.get("complete") and age > OLD_INDEX_KEPT_S:
             del root["index"][name]
     return n

@@ -46,7 +46,7 @@ from vtn.temporal.data import check_inputs, model_inputs
 from vtn.temporal.e2e import VideoVTN, rebuild_backbone, sampling_of
 from vtn.temporal.model import VTN
 from vtn.temporal.train import (FLAGS, DataSection, Loop, OptimSection, RunSection, TrainConfig, build_optimizer,
-                                check_resume, clip_loss, data_fingerprint, epoch_shares, flag_updates,
+                                check_resume, clip_loss, data_fingerprint, diverged_warning, epoch_shares, flag_updates,
                                 gathered_metrics, load_data, new_state, resume_config, run_epochs, schedule,
                                 start_metrics)
 
@@ -457,6 +457,7 @@ def finetune(stage_two: str | Path, out: str | Path, videos: str | None = None, 
             print(f"vtn finetune: {state['step']} steps in {state['elapsed']:.0f} s; best val top-1 "
                   f"{best_record['val_top1']:.1%} at epoch {best_record['epoch']}\n  checkpoints: {run / 'best'}, "
                   f"{run / 'last'}; metrics: {run / 'metrics.jsonl'}; failures: {len(failures.ids)}", flush=True)
+        diverged_warning(loop)
         return {"run": str(run), "epochs": epochs, "steps": state["step"], "best": best_record,
                 "failures": sorted(failures.ids)}
     finally:

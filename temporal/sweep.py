@@ -23,7 +23,8 @@ GPU each where there are several GPUs); the default is one per GPU, or 1 on the 
 
 The comparison. DIR/results.csv and results.md: per config (runs that differ only in seed), mean ± std over
 seeds (sample std; 0 for one seed) of the best epoch's val top-1, top-5 and mean class accuracy (the epoch
-best/ holds), with parameters and train seconds (a batched run's share: its group's time / members). The
+best/ holds), with parameters, train seconds (a batched run's share: its group's time / members) and how many
+seeds diverged (train loss NaN or infinite; such a run trains on to the end, as it would alone, and is named). The
 table is printed too. DIR/results.png: val top-1 against each varied key (one panel per key: the configs
 whose other varied keys are at the base config's values, else the mean over the others), probes as lines.
 """
@@ -227,7 +228,8 @@ def record(run_dir: Path, run: Run, summary: dict, members: int) -> dict:
     best = summary["best"]
     out = {"run": run.name, "values": run.values, **{k: best[k] for k, _ in METRICS}, "best_epoch": best["epoch"],
            "epochs": summary["epochs"], "steps": summary["steps"], "parameters": int(params),
-           "train_seconds": round(summary["seconds"] / members, 2), "batched": members}
+           "train_seconds": round(summary["seconds"] / members, 2), "batched": members,
+           "diverged_at_step": summary["diverged_at"]}
     (run_dir / RESULT_NAME).write_text(json.dumps(out, indent=2) + "\n")
     return out
 
@@ -337,7 +339,12 @@ def sweep(cache_url: str, out: str | Path, runs: list[Run], jobs: int | None = N
                     traces.append(f"== {r.name}\n{''.join(traceback.format_exception(error))}\n")
         units = alone
     finished = [r for r in runs if r.name not in failed]
-    rows = table(finished, [json.loads((out / r.name / RESULT_NAME).read_text()) for r in finished])
+    results = [json.loads((out / r.name / RESULT_NAME).read_text()) for r in finished]
+    for res in results:
+        if res.get("diverged_at_step") is not None:
+            print(f"vtn sweep: warning: run {res['run']} diverged (its train loss became NaN or infinite at step "
+                  f"{res['diverged_at_step']}); the table shows its best epoch's figures", file=sys.stderr)
+    rows = table(finished, results)
     if probes:
         from vtn.temporal.probe import probe_rows
 
@@ -390,6 +397,7 @@ def table(runs: list[Run], results: list[dict]) -> list[dict]:
         row = {"run": name, **{k: _value(cfg, k) for k in keys}, "seeds": len(members)}
         for metric, _ in METRICS:
             row[f"{metric}_mean"], row[f"{metric}_std"] = _stats([res[metric] for _, res in members])
+        row["diverged"] = sum(res.get("diverged_at_step") is not None for _, res in members)  # .get: older runs
         row["parameters"] = members[0][1]["parameters"]
         row["train_seconds"] = round(_stats([res["train_seconds"] for _, res in members])[0], 2)
         rows.append(row)
@@ -408,7 +416,8 @@ def markdown(rows: list[dict], keys: list[str]) -> str:
     head = ["run", *keys, "seeds", *(label for _, label in METRICS), "parameters", "train s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
-        cells = [row["run"], *(_cell(row.get(k)) for k in keys), str(row["seeds"])]
+        run = row["run"] + (f" (diverged: {row['diverged']} of {row['seeds']})" if row.get("diverged") else "")
+        cells = [run, *(_cell(row.get(k)) for k in keys), str(row["seeds"])]
         cells += [f"{100 * row[f'{m}_mean']:.1f} ± {100 * row[f'{m}_std']:.1f}" for m, _ in METRICS]
         cells += [f"{row['parameters']:,}", f"{row['train_seconds']:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
@@ -418,7 +427,7 @@ def markdown(rows: list[dict], keys: list[str]) -> str:
 def write_results(rows: list[dict], out: Path, keys: list[str], base=None, name: str = "results") -> None:
     """`name`.csv, `name`.md and (with varied keys) `name`.png in `out`; prints the Markdown table."""
     columns = ["run", *keys, "seeds", *(f"{m}_{s}" for m, _ in METRICS for s in ("mean", "std")), "parameters",
-               "train_seconds"]
+               "train_seconds", "diverged"]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, columns, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()

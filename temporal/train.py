@@ -24,6 +24,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -332,7 +333,7 @@ class Loop:
 def new_state(world: int, epochs: int, steps_per_epoch: int, total_steps: int, data: dict) -> dict:
     return {"world_size": world, "epochs": epochs, "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
             "data": data, "epoch": 0, "step_in_epoch": 0, "step": 0, "elapsed": 0.0, "loss_sum": 0.0,
-            "loss_count": 0, "best": None}
+            "loss_count": 0, "best": None, "diverged_at": None}
 
 
 def check_resume(saved: dict, mine: dict, ckpt: Path) -> None:
@@ -377,6 +378,18 @@ def finish_step(loop: Loop, loss: float) -> None:
     state["loss_count"] += 1
     state["step"] += 1
     state["step_in_epoch"] += 1
+    if not math.isfinite(loss) and state.get("diverged_at") is None:  # .get: a run saved before this key existed
+        state["diverged_at"] = state["step"]
+
+
+def diverged_warning(loop: Loop) -> None:
+    """After a run: say so, loudly, when its train loss became NaN or infinite (the run kept training)."""
+    step, best = loop.state.get("diverged_at"), loop.state["best"]
+    if step is not None and loop.procs.rank == 0:
+        print(f"warning: {loop.dir}: the train loss became NaN or infinite at step {step}: the run diverged, and its "
+              f"weights from then on are not usable (best/ is from epoch {best['epoch']}). Lower optim.lr"
+              f"{'' if loop.optim.clip_grad else ', or set optim.clip_grad (gradient clipping is off)'}.",
+              file=sys.stderr, flush=True)
 
 
 def train_epoch(loop: Loop, loader, weights: list[float], loss_fn: Callable, bar, on_step: Callable[[], None]) -> None:
@@ -616,7 +629,7 @@ def finish_run(loop: Loop, epochs: int, announce: bool = True) -> dict:
     state, run, rank = loop.state, loop.dir, loop.procs.rank
     best = state["best"]
     summary = {"run": str(run), "epochs": epochs, "steps": state["step"], "seconds": round(state["elapsed"], 1),
-               "best": best, "last": json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+               "diverged_at": state.get("diverged_at"), "best": best, "last": json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
                if rank == 0 else None}
     if rank == 0:
         curves_png([json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()], run / "curves.png")
@@ -626,6 +639,7 @@ def finish_run(loop: Loop, epochs: int, announce: bool = True) -> dict:
               f"{best['val_mean_class_accuracy']:.1%}) at epoch {best['epoch']}; last top-1 "
               f"{summary['last']['val_top1']:.1%}\n  checkpoints: {run / 'best'}, {run / 'last'}; "
               f"metrics: {run / 'metrics.jsonl'}, curves: {run / 'curves.png'}", flush=True)
+        diverged_warning(loop)
     return summary
 
 

@@ -9,6 +9,7 @@ import pytest
 import zarr
 from store_helpers import CLASSES, D, add, feats, plan
 
+import vtn.store.index as store_index
 from vtn.store import CacheWriter, StoreError, consolidate, open_cache
 from vtn.store.verify import verify
 
@@ -64,7 +65,8 @@ def test_plain_zarr_reads_the_documented_layout(make_cache):
     assert np.array_equal(part["features"][s:s + n], feats(videos[2][0], videos[2][1]))
 
 
-def test_index_tail_is_visible_without_consolidation(tmp_path):
+def test_index_tail_is_visible_without_consolidation(tmp_path, monkeypatch):
+    monkeypatch.setattr(store_index, "OLD_INDEX_KEPT_S", 0.0)  # no reader to wait for
     url = str(tmp_path / "c.zarr")
     w = CacheWriter(url, feature_dim=D, class_names=CLASSES)
     add(w, "a/1.mp4", 5, 0, "train")
@@ -76,6 +78,23 @@ def test_index_tail_is_visible_without_consolidation(tmp_path):
     assert w.committed_ids() == {"a/1.mp4", "a/2.mp4"}
     w.close()
     assert len(list(zarr.open_group(url, mode="r")["index"].group_keys())) == 1  # older index removed
+
+
+def test_a_consolidation_keeps_a_recent_older_index_for_readers_still_reading_it(tmp_path, monkeypatch):
+    # Three shard tasks closing together: one task's consolidation read the index another's had just replaced,
+    # and that other task deleted it under the reader (KeyError: 'part'). A recent older index now stays.
+    url = str(tmp_path / "c.zarr")
+    for i in range(2):
+        with CacheWriter(url, feature_dim=D, class_names=CLASSES) as w:
+            add(w, f"a/{i}.mp4", 5, 0, "train")
+    old, new = sorted(zarr.open_group(url, mode="r")["index"].group_keys())
+    root = zarr.open_group(url, mode="r")
+    ids = [root["index"][name]["id"][:].tolist() for name in (old, new)]
+    assert ids == [["a/0.mp4"], ["a/0.mp4", "a/1.mp4"]]
+    assert sorted(open_cache(url).ids) == ["a/0.mp4", "a/1.mp4"]  # the newest is the one read
+    monkeypatch.setattr(store_index, "OLD_INDEX_KEPT_S", 0.0)  # once they are old, the next consolidation removes them
+    consolidate(url)
+    assert len(list(zarr.open_group(url, mode="r")["index"].group_keys())) == 1
 
 
 def test_memory_url(tmp_path):

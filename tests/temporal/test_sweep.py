@@ -169,6 +169,22 @@ def test_batched_runs_out_of_memory_together_train_one_by_one(cache, tmp_path, c
         assert json.loads((out / name / "metrics.json").read_text())["batched"] == 1
 
 
+def test_a_diverged_run_is_named_in_the_table_and_warned_about_batched_or_alone(cache, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    steps = [*SETS, "--set", "optim.steps=6", "--quiet"]
+    assert main(["sweep", cache, "--out", str(out), "--grid", "optim.lr=1e-3,1e9", *steps]) == 0
+    printed = capsys.readouterr()
+    diverged = json.loads((out / "lr-1e+09_seed-0" / "metrics.json").read_text())["diverged_at_step"]
+    assert isinstance(diverged, int) and 1 <= diverged <= 6
+    assert json.loads((out / "lr-0.001_seed-0" / "metrics.json").read_text())["diverged_at_step"] is None
+    assert f"run lr-1e+09_seed-0 diverged (its train loss became NaN or infinite at step {diverged})" in printed.err
+    assert "| lr-1e+09 (diverged: 1 of 1) |" in printed.out and "| lr-0.001 |" in printed.out
+    assert [r["diverged"] for r in csv.DictReader((out / "results.csv").open())] == ["0", "1"]
+    # The same run on its own diverges at the same step and says so.
+    assert main(["train", cache, "--out", str(tmp_path / "alone"), "--set", "optim.lr=1e9", *steps]) == 0
+    assert f"the train loss became NaN or infinite at step {diverged}: the run diverged" in capsys.readouterr().err
+
+
 def test_probes_equal_scikit_learn_called_directly(cache, tmp_path):
     from sklearn.linear_model import LogisticRegression
     from sklearn.neural_network import MLPClassifier
