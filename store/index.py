@@ -116,8 +116,9 @@ def consolidate(root) -> int:
             arr[:] = values.astype(str) if dtype is str else values
     # One metadata write (attrs.update writes once per key: "complete" could land without the rest).
     g.update_attributes({"complete": True, "videos": n, "parts": {p: int(s.get("committed", 0)) for p, s in parts.items()}})
+    now = time.time_ns()
     for name, old in child_groups(root["index"]):
-        age = (time.time_ns() - int(name.split("-")[0])) / 1e9
-        if name < stamp and old.attrs.get("complete") and age > OLD_INDEX_KEPT_S:
+        old_enough = name < stamp and (now - int(name.split("-")[0])) / 1e9 > OLD_INDEX_KEPT_S
+        if old_enough and old.attrs.get("complete"):
             del root["index"][name]
     return n

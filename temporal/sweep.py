@@ -352,7 +352,7 @@ def sweep(cache_url: str, out: str | Path, runs: list[Run], jobs: int | None = N
     if rows:
         write_results(rows, out, varied_keys(runs), base=runs[0].cfg)
     log = out / "failures.log"
-    log.unlink(missing_ok=True)
+    log.unlink(missing_ok=True)  # a former sweep's
     if failed:
         log.write_text("".join(traces))
         for name, error in failed.items():
