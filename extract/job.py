@@ -41,6 +41,7 @@ from vtn.extract.workers import DecodePool
 from vtn.paths import check_cache_out
 from vtn.progress import progress_bar
 from vtn.runtime import autocast, resolve_device
+from vtn.store.layout import DiskFull
 
 
 FINISH_WAIT = timedelta(days=7)  # how long a rank that finished waits for the others
@@ -202,7 +203,8 @@ def extract_features(entries: list[VideoEntry], model, preprocess, device: torch
     """Decode, preprocess, batch and run `entries` through `model`, calling `store(entry, info, features
     [rows, D], timestamps, frame_indices)` as soon as a video is complete (rows = frames x the preprocessing's
     crops) and `fail(id, error class, message)` for a video that cannot be used. `store` may raise a UserError
-    (e.g. features that overflow float16): the video is then recorded as failed, the job goes on.
+    (e.g. features that overflow float16): the video is then recorded as failed, the job goes on; a DiskFull
+    stops the job.
     """
     rt = cfg.runtime
     by_id = {e.id: e for e in entries}
@@ -214,6 +216,8 @@ def extract_features(entries: list[VideoEntry], model, preprocess, device: torch
         del live[v.entry.id]
         try:
             store(v.entry, v.info, torch.cat(v.features).numpy(), np.concatenate(v.timestamps), np.concatenate(v.indices))
+        except DiskFull:  # not this video's fault: the job stops, with what it committed kept
+            raise
         except UserError as err:
             fail(v.entry.id, type(err).__name__, str(err))
 
@@ -299,11 +303,12 @@ def on_rank0(fn: Callable, rank: int, world_size: int):
     return result
 
 
-def open_writer(out: str, overwrite: bool, rank: int, world_size: int, **writer_args):
-    """This process's CacheWriter: rank 0 creates (or checks) the cache first, the others join it after."""
+def open_writer(out: str, overwrite: bool, rank: int, world_size: int, share: tuple[int, int], **writer_args):
+    """This process's CacheWriter: rank 0 creates (or checks) the cache first and claims the job's `share` of the
+    videos (store/lease.py: a second job on the same videos is refused); the other ranks join under its claim."""
     from vtn.store import CacheWriter
 
-    writer = on_rank0(lambda: CacheWriter(out, overwrite=overwrite, **writer_args), rank, world_size)
+    writer = on_rank0(lambda: CacheWriter(out, overwrite=overwrite, share=share, **writer_args), rank, world_size)
     return writer if rank == 0 else CacheWriter(out, create=False, **writer_args)
 
 
@@ -340,6 +345,10 @@ def run(cfg: ExtractConfig, source: str | Path, out: str, overwrite: bool = Fals
         k, n = shard
         if not 0 <= k < n:
             raise UserError(f"--shard {k}/{n}: K must lie in 0..N-1")
+        if overwrite and n > 1:
+            raise UserError(f"--shard {k}/{n} with --overwrite: each task of the array would replace the cache in "
+                            "turn and delete what the others committed, so nothing was changed. To start over, "
+                            f"delete {out} once (rm -r), then launch the tasks without --overwrite")
         entries = [e for e in entries if zlib.crc32(e.id.encode()) % n == k]
     model, preprocess, identity = build_backbone(cfg.backbone, cfg.runtime, device)
     attrs = {
@@ -351,10 +360,13 @@ def run(cfg: ExtractConfig, source: str | Path, out: str, overwrite: bool = Fals
         "versions": library_versions(),
         "source": str(Path(source).resolve()),
         "root": str(ids_root),  # video ids are paths relative to it
+        # In the identity below: a resumed or sharded job must not mix bf16 with fp32 features, nor compiled with eager
+        "precision": {"amp": cfg.runtime.amp, "compile": cfg.runtime.compile},
     }
     writer = open_writer(out, overwrite, rank, world_size, feature_dim=identity["feature_dim"],
                          dtype=cfg.runtime.feature_dtype, class_names=class_names, attrs=attrs,
-                         identity=("backbone", "sampling"), commit_every=cfg.runtime.commit_every,
+                         identity=("backbone", "sampling", "precision", "root"), share=shard or (0, 1),
+                         commit_every=cfg.runtime.commit_every,
                          name=f"shard{shard[0]}of{shard[1]}-rank{rank}" if shard else f"rank{rank}")
     done = writer.committed_ids()
     todo = [e for e in entries if e.id not in done]

@@ -7,7 +7,7 @@ first use, so `vtn --help` (which imports store/cli.py, and so this package) doe
 import importlib
 
 _EXPORTS = {
-    "StoreError": "layout",
+    "StoreError": "layout", "DiskFull": "layout",
     "FeatureCache": "reader", "SplitData": "reader", "Video": "reader", "open_cache": "reader",
     "CacheWriter": "writer", "consolidate": "writer",
     "ClipDataset": "dataset", "LengthBucketSampler": "dataset", "collate_clips": "dataset",

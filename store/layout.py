@@ -47,6 +47,10 @@ class StoreError(UserError):
     """A cache, or something written into one, is not what it must be; the message names the culprit."""
 
 
+class DiskFull(StoreError):
+    """No space (or quota) left where the cache is written: the whole job stops, not one video."""
+
+
 SCHEMA_VERSION = 1
 SCHEMA_KEY = "vtn_schema"
 

@@ -8,6 +8,7 @@ rows, then the video-table entries, then the part's attributes: that last single
 
 from __future__ import annotations
 
+import errno
 import math
 import secrets
 import time
@@ -18,12 +19,14 @@ import numpy as np
 import zarr
 
 from vtn.errors import UserError
-from vtn.paths import check_cache_out
+from vtn.paths import check_cache_out, is_vtn_cache
 from vtn.store.index import consolidate as _consolidate
 from vtn.store.index import read_index
+from vtn.store.lease import Lease, check_no_writers
 from vtn.store.layout import (
     CHUNK_ROWS,
     SCHEMA_KEY,
+    DiskFull,
     SCHEMA_VERSION,
     TABLE_CHUNK,
     TABLE_COLUMNS,
@@ -72,6 +75,7 @@ class CacheWriter:
         create: bool = True,
         commit_every: float = 30.0,
         storage_options: dict | None = None,
+        share: tuple[int, int] | None = None,
     ):
         self.url = str(url)
         self.feature_dim = int(feature_dim)
@@ -80,7 +84,16 @@ class CacheWriter:
         self.commit_every = commit_every
         attrs = _jsonable(dict(attrs or {}))
         self.root = self._open_or_create(attrs, tuple(identity), overwrite, create, storage_options)
-        self._known = set(read_index(self.root)["id"].tolist())
+        # `share`: the videos this writer claims (store/lease.py); another live writer claiming them is refused.
+        self._lease = Lease(self.root, self.url, share)
+        try:  # read after claiming: a rival that finished just before is then complete in it
+            self._known = set(read_index(self.root)["id"].tolist())
+        except BaseException:
+            self._lease.release()
+            raise
+        self._committed_before = len(self._known)
+        self._any_commit = False  # this writer's part holds a commit (so a failure must not delete it)
+        self._disk_full = False
         self._committed_here: list[str] = []
         self._name = name
         self._shard_rows = rows_per_shard(self.feature_dim, self.dtype.itemsize)
@@ -113,6 +126,8 @@ class CacheWriter:
             **expected,
             "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
+        if overwrite and is_vtn_cache(self.url, storage_options):
+            check_no_writers(open_root(self.url, "r+", storage_options), self.url)
         try:
             root = zarr.open_group(self.url, mode="w" if overwrite else "w-", storage_options=storage_options,
                                    attributes=root_attrs)
@@ -205,6 +220,29 @@ class CacheWriter:
         """Commit everything added so far: rows, then video-table entries, then the part attributes."""
         if not self._buffer and not self._pending_failures:
             return
+        try:
+            self._commit()
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            self._out_of_space(e)
+
+    def _out_of_space(self, e: OSError):
+        """Stop writing, leave no empty part behind, and say in one line what is kept and how to go on."""
+        self._disk_full = True
+        lost = len(self._buffer)
+        self._buffer, self._buffered_rows, self._pending_failures = [], 0, False
+        if self.part is not None and not self._any_commit:
+            try:  # a part with nothing committed is just clutter (and frees a little space)
+                del self.root["parts"][self.part_name]
+            except (KeyError, OSError):
+                pass
+        kept = self._committed_before + self._videos
+        raise DiskFull(f"{self.url}: the disk is full ({e.strerror}); the {kept} videos committed so far are kept "
+                         f"({self._videos} by this run), {lost} in progress are not. Free some space and run the "
+                         "same command again: it goes on from what is committed") from None
+
+    def _commit(self) -> None:
         if self.part is None:
             self._create_part()
         if self._buffer:
@@ -231,6 +269,7 @@ class CacheWriter:
         # One write of the part's metadata (zarr's attrs.update would write it once per key: a kill in between
         # would leave a committed count without its row count).
         self.part = self.part.update_attributes({"committed": self._videos, "rows": self._rows, "failures": self._failures})
+        self._any_commit = True
         self._buffer, self._buffered_rows, self._pending_failures = [], 0, False
         self._last_commit = time.monotonic()
 
@@ -242,10 +281,20 @@ class CacheWriter:
                 arr.resize((math.ceil(needed / step) * step, *arr.shape[1:]))
 
     def close(self, consolidate: bool = True) -> None:
-        """Commit what is buffered and (by default) write the consolidated index."""
-        self.flush()
-        if consolidate:
-            _consolidate(self.root)
+        """Commit what is buffered and (by default) write the consolidated index; then leave `writers/`."""
+        try:
+            if self._disk_full:  # nothing more can be written; what is committed is complete without an index
+                return
+            self.flush()
+            if consolidate:
+                try:
+                    _consolidate(self.root)
+                except OSError as e:
+                    if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                        raise
+                    self._out_of_space(e)
+        finally:
+            self._lease.release()
 
     def __enter__(self):
         return self

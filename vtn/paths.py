@@ -25,6 +25,8 @@ from pathlib import Path
 from vtn.errors import UserError
 
 SCHEMA_KEY = "vtn_schema"  # the root attribute that marks a vtn cache (vtn.store.layout.SCHEMA_KEY)
+# What a vtn cache folder holds (store/layout.py, store/lease.py); `--overwrite` removes nothing else.
+CACHE_ENTRIES = ("zarr.json", "parts", "index", "writers")
 EXPORT_KEY = "vtn_cache_attrs"  # the root attribute `vtn store export` writes into its HDF5 files
 
 
@@ -112,7 +114,16 @@ def check_cache_out(out: str, inputs: Iterable[str | os.PathLike] = (), overwrit
     if cache and not overwrite:
         return  # adding parts to an existing cache deletes nothing
     _check_inputs(path, inputs, overwrite, "cache")
-    if cache or not any(path.iterdir()):
+    if cache:
+        # zarr.json's leftover temporaries (zarr.<hex>.partial) are the cache's own too
+        foreign = sorted(p.name for p in path.iterdir()
+                         if p.name not in CACHE_ENTRIES and not (p.name.startswith("zarr.") and p.name.endswith(".partial")))
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+            raise UserError(f"{out}: holds things that are not part of the cache ({shown}); --overwrite would "
+                            "delete them with it, so nothing was changed: move them out first")
+        return
+    if not any(path.iterdir()):
         return
     if overwrite:
         raise UserError(f"{out}: not a vtn cache (a folder with other content, no zarr.json with a '{SCHEMA_KEY}' "
