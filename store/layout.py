@@ -18,6 +18,7 @@
                                  the video-table columns above plus `part` (string); attrs:
                                    complete   true once fully written
                                    parts      {part: committed videos covered}
+      writers/<stamp>-<token>/   one group per live writer (store/lease.py); attrs: host, pid, share, started, beat
 
 Arrays are allocated in whole shards, so their shapes may exceed `rows`/`committed`; only the committed
 prefix is meaningful. Reading one video with plain zarr:
