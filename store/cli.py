@@ -122,7 +122,7 @@ def _info(args) -> int:
     for line in _wrap_names(info["class_names"]):
         print(f"  {line}")
     if info["unnamed_labels"]:
-        labels = ", ".join(f"label {k} ({v:,} videos)" for k, v in info["unnamed_labels"].items())
+        labels = ", ".join(f"label {k} ({v:,} video(s))" for k, v in info["unnamed_labels"].items())
         print(f"  without a class name: {labels}; the cache is inconsistent (`vtn store verify` reports it)")
     print(f"features     D={info['feature_dim']} {info['dtype']}")
     if info["bytes"] is not None:
