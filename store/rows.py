@@ -43,11 +43,7 @@ def damaged(store) -> str:
         url = store.fs.unstrip_protocol(store.path)
     else:
         url = "CACHE"
-    return f"the cache is damaged: `vtn store verify {url}` lists everything that is"
-
-
-def array_path(array) -> str:
-    return array.store_path.path or "(root)"
+    return f"the cache is damaged; `vtn store verify {url}` lists all the damage"
 
 
 def missing_chunks(array, lo: int, hi: int) -> list[tuple[int, int]]:
@@ -87,7 +83,7 @@ class RowReader:
 
     def __init__(self, array):
         self.array = array
-        self.where = array_path(array)
+        self.where = array.store_path.path  # parts/<part>/<array>
         self.dtype = np.dtype(array.dtype.to_native_dtype() if hasattr(array.dtype, "to_native_dtype") else array.dtype)
         self.tail = tuple(array.shape[1:])
         self._index: dict[int, np.ndarray] = {}
