@@ -66,7 +66,7 @@ def test_a_lost_shard_file_is_refused_by_every_reader(make_cache, tmp_path, name
 
 
 def test_a_lost_chunk_inside_a_shard_is_refused(make_cache):
-    url, videos = make_cache(6)  # > 256 rows: two chunks in the one shard
+    url, _ = make_cache(6)  # > 256 rows: two chunks in the one shard
     path = shard_file(url, "features")
     raw = bytearray(path.read_bytes())
     reader = RowReader(zarr.open_group(url, mode="r")["parts"][part_of(url)]["features"])
@@ -112,7 +112,7 @@ def test_a_flipped_byte_is_one_message_and_export_leaves_no_partial(make_cache, 
 
 def test_a_lost_video_table_chunk_is_reported_and_refused(make_cache):
     # Before: verify exited 0 listing a video whose id is "", and extraction added its video again (a ghost).
-    url, videos = make_cache(10)
+    url, _ = make_cache(10)
     shutil.rmtree(Path(url) / "index")
     part = part_of(url)
     (Path(url) / "parts" / part / "id" / "c" / "0").unlink()
