@@ -86,7 +86,8 @@ def cache_info(url: str) -> dict:
         "splits": {s: {"videos": splits[s], "frames": frames[s]} for s in sorted(splits)},
         "classes": len(c.class_names),
         "class_names": c.class_names,
-        "videos_per_class": {c.class_names[k] if k >= 0 else "(unlabeled)": v for k, v in sorted(per_class.items())},
+        "videos_per_class": {_class_name(c.class_names, k): v for k, v in sorted(per_class.items())},
+        "unnamed_labels": {k: v for k, v in sorted(per_class.items()) if k != -1 and not 0 <= k < len(c.class_names)},
         "feature_dim": c.feature_dim,
         "dtype": c.dtype.name,
         "files": usage[0] if usage else None,
@@ -96,6 +97,14 @@ def cache_info(url: str) -> dict:
         "created_at": c.attrs.get("created_at"),
         "failures": c.failures,
     }
+
+
+def _class_name(names: list[str], label: int) -> str:
+    """A label's class name; a label the cache's class names do not cover (written behind vtn's back, or names
+    lost) is shown as such rather than crash `info` (`vtn store verify` reports it)."""
+    if label == -1:
+        return "(unlabeled)"
+    return names[label] if 0 <= label < len(names) else f"label {label} (no class name)"
 
 
 def _info(args) -> int:
@@ -112,6 +121,9 @@ def _info(args) -> int:
     print(f"classes      {info['classes']}")
     for line in _wrap_names(info["class_names"]):
         print(f"  {line}")
+    if info["unnamed_labels"]:
+        labels = ", ".join(f"label {k} ({v:,} video(s))" for k, v in info["unnamed_labels"].items())
+        print(f"  without a class name: {labels}; the cache is inconsistent (`vtn store verify` reports it)")
     print(f"features     D={info['feature_dim']} {info['dtype']}")
     if info["bytes"] is not None:
         print(f"on disk      {info['bytes'] / 2**20:,.1f} MiB in {info['files']:,} files")

@@ -14,7 +14,8 @@ import warnings
 
 import numpy as np
 
-from vtn.store.layout import TABLE_COLUMNS
+from vtn.store.layout import TABLE_COLUMNS, StoreError
+from vtn.store.rows import damaged, missing_chunks
 
 
 # An older consolidated index is deleted only once it is this old: a reader that found it newest a moment ago
@@ -60,10 +61,36 @@ def newest_index(root):
     return None
 
 
-def read_columns(group, lo: int, hi: int, names) -> dict[str, np.ndarray]:
+def lost_entries(array, name: str, lo: int, hi: int) -> list[tuple[int, int]]:
+    """[(a, b)] committed entries [lo, hi) of table column `name` whose chunk is absent: lost, not fill values.
+
+    zarr writes no chunk whose values all equal the fill value, so an absent chunk of `label` (-1) or `fps` (NaN)
+    may be a chunk of unlabeled videos. Only the columns whose fill value no committed video can hold tell: an
+    empty id, split or part name, a negative start, a length below 1. (The consolidated index fills with 0, a
+    valid start: its `start` column cannot tell.)
+    """
+    fill = array.fill_value
+    telling = (fill == "") if name in ("id", "split", "part") else (fill < 0) if name == "start" else (
+        fill < 1) if name == "length" else False
+    return missing_chunks(array, lo, hi) if telling else []
+
+
+def read_columns(group, lo: int, hi: int, names, allow_lost: bool = False) -> dict[str, np.ndarray]:
+    """Entries [lo, hi) of the table columns `names` of `group` (a part, or a consolidated index).
+
+    The entries must be committed ones: a lost chunk among them is a StoreError naming the group, the column and
+    the entries (a video whose id read as "" would be a ghost, and extraction would add its video again), unless
+    `allow_lost` (`vtn store verify`, which reports the losses itself).
+    """
     out = {}
     for name in names:
-        values = group[name][lo:hi]
+        array = group[name]
+        lost = [] if allow_lost else lost_entries(array, name, lo, hi)
+        if lost:
+            a, b = lost[0]
+            raise StoreError(f"{group.path}/{name}: entries {a}..{b - 1} of the video table cannot be read: their "
+                             f"chunk file is missing; {damaged(group.store)}")
+        values = array[lo:hi]
         out[name] = np.asarray(values.tolist(), dtype=object) if TABLE_COLUMNS.get(name, (str,))[0] is str else values
     return out
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -63,7 +64,24 @@ def _h5_items(src: Path) -> tuple[Iterator[tuple[str, np.ndarray, dict]], dict]:
 
 def _npy_items(src: Path) -> Iterator[tuple[str, np.ndarray, dict]]:
     for path in sorted(src.rglob("*.npy")):
-        yield path.relative_to(src).with_suffix("").as_posix(), np.load(path, allow_pickle=False), {}
+        try:  # no pickles: an object array or a pickle file is refused, never run
+            x = np.load(path, allow_pickle=False)
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+            raise StoreError(f"{path}: not a numeric array in .npy format ({e})") from None
+        if not isinstance(x, np.ndarray):  # np.load opens an .npz archive whatever the file is named
+            x.close()
+            raise StoreError(f"{path}: an .npz archive, not an .npy array")
+        yield path.relative_to(src).with_suffix("").as_posix(), x, {}
+
+
+def _features(src: Path, vid: str, x) -> np.ndarray:
+    """A video's [T, D] array of numbers, or a StoreError naming it."""
+    x = np.asarray(x)
+    if x.dtype.kind not in "biuf":
+        raise StoreError(f"{src}: {vid!r} holds {x.dtype} values, expected numbers (a [T, D] float array)")
+    if x.ndim != 2:
+        raise StoreError(f"{src}: {vid!r} has shape {list(x.shape)}, expected [T, D]")
+    return x
 
 
 def import_features(src: str | Path, out: str, labels_csv: str | None = None, fps: float = 1.0,
@@ -93,8 +111,7 @@ def import_features(src: str | Path, out: str, labels_csv: str | None = None, fp
     first = next(items, None)
     if first is None:
         raise StoreError(f"{src}: no feature arrays found")
-    if np.ndim(first[1]) != 2:
-        raise StoreError(f"{src}: {first[0]!r} has shape {list(np.shape(first[1]))}, expected [T, D]")
+    _features(src, first[0], first[1])
     attrs = {k: v for k, v in info.items() if k not in ("vtn_schema", "feature_dim", "dtype", "class_names", "created_at")}
     attrs["imported_from"] = {"source": str(src.resolve()), "labels": str(labels_csv) if labels_csv else None}
     writer = CacheWriter(out, feature_dim=int(np.shape(first[1])[1]), dtype=dtype, class_names=class_names,
@@ -106,9 +123,7 @@ def import_features(src: str | Path, out: str, labels_csv: str | None = None, fp
             bar.update(1)
             if vid in done:
                 continue
-            x = np.asarray(x)
-            if x.ndim != 2:
-                raise StoreError(f"{src}: {vid!r} has shape {list(x.shape)}, expected [T, D]")
+            x = _features(src, vid, x)
             t = len(x)
             label, split = int(meta.get("label", -1)), str(meta.get("split", "train"))
             if labels is not None:
@@ -143,13 +158,17 @@ def export_h5(cache_url: str, out: str | Path, progress: bool = True, overwrite:
     check_export_out(out, inputs=[cache_url], overwrite=overwrite)
     out = Path(out)
     tmp = out.with_name(out.name + ".partial")
-    with h5py.File(tmp, "w", libver="latest") as f:  # "latest": attributes larger than 64 KiB (long timestamp lists)
-        f.attrs["vtn_cache_attrs"] = json.dumps(cache.attrs)
-        f.attrs["class_names"] = json.dumps(cache.class_names)
-        for vid in progress_bar(iterable=cache.ids, unit="video", desc="export", disable=not progress):
-            v = cache.video(vid)
-            ds = f.create_dataset(vid, data=v.features)
-            ds.attrs.update({"timestamps": v.timestamps, "frame_indices": v.frame_indices, "label": v.label,
-                             "split": v.split, "fps": v.fps, "duration": v.duration, "num_frames": v.num_frames})
-    tmp.replace(out)  # a killed export never leaves a half-written file under the final name
+    try:
+        with h5py.File(tmp, "w", libver="latest") as f:  # "latest": attributes larger than 64 KiB (long timestamp lists)
+            f.attrs["vtn_cache_attrs"] = json.dumps(cache.attrs)
+            f.attrs["class_names"] = json.dumps(cache.class_names)
+            for vid in progress_bar(iterable=cache.ids, unit="video", desc="export", disable=not progress):
+                v = cache.video(vid)
+                ds = f.create_dataset(vid, data=v.features)
+                ds.attrs.update({"timestamps": v.timestamps, "frame_indices": v.frame_indices, "label": v.label,
+                                 "split": v.split, "fps": v.fps, "duration": v.duration, "num_frames": v.num_frames})
+        tmp.replace(out)  # a killed export never leaves a half-written file under the final name
+    except BaseException:  # a damaged chunk, a full disk, Ctrl-C: no half-written file is left behind either
+        tmp.unlink(missing_ok=True)
+        raise
     return len(cache)

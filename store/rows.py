@@ -9,6 +9,8 @@ checksum and decodes with the same numcodecs/blosc that zarr uses. Anything else
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import os
 from concurrent.futures import ThreadPoolExecutor
 
@@ -20,11 +22,52 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 from zarr.storage import LocalStore
 
+from vtn.store.layout import StoreError
+
 MISSING = 2**64 - 1
 
 
-class CorruptChunk(ValueError):
-    """A chunk or shard index failed its checksum or could not be decoded."""
+class CorruptChunk(StoreError):
+    """A chunk or shard index failed its checksum, could not be decoded, or is missing where rows were committed.
+
+    A StoreError, so the CLI prints the message (which names the array, the rows and `vtn store verify`) on one
+    line instead of a traceback.
+    """
+
+
+def damaged(store) -> str:
+    """The advice every read of a damaged cache ends with, naming the cache (the zarr store it was opened as)."""
+    if isinstance(store, LocalStore):
+        url = str(store.root)
+    elif hasattr(store, "fs"):  # FsspecStore: s3://bucket/cache.zarr and the like
+        url = store.fs.unstrip_protocol(store.path)
+    else:
+        url = "CACHE"
+    return f"the cache is damaged; `vtn store verify {url}` lists all the damage"
+
+
+def missing_chunks(array, lo: int, hi: int) -> list[tuple[int, int]]:
+    """[(a, b)] row ranges inside [lo, hi) whose chunk file (shard file, for a sharded array) is absent.
+
+    zarr reads an absent chunk as the fill value, so rows a writer committed and the disk then lost would read as
+    NaN, -1 or "" without a word. Only the caller knows whether a range is committed, and whether the array's
+    fill value is one a committed row can hold (zarr stores no chunk whose values all equal it).
+    """
+    if hi <= lo:
+        return []
+    rows = array.metadata.chunk_grid.chunk_shape[0]  # the outer grid: shards when sharded, else chunks
+    outer = range(lo // rows, (hi - 1) // rows + 1)
+    tails = list(itertools.product(*(range(n) for n in array.cdata_shape[1:])))
+    prefix = array.store_path.path
+    keys = [[f"{prefix}/{k}" if prefix else k for k in (array.metadata.encode_chunk_key((c, *t)) for t in tails)]
+            for c in outer]
+    store = array.store_path.store
+
+    async def present():
+        return await asyncio.gather(*(asyncio.gather(*(store.exists(k) for k in ks)) for ks in keys))
+
+    found = sync(present())
+    return [(max(lo, c * rows), min(hi, (c + 1) * rows)) for c, ok in zip(outer, found) if not all(ok)]
 
 
 def _crc_ok(raw: bytes | memoryview) -> bool:
@@ -32,13 +75,17 @@ def _crc_ok(raw: bytes | memoryview) -> bool:
 
 
 class RowReader:
-    """Reads rows [a, b) of a 1-D or 2-D array sharded along its first axis."""
+    """Reads rows [a, b) of a 1-D or 2-D array sharded along its first axis.
+
+    Every row asked for must have been committed: a shard file or chunk that is absent is damage, never fill
+    values (NaN features, NaN timestamps, frame index -1 would pass as data).
+    """
 
     def __init__(self, array):
         self.array = array
+        self.where = array.store_path.path  # parts/<part>/<array>
         self.dtype = np.dtype(array.dtype.to_native_dtype() if hasattr(array.dtype, "to_native_dtype") else array.dtype)
         self.tail = tuple(array.shape[1:])
-        self.fill = array.fill_value
         self._index: dict[int, np.ndarray] = {}
         self._files: dict[int, int] = {}
         codecs = array.metadata.codecs
@@ -116,13 +163,29 @@ class RowReader:
 
     # -- rows --------------------------------------------------------------------------------------------
     def _read_shard_rows(self, shard: int, a: int, b: int, out: np.ndarray, retry: bool = True) -> None:
-        """Rows [a, b) (absolute) that all lie in `shard` into `out`."""
+        """Rows [a, b) (absolute) that all lie in `shard` into `out`; CorruptChunk, naming them, if any is lost."""
+        try:
+            self._decode_rows(shard, a, b, out)
+        except CorruptChunk as e:
+            if retry:
+                # The shard may have been rewritten by a writer after we opened it or cached its index: reopen once.
+                self._forget(shard)
+                return self._read_shard_rows(shard, a, b, out, retry=False)
+            raise CorruptChunk(f"{self.where} rows {a}..{b - 1} cannot be read: {e}; "
+                               f"{damaged(self.array.store_path.store)}") from None
+
+    def _forget(self, shard: int) -> None:
+        self._index.pop(shard, None)
+        fd = self._files.pop(shard, None)
+        if fd is not None:
+            os.close(fd)
+
+    def _decode_rows(self, shard: int, a: int, b: int, out: np.ndarray) -> None:
         base = shard * self.shard_rows
         c0, c1 = (a - base) // self.chunk_rows, (b - base - 1) // self.chunk_rows + 1
         index = self.shard_index(shard)
         if index is None:
-            out[:] = self.fill
-            return
+            raise CorruptChunk(f"shard file {self.key(shard)} is missing")
         entries = index[c0:c1]
         present = entries[:, 0] != MISSING
         blob, lo = b"", 0
@@ -130,23 +193,15 @@ class RowReader:
             lo = int(entries[present, 0].min())
             hi = int((entries[present, 0] + entries[present, 1]).max())
             blob = self.fetch(shard, lo, hi - lo)
-        try:
-            for i, (off, n) in enumerate(entries):
-                c = c0 + i
-                r0 = base + c * self.chunk_rows
-                s0, s1 = max(a, r0), min(b, r0 + self.chunk_rows)
-                dst = out[s0 - a:s1 - a]
-                if off == MISSING:
-                    dst[:] = self.fill
-                    continue
-                chunk = self.decode(blob[int(off) - lo:int(off + n) - lo], f"{self.key(shard)} chunk {c}")
-                dst[:] = chunk[s0 - r0:s1 - r0]
-        except CorruptChunk:
-            if not retry:
-                raise
-            # The shard may have been rewritten by a writer after we cached its index: reload once.
-            self.shard_index(shard, refresh=True)
-            self._read_shard_rows(shard, a, b, out, retry=False)
+        for i, (off, n) in enumerate(entries):
+            c = c0 + i
+            r0 = base + c * self.chunk_rows
+            where = f"{self.key(shard)} chunk {c} (rows {r0}..{r0 + self.chunk_rows - 1})"
+            if off == MISSING:
+                raise CorruptChunk(f"{where} is missing")
+            s0, s1 = max(a, r0), min(b, r0 + self.chunk_rows)
+            chunk = self.decode(blob[int(off) - lo:int(off + n) - lo], where)
+            out[s0 - a:s1 - a] = chunk[s0 - r0:s1 - r0]
 
     def read(self, a: int, b: int, out: np.ndarray | None = None, threads: int = 1) -> np.ndarray:
         """Rows [a, b) as one array (into `out` when given); shards are decoded on `threads` threads."""
@@ -155,6 +210,11 @@ class RowReader:
         if b <= a:
             return out
         if not self.fast:
+            lost = missing_chunks(self.array, a, b)
+            if lost:
+                r0, r1 = lost[0]
+                raise CorruptChunk(f"{self.where} rows {r0}..{r1 - 1} cannot be read: their chunk file is missing; "
+                                   f"{damaged(self.array.store_path.store)}")
             out[:] = self.array[a:b]
             return out
         spans = []

@@ -5,9 +5,18 @@ from __future__ import annotations
 import numpy as np
 
 from vtn.progress import progress_bar
-from vtn.store.index import newest_index, read_columns, part_states
-from vtn.store.layout import ROW_ARRAYS, TABLE_COLUMNS
+from vtn.store.index import lost_entries, newest_index, part_states, read_columns
+from vtn.store.layout import ROW_ARRAYS, TABLE_COLUMNS, StoreError
 from vtn.store.rows import CorruptChunk, RowReader
+from vtn.store.writer import check_id
+
+
+def _read_table(group, n: int, names, problems: list[str]) -> dict[str, np.ndarray]:
+    """Entries [0, n) of a video table; each lost chunk is a problem, and what it held reads as fill values."""
+    for name in names:
+        for a, b in lost_entries(group[name], name, 0, n):
+            problems.append(f"{group.path}/{name}: entries {a}..{b - 1} of the video table are missing (chunk file absent)")
+    return read_columns(group, 0, n, names, allow_lost=True)
 
 
 def _check_rows(name: str, part: str, reader: RowReader, rows: int, problems: list[str], progress=None) -> None:
@@ -67,7 +76,7 @@ def verify(cache_url: str, progress: bool = True) -> tuple[list[str], dict]:
             tables[part] = {col: np.empty(0, dtype=object if dt is str else dt) for col, (dt, _) in TABLE_COLUMNS.items()}
             continue
         try:
-            cols = read_columns(g, 0, committed, list(TABLE_COLUMNS))
+            cols = _read_table(g, committed, list(TABLE_COLUMNS), problems)
         except Exception as e:  # noqa: BLE001 - a broken table is a finding, not a crash
             problems.append(f"parts/{part}: cannot read the video table ({type(e).__name__}: {e})")
             continue
@@ -76,10 +85,17 @@ def verify(cache_url: str, progress: bool = True) -> tuple[list[str], dict]:
         expected = np.concatenate([[0], np.cumsum(lengths)[:-1]]) if committed else starts
         if (lengths < 1).any() or not np.array_equal(starts, expected) or (committed and starts[-1] + lengths[-1] != rows):
             problems.append(f"parts/{part}: video table rows disagree with the committed row count {rows}")
-        for vid in cols["id"]:
+        bad_ids = []
+        for k, vid in enumerate(cols["id"]):
+            try:
+                check_id(vid)
+            except StoreError as e:  # an empty id (a lost chunk reads as ""), an absolute path, ...
+                bad_ids.append(f"parts/{part}: entry {k} of the video table: {e}")
+                continue
             if vid in seen:
                 problems.append(f"video {vid!r}: duplicate id in parts {seen[vid]} and {part}")
             seen[vid] = part
+        problems += bad_ids[:10] + ([f"parts/{part}: ... and {len(bad_ids) - 10} more bad ids"] if len(bad_ids) > 10 else [])
         bad = cols["id"][(cols["label"] < -1) | (cols["label"] >= n_classes)]
         for vid in bad[:10]:
             problems.append(f"video {vid!r}: label outside the {n_classes} class names")
@@ -96,7 +112,7 @@ def verify(cache_url: str, progress: bool = True) -> tuple[list[str], dict]:
     idx = newest_index(root)
     if idx is not None:
         covered = idx.attrs["parts"]
-        cols = read_columns(idx, 0, int(idx.attrs["videos"]), list(TABLE_COLUMNS) + ["part"])
+        cols = _read_table(idx, int(idx.attrs["videos"]), list(TABLE_COLUMNS) + ["part"], problems)
         for part, n in covered.items():
             if part not in tables:
                 problems.append(f"index: refers to part {part!r}, which is missing")

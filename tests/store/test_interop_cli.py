@@ -1,11 +1,13 @@
 import csv
 import json
+import re
 import subprocess
 import sys
 
 import h5py
 import numpy as np
 import pytest
+import zarr
 from store_helpers import CLASSES, D, feats
 
 from vtn.cli import main
@@ -133,3 +135,45 @@ def test_info_into_a_closed_pipe_ends_quietly(make_cache):
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=60) == 141
     assert "BrokenPipeError" not in err and "Traceback" not in err and "Exception ignored" not in err, err
+
+
+@pytest.mark.parametrize("kind, match", [
+    ("object", r"bad\.npy: not a numeric array in \.npy format \(Object arrays cannot be loaded when allow_pickle=False\)"),
+    ("text", r"bad\.npy: not a numeric array in \.npy format"),
+    ("empty", r"bad\.npy: not a numeric array in \.npy format"),
+    ("npz", r"bad\.npy: an \.npz archive, not an \.npy array"),
+    ("strings", r"'a/bad' holds <U5 values, expected numbers"),
+])
+def test_import_refuses_a_npy_that_is_not_numbers_naming_it(tmp_path, capsys, kind, match):
+    # Before: a ValueError or TypeError traceback (an object array, a pickle or text file named .npy, strings).
+    root = tmp_path / "npy"
+    (root / "a").mkdir(parents=True)
+    np.save(root / "a" / "good.npy", np.ones((3, D), np.float32))
+    bad = root / "a" / "bad.npy"
+    if kind == "object":
+        np.save(bad, np.array([{"x": 1}, None], dtype=object), allow_pickle=True)
+    elif kind == "text":
+        bad.write_text("these are not features\n")
+    elif kind == "empty":
+        bad.write_bytes(b"")
+    elif kind == "npz":
+        with bad.open("wb") as f:
+            np.savez(f, x=np.ones((3, D)))
+    else:
+        np.save(bad, np.array([["hello"] * D] * 3))
+    assert main(["store", "import", str(root), "--out", str(tmp_path / "c.zarr")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("vtn store: error: ") and re.search(match, err), err
+
+
+def test_info_shows_labels_without_a_class_name(make_cache, capsys):
+    # A label beyond class_names (written behind vtn's back): `vtn store info` failed with an IndexError.
+    url, videos = make_cache(4)
+    g = zarr.open_group(url, mode="r+")
+    for table in [*(p for _, p in g["parts"].groups()), *(i for _, i in g["index"].groups())]:
+        table["label"][0] = 7
+    assert main(["store", "info", url]) == 0
+    assert "without a class name: label 7 (1 video(s))" in capsys.readouterr().out
+    assert main(["store", "info", url, "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["videos_per_class"]["label 7 (no class name)"] == 1 and info["unnamed_labels"] == {"7": 1}
