@@ -114,8 +114,9 @@ def import_features(src: str | Path, out: str, labels_csv: str | None = None, fp
     _features(src, first[0], first[1])
     attrs = {k: v for k, v in info.items() if k not in ("vtn_schema", "feature_dim", "dtype", "class_names", "created_at")}
     attrs["imported_from"] = {"source": str(src.resolve()), "labels": str(labels_csv) if labels_csv else None}
+    # share: an import claims all its videos, so the same import started twice cannot store each video twice
     writer = CacheWriter(out, feature_dim=int(np.shape(first[1])[1]), dtype=dtype, class_names=class_names,
-                         attrs=attrs, identity=("imported_from",), overwrite=overwrite, name="import")
+                         attrs=attrs, identity=("imported_from",), overwrite=overwrite, name="import", share=(0, 1))
     done = writer.committed_ids()
     written = 0
     with writer, progress_bar(total=count, unit="video", desc="import", disable=not progress) as bar:

@@ -100,7 +100,7 @@ class Lease:
             self._remove()
             rival = min(rivals, key=lambda r: r[:2])[2]
             raise StoreError(
-                f"{self.url}: another writer is extracting the same videos into this cache ({describe(rival)}); "
+                f"{self.url}: another writer is writing the same videos into this cache ({describe(rival)}); "
                 "two jobs on one cache would store every video twice, so this one did nothing. Let it finish "
                 "and re-run to add what it leaves out, or give each job its own --shard K/N. A job that was "
                 f"killed stops counting {STALE_S:.0f} s after it was last seen (at once on its own host)")

@@ -38,7 +38,7 @@ def _live_job(out):
 def test_a_second_job_on_a_live_cache_is_refused(videos, copy, vtn):
     live = _live_job(copy)
     proc = vtn("extract", videos / "val", "--out", copy, *FAST, check_rc=2)
-    assert "another writer is extracting the same videos" in proc.stderr and "--shard" in proc.stderr
+    assert "another writer is writing the same videos" in proc.stderr and "--shard" in proc.stderr
     proc = vtn("extract", videos / "val", "--out", copy, *FAST, "--overwrite", check_rc=2)  # case 7
     assert "a writer is live on this cache" in proc.stderr
     live.close()
@@ -55,7 +55,7 @@ def test_a_job_launched_twice_stores_each_video_once(videos, tmp_path):
     results = [(j.wait(timeout=300), j.stderr.read()) for j in jobs]
     assert sorted(rc for rc, _ in results) in ([0, 0], [0, 2]), results
     for rc, err in results:
-        assert rc == 0 or "another writer is extracting the same videos" in err
+        assert rc == 0 or "another writer is writing the same videos" in err
     cache = open_cache(str(out))
     assert len(cache) == len(set(cache.ids)) == 12
     assert verify(str(out), progress=False)[0] == []

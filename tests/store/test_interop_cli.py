@@ -177,3 +177,14 @@ def test_info_shows_labels_without_a_class_name(make_cache, capsys):
     assert main(["store", "info", url, "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["videos_per_class"]["label 7 (no class name)"] == 1 and info["unnamed_labels"] == {"7": 1}
+
+
+def test_import_is_refused_while_another_import_writes_the_same_cache(tmp_path):
+    root, _ = _npy_folder(tmp_path)
+    url = str(tmp_path / "c.zarr")
+    import_features(root, url, progress=False)
+    live = CacheWriter(url, feature_dim=D, share=(0, 1))  # the same import, still running
+    with pytest.raises(StoreError, match="another writer is writing the same videos"):
+        import_features(root, url, progress=False)
+    live.close()
+    assert import_features(root, url, progress=False) == 0

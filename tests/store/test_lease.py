@@ -23,7 +23,7 @@ def _writer(url, **kw):
 def test_a_second_claim_on_the_same_videos_is_refused_until_the_first_closes(tmp_path):
     url = str(tmp_path / "c.zarr")
     first = _writer(url, share=(0, 1))
-    with pytest.raises(StoreError, match=r"c\.zarr: another writer is extracting the same videos .*pid \d+"):
+    with pytest.raises(StoreError, match=r"c\.zarr: another writer is writing the same videos .*pid \d+"):
         _writer(url, share=(0, 1))
     with pytest.raises(StoreError, match="another writer"):  # any share overlaps "all videos"
         _writer(url, share=(1, 2))
