@@ -233,6 +233,8 @@ class DecodePool:
         bugs: list[BaseException] = []
 
         def alive() -> None:
+            if state["abandoned"]:  # the pool is closing (or gave up on it): stop decoding
+                raise _Abandoned
             state["last"] = time.monotonic()
 
         def send(kind, k, payload) -> None:
@@ -248,7 +250,7 @@ class DecodePool:
             if not sent:
                 raise _Abandoned  # the pool is closing
 
-        def decode() -> None:
+        def run() -> None:
             try:
                 _send_video(send, key, path, sampling, self.chunk_bytes, self.threads, alive)
             except _Abandoned:
@@ -256,7 +258,7 @@ class DecodePool:
             except BaseException as e:  # a bug: raised to the consumer with its traceback
                 bugs.append(e)
 
-        thread = threading.Thread(target=decode, name=f"vtn-decode-{key}", daemon=True)
+        thread = threading.Thread(target=run, name=f"vtn-decode-{key}", daemon=True)
         thread.start()
         while True:
             thread.join(min(1.0, self.timeout / 4))
