@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import hashlib
+import inspect
 import math
 import socket
 import threading
@@ -59,18 +60,27 @@ def create_backbone(
     check_model_name(name)
     offline = pretrained and _hub_offline()
     torch.manual_seed(seed)
+    bug = None
     try:
         with _hub_offline_mode() if offline else contextlib.nullcontext():
             try:
                 model = timm.create_model(name, pretrained=pretrained, num_classes=0, **kwargs)
-            except TypeError:
+            except TypeError as e:
+                if not kwargs:
+                    raise
+                # A CNN's class has no img_size (it takes any size); only then is the model built without it.
+                # A model that takes img_size and still raises TypeError has a bug, which must not be hidden.
                 model = timm.create_model(name, pretrained=pretrained, num_classes=0)
+                if _takes(type(model), "img_size"):
+                    bug = e
     except RuntimeError as e:
         raise BackboneError(f"backbone '{name}': {e}") from None
     except Exception as e:
         if not pretrained:
             raise
         raise BackboneError(_missing_weights_message(name, offline, e)) from None
+    if bug is not None:
+        raise bug
     identity = {"name": name, "weights": "random-init", "seed": seed}
     if pretrained:
         identity = {"name": name, "weights": "timm-pretrained", "pretrained_tag": model.pretrained_cfg.get("tag")}
@@ -82,6 +92,12 @@ def create_backbone(
     overrides = {"input_size": (3, image_size, image_size)} if image_size is not None else {}
     data_config = timm.data.resolve_data_config(overrides, model=model)
     return model, data_config, identity
+
+
+def _takes(cls: type, arg: str) -> bool:
+    """Whether constructing `cls` accepts the keyword `arg` (a parameter of that name, or **kwargs)."""
+    params = inspect.signature(cls).parameters.values()
+    return any(p.name == arg or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
 
 
 def check_model_name(name: str) -> None:
@@ -278,7 +294,10 @@ class Preprocess(torch.nn.Module):
             raise BackboneError(f"preprocessing crop_mode '{mode}' is not supported (center, squash)")
         interpolation = self.attrs["interpolation"]
         if interpolation not in ("bilinear", "bicubic", "nearest"):
-            interpolation = "bicubic"  # timm's "random"/"lanczos" have no torch equivalent; bicubic is closest
+            # timm's "random"/"lanczos" have no torch equivalent; another one would be used while the cache
+            # records this one.
+            raise BackboneError(f"preprocessing interpolation '{interpolation}' is not supported (bilinear, bicubic, "
+                                "nearest)")
         self.interpolation = interpolation
         self.size = tuple(self.attrs["input_size"])
         self.squash = mode == "squash" or self.size[0] != self.size[1]

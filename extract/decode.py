@@ -11,8 +11,12 @@ the failure's error class. This module imports no torch: it runs in the decode w
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import stat
+import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -29,6 +33,13 @@ DEFAULT_CHUNK_BYTES = 64 << 20
 # this many bytes; longer or larger ones go to PyAV, whose memory stays flat and which decodes them as fast
 # (720p here: 364 frames/s against decord's 327).
 DECORD_MAX_BYTES = 256 << 20
+# decord's C++ logger writes "[hh:mm:ss] file.cc:NN: ERROR opening: FILE, REASON" straight to file descriptor 2, and
+# no log level turns it off (decord's level is its FFmpeg's). A decode worker process, where nothing else writes
+# to stderr meanwhile, sets this, and decord's open then runs with fd 2 captured and such lines dropped. Not in
+# the parent (`--workers 0`): there fd 2 is the user's terminal, shared with the progress bar, and an open that
+# hangs would keep it captured.
+CAPTURE_DECORD_LOG = False
+_DECORD_LOG_LINE = re.compile(r"^\[\d\d:\d\d:\d\d\] \S+\.cc:\d+: ")
 
 
 class VideoError(Exception):
@@ -41,6 +52,10 @@ class EmptyFile(VideoError):
 
 class NotAVideo(VideoError):
     """The file cannot be opened as media, or has no video stream (text, audio-only, missing index)."""
+
+
+class Unreadable(VideoError):
+    """The file exists but cannot be read: permission denied, an I/O error. Nothing says it is not a video."""
 
 
 class NoFrames(VideoError):
@@ -81,12 +96,15 @@ class Chunk:
     frames: np.ndarray  # [n, H, W, 3] uint8 RGB
 
 
-def _info(timestamps, width: int, height: int, backend: str) -> VideoInfo:
+def _info(timestamps, width: int, height: int, backend: str, rate: float) -> VideoInfo:
+    """`rate` is the container's average frame rate (frames per second; 0 when it gives none)."""
     t = np.asarray(timestamps, dtype=np.float64)
     # Seconds from the first frame, to the microsecond: decord reports float32 seconds, PyAV exact
     # ticks; rounding makes both agree.
     t = np.round(t - t[0], 6)
     duration = round(video_duration(t), 6)
+    if len(t) == 1 and rate > 0:  # no second frame to time the first by: it lasts one frame at the container's rate
+        duration = round(1 / rate, 6)
     fps = round(len(t) / duration, 3) if duration > 0 else 0.0
     return VideoInfo(t, fps, duration, len(t), width, height, backend)
 
@@ -96,13 +114,51 @@ def _chunk_frames(width: int, height: int, chunk_bytes: int) -> int:
 
 
 def check_file(path: str | Path) -> None:
-    """Fail fast on files no decoder should be handed: missing or zero-byte."""
+    """Fail fast on files no decoder should be handed: missing, zero-byte or unreadable.
+
+    Reading is tried here, because the decoders report a file they may not read as one they cannot parse.
+    Only regular files are opened: opening a FIFO blocks until someone writes to it (the decode timeout
+    covers that, as it covers a stuck network mount).
+    """
     try:
         st = os.stat(path)
     except FileNotFoundError:
         raise NotAVideo(f"{path}: no such file") from None
-    if stat.S_ISREG(st.st_mode) and st.st_size == 0:
+    except OSError as e:  # a folder on the way that may not be searched, an I/O error
+        raise Unreadable(f"{path}: cannot read it: {e.strerror or e}") from None
+    if not stat.S_ISREG(st.st_mode):
+        return
+    if st.st_size == 0:
         raise EmptyFile(f"{path}: the file is empty (0 bytes)")
+    try:
+        with open(path, "rb") as f:
+            f.read(1)
+    except OSError as e:
+        raise Unreadable(f"{path}: cannot read it: {e.strerror or e}") from None
+
+
+@contextlib.contextmanager
+def _decord_log_dropped():
+    """Run the calls inside with fd 2 in a temporary file (if CAPTURE_DECORD_LOG), then pass on all but decord's
+    logger lines."""
+    if not CAPTURE_DECORD_LOG:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as log:
+        os.dup2(log.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            log.seek(0)
+            rest = [line for line in log.read().decode(errors="replace").splitlines(keepends=True)
+                    if not _DECORD_LOG_LINE.match(line)]
+            if rest:
+                sys.stderr.write("".join(rest))
+                sys.stderr.flush()
 
 
 def _sorted_unique(values) -> np.ndarray:
@@ -120,21 +176,25 @@ class DecordReader:
     def __init__(self, path: str | Path, threads: int = 1, alive=None):
         import decord
 
+        # decord's own FFmpeg logs every damaged packet of a bad file on stderr; what matters is in the error.
+        decord.logging.set_level(decord.logging.QUIET)
         self.alive = alive or _nothing
 
+        # What decord raises for every kind of bad file; anything else is a bug and propagates.
+        self.errors = (decord.DECORDError, RuntimeError)
         try:
-            self.vr = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=threads)
+            with _decord_log_dropped():
+                self.vr = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=threads)
             n = len(self.vr)
             if n == 0:
                 raise NoFrames(f"{path}: the video stream has no frames")
             ts = self.vr.get_frame_timestamp(np.arange(n))[:, 0]
             height, width = self.vr[0].shape[:2]
-        except VideoError:
-            raise
-        except Exception as e:  # decord raises RuntimeError/DECORDError for every kind of bad file
+            rate = self.vr.get_avg_fps()
+        except self.errors as e:
             raise NotAVideo(f"{path}: decord cannot open it: {_first_line(e)}") from None
         self.path = path
-        self.info = _info(ts, width, height, self.backend)
+        self.info = _info(ts, width, height, self.backend, rate)
         # decord seeks to a frame by its timestamp, so they must be distinct; if they are not, let PyAV read it.
         if len(_sorted_unique(ts)) != n:
             raise NotAVideo(f"{path}: decord reports repeated frame timestamps")
@@ -149,7 +209,7 @@ class DecordReader:
                     parts.append(self.vr.get_batch(idx[j: j + self.batch].tolist()).asnumpy())
                     self.alive()
                 frames = parts[0] if len(parts) == 1 else np.concatenate(parts)
-            except Exception as e:
+            except self.errors as e:
                 raise DecodeError(f"{self.path}: decord cannot decode frames {idx[0]}..{idx[-1]}: {_first_line(e)}") from None
             yield Chunk(idx, self.info.timestamps[idx], frames)
 
@@ -177,6 +237,7 @@ class PyAVReader:
                     raise NotAVideo(f"{path}: no video stream")
                 stream = container.streams.video[0]
                 width, height = stream.codec_context.width, stream.codec_context.height
+                rate = float(stream.average_rate or stream.guessed_rate or 0)
                 self.time_base = float(stream.time_base)
                 pts, untimed = [], 0
                 for packet in container.demux(stream):
@@ -188,9 +249,7 @@ class PyAVReader:
                         untimed += 1
                     else:
                         pts.append(t)
-        except VideoError:
-            raise
-        except Exception as e:
+        except av.FFmpegError as e:
             raise NotAVideo(f"{path}: cannot open it as a video: {_first_line(e)}") from None
         if untimed:
             raise NotAVideo(f"{path}: {untimed} of {untimed + len(pts)} frames carry no timestamp")
@@ -198,7 +257,7 @@ class PyAVReader:
             raise NoFrames(f"{path}: the video stream has no frames")
         ts = np.sort(np.asarray(pts, dtype=np.int64)) * self.time_base
         self.t0 = ts[0]  # what frames' times are counted from, as in `_info`
-        self.info = _info(ts, width, height, self.backend)
+        self.info = _info(ts, width, height, self.backend, rate)
 
     def read(self, indices: np.ndarray, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[Chunk]:
         import av

@@ -24,6 +24,14 @@ is progress, not a hang. The pool reads those and does not pass them on. A worke
 read that never returns, a decoder that spins in one call) sends nothing and is killed after the timeout.
 Workers ignore SIGINT: on Ctrl-C the parent alone stops (closing the pool stops them), so the terminal shows
 the CLI's one line, not a KeyboardInterrupt traceback from every worker.
+
+Only a `VideoError` (decode.py's taxonomy of unusable files) is recorded as the video's failure. Any other
+exception is a bug (in vtn or a decoder), not a property of the file: it stops the job with its traceback (a
+worker's traceback as the text of a `DecodeBug` raised in the parent), instead of being filed under the video.
+
+`workers=0` decodes each video in a thread of this process, watched the same way: a thread that makes no
+progress for the timeout is abandoned (a thread cannot be killed; it stays blocked, as a daemon, until the
+process exits) and its video recorded as a DecodeTimeout, and whatever it sends afterwards goes nowhere.
 """
 
 from __future__ import annotations
@@ -34,11 +42,13 @@ import queue
 import signal
 import threading
 import time
+import traceback
 from collections import deque
 from multiprocessing.connection import wait
 
 import numpy as np
 
+from vtn.extract import decode
 from vtn.extract.decode import Chunk, VideoError, VideoInfo, decode_video
 from vtn.extract.sampling import SamplingConfig
 
@@ -46,6 +56,14 @@ _END = object()
 # A worker that has not said it is up yet (spawning, importing its decoders) is given at least this long:
 # that time is not spent on the video it was handed, and the timeout may be set shorter than a start.
 _STARTUP_S = 60.0
+
+
+class DecodeBug(RuntimeError):
+    """A decode worker process raised something other than a `VideoError`: a bug, reported with its traceback."""
+
+
+class _Abandoned(Exception):
+    """Stops an inline decode thread whose events are no longer wanted (timed out, or the pool is closing)."""
 
 
 def _heartbeat(send, key, every: float):
@@ -62,11 +80,9 @@ def _heartbeat(send, key, every: float):
     return alive
 
 
-def _send_video(send, key, path, cfg: SamplingConfig, chunk_bytes: int, threads: int,
-                heartbeat: float | None = None) -> None:
-    """Decode one video and report it through `send(kind, key, payload)`; with `heartbeat` (seconds), also
-    ("alive", key, None) messages while decoding makes progress."""
-    alive = None if heartbeat is None else _heartbeat(send, key, heartbeat)
+def _send_video(send, key, path, cfg: SamplingConfig, chunk_bytes: int, threads: int, alive=None) -> None:
+    """Decode one video and report it through `send(kind, key, payload)`; `alive()` is called while decoding
+    makes progress. A `VideoError` is the video's failure; any other exception propagates (a bug)."""
     try:
         for item in decode_video(path, cfg, chunk_bytes, threads, alive):
             if item is None:
@@ -78,13 +94,12 @@ def _send_video(send, key, path, cfg: SamplingConfig, chunk_bytes: int, threads:
         send("done", key, None)
     except VideoError as e:
         send("fail", key, (type(e).__name__, str(e)))
-    except Exception as e:  # a decoder bug on one file must not stop the others; record it
-        send("fail", key, ("DecodeError", f"{path}: {type(e).__name__}: {e}"))
 
 
 def _worker_main(conn, chunk_bytes: int, threads: int, heartbeat: float) -> None:
     """A decode worker: receive (key, path, sampling) until None; send events back; frames as raw bytes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle (see the module docstring)
+    decode.CAPTURE_DECORD_LOG = True  # decord's raw log lines stay out of the terminal (see decode.py)
     # The decoders' imports are part of starting up, not of the first video's decode time.
     import av  # noqa: F401
     import decord  # noqa: F401
@@ -102,7 +117,12 @@ def _worker_main(conn, chunk_bytes: int, threads: int, heartbeat: float) -> None
         if msg is None:
             return
         key, path, sampling = msg
-        _send_video(send, key, path, SamplingConfig(**sampling), chunk_bytes, threads, heartbeat)
+        try:
+            _send_video(send, key, path, SamplingConfig(**sampling), chunk_bytes, threads,
+                        _heartbeat(send, key, heartbeat))
+        except Exception:  # a bug: the parent raises it (see the module docstring); this worker is done
+            send("bug", key, traceback.format_exc())
+            return
 
 
 class _Worker:
@@ -131,7 +151,7 @@ class DecodePool:
     """Decode `jobs` ((key, path) pairs, or (key, path, SamplingConfig) for a video with its own sampling) in
     `workers` processes; iterate to get the events.
 
-    `workers=0` decodes in a thread of this process instead (no timeout can be enforced there).
+    `workers=0` decodes in threads of this process instead, under the same timeout (see the module docstring).
     Always `close()` (or use `with`), which stops and reaps the workers.
     """
 
@@ -197,12 +217,63 @@ class DecodePool:
         self._put(_END)
 
     def _run_inline(self) -> None:
-        sampling = self.cfg
+        import av  # noqa: F401 - as a worker does: importing the decoders is starting up, not decoding a video
+        import decord  # noqa: F401
+
         for key, path, *own in self.jobs:
             if self._stop.is_set():
                 return
-            _send_video(lambda k, key, p: self._put((k, key, p)), key, path, own[0] if own else sampling,
-                        self.chunk_bytes, self.threads)
+            self._decode_inline(key, path, own[0] if own else self.cfg)
+
+    def _decode_inline(self, key, path, sampling: SamplingConfig) -> None:
+        """Decode one video in a thread of its own, watched: the time it spends waiting on a full queue (a busy
+        consumer) does not count, as for a worker; one that makes no other progress for the timeout is abandoned."""
+        lock = threading.Lock()
+        state = {"last": time.monotonic(), "putting": False, "abandoned": False}
+        bugs: list[BaseException] = []
+
+        def alive() -> None:
+            if state["abandoned"]:  # the pool is closing (or gave up on it): stop decoding
+                raise _Abandoned
+            state["last"] = time.monotonic()
+
+        def send(kind, k, payload) -> None:
+            with lock:  # the watchdog's abandoning and this event's going out exclude each other
+                if state["abandoned"]:
+                    raise _Abandoned
+                state["putting"] = True
+            try:
+                sent = self._put((kind, k, payload))
+            finally:
+                with lock:
+                    state["putting"], state["last"] = False, time.monotonic()
+            if not sent:
+                raise _Abandoned  # the pool is closing
+
+        def run() -> None:
+            try:
+                _send_video(send, key, path, sampling, self.chunk_bytes, self.threads, alive)
+            except _Abandoned:
+                pass
+            except BaseException as e:  # a bug: raised to the consumer with its traceback
+                bugs.append(e)
+
+        thread = threading.Thread(target=run, name=f"vtn-decode-{key}", daemon=True)
+        thread.start()
+        while True:
+            thread.join(min(1.0, self.timeout / 4))
+            if not thread.is_alive():
+                break
+            with lock:
+                stalled = not state["putting"] and time.monotonic() - state["last"] > self.timeout
+                state["abandoned"] = stalled or self._stop.is_set()
+            if stalled:
+                self._put(("fail", key, ("DecodeTimeout", f"{path}: no decoding progress for {self.timeout:g} s; "
+                                         "its decoding thread was abandoned (no worker process to kill with --workers 0)")))
+            if state["abandoned"]:
+                return
+        if bugs:
+            raise bugs[0]
 
     def _run_workers(self) -> None:
         ctx = mp.get_context("spawn")  # no inherited threads or CUDA state; workers import only numpy and decoders
@@ -242,6 +313,9 @@ class DecodePool:
                     continue
                 if kind == "alive":  # progress (or the worker saying it is up); nothing for the consumer
                     continue
+                if kind == "bug":
+                    raise DecodeBug(f"decoding {w.job[1]} raised an exception that is not a VideoError: a bug in vtn or "
+                                    f"a decoder, not a bad video. The worker's traceback:\n{payload}")
                 if kind in ("done", "fail"):
                     w.job = None
                 if not self._put((kind, key, payload)):

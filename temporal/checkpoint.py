@@ -13,11 +13,23 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from vtn.errors import UserError
 from vtn.temporal.model import WEIGHTS_NAME
 
 INPUTS_NAME = "inputs.json"
+
+
+def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint's safetensors file (on the CPU). Every loader of a checkpoint reads through
+    here, so a damaged file (truncated by a full disk or a cut copy) is refused by name, not a SafetensorError."""
+    try:
+        return load_file(str(path))
+    except SafetensorError as e:
+        raise UserError(f"{path}: cannot read this checkpoint file, it is damaged or incomplete ({e}); copy it again, "
+                        "or use the run's other checkpoint (best/ or last/)") from None
 
 
 def replace_dir(tmp: Path, final: Path) -> None:
@@ -79,17 +91,17 @@ def save_last(run: Path, model, opt, scaler, rng_states: list[dict], state: dict
 def load_last(ckpt: Path, model, opt, scaler, rank: int, device: torch.device) -> dict:
     """Restore weights, optimiser, scaler and this rank's RNG from `last/`; returns its saved state."""
     state = json.loads((ckpt / "state.json").read_text())
-    model.load_state_dict(load_file(str(ckpt / WEIGHTS_NAME)))  # weights and the feature normalisation
+    model.load_state_dict(load_tensors(ckpt / WEIGHTS_NAME))  # weights and the feature normalisation
     meta = state.pop("optimizer")
     tensors: dict[int, dict] = {}
-    for key, v in load_file(str(ckpt / "optimizer.safetensors")).items():
+    for key, v in load_tensors(ckpt / "optimizer.safetensors").items():
         i, k = key.split(".", 1)
         tensors.setdefault(int(i), {})[k] = v
     for i, d in meta["state"].items():
         tensors.setdefault(int(i), {}).update(d)
     opt.load_state_dict({"state": tensors, "param_groups": meta["param_groups"]})
     scaler.load_state_dict(state.pop("scaler"))
-    rng = load_file(str(ckpt / "rng.safetensors"))
+    rng = load_tensors(ckpt / "rng.safetensors")
     torch.set_rng_state(rng[f"cpu.{rank}"])
     if device.type == "cuda" and f"cuda.{rank}" in rng:
         torch.cuda.set_rng_state(rng[f"cuda.{rank}"], device)

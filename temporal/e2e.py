@@ -30,7 +30,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -39,6 +39,7 @@ from vtn.errors import UserError
 from vtn.extract.backbone import Preprocess, create_backbone, file_sha256, state_dict_sha256
 from vtn.extract.config import BackboneConfig, RuntimeConfig
 from vtn.extract.sampling import SamplingConfig
+from vtn.temporal.checkpoint import load_tensors
 from vtn.temporal.model import CONFIG_NAME, VTN, WEIGHTS_NAME, VTNConfig
 
 VIDEO_NAME = "video.json"  # the backbone's identity and build settings, its preprocessing, the sampling
@@ -228,7 +229,7 @@ class VideoVTN(VTN):
             raise UserError(f"{path}: timm's preprocessing for {bc.name} is now {preprocess.attrs}, the checkpoint "
                             f"recorded {video['backbone'].get('preprocessing')}")
         model = cls(config, backbone, preprocess, video)
-        missing, unexpected = model.load_state_dict(load_file(str(path / WEIGHTS_NAME)), strict=False)
+        missing, unexpected = model.load_state_dict(load_tensors(path / WEIGHTS_NAME), strict=False)
         if missing or unexpected:
             raise UserError(f"{path}: weights do not match the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
         return model
@@ -247,7 +248,7 @@ def load_temporal(directory: str | Path) -> VTN:
                         "inputs.json names the stage-two backbone, not its own; fine-tune again with this vtn")
     config = merge(VTNConfig(), json.loads((path / CONFIG_NAME).read_text()))
     model = VTN(config)
-    state = {k: v for k, v in load_file(str(path / WEIGHTS_NAME)).items() if not k.startswith(BACKBONE_PREFIX)}
+    state = {k: v for k, v in load_tensors(path / WEIGHTS_NAME).items() if not k.startswith(BACKBONE_PREFIX)}
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise UserError(f"{path}: weights do not match config.json (missing {missing[:5]}, unexpected {unexpected[:5]})")

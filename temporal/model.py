@@ -21,7 +21,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from vtn.config import ConfigError, merge, to_dict
@@ -274,7 +274,9 @@ class VTN(nn.Module):
         if backend is not None:
             config = merge(config, {"backend": backend})
         model = cls(config)
-        missing, unexpected = model.load_state_dict(load_file(str(path / WEIGHTS_NAME)), strict=False)
+        from vtn.temporal.checkpoint import load_tensors  # here: checkpoint.py imports this module
+
+        missing, unexpected = model.load_state_dict(load_tensors(path / WEIGHTS_NAME), strict=False)
         if missing or unexpected:
             raise UserError(f"{path}: weights do not match config.json (missing {missing}, unexpected {unexpected})")
         return model

@@ -221,9 +221,9 @@ def _init_worker(slots, threads: int, gpus: int) -> None:
 
 def record(run_dir: Path, run: Run, summary: dict, members: int) -> dict:
     """metrics.json of a finished run: its best epoch's val figures, parameters, train seconds."""
-    from safetensors.torch import load_file
+    from vtn.temporal.checkpoint import load_tensors
 
-    weights = load_file(str(run_dir / "best" / "model.safetensors"))
+    weights = load_tensors(run_dir / "best" / "model.safetensors")
     params = sum(t.numel() for k, t in weights.items() if k not in ("feature_mean", "feature_scale"))  # not buffers
     best = summary["best"]
     out = {"run": run.name, "values": run.values, **{k: best[k] for k, _ in METRICS}, "best_epoch": best["epoch"],

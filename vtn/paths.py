@@ -45,10 +45,13 @@ def is_vtn_cache(url: str, storage_options: dict | None = None) -> bool:
             return False
         return isinstance(doc, dict) and doc.get("node_type") == "group" and SCHEMA_KEY in (doc.get("attributes") or {})
     import zarr  # remote: let zarr open it (whatever fsspec store it maps to) and read the attribute
+    from zarr.errors import BaseZarrError
 
     try:
         return SCHEMA_KEY in zarr.open_group(str(url), mode="r", storage_options=storage_options).attrs
-    except Exception:  # noqa: BLE001 - missing, not a group, unreadable: in every case not a vtn cache
+    except (FileNotFoundError, BaseZarrError, json.JSONDecodeError):
+        # Nothing there (zarr's GroupNotFoundError is a FileNotFoundError), an array, or metadata that is not a
+        # group's. A refused login or a network error says nothing about what is there: it propagates.
         return False
 
 

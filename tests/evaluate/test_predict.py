@@ -125,6 +125,20 @@ def test_predict_refuses_a_model_whose_backbone_weights_are_not_there(trained, t
         (tmp_path / "gone").rename(weights)
 
 
+def test_predict_with_a_truncated_checkpoint_names_the_file(trained, tmp_path, capsys):
+    import shutil
+
+    videos, _, run, _ = trained
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    weights = copy / "best" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # a copy cut short
+    capsys.readouterr()
+    assert main(["predict", str(videos / "val"), "--model", str(copy), "--workers", "0"]) == 2
+    err = capsys.readouterr().err
+    assert f"{weights}: cannot read this checkpoint file, it is damaged or incomplete" in err and len(err.splitlines()) == 1
+
+
 @pytest.fixture(scope="module")
 def bad_video(tmp_path_factory):
     return synth.make_bad_files(tmp_path_factory.mktemp("bad"))["not_video"]

@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from vtn.extract.backbone import BackboneError, create_backbone
+from vtn.extract.backbone import BackboneError, Preprocess, create_backbone
 
 from .test_extract import _hub_cache
 
@@ -88,3 +88,35 @@ def test_unknown_backbone_suggests_the_closest_timm_names(videos, tmp_path, vtn)
     # A pretrained tag is not part of the name looked up.
     with pytest.raises(BackboneError, match=r"unknown timm model 'resnt18\.a1_in1k'; closest: resnet18\b"):
         create_backbone("resnt18.a1_in1k")
+
+
+class _SizedButBroken(torch.nn.Module):
+    """A model class that takes img_size (as ViTs do) and has a bug when it is given."""
+
+    def __init__(self, img_size=None, num_classes=0, **kwargs):
+        super().__init__()
+        if img_size is not None:
+            len(img_size)  # TypeError: an int has no len()
+        self.fc = torch.nn.Linear(2, 2)
+        self.num_features = 2
+        self.pretrained_cfg = {}
+
+
+def test_img_size_is_dropped_only_for_models_that_do_not_take_it_and_a_type_error_bug_surfaces():
+    from timm.models import register_model
+
+    @register_model
+    def vtn_test_sized_but_broken(pretrained=False, **kwargs):
+        return _SizedButBroken(**kwargs)
+
+    with pytest.raises(TypeError, match="has no len"):
+        create_backbone("vtn_test_sized_but_broken", image_size=64)
+    _, data_config, identity = create_backbone("resnet18", image_size=64)  # a CNN takes any size
+    assert data_config["input_size"] == (3, 64, 64) and identity["name"] == "resnet18"
+
+
+def test_an_interpolation_torch_does_not_have_is_refused_not_replaced_by_another():
+    config = {"input_size": (3, 32, 32), "crop_pct": 1.0, "mean": (0.5,) * 3, "std": (0.5,) * 3}
+    assert Preprocess({**config, "interpolation": "bicubic"}).interpolation == "bicubic"
+    with pytest.raises(BackboneError, match="interpolation 'lanczos' is not supported"):
+        Preprocess({**config, "interpolation": "lanczos"})

@@ -41,3 +41,17 @@ def test_rotated_videos_come_out_upright_from_both_decoders(tmp_path, monkeypatc
     for got in (by_decord, by_pyav):
         assert got.shape[1:] == expected.shape
         assert np.abs(got[0].astype(int) - expected.astype(int)).mean() < 8  # lossy H.264 of a hard edge
+
+
+def test_a_one_frame_video_has_the_containers_frame_rate_and_duration(tmp_path, monkeypatch):
+    import av
+
+    path = synth.write_video(tmp_path / "one.mp4", [np.zeros((48, 64, 3), np.uint8)], [0.0], 25)
+    with av.open(str(path)) as container:
+        rate, seconds = float(container.streams.video[0].average_rate), container.duration / 1e6
+    info = next(decode.decode_video(path, SamplingConfig(mode="every", every=1)))
+    monkeypatch.setattr(decode, "DECORD_MAX_BYTES", 0)
+    info2 = next(decode.decode_video(path, SamplingConfig(mode="every", every=1)))
+    assert (info.backend, info2.backend) == ("decord", "pyav")
+    for got in (info, info2):
+        assert got.num_frames == 1 and (got.fps, got.duration) == (rate, seconds) == (25.0, 0.04)

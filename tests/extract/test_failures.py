@@ -9,6 +9,8 @@ import time
 
 import pytest
 
+from vtn.extract.sampling import SamplingConfig
+from vtn.extract.workers import DecodeBug, DecodePool
 from vtn.store import open_cache
 
 BACKBONE = ["--backbone", "resnet18", "--random-init", "--image-size", "64"]
@@ -26,6 +28,9 @@ def test_each_bad_file_is_recorded_and_the_rest_stored(videos, bad_files, tmp_pa
     out = tmp_path / "cache"
     proc = vtn("extract", src, "--out", out, *BACKBONE, "--num-frames", "3", "--workers", workers, check_rc=3)
     assert "6 failed" in proc.stderr and "extracted 4 videos" in proc.stderr
+    assert "[h264 @" not in proc.stderr and "[mov,mp4" not in proc.stderr  # FFmpeg's raw log lines
+    if workers != "0":  # decord's own logger is kept off only in worker processes (see decode.CAPTURE_DECORD_LOG)
+        assert "ERROR opening" not in proc.stderr, proc.stderr
     cache = open_cache(str(out))
     assert sorted(cache.ids) == sorted(f"good/{p.parent.name}/{p.name}" for p in (src / "good").rglob("*.mp4"))
     failures = {f["id"]: f for f in cache.failures}
@@ -38,14 +43,16 @@ def test_each_bad_file_is_recorded_and_the_rest_stored(videos, bad_files, tmp_pa
     assert "4 already in the cache" in proc.stderr
 
 
-def test_a_hung_decode_is_killed_after_the_timeout(videos, tmp_path, vtn):
+@pytest.mark.parametrize("workers", ["1", "0"])
+def test_a_hung_decode_is_killed_after_the_timeout(videos, tmp_path, vtn, workers):
     # Opening a FIFO nobody writes to blocks forever, like a stuck network mount.
     os.mkfifo(tmp_path / "hang.mp4")
     shutil.copy(videos / "val/left_to_right_red_first/0000.mp4", tmp_path / "ok.mp4")
     manifest = tmp_path / "list.csv"
     manifest.write_text("hang.mp4,a\nok.mp4,b\nmissing.mp4,b\n")
     out = tmp_path / "cache"
-    proc = vtn("extract", manifest, "--out", out, *BACKBONE, "--num-frames", "2", "--timeout", "2", "--workers", "1",
+    # With --workers 0 there is no process to kill: the decode thread is abandoned, the job goes on and ends.
+    proc = vtn("extract", manifest, "--out", out, *BACKBONE, "--num-frames", "2", "--timeout", "2", "--workers", workers,
                "--quiet", check_rc=3, timeout=120)
     cache = open_cache(str(out))
     assert cache.ids == ["ok.mp4"]
@@ -83,3 +90,30 @@ def test_ctrl_c_prints_one_line_and_no_worker_traceback(videos, tmp_path):
     assert proc.returncode == 130, stderr
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
     assert "vtn extract: interrupted; committed work is kept, re-run to continue" in stderr
+
+
+@pytest.mark.parametrize("workers", [1, 0])
+def test_a_bug_while_decoding_surfaces_with_its_traceback_and_is_not_the_videos_failure(videos, workers):
+    # every=0 makes sample() divide by zero inside decode_video: an exception that says nothing about the file.
+    bug = SamplingConfig(mode="every", every=0)
+    path = str(videos / "val/left_to_right_red_first/0000.mp4")
+    with pytest.raises(DecodeBug if workers else ZeroDivisionError) as raised:
+        with DecodePool([("v", path, bug)], SamplingConfig(), workers=workers, timeout=60) as pool:
+            events = list(pool)
+            pytest.fail(f"the bug was recorded as events: {events}")
+    if workers:  # the worker's own traceback, down to the failing call
+        assert "ZeroDivisionError" in str(raised.value) and "sample" in str(raised.value) and path in str(raised.value)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads a file whatever its permissions")
+def test_an_unreadable_video_is_recorded_as_unreadable_saying_permission_denied(videos, tmp_path, vtn):
+    src = tmp_path / "in"
+    src.mkdir()
+    shutil.copy(videos / "val/left_to_right_red_first/0000.mp4", src / "ok.mp4")
+    shutil.copy(videos / "val/left_to_right_red_first/0000.mp4", src / "locked.mp4")
+    os.chmod(src / "locked.mp4", 0)
+    out = tmp_path / "cache"
+    vtn("extract", src, "--out", out, *BACKBONE, "--num-frames", "2", "--workers", "1", "--quiet", check_rc=3)
+    (failure,) = open_cache(str(out)).failures
+    assert failure["id"] == "locked.mp4" and failure["error"] == "Unreadable"
+    assert "permission denied" in failure["message"].lower()

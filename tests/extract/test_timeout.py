@@ -20,10 +20,11 @@ def long_video(tmp_path_factory):
                                    loop_seconds=4)
 
 
-def test_a_long_sparse_decode_is_not_killed_and_a_hung_one_still_is(long_video, tmp_path):
+@pytest.mark.parametrize("workers", [2, 0])  # 0: decoded in threads of this process, under the same timeout
+def test_a_long_sparse_decode_is_not_killed_and_a_hung_one_still_is(long_video, tmp_path, workers):
     os.mkfifo(tmp_path / "hang.mp4")  # opening a FIFO nobody writes to blocks forever, like a stuck mount
     jobs = [("long", str(long_video)), ("hang", str(tmp_path / "hang.mp4"))]
-    with DecodePool(jobs, SamplingConfig(mode="num_frames", num_frames=2), workers=2, timeout=TIMEOUT) as pool:
+    with DecodePool(jobs, SamplingConfig(mode="num_frames", num_frames=2), workers=workers, timeout=TIMEOUT) as pool:
         events = list(pool)
     kinds = {key: [kind for kind, k, _ in events if k == key] for key in ("long", "hang")}
     assert kinds == {"long": ["info", "chunk", "done"], "hang": ["fail"]}  # no "alive" reaches the consumer
