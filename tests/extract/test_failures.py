@@ -117,3 +117,25 @@ def test_an_unreadable_video_is_recorded_as_unreadable_saying_permission_denied(
     (failure,) = open_cache(str(out)).failures
     assert failure["id"] == "locked.mp4" and failure["error"] == "Unreadable"
     assert "permission denied" in failure["message"].lower()
+
+
+def test_a_permission_error_is_classed_unreadable_in_every_mode(videos, tmp_path, monkeypatch):
+    """The same classification as above, runnable as root: the open itself is refused, as the kernel would."""
+    import builtins
+
+    locked = str(tmp_path / "locked.mp4")
+    shutil.copy(videos / "val/left_to_right_red_first/0000.mp4", locked)
+    real_open = builtins.open
+
+    def refusing_open(file, *a, **kw):
+        if str(file) == locked:
+            raise PermissionError(13, "Permission denied", locked)
+        return real_open(file, *a, **kw)
+
+    monkeypatch.setattr(builtins, "open", refusing_open)
+    with DecodePool([("locked.mp4", locked)], SamplingConfig(mode="num_frames", num_frames=2), workers=0,
+                    timeout=30) as pool:
+        events = [(kind, payload) for kind, _, payload in pool]
+    assert [kind for kind, _ in events] == ["fail"]
+    error, message = events[0][1]
+    assert error == "Unreadable" and "Permission denied" in message
