@@ -38,7 +38,7 @@ from vtn.errors import UserError
 VIDEO_SUFFIXES = {".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".ts", ".flv", ".wmv", ".3gp", ".ogv"}
 DEFAULT_SPLIT = "train"
 SPLITS = ("train", "val", "test")
-SPLIT_ALIASES = {"training": "train", "validation": "val", "valid": "val", "dev": "val", "testing": "test"}
+SPLIT_ALIASES = {"training": "train", "validation": "val", "valid": "val", "testing": "test"}
 COLUMNS = ("path", "label", "split")  # a manifest's columns, in their order when it has no header
 
 
@@ -218,8 +218,11 @@ def _assign_ids(csv_path: Path, listed, root: str | Path | None) -> tuple[list[t
                                  "by its absolute path")
             base = Path(os.path.commonpath([str(path.parent) for _, _, path, _, _ in listed]))
             if base == Path(base.anchor):
-                raise InputError(f"{csv_path}: the listed videos share no folder but {base} (line {n}: {raw}); "
-                                 "give --root DIR, the folder their ids are relative to")
+                n1, raw1, first = listed[0][:3]
+                n, raw = next(((n, raw) for n, raw, path, _, _ in listed if path.parts[:2] != first.parts[:2]),
+                              (n1, raw1))
+                raise InputError(f"{csv_path}: the listed videos share no folder but {base} (line {n1}: {raw1}; line "
+                                 f"{n}: {raw}), which would silently become the root of their ids; give --root DIR")
     rows, first = [], {}
     for line_no, raw, path, label, split in listed:
         vid = _relative(path, base)
