@@ -59,13 +59,15 @@ class RuntimeConfig:
     """How the job runs; none of it changes the features beyond --amp's precision and --compile's float rounding."""
 
     device: str = "auto"  # "auto" (cuda when available, else cpu), "cpu", "cuda", "cuda:N"
-    batch_size: int = at_least(64, 1, "--batch-size")  # frames per forward, packed across videos; the last batch is padded to this size
+    # Frames per forward, packed across videos; the last batch is padded to this size.
+    batch_size: int = at_least(64, 1, "--batch-size")
     amp: Literal["none", "bf16", "fp16"] = "none"
     # Decode processes; 0 decodes in a thread of the main process (no timeout). Default: 2 beside a model on
     # the CPU (the model needs the cores); beside a GPU, this process's share of the cores (one process per
     # GPU, or torchrun's LOCAL_WORLD_SIZE) less one for the main process, as decoding then sets the pace.
     workers: int | None = at_least(None, 0, "--workers")
-    timeout: float = above(120.0, 0, "--timeout")  # seconds a decode may go without producing a frame before it is killed
+    # Seconds a decode may go without producing a frame before it is killed.
+    timeout: float = above(120.0, 0, "--timeout")
     chunk_mb: int = at_least(32, 1)  # decoded frames travel in chunks of at most this many MiB
     decode_threads: int = at_least(1, 1)  # decoder threads per worker
     # torch threads on the CPU; default: every core. Decode workers block once they are ahead, so they leave

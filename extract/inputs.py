@@ -207,8 +207,9 @@ def _assign_ids(csv_path: Path, listed, root: str | Path | None) -> tuple[list[t
             # the videos share. A relative path is the manifest's own, so it must not move that folder.
             for n, raw, _ in outside:
                 if not os.path.isabs(raw):
-                    raise InputError(f"{csv_path}:{n}: '{raw}' leads outside the manifest's folder {base}; a relative "
-                                     "path must stay inside it: list the video by its absolute path, or give --root DIR")
+                    raise InputError(f"{csv_path}:{n}: '{raw}' leads outside the manifest's folder {base}; a "
+                                     "relative path must stay inside it: list the video by its absolute path, or give "
+                                     "--root DIR")
             relative = [(n, raw) for n, raw, _, _, _ in listed if not os.path.isabs(raw)]
             n, raw, _ = outside[0]
             if relative:
