@@ -7,13 +7,22 @@ lies under it (the usual manifest next to its videos), else the deepest folder c
 (the usual cluster manifest of absolute paths, written in a work directory). `discover` returns the root
 used, for the cache to record.
 
-Folder layout, decided by the shallowest video in the tree:
+Folder layout:
 - `video.mp4` at the top: unlabelled (label -1), split "train";
-- `class/video.mp4`: label from the folder, split "train";
-- `split/class/video.mp4` (or deeper): split from the first folder, class from the second.
-Manifest: rows `path,label[,split]`, an optional header row `path,label[,split]`; an empty label is
-unlabelled, an empty or missing split is "train"; relative paths resolve against the CSV's folder, absolute
-paths may lie anywhere.
+- `class/video.mp4` (or deeper under the class): label from the folder, split "train";
+- `split/class/video.mp4` (or deeper): split from the first folder, class from the second. It is the layout
+  when the shallowest video lies two folders down, or when a top-level folder named as a split holds videos
+  in class folders.
+A video that does not fit the layout (a stray `x.mp4` beside class folders, `extra/x.mp4` beside `train/` and
+`val/`, a first folder that is no split name) is refused, naming it: it would silently relabel the others.
+Every folder is read once: a folder that cannot be read, or that a symbolic link leads back to (a loop, or two
+links to one folder), is refused, naming it.
+Manifest: comma-separated rows `path,label[,split]`, or any order of these columns under a header row naming
+them (`label,path`, `path,split`); an unknown column name or another separator is refused, naming the line.
+An empty label is unlabelled (label -1); an empty or missing split is "train". Relative paths resolve against
+the CSV's folder and must stay inside it; absolute paths may lie anywhere.
+Split names are train, val and test; `SPLIT_ALIASES` maps the usual other spellings onto them (any case:
+`Train` -> train, `validation` -> val); any other split name is refused, naming where it came from.
 Class names are sorted; a video's label is the index of its class name.
 """
 
@@ -28,6 +37,9 @@ from vtn.errors import UserError
 
 VIDEO_SUFFIXES = {".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".ts", ".flv", ".wmv", ".3gp", ".ogv"}
 DEFAULT_SPLIT = "train"
+SPLITS = ("train", "val", "test")
+SPLIT_ALIASES = {"training": "train", "validation": "val", "valid": "val", "testing": "test"}
+COLUMNS = ("path", "label", "split")  # a manifest's columns, in their order when it has no header
 
 
 class InputError(UserError):
@@ -72,26 +84,67 @@ def discover(source: str | Path, root: str | Path | None = None) -> tuple[list[V
     return entries, class_names, base
 
 
-def _scan_folder(root: Path) -> list[tuple[str, Path, str, str]]:
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+def split_name(text: str) -> str | None:
+    """The split `text` names (train, val, test, or one of their aliases, in any case), or None."""
+    name = text.strip().lower()
+    return name if name in SPLITS else SPLIT_ALIASES.get(name)
+
+
+def _known_splits() -> str:
+    return f"{', '.join(SPLITS)} (also, in any case: {', '.join(SPLIT_ALIASES)})"
+
+
+def _walk(root: Path) -> list[str]:
+    """The videos under `root` as POSIX paths relative to it, reading each real folder once."""
+
+    def unreadable(e: OSError):
+        raise InputError(f"{e.filename}: cannot read this folder ({e.strerror}); its videos would be left out "
+                         "(make it readable, or move it out of the input)")
+
+    found, read = [], {}  # read: real path of each folder read -> the path it was read by
+    for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in read:  # os.walk follows links without noticing it has been there
+            raise InputError(f"{dirpath}: a symbolic link leads to {read[real]}, which is already read (a link loop, "
+                             "or two links to one folder), so its videos would be listed again under other ids; "
+                             "remove the link, or list the videos in a CSV manifest")
+        read[real] = dirpath
         dirnames.sort()
         for name in filenames:
             path = Path(dirpath) / name
             if path.suffix.lower() in VIDEO_SUFFIXES and not name.startswith("."):
                 found.append(path.relative_to(root).as_posix())
-    if not found:
+    return found
+
+
+def _scan_folder(root: Path) -> list[tuple[str, Path, str, str]]:
+    parts = {rel: PurePosixPath(rel).parts for rel in _walk(root)}
+    if not parts:
         return []
-    depth = min(len(PurePosixPath(rel).parts) for rel in found)
+    split_layout = any(len(p) >= 3 and split_name(p[0]) for p in parts.values())
+    split_layout = split_layout or min(len(p) for p in parts.values()) >= 3
+    flat = not split_layout and all(len(p) == 1 for p in parts.values())
+    if flat:
+        return [(rel, root / rel, "", DEFAULT_SPLIT) for rel in parts]
+    layout = "split/class/video (train/, val/, test/)" if split_layout else "class/video"
+    stray = [rel for rel, p in parts.items() if len(p) < (3 if split_layout else 2)]
+    if stray:
+        one = len(stray) == 1
+        more = f" and {len(stray) - 3} more" if len(stray) > 3 else ""
+        raise InputError(f"{root}: refused: {', '.join(stray[:3])}{more} {'lies' if one else 'lie'} outside the "
+                         f"folder's layout {layout}, which gives every video its label; move {'it' if one else 'them'} "
+                         f"into a class folder{' of a split' if split_layout else ''}, or list the videos in a CSV "
+                         "manifest")
     rows = []
-    for rel in found:
-        parts = PurePosixPath(rel).parts
-        if depth == 1:
-            rows.append((rel, root / rel, "", DEFAULT_SPLIT))
-        elif depth == 2:
-            rows.append((rel, root / rel, parts[0], DEFAULT_SPLIT))
-        else:
-            rows.append((rel, root / rel, parts[1], parts[0]))
+    for rel, p in parts.items():
+        if not split_layout:
+            rows.append((rel, root / rel, p[0], DEFAULT_SPLIT))
+            continue
+        split = split_name(p[0])
+        if split is None:
+            raise InputError(f"{root / p[0]}: '{p[0]}' is not a split name, and folders of split/class/video "
+                             f"start with one: {_known_splits()}; rename it, or list the videos in a CSV manifest")
+        rows.append((rel, root / rel, p[1], split))
     return rows
 
 
@@ -108,22 +161,34 @@ def _read_manifest(csv_path: Path, root: str | Path | None) -> tuple[list[tuple[
 def _manifest_rows(csv_path: Path, reader) -> list[tuple[int, str, Path, str, str]]:
     """(line number, path as written, absolute normalised path, label, split) for every video row."""
     base = csv_path.parent.resolve()
-    rows = []
+    columns, rows = None, []  # columns: the header's names in order, None before the first row
     for line_no, row in enumerate(reader, start=1):
         row = [c.strip() for c in row]
-        if not row or not any(row) or row[0].startswith("#"):
+        if not any(row) or row[0].startswith("#"):
             continue
-        if line_no == 1 and row[0].lower() == "path":
-            continue  # header
-        if len(row) > 3:
-            raise InputError(f"{csv_path}:{line_no}: expected path,label[,split], got {len(row)} columns")
-        raw, label = row[0], row[1] if len(row) > 1 else ""
+        if len(row) == 1 and any(sep in row[0] for sep in ";\t|") and not (base / row[0]).exists():
+            raise InputError(f"{csv_path}:{line_no}: one column holding '{row[0]}': manifest columns are separated "
+                             "by ',' (save it as comma-separated CSV)")
+        if columns is None:
+            columns = COLUMNS
+            if any(c.lower() in COLUMNS for c in row):  # a header row: columns are read by their names
+                columns = tuple(c.lower() for c in row)
+                unknown = [c for c in row if c.lower() not in COLUMNS]
+                if unknown or len(set(columns)) < len(columns) or "path" not in columns:
+                    raise InputError(f"{csv_path}:{line_no}: the header names the columns {', '.join(row)}; expected "
+                                     f"each of {', '.join(COLUMNS)} at most once, path among them")
+                continue
+        if len(row) > len(columns):
+            raise InputError(f"{csv_path}:{line_no}: expected {','.join(columns)}, got {len(row)} columns")
+        cell = dict(zip(columns, row))
+        raw, label, split = cell["path"], cell.get("label", ""), cell.get("split", "")
         if not raw:
             raise InputError(f"{csv_path}:{line_no}: the path is empty")
-        split = row[2] if len(row) > 2 and row[2] else DEFAULT_SPLIT
+        if split and split_name(split) is None:
+            raise InputError(f"{csv_path}:{line_no}: unknown split '{split}'; split names are {_known_splits()}")
         # Lexical normalisation (no symlinks resolved): the id keeps the folder names the manifest uses.
         path = Path(os.path.normpath(base / raw))  # an absolute `raw` replaces `base`
-        rows.append((line_no, raw, path, label, split))
+        rows.append((line_no, raw, path, label, split_name(split) if split else DEFAULT_SPLIT))
     return rows
 
 
@@ -136,10 +201,29 @@ def _assign_ids(csv_path: Path, listed, root: str | Path | None) -> tuple[list[t
             raise InputError(f"--root {root}: no such folder")
     else:
         base = csv_path.parent.resolve()
-        if listed and not all(_relative(path, base) for _, _, path, _, _ in listed):
-            # Some video lies outside the CSV's folder (a manifest of absolute paths written in a work
-            # directory): ids are relative to the deepest folder the videos share.
+        outside = [(n, raw, path) for n, raw, path, _, _ in listed if _relative(path, base) is None]
+        if outside:
+            # A manifest of absolute paths written in a work directory: ids are relative to the deepest folder
+            # the videos share. A relative path is the manifest's own, so it must not move that folder.
+            for n, raw, _ in outside:
+                if not os.path.isabs(raw):
+                    raise InputError(f"{csv_path}:{n}: '{raw}' leads outside the manifest's folder {base}; a "
+                                     "relative path must stay inside it: list the video by its absolute path, or give "
+                                     "--root DIR")
+            relative = [(n, raw) for n, raw, _, _, _ in listed if not os.path.isabs(raw)]
+            n, raw, _ = outside[0]
+            if relative:
+                raise InputError(f"{csv_path}:{n}: {raw} lies outside the manifest's folder {base}, while line "
+                                 f"{relative[0][0]} lists '{relative[0][1]}' relative to that folder: the ids would "
+                                 "silently become relative to another folder; give --root DIR, or list every video "
+                                 "by its absolute path")
             base = Path(os.path.commonpath([str(path.parent) for _, _, path, _, _ in listed]))
+            if base == Path(base.anchor):
+                n1, raw1, first = listed[0][:3]
+                n, raw = next(((n, raw) for n, raw, path, _, _ in listed if path.parts[:2] != first.parts[:2]),
+                              (n1, raw1))
+                raise InputError(f"{csv_path}: the listed videos share no folder but {base} (line {n1}: {raw1}; line "
+                                 f"{n}: {raw}), which would silently become the root of their ids; give --root DIR")
     rows, first = [], {}
     for line_no, raw, path, label, split in listed:
         vid = _relative(path, base)
