@@ -277,11 +277,7 @@ def build_backbone(b: BackboneConfig, rt: RuntimeConfig, device: torch.device, c
 
 def check_runtime(cfg: ExtractConfig) -> torch.device:
     """Refuse settings that cannot work; the device, with the CPU's threads set. Shared with `vtn predict`."""
-    check(cfg.sampling)
-    if cfg.runtime.batch_size < 1:
-        raise UserError(f"runtime.batch_size must be >= 1, got {cfg.runtime.batch_size}")
-    if cfg.runtime.workers is not None and cfg.runtime.workers < 0:
-        raise UserError(f"runtime.workers must be >= 0, got {cfg.runtime.workers}")
+    check(cfg.sampling)  # the runtime's ranges are checked when the config is built (extract/config.py)
     device = resolve_device(cfg.runtime.device)
     if device.type == "cpu":
         torch.set_num_threads(cfg.runtime.threads or len(os.sched_getaffinity(0)))
