@@ -194,19 +194,31 @@ def _bench_finetune(args) -> int:
     return main(args)
 
 
+def _out(args, kind: str = "run") -> None:
+    """The --out rule (vtn/paths.py) at the door, before torch loads: a wrong folder is refused at once. The jobs
+    check again themselves (they are called from Python too)."""
+    from vtn.paths import check_run_dir
+
+    if args.out:
+        check_run_dir(args.out, kind)
+
+
 def _train(args) -> int:
+    _out(args)
     from vtn.temporal.train import main
 
     return main(args)
 
 
 def _sweep(args) -> int:
+    _out(args, "sweep")
     from vtn.temporal.sweep import main
 
     return main(args)
 
 
 def _probe(args) -> int:
+    _out(args, "probes")
     from vtn.temporal.probe import main
 
     return main(args)
@@ -219,6 +231,7 @@ def _bench_sweep(args) -> int:
     return 0
 
 def _finetune(args) -> int:
+    _out(args)
     from vtn.temporal.finetune import main
 
     return main(args)

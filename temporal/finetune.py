@@ -33,6 +33,7 @@ import yaml
 
 from vtn.config import merge, resolve, to_dict
 from vtn.errors import UserError
+from vtn.paths import check_run_dir
 from vtn.extract.config import ExtractConfig, RuntimeConfig
 from vtn.extract.inputs import discover
 from vtn.extract.job import extract_features
@@ -335,7 +336,8 @@ def finetune(stage_two: str | Path, out: str | Path, videos: str | None = None, 
     saved config."""
     from vtn.temporal.train import setup_processes
 
-    stage_two, run = Path(stage_two), Path(out)
+    run = check_run_dir(out)  # never over a file or a folder that is not a run, before anything is read or written
+    stage_two = Path(stage_two)
     best = best_of(stage_two)
     procs, device, own_group = setup_processes((cfg or FinetuneConfig()).run.device)
     try:

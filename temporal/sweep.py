@@ -47,6 +47,7 @@ from pathlib import Path
 
 from vtn.config import ConfigError, merge, parse_set, resolve, to_dict
 from vtn.errors import UserError
+from vtn.paths import check_run_dir
 
 METRICS = (("val_top1", "top-1"), ("val_top5", "top-5"), ("val_mean_class_accuracy", "mean class"))
 RESULT_NAME = "metrics.json"
@@ -309,7 +310,7 @@ def sweep(cache_url: str, out: str | Path, runs: list[Run], jobs: int | None = N
 
     if processes().world > 1:
         raise UserError("vtn sweep starts its own processes (--jobs); run it without torchrun")
-    out = Path(out)
+    out = check_run_dir(out, "sweep")  # never into a folder of the user's; each run's own folder is checked by train
     cache, _ = _shared(cache_url)
     for r in runs:  # a model the cache cannot take is refused before anything trains
         try:
