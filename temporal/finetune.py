@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import yaml
 
-from vtn.config import merge, resolve, to_dict
+from vtn.config import merge, ranged, resolve, to_dict
 from vtn.errors import UserError
 from vtn.paths import check_run_dir
 from vtn.extract.config import ExtractConfig, RuntimeConfig
@@ -54,17 +54,17 @@ from vtn.temporal.train import (FLAGS, DataSection, Loop, OptimSection, RunSecti
 
 @dataclass(frozen=True)
 class FinetuneSection:
-    backbone_lr: float = 0.1  # the backbone's learning rate as a multiple of optim.lr (it is already trained)
+    backbone_lr: float = ranged(0.1, ge=0)  # the backbone's learning rate as a multiple of optim.lr (it is already trained)
     # Layer-wise decay: a backbone layer n layers below the last (timm's group_matcher: ViT blocks, ResNet stages)
     # learns at backbone_lr x layer_decay^n (BEiT/MAE fine-tuning takes 0.65-0.75). 1: one rate for the backbone.
-    layer_decay: float = 1.0
-    frozen_steps: int = 0  # the first steps train only the encoder and head (the backbone gets no gradient)
+    layer_decay: float = ranged(1.0, gt=0, le=1)
+    frozen_steps: int = ranged(0, ge=0)  # the first steps train only the encoder and head (the backbone gets no gradient)
     freeze_bn: bool = True  # BatchNorm keeps its running statistics (clips are small batches of similar frames)
     # Feature memory bank (TALLFormer): only this many contiguous frames of each clip (at a random place) are
     # decoded and run through the backbone with gradients; the clip's other frames take their features from this
     # process's in-memory copy of the train split's cached features (the cache itself is never written), into which
     # the fresh features are written back. None: every frame of the clip is fresh.
-    bank_frames: int | None = None
+    bank_frames: int | None = ranged(None, ge=1)
     # Memory controls (temporal/e2e.py), exact (plain training's loss and gradients with BatchNorm frozen). The
     # defaults suit any clip length and batch size: a step's frames go through the backbone `micro_batch` at a time
     # (None: all in one call), and exact chunked backprop (each micro-batch's activations dropped after its forward
@@ -74,7 +74,7 @@ class FinetuneSection:
     # 112 px the default kept 0.26x plain's peak for ViT-Tiny and 0.33x for ResNet-18; with 16-frame micro-batches
     # ViT-Tiny kept 0.42x). timm's activation checkpointing (backbone, and each encoder layer) is off: alone it
     # kept 0.54x and 0.80x there, and inside chunked micro-batches it would cost a third forward.
-    micro_batch: int | None = 8
+    micro_batch: int | None = ranged(8, ge=1)
     grad_checkpointing: bool = False
     chunked: bool | None = None
     # Augmentation of the training clips' decoded uint8 frames (never of evaluation's), before preprocessing: a
@@ -85,11 +85,11 @@ class FinetuneSection:
     # default: it turns "left to right" into "right to left", another class in the generated videos (and in
     # Something-Something). With a memory bank only the fresh frames are augmented (the stored features are not).
     augment: bool = True
-    augment_scale: tuple[float, float] = (0.5, 1.0)
+    augment_scale: tuple[float, float] = ranged((0.5, 1.0), gt=0, le=1)
     augment_flip: bool = False
-    workers: int | None = None  # decode processes (stage one's rule when None); 0: a thread of this process
-    timeout: float = 120.0  # seconds a decode may go without producing a frame
-    eval_frames: int = 64  # frames per backbone call in evaluation
+    workers: int | None = ranged(None, ge=0)  # decode processes (stage one's rule when None); 0: a thread of this process
+    timeout: float = ranged(120.0, gt=0)  # seconds a decode may go without producing a frame
+    eval_frames: int = ranged(64, ge=1)  # frames per backbone call in evaluation
 
 
 @dataclass(frozen=True)
@@ -370,13 +370,13 @@ def finetune(stage_two: str | Path, out: str | Path, videos: str | None = None, 
         model.freeze_bn = ft.freeze_bn
         data = load_data(cache, cfg, vtn.config, procs)
         missing = [v for v in [*data.train.ids, *data.val.ids] if v not in paths]
-        if ft.bank_frames is not None and (ft.bank_frames < 1 or data.streaming):
-            raise UserError(f"finetune.bank_frames={ft.bank_frames}: needs a number >= 1 and the train split in memory "
+        if ft.bank_frames is not None and data.streaming:
+            raise UserError(f"finetune.bank_frames={ft.bank_frames}: needs the train split in memory "
                             f"(data.load is {cfg.data.load}; the split was {'streamed' if data.streaming else 'loaded'})")
         lo, hi = ft.augment_scale
-        if not 0 < lo <= hi <= 1:
-            raise UserError(f"finetune.augment_scale={list(ft.augment_scale)}: needs 0 < low <= high <= 1 (shares of "
-                            "the frame's area)")
+        if lo > hi:  # each in (0, 1] by its range
+            raise UserError(f"finetune.augment_scale={list(ft.augment_scale)}: needs low <= high (shares of the "
+                            "frame's area)")
         steps_per_epoch = len(data.sampler)
         epochs, total_steps, why = schedule(cfg.optim, steps_per_epoch)
 

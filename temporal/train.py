@@ -37,7 +37,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
 
-from vtn.config import merge, resolve, to_dict
+from vtn.config import merge, ranged, resolve, to_dict
 from vtn.errors import UserError
 from vtn.paths import check_run_dir
 from vtn.plots import curves_png
@@ -58,17 +58,17 @@ class ModelSection:
 
     feature_dim: int | None = None
     num_classes: int | None = None
-    hidden_size: int = 768
-    num_layers: int = 3
-    num_heads: int = 12
-    intermediate_size: int = 3072
-    attention_window: int | tuple[int, ...] = 18
-    max_positions: int = 288
+    hidden_size: int = ranged(768, ge=1)
+    num_layers: int = ranged(3, ge=1)
+    num_heads: int = ranged(12, ge=1)
+    intermediate_size: int = ranged(3072, ge=1)
+    attention_window: int | tuple[int, ...] = ranged(18, ge=1)
+    max_positions: int = ranged(288, ge=1)
     positions: Literal["index", "time", "none"] = "index"
-    position_rate: float = 25.0
-    dropout: float = 0.1
-    attention_dropout: float = 0.1
-    head_dropout: float = 0.5
+    position_rate: float = ranged(25.0, gt=0)
+    dropout: float = ranged(0.1, ge=0, lt=1)
+    attention_dropout: float = ranged(0.1, ge=0, lt=1)
+    head_dropout: float = ranged(0.5, ge=0, lt=1)
     backend: Literal["hf", "fast"] = "fast"
 
 
@@ -88,15 +88,15 @@ class DataSection:
     # When the cache has no videos in the split "val" (a folder of class/ sub-folders puts all in "train"), this
     # share of each class's train videos is held out for validation, chosen by a hash of the video id (so the
     # choice never depends on the order or number of other videos). 0: refuse instead.
-    holdout: float = 0.1
+    holdout: float = ranged(0.1, ge=0, lt=1)
     # Training clips: clip_frames frames, stride cached frames apart, from a random start. Videos too short
     # for the span keep the clip length with a smaller stride (or all their frames).
-    clip_frames: int = 16
-    stride: int = 8
+    clip_frames: int = ranged(16, ge=1)
+    stride: int = ranged(8, ge=1)
     load: Literal["auto", "memory", "stream"] = "auto"  # auto: into memory when the split fits
-    workers: int | None = None  # loader processes; None: 0 in memory, up to 8 when streaming
+    workers: int | None = ranged(None, ge=0)  # loader processes; None: 0 in memory, up to 8 when streaming
     normalize: bool = True  # features to zero mean, unit std per dimension (train split statistics)
-    eval_batch_size: int = 16
+    eval_batch_size: int = ranged(16, ge=1)
 
 
 DEFAULT_EPOCHS = 25
@@ -105,22 +105,22 @@ DEFAULT_EPOCHS = 25
 @dataclass(frozen=True)
 class OptimSection:
     optimizer: Literal["adamw", "sgd"] = "adamw"
-    lr: float = 3e-4
-    weight_decay: float = 0.05  # not applied to biases, norms and the [CLS] vector
-    betas: tuple[float, float] = (0.9, 0.999)  # adamw
-    momentum: float = 0.9  # sgd
-    batch_size: int = 32  # clips per optimiser step over all processes
+    lr: float = ranged(3e-4, gt=0)
+    weight_decay: float = ranged(0.05, ge=0)  # not applied to biases, norms and the [CLS] vector
+    betas: tuple[float, float] = ranged((0.9, 0.999), ge=0, lt=1)  # adamw
+    momentum: float = ranged(0.9, ge=0, lt=1)  # sgd
+    batch_size: int = ranged(32, ge=1)  # clips per optimiser step over all processes
     # Length of the run: `steps` if set, else `epochs` if set (both obeyed exactly); else 25 epochs, raised so
     # the run makes at least `min_steps` steps (a small cache has few steps per epoch).
-    epochs: int | None = None
-    steps: int | None = None
-    min_steps: int = 1000
+    epochs: int | None = ranged(None, ge=1)
+    steps: int | None = ranged(None, ge=1)
+    min_steps: int = ranged(1000, ge=1)
     schedule: Literal["cosine", "step"] = "cosine"
-    warmup: float = 0.05  # share of the steps with a linear warm-up from 0
-    milestones: tuple[float, ...] = (0.52, 0.96)  # step schedule: lr *= gamma at these shares of the steps
-    gamma: float = 0.1
-    clip_grad: float = 1.0  # max gradient norm; 0 = off
-    label_smoothing: float = 0.0
+    warmup: float = ranged(0.05, ge=0, lt=1)  # share of the steps with a linear warm-up from 0
+    milestones: tuple[float, ...] = ranged((0.52, 0.96), ge=0, le=1)  # step schedule: lr *= gamma at these shares of the steps
+    gamma: float = ranged(0.1, gt=0)
+    clip_grad: float = ranged(1.0, ge=0)  # max gradient norm; 0 = off
+    label_smoothing: float = ranged(0.0, ge=0, lt=1)
 
 
 @dataclass(frozen=True)
@@ -131,8 +131,8 @@ class RunSection:
     # Epochs between whole-video evaluations (each logs metrics.jsonl, keeps best/ and saves last/). None: about
     # 25 evaluations per run, so a small cache's many short epochs are not evaluated one by one. The last epoch
     # is always evaluated.
-    eval_every: int | None = None
-    checkpoint_every: int = 1000  # steps between checkpoints of last/ besides those at evaluations
+    eval_every: int | None = ranged(None, ge=1)
+    checkpoint_every: int = ranged(1000, ge=0)  # steps between checkpoints of last/ besides those at evaluations
 
 
 @dataclass(frozen=True)
@@ -183,12 +183,8 @@ def model_config(cfg: TrainConfig, cache) -> VTNConfig:
 def schedule(optim: OptimSection, steps_per_epoch: int) -> tuple[int, int, str]:
     """(epochs, total optimiser steps, what decided them) for `steps_per_epoch` steps per epoch."""
     if optim.steps is not None:
-        if optim.steps < 1:
-            raise UserError(f"optim.steps must be >= 1, got {optim.steps}")
         return math.ceil(optim.steps / steps_per_epoch), optim.steps, f"optim.steps={optim.steps}"
     if optim.epochs is not None:
-        if optim.epochs < 1:
-            raise UserError(f"optim.epochs must be >= 1, got {optim.epochs}")
         return optim.epochs, optim.epochs * steps_per_epoch, f"optim.epochs={optim.epochs}"
     epochs = max(DEFAULT_EPOCHS, math.ceil(optim.min_steps / steps_per_epoch))
     why = (f"the default {DEFAULT_EPOCHS} epochs" if epochs == DEFAULT_EPOCHS else

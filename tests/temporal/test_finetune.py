@@ -373,3 +373,16 @@ def test_augmentation_crops_all_frames_of_a_clip_alike_and_differs_between_items
     from vtn.temporal.finetune import FinetuneSection
 
     assert FinetuneSection().augment and not FinetuneSection().augment_flip
+
+
+def test_compose_refuses_weights_that_do_not_fit_with_a_message():
+    """Bad input to compose (a VTN's state dict with keys the composed model has not) is a UserError, not an
+    assert that `python -O` would drop."""
+    from vtn.errors import UserError
+
+    model = tiny_video_model(0.0)
+    vtn = VTN(model.config)
+    vtn.register_buffer("stray", torch.zeros(1))
+    with pytest.raises(UserError, match=r"unexpected \['stray'\]"):
+        VideoVTN.compose(vtn, model.backbone, model.preprocess, {})
+    assert VideoVTN.compose(VTN(model.config), model.backbone, model.preprocess, {}).video == {}

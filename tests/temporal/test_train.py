@@ -171,3 +171,22 @@ def test_resume_refuses_another_cache(cache, tmp_path, capsys):
     assert main(["train", renamed, "--out", str(run), "--resume"]) == 2
     err = capsys.readouterr().err
     assert renamed in err and "['c0', 'c1']" in err and "['k0', 'k1']" in err
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--set", "optim.lr=-1"], ["optim.lr: -1.0", "> 0"]),
+    (["--set", "data.clip_frames=0"], ["data.clip_frames: 0", ">= 1"]),
+    (["--frames", "0"], ["data.clip_frames: 0", ">= 1"]),
+    (["--batch-size", "0"], ["optim.batch_size: 0", ">= 1"]),
+    (["--set", "model.dropout=2"], ["model.dropout: 2.0", "[0, 1)"]),
+    (["--set", "data.stride=0"], ["data.stride: 0", ">= 1"]),
+    (["--stride", "-3"], ["data.stride: -3", ">= 1"]),
+    (["--set", "optim.weight_decay=-1"], ["optim.weight_decay: -1.0", ">= 0"]),
+    (["--set", "model.attention_window=[8,0]"], ["model.attention_window: (8, 0)", ">= 1"]),
+])
+def test_values_out_of_range_are_refused_naming_the_key_and_range(cache, tmp_path, capsys, flags, words):
+    run = tmp_path / "run"
+    assert main(["train", cache, "--out", str(run), *TINY, *flags]) == 2
+    err = capsys.readouterr().err
+    assert all(w in err for w in words) and "out of range" in err and len(err.strip().splitlines()) == 1, err
+    assert not run.exists()  # refused before anything
