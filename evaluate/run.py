@@ -24,7 +24,7 @@ import torch
 
 from vtn import plots
 from vtn.errors import UserError
-from vtn.paths import check_run_dir
+from vtn.paths import canonical_cache, check_run_dir
 from vtn.runtime import resolve_device
 from vtn.store import ClipDataset, collate_clips, open_cache
 from vtn.temporal.checkpoint import read_inputs
@@ -130,7 +130,7 @@ def evaluate(run: str | Path, cache_url: str, split: str | None = None, out: str
     ids = [dataset.ids[i] for i in index]
     matrix = confusion(logits, labels)
     probs = np.exp(log_softmax(logits))
-    metrics = {"checkpoint": str(ckpt), "cache": cache.url, "split": split,
+    metrics = {"checkpoint": str(ckpt), "cache": canonical_cache(cache.url), "split": split,
                **({"held_out_of_train": True} if videos is not None else {}), **classification_metrics(logits, labels),
                "views": {"mode": views, "clips": 1 if mode is None else mode[0], "crops": 1},
                "frames_through_backbone": frames, "seconds": round(seconds, 3)}

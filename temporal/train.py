@@ -39,7 +39,7 @@ import yaml
 
 from vtn.config import merge, ranged, resolve, to_dict
 from vtn.errors import UserError
-from vtn.paths import check_run_dir
+from vtn.paths import canonical_cache, check_run_dir
 from vtn.plots import curves_png
 from vtn.progress import progress_bar
 from vtn.runtime import Processes, autocast, processes, resolve_device
@@ -243,6 +243,26 @@ class Data:
     streaming: bool
     workers: int
     holdout: list[str] | None  # ids held out of the train split for validation, when the cache has no val split
+    left_out: str | None = None  # which of the cache's videos the run does not use, and why (a warning)
+
+
+def left_out(cache, d: DataSection, train_unlabelled: int, val_unlabelled: int) -> str | None:
+    """A warning naming how many of the cache's videos a run leaves out, and why; None when it uses them all."""
+    splits = np.asarray(cache.splits, dtype=object)
+    used = (d.train_split, d.val_split)
+    other = {s: int(n) for s, n in zip(*np.unique(splits[~np.isin(splits, used)], return_counts=True))}
+    reasons = []
+    if other:
+        reasons.append(f"{sum(other.values())} in splits it does not use ({', '.join(f'{s!r}: {n}' for s, n in other.items())}"
+                       f"; it trains on '{d.train_split}' and validates on '{d.val_split}': set data.train_split / "
+                       "data.val_split)")
+    for n, split in ((train_unlabelled, d.train_split), (val_unlabelled, d.val_split)):
+        if n:
+            reasons.append(f"{n} unlabelled in '{split}'")
+    if not reasons:
+        return None
+    total = sum(other.values()) + train_unlabelled + val_unlabelled
+    return f"warning: {cache.url}: {total} of its {len(splits)} videos are left out: {'; '.join(reasons)}"
 
 
 def shared_source(cache, split: str, mode: str, local_world: int, sources: dict | None):
@@ -278,19 +298,24 @@ def load_data(cache, cfg: TrainConfig, model_cfg: VTNConfig, procs: Processes, s
         keep &= ~out
     if not keep.any():
         raise UserError(f"{cache.url}: the train split '{d.train_split}' has no labelled videos")
+    if not (val.labels >= 0).any():  # else every evaluation has nothing to score
+        raise UserError(f"{cache.url}: the val split '{d.val_split}' has no labelled videos ({len(val)} unlabelled), "
+                        "so nothing can be scored; label them, or set data.val_split to a labelled split")
     train = ClipDataset(train_source, split=d.train_split, clip_frames=d.clip_frames, stride=d.stride, train=True,
                         seed=cfg.run.seed, videos=np.flatnonzero(keep))
     sampler = LengthBucketSampler(train.sample_lengths(), cfg.optim.batch_size, shuffle=True, seed=cfg.run.seed,
                                   num_replicas=procs.world, rank=procs.rank)
     workers = d.workers if d.workers is not None else (
         min(8, (os.cpu_count() or 1) // procs.local_world) if streaming else 0)
-    return Data(train, val, sampler, streaming, workers, holdout)
+    warning = left_out(cache, d, int((every.labels < 0).sum()),
+                       int((val.labels < 0).sum()) if holdout is None else 0)
+    return Data(train, val, sampler, streaming, workers, holdout, warning)
 
 
 def data_fingerprint(data: Data, cache) -> dict:
     """What a resumed run must find unchanged to take the same steps: the cache and its training videos."""
     ids = "\n".join(f"{v}:{n}" for v, n in zip(data.train.ids, data.train.lengths))
-    return {"cache": cache.url, "train_videos": len(data.train), "train_crc32": zlib.crc32(ids.encode())}
+    return {"cache": canonical_cache(cache.url), "train_videos": len(data.train), "train_crc32": zlib.crc32(ids.encode())}
 
 
 # -- processes, steps, evaluation ------------------------------------------------------------------------------
@@ -336,8 +361,10 @@ def check_resume(saved: dict, mine: dict, ckpt: Path) -> None:
     """Refuse to resume when what decides the steps changed: the processes, the training videos, the schedule."""
     keys = ("world_size", "steps_per_epoch", "total_steps", "epochs")
     diffs = [f"{k}: {saved.get(k)!r} then, {mine[k]!r} now" for k in keys if saved.get(k) != mine[k]]
-    diffs += [f"data.{k}: {saved.get('data', {}).get(k)!r} then, {v!r} now" for k, v in mine["data"].items()
-              if saved.get("data", {}).get(k) != v]
+    then = dict(saved.get("data", {}))
+    if then.get("cache"):  # a run that recorded the path as typed (before it was made canonical)
+        then["cache"] = canonical_cache(then["cache"])
+    diffs += [f"data.{k}: {then.get(k)!r} then, {v!r} now" for k, v in mine["data"].items() if then.get(k) != v]
     if diffs:
         raise UserError(f"cannot resume {ckpt} exactly, these differ from the interrupted run: {'; '.join(diffs)}. "
                         "Resume with the same cache and settings, or train into another --out")
@@ -589,8 +616,10 @@ def start_run(run: Path, cache, cfg: TrainConfig | None, resume: bool, procs: Pr
         saved_state = checkpoint.load_last(last, model, opt, scaler, procs.rank, device)
         check_resume(saved_state, state, last)
         state.update(saved_state)
-    elif cfg.data.normalize:
-        model.set_feature_stats(*feature_stats(data.train.source, cfg.data.train_split))
+    else:  # the statistics of the training videos only; they also refuse a video with NaN features, normalised or not
+        stats = feature_stats(data.train, cache.url)
+        if cfg.data.normalize:
+            model.set_feature_stats(*stats)
     ddp = torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None) if procs.world > 1 else model
     loop = Loop(run, procs, device, model, ddp, opt, scaler, cfg.optim, cfg.run.amp, state, inputs)
@@ -614,6 +643,8 @@ def start_run(run: Path, cache, cfg: TrainConfig | None, resume: bool, procs: Pr
               + f"\n  schedule: {total_steps} steps ({epochs} epochs x {steps_per_epoch} steps of "
               f"{cfg.optim.batch_size} clips), set by {why}"
               + (f"; resuming at step {state['step']}" if resuming else ""), flush=True)
+        if data.left_out:
+            print(data.left_out, file=sys.stderr, flush=True)
         if len(cache.class_names) == 1:
             print(f"warning: {cache.url} has a single class ({cache.class_names[0]}); every prediction is that "
                   "class and accuracy means nothing", flush=True)

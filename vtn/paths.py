@@ -36,6 +36,13 @@ def is_remote(url: str) -> bool:
     return "://" in str(url)
 
 
+def canonical_cache(url: str | os.PathLike) -> str:
+    """A cache's place as recorded with a run and compared on resume: a local path absolute and resolved (so
+    `./c.zarr`, `c.zarr` and a link to it are one cache, and a run started in another folder finds it); a remote
+    URL as given."""
+    return str(url) if is_remote(str(url)) else os.path.realpath(os.path.expanduser(os.fspath(url)))
+
+
 def is_vtn_cache(url: str, storage_options: dict | None = None) -> bool:
     """True when `url` holds a Zarr group with the `vtn_schema` root attribute (any schema version)."""
     if not is_remote(url):
