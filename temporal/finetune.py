@@ -33,7 +33,7 @@ import yaml
 
 from vtn.config import merge, ranged, resolve, to_dict
 from vtn.errors import UserError
-from vtn.paths import check_run_dir
+from vtn.paths import canonical_cache, check_run_dir
 from vtn.extract.config import ExtractConfig, RuntimeConfig
 from vtn.extract.inputs import discover
 from vtn.extract.job import extract_features
@@ -329,11 +329,27 @@ def evaluate_videos(model: VideoVTN, dataset, paths: dict, cfg: ExtractConfig, d
     return gathered_metrics(np.array(logits, np.float32).reshape(-1, classes), np.array(labels, np.int64), procs)
 
 
+def video_paths(cache, videos: str | None) -> tuple[dict[str, Path], str]:
+    """Where each of the cache's videos is, and the folder or manifest that says so. Video ids are paths relative
+    to the root recorded with the cache (for a manifest made with --root, not the manifest's folder), so by default
+    they are looked up there; `videos` (--videos) is a folder they are relative to, or a manifest listing them."""
+    where = videos or cache.attrs.get("root") or cache.attrs.get("source")  # "root": caches of this vtn
+    made_from = cache.attrs.get("source") or where
+    if not where or not Path(where).exists():
+        raise UserError(f"{where if videos else cache.url}: " + (
+            "no such folder or manifest (--videos)" if videos else
+            f"the cache was extracted from {made_from}, which is not there") +
+            "; give the videos' folder (or a manifest of them) with --videos")
+    if Path(where).is_file():
+        return {e.id: Path(e.path) for e in discover(where)[0]}, where
+    return {vid: Path(where) / vid for vid in cache.ids}, where
+
+
 def finetune(stage_two: str | Path, out: str | Path, videos: str | None = None, cfg: FinetuneConfig | None = None,
-             resume: bool = False, progress: bool = True) -> dict:
-    """Fine-tune the stage-two run `stage_two` end to end on the videos of `videos` (default: the cache's source)
+             resume: bool = False, progress: bool = True, cache_url: str | None = None) -> dict:
+    """Fine-tune the stage-two run `stage_two` end to end on the videos of `videos` (default: the cache's root)
     into `out`; returns the summary. `cfg` None: the defaults (see `default_config`), or when resuming, the run's
-    saved config."""
+    saved config. `cache_url`: the stage-two cache where it is now (default: where the run recorded it)."""
     from vtn.temporal.train import setup_processes
 
     run = check_run_dir(out)  # never over a file or a folder that is not a run, before anything is read or written
@@ -345,12 +361,14 @@ def finetune(stage_two: str | Path, out: str | Path, videos: str | None = None, 
         if not inputs or not inputs.get("cache"):
             raise UserError(f"{best}: the checkpoint does not record the cache it was trained on; fine-tuning needs a "
                             "stage-two run of this vtn")
-        cache = open_cache(inputs["cache"])
+        try:
+            cache = open_cache(cache_url or inputs["cache"])
+        except UserError as e:
+            if cache_url:
+                raise
+            raise UserError(f"{e}; {best} was trained on it: if it moved, give its new place with --cache") from None
         check_inputs(inputs, cache, best)
-        source = videos or cache.attrs.get("source")
-        if not source or not Path(source).exists():
-            raise UserError(f"{cache.url} was extracted from {source}, which is not there; give the videos with --videos")
-        paths = {e.id: e.path for e in discover(source)[0]}
+        paths, source = video_paths(cache, videos)
         last = checkpoint.find(run, "last")
         if last is not None and not resume:
             raise UserError(f"{run} already holds a run; pass --resume to continue it, or choose another --out")
@@ -369,7 +387,13 @@ def finetune(stage_two: str | Path, out: str | Path, videos: str | None = None, 
         model.set_memory(ft.micro_batch, ft.chunked, ft.grad_checkpointing)
         model.freeze_bn = ft.freeze_bn
         data = load_data(cache, cfg, vtn.config, procs)
-        missing = [v for v in [*data.train.ids, *data.val.ids] if v not in paths]
+        missing = {v for v in [*data.train.ids, *data.val.ids] if v not in paths or not paths[v].is_file()}
+        for what, ids in (("train", data.train.ids), ("val", data.val.ids)):
+            if all(v in missing for v in ids):  # nothing to train or score: refused before anything is written
+                made_from = cache.attrs.get("source")
+                raise UserError(f"{source}: none of the {len(ids)} {what} videos of {cache.url} is there (e.g. "
+                                f"{paths.get(ids[0], ids[0])})" + (f"; the cache was made from {made_from}" if made_from
+                                                                  else "") + ": give the videos with --videos")
         if ft.bank_frames is not None and data.streaming:
             raise UserError(f"finetune.bank_frames={ft.bank_frames}: needs the train split in memory "
                             f"(data.load is {cfg.data.load}; the split was {'streamed' if data.streaming else 'loaded'})")
@@ -386,7 +410,7 @@ def finetune(stage_two: str | Path, out: str | Path, videos: str | None = None, 
                                (temporal, cfg.optim.lr)], cfg.optim)
         scaler = torch.amp.GradScaler(device.type, enabled=cfg.run.amp == "fp16")
         state = new_state(procs.world, epochs, steps_per_epoch, total_steps, data_fingerprint(data, cache))
-        ckpt_inputs = {**inputs, "finetuned_from": str(best)}
+        ckpt_inputs = {**inputs, "cache": canonical_cache(cache.url), "finetuned_from": str(best)}  # where it is now
         if resuming:
             saved_state = checkpoint.load_last(last, model, opt, scaler, procs.rank, device)
             check_resume(saved_state, state, last)
@@ -404,7 +428,7 @@ def finetune(stage_two: str | Path, out: str | Path, videos: str | None = None, 
         if procs.world > 1:
             torch.distributed.barrier()  # the run directory exists before any process records a failure
         failures = Failures(run, procs)
-        for v in missing:
+        for v in sorted(missing):
             failures.record(v, "NotAVideo", f"{v} is in {cache.url} but not in {source}", "train")
         if procs.rank == 0:
             n_backbone = sum(p.numel() for p in model.backbone.parameters())
@@ -480,6 +504,7 @@ def main(args) -> int:
     if args.config or args.sets or updates or not args.resume:
         cfg = merge(resolve(FinetuneConfig, args.config, args.sets, base=default_config(best_of(Path(args.run)).parent)),
                     updates)
-    finetune(args.run, args.out, args.videos, cfg, resume=args.resume, progress=not args.quiet)
-    return 0
+    summary = finetune(args.run, args.out, args.videos, cfg, resume=args.resume, progress=not args.quiet,
+                       cache_url=args.cache)
+    return 3 if summary["failures"] else 0  # as vtn extract: some videos failed (recorded), the rest trained
 
