@@ -90,8 +90,9 @@ def feature_stats(dataset: ClipDataset, where: str, max_videos: int = 2000) -> t
     n = 0
     for b, bad in blocks():
         if bad is not None:
-            raise UserError(f"{where}: video {bad!r} has features that are not finite (NaN or infinite), so training "
-                            "on it would diverge; check the cache with `vtn store verify`, and extract that video again")
+            raise UserError(f"{where}: video {bad!r} has features that are not finite (NaN or infinite), so "
+                            "training on it would diverge; check the cache with `vtn store verify`, and extract that "
+                            "video again")
         total = b.sum(0) if total is None else total + b.sum(0)
         sq = (b * b).sum(0) if sq is None else sq + (b * b).sum(0)
         n += len(b)

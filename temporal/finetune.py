@@ -54,11 +54,11 @@ from vtn.temporal.train import (FLAGS, DataSection, Loop, OptimSection, RunSecti
 
 @dataclass(frozen=True)
 class FinetuneSection:
-    backbone_lr: float = ranged(0.1, ge=0)  # the backbone's learning rate as a multiple of optim.lr (it is already trained)
+    backbone_lr: float = ranged(0.1, ge=0)  # the backbone's learning rate as a multiple of optim.lr (already trained)
     # Layer-wise decay: a backbone layer n layers below the last (timm's group_matcher: ViT blocks, ResNet stages)
     # learns at backbone_lr x layer_decay^n (BEiT/MAE fine-tuning takes 0.65-0.75). 1: one rate for the backbone.
     layer_decay: float = ranged(1.0, gt=0, le=1)
-    frozen_steps: int = ranged(0, ge=0)  # the first steps train only the encoder and head (the backbone gets no gradient)
+    frozen_steps: int = ranged(0, ge=0)  # the first steps train only the encoder and head (no backbone gradient)
     freeze_bn: bool = True  # BatchNorm keeps its running statistics (clips are small batches of similar frames)
     # Feature memory bank (TALLFormer): only this many contiguous frames of each clip (at a random place) are
     # decoded and run through the backbone with gradients; the clip's other frames take their features from this
@@ -87,7 +87,7 @@ class FinetuneSection:
     augment: bool = True
     augment_scale: tuple[float, float] = ranged((0.5, 1.0), gt=0, le=1)
     augment_flip: bool = False
-    workers: int | None = ranged(None, ge=0)  # decode processes (stage one's rule when None); 0: a thread of this process
+    workers: int | None = ranged(None, ge=0)  # decode processes (None: stage one's rule); 0: a thread of this process
     timeout: float = ranged(120.0, gt=0)  # seconds a decode may go without producing a frame
     eval_frames: int = ranged(64, ge=1)  # frames per backbone call in evaluation
 

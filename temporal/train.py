@@ -117,7 +117,8 @@ class OptimSection:
     min_steps: int = ranged(1000, ge=1)
     schedule: Literal["cosine", "step"] = "cosine"
     warmup: float = ranged(0.05, ge=0, lt=1)  # share of the steps with a linear warm-up from 0
-    milestones: tuple[float, ...] = ranged((0.52, 0.96), ge=0, le=1)  # step schedule: lr *= gamma at these shares of the steps
+    # step schedule: lr *= gamma at these shares of the steps
+    milestones: tuple[float, ...] = ranged((0.52, 0.96), ge=0, le=1)
     gamma: float = ranged(0.1, gt=0)
     clip_grad: float = ranged(1.0, ge=0)  # max gradient norm; 0 = off
     label_smoothing: float = ranged(0.0, ge=0, lt=1)
@@ -253,9 +254,9 @@ def left_out(cache, d: DataSection, train_unlabelled: int, val_unlabelled: int) 
     other = {s: int(n) for s, n in zip(*np.unique(splits[~np.isin(splits, used)], return_counts=True))}
     reasons = []
     if other:
-        reasons.append(f"{sum(other.values())} in splits it does not use ({', '.join(f'{s!r}: {n}' for s, n in other.items())}"
-                       f"; it trains on '{d.train_split}' and validates on '{d.val_split}': set data.train_split / "
-                       "data.val_split)")
+        counts = ", ".join(f"{s!r}: {n}" for s, n in other.items())
+        reasons.append(f"{sum(other.values())} in splits it does not use ({counts}; it trains on '{d.train_split}' "
+                       f"and validates on '{d.val_split}': set data.train_split / data.val_split)")
     for n, split in ((train_unlabelled, d.train_split), (val_unlabelled, d.val_split)):
         if n:
             reasons.append(f"{n} unlabelled in '{split}'")
@@ -315,7 +316,8 @@ def load_data(cache, cfg: TrainConfig, model_cfg: VTNConfig, procs: Processes, s
 def data_fingerprint(data: Data, cache) -> dict:
     """What a resumed run must find unchanged to take the same steps: the cache and its training videos."""
     ids = "\n".join(f"{v}:{n}" for v, n in zip(data.train.ids, data.train.lengths))
-    return {"cache": canonical_cache(cache.url), "train_videos": len(data.train), "train_crc32": zlib.crc32(ids.encode())}
+    return {"cache": canonical_cache(cache.url), "train_videos": len(data.train),
+            "train_crc32": zlib.crc32(ids.encode())}
 
 
 # -- processes, steps, evaluation ------------------------------------------------------------------------------
