@@ -151,8 +151,9 @@ def cache_inputs(cache: FeatureCache) -> dict:
     """The identity of a cache's features, for a checkpoint's inputs.json: the backbone's identity (compared by
     BACKBONE_IDENTITY) and the settings that rebuild it (`backbone_config`: name, weights, image size, seed, for
     `vtn predict`), and the sampling."""
-    return {"cache": canonical_cache(cache.url), "feature_dim": cache.feature_dim, "backbone": cache.attrs.get("backbone"),
-            "backbone_config": (cache.attrs.get("config") or {}).get("backbone"), "sampling": cache.attrs.get("sampling")}
+    return {"cache": canonical_cache(cache.url), "feature_dim": cache.feature_dim,
+            "backbone": cache.attrs.get("backbone"), "backbone_config": (cache.attrs.get("config") or {}).get("backbone"),
+            "sampling": cache.attrs.get("sampling")}
 
 
 def check_inputs(recorded: dict | None, cache: FeatureCache, checkpoint) -> None:

@@ -34,13 +34,11 @@ def ranged(default: Any, *, gt: float | None = None, ge: float | None = None, lt
 
 
 def _range_text(bounds: tuple) -> str:
+    """"> 0", ">= 1", "[0, 1)": the bounds as a reader writes them."""
     gt, ge, lt, le = bounds
-    low = f"> {gt:g}" if gt is not None else f">= {ge:g}" if ge is not None else None
-    high = f"< {lt:g}" if lt is not None else f"<= {le:g}" if le is not None else None
-    if low and high:
-        return f"{'(' if gt is not None else '['}{gt if gt is not None else ge:g}, " \
-               f"{lt if lt is not None else le:g}{')' if lt is not None else ']'}"
-    return low or high
+    low = (f"> {gt:g}", f"({gt:g}") if gt is not None else (f">= {ge:g}", f"[{ge:g}") if ge is not None else None
+    high = (f"< {lt:g}", f"{lt:g})") if lt is not None else (f"<= {le:g}", f"{le:g}]") if le is not None else None
+    return f"{low[1]}, {high[1]}" if low and high else (low or high)[0]
 
 
 def _check_range(value: Any, bounds: tuple, key: str) -> None:
