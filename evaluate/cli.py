@@ -77,6 +77,10 @@ def register(sub, bench_sub) -> None:
 def _evaluate(args) -> int:
     import json
 
+    from vtn.paths import check_run_dir
+
+    if args.out:  # at the door, before torch loads (evaluate checks again: it is called from Python too)
+        check_run_dir(args.out, "evaluation")
     from vtn.evaluate.run import evaluate
 
     m = evaluate(args.run, args.cache, split=args.split, out=args.out, checkpoint=args.checkpoint,
@@ -131,12 +135,11 @@ def _report(args) -> int:
     from pathlib import Path
 
     from vtn.errors import UserError
+    from vtn.paths import check_run_dir
     from vtn.plots import curves_png
 
-    path = Path(args.run) / "metrics.jsonl"
-    if not path.is_file():
-        raise UserError(f"{args.run}: not a training run (no metrics.jsonl)")
-    records = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    path = check_run_dir(args.run, existing=True) / "metrics.jsonl"  # curves.png goes only into a vtn run
+    records = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
     if not records:
         raise UserError(f"{path}: no epoch has finished yet")
     png = curves_png(records, Path(args.run) / "curves.png")

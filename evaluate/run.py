@@ -24,6 +24,7 @@ import torch
 
 from vtn import plots
 from vtn.errors import UserError
+from vtn.paths import canonical_cache, check_run_dir
 from vtn.runtime import resolve_device
 from vtn.store import ClipDataset, collate_clips, open_cache
 from vtn.temporal.checkpoint import read_inputs
@@ -69,6 +70,8 @@ def evaluate(run: str | Path, cache_url: str, split: str | None = None, out: str
     train split when the cache has no val split); writes into `out` (default: the run directory) and returns the
     metrics. A cache without labels or class names (new videos to score) gets predictions and no accuracy."""
     run = Path(run)
+    # Given --out: never a folder of the user's. The default (the run itself) is checked by checkpoint_dir.
+    out = check_run_dir(out, "evaluation") if out is not None else run
     ckpt = checkpoint_dir(run, checkpoint)
     model = load_temporal(ckpt)  # weights and the feature normalisation it was trained with (no fine-tuned backbone)
     cfg = model.config
@@ -127,7 +130,7 @@ def evaluate(run: str | Path, cache_url: str, split: str | None = None, out: str
     ids = [dataset.ids[i] for i in index]
     matrix = confusion(logits, labels)
     probs = np.exp(log_softmax(logits))
-    metrics = {"checkpoint": str(ckpt), "cache": cache.url, "split": split,
+    metrics = {"checkpoint": str(ckpt), "cache": canonical_cache(cache.url), "split": split,
                **({"held_out_of_train": True} if videos is not None else {}), **classification_metrics(logits, labels),
                "views": {"mode": views, "clips": 1 if mode is None else mode[0], "crops": 1},
                "frames_through_backbone": frames, "seconds": round(seconds, 3)}
@@ -135,7 +138,6 @@ def evaluate(run: str | Path, cache_url: str, split: str | None = None, out: str
         metrics.update(per_class=per_class(logits, labels, names), most_confused=confused_pairs(matrix, names),
                        calibration=calibration(probs, labels))
 
-    out = Path(out) if out is not None else run
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "predictions.csv", "w", newline="") as f:
         w = csv.writer(f)

@@ -140,13 +140,18 @@ def register(sub, bench_sub) -> None:
         "finetune", help="fine-tune backbone + encoder + head end to end from raw video, from a stage-two run",
         description="End-to-end fine-tuning: starts from RUN's best/ checkpoint (encoder and head) and the backbone its "
         "cache was extracted with (rebuilt and checked by sha256), and trains them together on clips decoded from the "
-        "videos (INPUT, default: the folder or CSV the cache was extracted from), sampled as the cache was; whole val "
+        "videos (INPUT, default: the folder the cache's video ids are relative to, recorded with it), sampled as the cache "
+        "was; whole val "
         "videos are evaluated through the same model. RUN2 gets config.yaml, metrics.jsonl, failures.jsonl and the "
-        "checkpoints best/ and last/ (backbone and temporal weights, with the preprocessing and sampling).",
+        "checkpoints best/ and last/ (backbone and temporal weights, with the preprocessing and sampling). Exit status: 0 "
+        "every video used, 3 some failed or were missing (recorded in failures.jsonl, the rest trained), 2 usage error.",
     )
     f.add_argument("run", help="the stage-two run directory (or a checkpoint directory of one)")
     f.add_argument("--out", required=True, metavar="RUN2", help="the run directory to write")
-    f.add_argument("--videos", metavar="INPUT", help="folder or CSV of the videos (default: the cache's recorded source)")
+    f.add_argument("--videos", metavar="INPUT", help="the folder the video ids are relative to, or a CSV of the videos "
+                   "(default: the folder recorded with the cache)")
+    f.add_argument("--cache", help="the stage-two cache, when it moved since RUN was trained (default: where RUN "
+                   "recorded it)")
     f.add_argument("--resume", action="store_true", help="continue the run in RUN2 from its last checkpoint (exactly)")
     f.add_argument("--frames", type=int, help="frames per training clip (data.clip_frames; default: RUN's)")
     f.add_argument("--stride", type=int, help="sampled frames between clip frames (data.stride; default: RUN's)")
@@ -194,19 +199,31 @@ def _bench_finetune(args) -> int:
     return main(args)
 
 
+def _out(args, kind: str = "run") -> None:
+    """The --out rule (vtn/paths.py) at the door, before torch loads: a wrong folder is refused at once. The jobs
+    check again themselves (they are called from Python too)."""
+    from vtn.paths import check_run_dir
+
+    if args.out:
+        check_run_dir(args.out, kind)
+
+
 def _train(args) -> int:
+    _out(args)
     from vtn.temporal.train import main
 
     return main(args)
 
 
 def _sweep(args) -> int:
+    _out(args, "sweep")
     from vtn.temporal.sweep import main
 
     return main(args)
 
 
 def _probe(args) -> int:
+    _out(args, "probes")
     from vtn.temporal.probe import main
 
     return main(args)
@@ -219,6 +236,7 @@ def _bench_sweep(args) -> int:
     return 0
 
 def _finetune(args) -> int:
+    _out(args)
     from vtn.temporal.finetune import main
 
     return main(args)

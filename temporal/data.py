@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from vtn.errors import UserError
+from vtn.paths import canonical_cache
 from vtn.runtime import autocast
 from vtn.store import FeatureCache, SplitData
 from vtn.store.dataset import ClipDataset, LengthBucketSampler, collate_clips
@@ -48,8 +49,11 @@ def split_source(cache: FeatureCache, split: str, mode: str = "auto", processes:
     return cache.load_split(split)
 
 
-def feature_stats(source: SplitData | FeatureCache, split: str, max_videos: int = 2000) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean, scale) [D] of a split's features, for VTN.set_feature_stats: inputs become (x - mean) / scale.
+def feature_stats(dataset: ClipDataset, where: str, max_videos: int = 2000) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, scale) [D] of the features of `dataset`'s videos (the training videos: never a share held out for
+    validation), for VTN.set_feature_stats: inputs become (x - mean) / scale. A video with a feature that is
+    not finite (NaN, infinite: a damaged cache) is refused, naming it and `where` (the cache), before anything
+    trains on it.
 
     Backbone features have dimensions of very different scales (a ViT's CLS output has a few huge ones);
     normalising them lets one learning rate suit every backbone. `scale` is the per-dimension std times
@@ -59,19 +63,36 @@ def feature_stats(source: SplitData | FeatureCache, split: str, max_videos: int 
     sqrt(D) times larger and drown the positions, and a model that must use the frames' order learns it
     many times slower (on 192-D features: not within 1500 steps, against about 400).
 
-    Over every frame of an in-memory split, or over up to `max_videos` videos spread evenly over a streamed
-    one (enough for a good estimate; reading a whole Kinetics-sized split just for this would take long).
+    Over every frame of the videos of an in-memory split (each checked), or over up to `max_videos` of them
+    spread evenly over a streamed one (enough for a good estimate; reading a whole Kinetics-sized split just for
+    this would take long; the batches check the rest as they come, see `model_inputs`).
     """
-    if isinstance(source, SplitData):
-        blocks = (source.features[i:i + 65536] for i in range(0, len(source.features), 65536))
-    else:
-        ids = source.split_ids(split)
-        pick = np.unique(np.linspace(0, len(ids) - 1, min(len(ids), max_videos)).round().astype(int))
-        blocks = (source.features(ids[i]) for i in pick)
+    source = dataset.source
+
+    def blocks():
+        """(features [n, D] float64, the id of a video with a non-finite one among them, or None)."""
+        if isinstance(source, SplitData):
+            mine = np.zeros(len(source.ids), dtype=bool)
+            mine[dataset.rows] = True
+            rows = np.repeat(mine, source.lengths)  # [N]: the frame belongs to one of the dataset's videos
+            for i in range(0, len(source.features), 65536):
+                keep = rows[i:i + 65536]
+                b = np.asarray(source.features[i:i + 65536], dtype=np.float64)[keep]
+                bad = ~np.isfinite(b).all(1)
+                row = i + np.flatnonzero(keep)[np.argmax(bad)] if bad.any() else None
+                yield b, None if row is None else source.ids[int(np.searchsorted(source.offsets, row, "right")) - 1]
+        else:
+            for i in np.unique(np.linspace(0, len(dataset) - 1, min(len(dataset), max_videos)).round().astype(int)):
+                b = np.asarray(source.features(dataset.ids[i]), dtype=np.float64)
+                yield b, None if np.isfinite(b).all() else dataset.ids[i]
+
     total = sq = None
     n = 0
-    for b in blocks:
-        b = np.asarray(b, dtype=np.float64)
+    for b, bad in blocks():
+        if bad is not None:
+            raise UserError(f"{where}: video {bad!r} has features that are not finite (NaN or infinite), so "
+                            "training on it would diverge; check the cache with `vtn store verify`, and extract that "
+                            "video again")
         total = b.sum(0) if total is None else total + b.sum(0)
         sq = (b * b).sum(0) if sq is None else sq + (b * b).sum(0)
         n += len(b)
@@ -84,9 +105,14 @@ def feature_stats(source: SplitData | FeatureCache, split: str, max_videos: int 
 def model_inputs(batch: dict, config: VTNConfig, device: torch.device):
     """(features, mask, positions) for VTN.forward from a collate_clips batch, on `device`; positions by
     `frame_positions`, so every real frame of any video, however long, has a place in the table."""
-    mask = batch["mask"]
+    mask, features = batch["mask"], batch["features"]
+    finite = torch.isfinite(features).flatten(1).all(1)  # [B]: a streamed split is checked as it is read
+    if not finite.all():
+        bad = batch["ids"][int(torch.argmin(finite.int()))]
+        raise UserError(f"video {bad!r} has features that are not finite (NaN or infinite); check the cache with "
+                        "`vtn store verify`, and extract that video again")
     positions = frame_positions(config, batch["positions"], batch["times"], mask, batch.get("span"))
-    return (batch["features"].to(device),  # [B, T, D]; the model normalises them itself
+    return (features.to(device),  # [B, T, D]; the model normalises them itself
             mask.to(device), None if positions is None else positions.to(device))
 
 
@@ -125,8 +151,9 @@ def cache_inputs(cache: FeatureCache) -> dict:
     """The identity of a cache's features, for a checkpoint's inputs.json: the backbone's identity (compared by
     BACKBONE_IDENTITY) and the settings that rebuild it (`backbone_config`: name, weights, image size, seed, for
     `vtn predict`), and the sampling."""
-    return {"cache": cache.url, "feature_dim": cache.feature_dim, "backbone": cache.attrs.get("backbone"),
-            "backbone_config": (cache.attrs.get("config") or {}).get("backbone"), "sampling": cache.attrs.get("sampling")}
+    return {"cache": canonical_cache(cache.url), "feature_dim": cache.feature_dim,
+            "backbone": cache.attrs.get("backbone"), "backbone_config": (cache.attrs.get("config") or {}).get("backbone"),
+            "sampling": cache.attrs.get("sampling")}
 
 
 def check_inputs(recorded: dict | None, cache: FeatureCache, checkpoint) -> None:

@@ -107,7 +107,10 @@ class VideoVTN(VTN):
         """The composed model with `vtn`'s weights (and feature normalisation) and this backbone."""
         model = cls(vtn.config, backbone, preprocess, video)
         missing, unexpected = model.load_state_dict(vtn.state_dict(), strict=False)
-        assert not unexpected and all(k.startswith(BACKBONE_PREFIX) for k in missing)
+        missing = [k for k in missing if not k.startswith(BACKBONE_PREFIX)]  # the backbone's come with it
+        if unexpected or missing:
+            raise UserError(f"the VTN's weights do not fit the composed model (a checkpoint of another vtn?): "
+                            f"unexpected {sorted(unexpected)[:5]}, missing {sorted(missing)[:5]}")
         return model.to(next(backbone.parameters()).device)
 
     def set_memory(self, micro_batch: int | None = None, chunked: bool | None = False,

@@ -31,8 +31,9 @@ import numpy as np
 import torch
 import yaml
 
-from vtn.config import merge, resolve, to_dict
+from vtn.config import merge, ranged, resolve, to_dict
 from vtn.errors import UserError
+from vtn.paths import canonical_cache, check_run_dir
 from vtn.extract.config import ExtractConfig, RuntimeConfig
 from vtn.extract.inputs import discover
 from vtn.extract.job import extract_features
@@ -53,17 +54,17 @@ from vtn.temporal.train import (FLAGS, DataSection, Loop, OptimSection, RunSecti
 
 @dataclass(frozen=True)
 class FinetuneSection:
-    backbone_lr: float = 0.1  # the backbone's learning rate as a multiple of optim.lr (it is already trained)
+    backbone_lr: float = ranged(0.1, ge=0)  # the backbone's learning rate as a multiple of optim.lr (already trained)
     # Layer-wise decay: a backbone layer n layers below the last (timm's group_matcher: ViT blocks, ResNet stages)
     # learns at backbone_lr x layer_decay^n (BEiT/MAE fine-tuning takes 0.65-0.75). 1: one rate for the backbone.
-    layer_decay: float = 1.0
-    frozen_steps: int = 0  # the first steps train only the encoder and head (the backbone gets no gradient)
+    layer_decay: float = ranged(1.0, gt=0, le=1)
+    frozen_steps: int = ranged(0, ge=0)  # the first steps train only the encoder and head (no backbone gradient)
     freeze_bn: bool = True  # BatchNorm keeps its running statistics (clips are small batches of similar frames)
     # Feature memory bank (TALLFormer): only this many contiguous frames of each clip (at a random place) are
     # decoded and run through the backbone with gradients; the clip's other frames take their features from this
     # process's in-memory copy of the train split's cached features (the cache itself is never written), into which
     # the fresh features are written back. None: every frame of the clip is fresh.
-    bank_frames: int | None = None
+    bank_frames: int | None = ranged(None, ge=1)
     # Memory controls (temporal/e2e.py), exact (plain training's loss and gradients with BatchNorm frozen). The
     # defaults suit any clip length and batch size: a step's frames go through the backbone `micro_batch` at a time
     # (None: all in one call), and exact chunked backprop (each micro-batch's activations dropped after its forward
@@ -73,7 +74,7 @@ class FinetuneSection:
     # 112 px the default kept 0.26x plain's peak for ViT-Tiny and 0.33x for ResNet-18; with 16-frame micro-batches
     # ViT-Tiny kept 0.42x). timm's activation checkpointing (backbone, and each encoder layer) is off: alone it
     # kept 0.54x and 0.80x there, and inside chunked micro-batches it would cost a third forward.
-    micro_batch: int | None = 8
+    micro_batch: int | None = ranged(8, ge=1)
     grad_checkpointing: bool = False
     chunked: bool | None = None
     # Augmentation of the training clips' decoded uint8 frames (never of evaluation's), before preprocessing: a
@@ -84,11 +85,11 @@ class FinetuneSection:
     # default: it turns "left to right" into "right to left", another class in the generated videos (and in
     # Something-Something). With a memory bank only the fresh frames are augmented (the stored features are not).
     augment: bool = True
-    augment_scale: tuple[float, float] = (0.5, 1.0)
+    augment_scale: tuple[float, float] = ranged((0.5, 1.0), gt=0, le=1)
     augment_flip: bool = False
-    workers: int | None = None  # decode processes (stage one's rule when None); 0: a thread of this process
-    timeout: float = 120.0  # seconds a decode may go without producing a frame
-    eval_frames: int = 64  # frames per backbone call in evaluation
+    workers: int | None = ranged(None, ge=0)  # decode processes (None: stage one's rule); 0: a thread of this process
+    timeout: float = ranged(120.0, gt=0)  # seconds a decode may go without producing a frame
+    eval_frames: int = ranged(64, ge=1)  # frames per backbone call in evaluation
 
 
 @dataclass(frozen=True)
@@ -328,14 +329,31 @@ def evaluate_videos(model: VideoVTN, dataset, paths: dict, cfg: ExtractConfig, d
     return gathered_metrics(np.array(logits, np.float32).reshape(-1, classes), np.array(labels, np.int64), procs)
 
 
+def video_paths(cache, videos: str | None) -> tuple[dict[str, Path], str]:
+    """Where each of the cache's videos is, and the folder or manifest that says so. Video ids are paths relative
+    to the root recorded with the cache (for a manifest made with --root, not the manifest's folder), so by default
+    they are looked up there; `videos` (--videos) is a folder they are relative to, or a manifest listing them."""
+    where = videos or cache.attrs.get("root") or cache.attrs.get("source")  # "root": caches of this vtn
+    made_from = cache.attrs.get("source") or where
+    if not where or not Path(where).exists():
+        raise UserError(f"{where if videos else cache.url}: " + (
+            "no such folder or manifest (--videos)" if videos else
+            f"the cache was extracted from {made_from}, which is not there") +
+            "; give the videos' folder (or a manifest of them) with --videos")
+    if Path(where).is_file():
+        return {e.id: Path(e.path) for e in discover(where)[0]}, where
+    return {vid: Path(where) / vid for vid in cache.ids}, where
+
+
 def finetune(stage_two: str | Path, out: str | Path, videos: str | None = None, cfg: FinetuneConfig | None = None,
-             resume: bool = False, progress: bool = True) -> dict:
-    """Fine-tune the stage-two run `stage_two` end to end on the videos of `videos` (default: the cache's source)
+             resume: bool = False, progress: bool = True, cache_url: str | None = None) -> dict:
+    """Fine-tune the stage-two run `stage_two` end to end on the videos of `videos` (default: the cache's root)
     into `out`; returns the summary. `cfg` None: the defaults (see `default_config`), or when resuming, the run's
-    saved config."""
+    saved config. `cache_url`: the stage-two cache where it is now (default: where the run recorded it)."""
     from vtn.temporal.train import setup_processes
 
-    stage_two, run = Path(stage_two), Path(out)
+    run = check_run_dir(out)  # never over a file or a folder that is not a run, before anything is read or written
+    stage_two = Path(stage_two)
     best = best_of(stage_two)
     procs, device, own_group = setup_processes((cfg or FinetuneConfig()).run.device)
     try:
@@ -343,12 +361,14 @@ def finetune(stage_two: str | Path, out: str | Path, videos: str | None = None, 
         if not inputs or not inputs.get("cache"):
             raise UserError(f"{best}: the checkpoint does not record the cache it was trained on; fine-tuning needs a "
                             "stage-two run of this vtn")
-        cache = open_cache(inputs["cache"])
+        try:
+            cache = open_cache(cache_url or inputs["cache"])
+        except UserError as e:
+            if cache_url:
+                raise
+            raise UserError(f"{e}; {best} was trained on it: if it moved, give its new place with --cache") from None
         check_inputs(inputs, cache, best)
-        source = videos or cache.attrs.get("source")
-        if not source or not Path(source).exists():
-            raise UserError(f"{cache.url} was extracted from {source}, which is not there; give the videos with --videos")
-        paths = {e.id: e.path for e in discover(source)[0]}
+        paths, source = video_paths(cache, videos)
         last = checkpoint.find(run, "last")
         if last is not None and not resume:
             raise UserError(f"{run} already holds a run; pass --resume to continue it, or choose another --out")
@@ -367,14 +387,20 @@ def finetune(stage_two: str | Path, out: str | Path, videos: str | None = None, 
         model.set_memory(ft.micro_batch, ft.chunked, ft.grad_checkpointing)
         model.freeze_bn = ft.freeze_bn
         data = load_data(cache, cfg, vtn.config, procs)
-        missing = [v for v in [*data.train.ids, *data.val.ids] if v not in paths]
-        if ft.bank_frames is not None and (ft.bank_frames < 1 or data.streaming):
-            raise UserError(f"finetune.bank_frames={ft.bank_frames}: needs a number >= 1 and the train split in memory "
+        missing = {v for v in [*data.train.ids, *data.val.ids] if v not in paths or not paths[v].is_file()}
+        for what, ids in (("train", data.train.ids), ("val", data.val.ids)):
+            if all(v in missing for v in ids):  # nothing to train or score: refused before anything is written
+                made_from = cache.attrs.get("source")
+                raise UserError(f"{source}: none of the {len(ids)} {what} videos of {cache.url} is there (e.g. "
+                                f"{paths.get(ids[0], ids[0])})" + (f"; the cache was made from {made_from}" if made_from
+                                                                  else "") + ": give the videos with --videos")
+        if ft.bank_frames is not None and data.streaming:
+            raise UserError(f"finetune.bank_frames={ft.bank_frames}: needs the train split in memory "
                             f"(data.load is {cfg.data.load}; the split was {'streamed' if data.streaming else 'loaded'})")
         lo, hi = ft.augment_scale
-        if not 0 < lo <= hi <= 1:
-            raise UserError(f"finetune.augment_scale={list(ft.augment_scale)}: needs 0 < low <= high <= 1 (shares of "
-                            "the frame's area)")
+        if lo > hi:  # each in (0, 1] by its range
+            raise UserError(f"finetune.augment_scale={list(ft.augment_scale)}: needs low <= high (shares of the "
+                            "frame's area)")
         steps_per_epoch = len(data.sampler)
         epochs, total_steps, why = schedule(cfg.optim, steps_per_epoch)
 
@@ -384,7 +410,7 @@ def finetune(stage_two: str | Path, out: str | Path, videos: str | None = None, 
                                (temporal, cfg.optim.lr)], cfg.optim)
         scaler = torch.amp.GradScaler(device.type, enabled=cfg.run.amp == "fp16")
         state = new_state(procs.world, epochs, steps_per_epoch, total_steps, data_fingerprint(data, cache))
-        ckpt_inputs = {**inputs, "finetuned_from": str(best)}
+        ckpt_inputs = {**inputs, "cache": canonical_cache(cache.url), "finetuned_from": str(best)}  # where it is now
         if resuming:
             saved_state = checkpoint.load_last(last, model, opt, scaler, procs.rank, device)
             check_resume(saved_state, state, last)
@@ -402,7 +428,7 @@ def finetune(stage_two: str | Path, out: str | Path, videos: str | None = None, 
         if procs.world > 1:
             torch.distributed.barrier()  # the run directory exists before any process records a failure
         failures = Failures(run, procs)
-        for v in missing:
+        for v in sorted(missing):
             failures.record(v, "NotAVideo", f"{v} is in {cache.url} but not in {source}", "train")
         if procs.rank == 0:
             n_backbone = sum(p.numel() for p in model.backbone.parameters())
@@ -478,6 +504,7 @@ def main(args) -> int:
     if args.config or args.sets or updates or not args.resume:
         cfg = merge(resolve(FinetuneConfig, args.config, args.sets, base=default_config(best_of(Path(args.run)).parent)),
                     updates)
-    finetune(args.run, args.out, args.videos, cfg, resume=args.resume, progress=not args.quiet)
-    return 0
+    summary = finetune(args.run, args.out, args.videos, cfg, resume=args.resume, progress=not args.quiet,
+                       cache_url=args.cache)
+    return 3 if summary["failures"] else 0  # as vtn extract: some videos failed (recorded), the rest trained
 

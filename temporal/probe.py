@@ -120,13 +120,15 @@ def main(args) -> int:
     from pathlib import Path
 
     from vtn.config import resolve
+    from vtn.paths import check_run_dir
     from vtn.temporal.sweep import markdown, write_results
     from vtn.temporal.train import TrainConfig
 
+    out = check_run_dir(args.out, "probes") if args.out else None  # before the probes spend their time
     cfg = resolve(TrainConfig, args.config, args.sets)
     rows = probe_rows(args.cache, cfg)
-    if args.out:
-        write_results(rows, Path(args.out), [], name="probes")
+    if out:
+        write_results(rows, out, [], name="probes")
     else:
         print(markdown(rows, []), end="")
     return 0

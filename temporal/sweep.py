@@ -47,6 +47,7 @@ from pathlib import Path
 
 from vtn.config import ConfigError, merge, parse_set, resolve, to_dict
 from vtn.errors import UserError
+from vtn.paths import check_run_dir
 
 METRICS = (("val_top1", "top-1"), ("val_top5", "top-5"), ("val_mean_class_accuracy", "mean class"))
 RESULT_NAME = "metrics.json"
@@ -304,16 +305,22 @@ def sweep(cache_url: str, out: str | Path, runs: list[Run], jobs: int | None = N
     one by one instead. Returns the table's rows and {run name: error} of the runs that failed."""
     import torch
 
-    from vtn.runtime import processes
-    from vtn.temporal.train import model_config
+    from vtn.runtime import Processes, processes
+    from vtn.temporal.train import load_data, model_config
 
     if processes().world > 1:
         raise UserError("vtn sweep starts its own processes (--jobs); run it without torchrun")
-    out = Path(out)
-    cache, _ = _shared(cache_url)
-    for r in runs:  # a model the cache cannot take is refused before anything trains
+    out = check_run_dir(out, "sweep")  # never into a folder of the user's; each run's own folder is checked by train
+    cache, sources = _shared(cache_url)
+    checked = set()
+    for r in runs:  # a model the cache cannot take, or data it cannot train on, is refused before anything trains
         try:
-            model_config(r.cfg, cache)
+            model_cfg = model_config(r.cfg, cache)
+            if repr(r.cfg.data) not in checked:  # the splits load once (shared with the runs of this process)
+                checked.add(repr(r.cfg.data))
+                data = load_data(cache, r.cfg, model_cfg, Processes(), sources)
+                if data.left_out and len(checked) == 1:
+                    print(data.left_out, file=sys.stderr, flush=True)
         except UserError as e:
             raise UserError(f"run {r.name}: {e}") from None
     done, units = plan(runs, out, batch)

@@ -34,7 +34,7 @@ def encoder_clips_per_second(cache_url: str, model: VTNConfig, clip_frames: int,
     batches = (batches * (steps // max(len(batches), 1) + 2))[: steps + 1]  # repeat a small split's batches
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collate_clips)
     vtn = VTN(model).to(device).train()
-    vtn.set_feature_stats(*feature_stats(source, split))
+    vtn.set_feature_stats(*feature_stats(dataset, cache_url))
     opt = torch.optim.AdamW(vtn.parameters(), lr=1e-4)
     clips, start = 0, None
     for i, batch in enumerate(loader):

@@ -37,9 +37,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
 
-from vtn.config import merge, resolve, to_dict
+from vtn.config import merge, ranged, resolve, to_dict
 from vtn.errors import UserError
-from vtn.paths import check_run_dir
+from vtn.paths import canonical_cache, check_run_dir
 from vtn.plots import curves_png
 from vtn.progress import progress_bar
 from vtn.runtime import Processes, autocast, processes, resolve_device
@@ -58,17 +58,17 @@ class ModelSection:
 
     feature_dim: int | None = None
     num_classes: int | None = None
-    hidden_size: int = 768
-    num_layers: int = 3
-    num_heads: int = 12
-    intermediate_size: int = 3072
-    attention_window: int | tuple[int, ...] = 18
-    max_positions: int = 288
+    hidden_size: int = ranged(768, ge=1)
+    num_layers: int = ranged(3, ge=1)
+    num_heads: int = ranged(12, ge=1)
+    intermediate_size: int = ranged(3072, ge=1)
+    attention_window: int | tuple[int, ...] = ranged(18, ge=1)
+    max_positions: int = ranged(288, ge=1)
     positions: Literal["index", "time", "none"] = "index"
-    position_rate: float = 25.0
-    dropout: float = 0.1
-    attention_dropout: float = 0.1
-    head_dropout: float = 0.5
+    position_rate: float = ranged(25.0, gt=0)
+    dropout: float = ranged(0.1, ge=0, lt=1)
+    attention_dropout: float = ranged(0.1, ge=0, lt=1)
+    head_dropout: float = ranged(0.5, ge=0, lt=1)
     backend: Literal["hf", "fast"] = "fast"
 
 
@@ -88,15 +88,15 @@ class DataSection:
     # When the cache has no videos in the split "val" (a folder of class/ sub-folders puts all in "train"), this
     # share of each class's train videos is held out for validation, chosen by a hash of the video id (so the
     # choice never depends on the order or number of other videos). 0: refuse instead.
-    holdout: float = 0.1
+    holdout: float = ranged(0.1, ge=0, lt=1)
     # Training clips: clip_frames frames, stride cached frames apart, from a random start. Videos too short
     # for the span keep the clip length with a smaller stride (or all their frames).
-    clip_frames: int = 16
-    stride: int = 8
+    clip_frames: int = ranged(16, ge=1)
+    stride: int = ranged(8, ge=1)
     load: Literal["auto", "memory", "stream"] = "auto"  # auto: into memory when the split fits
-    workers: int | None = None  # loader processes; None: 0 in memory, up to 8 when streaming
+    workers: int | None = ranged(None, ge=0)  # loader processes; None: 0 in memory, up to 8 when streaming
     normalize: bool = True  # features to zero mean, unit std per dimension (train split statistics)
-    eval_batch_size: int = 16
+    eval_batch_size: int = ranged(16, ge=1)
 
 
 DEFAULT_EPOCHS = 25
@@ -105,22 +105,23 @@ DEFAULT_EPOCHS = 25
 @dataclass(frozen=True)
 class OptimSection:
     optimizer: Literal["adamw", "sgd"] = "adamw"
-    lr: float = 3e-4
-    weight_decay: float = 0.05  # not applied to biases, norms and the [CLS] vector
-    betas: tuple[float, float] = (0.9, 0.999)  # adamw
-    momentum: float = 0.9  # sgd
-    batch_size: int = 32  # clips per optimiser step over all processes
+    lr: float = ranged(3e-4, gt=0)
+    weight_decay: float = ranged(0.05, ge=0)  # not applied to biases, norms and the [CLS] vector
+    betas: tuple[float, float] = ranged((0.9, 0.999), ge=0, lt=1)  # adamw
+    momentum: float = ranged(0.9, ge=0, lt=1)  # sgd
+    batch_size: int = ranged(32, ge=1)  # clips per optimiser step over all processes
     # Length of the run: `steps` if set, else `epochs` if set (both obeyed exactly); else 25 epochs, raised so
     # the run makes at least `min_steps` steps (a small cache has few steps per epoch).
-    epochs: int | None = None
-    steps: int | None = None
-    min_steps: int = 1000
+    epochs: int | None = ranged(None, ge=1)
+    steps: int | None = ranged(None, ge=1)
+    min_steps: int = ranged(1000, ge=1)
     schedule: Literal["cosine", "step"] = "cosine"
-    warmup: float = 0.05  # share of the steps with a linear warm-up from 0
-    milestones: tuple[float, ...] = (0.52, 0.96)  # step schedule: lr *= gamma at these shares of the steps
-    gamma: float = 0.1
-    clip_grad: float = 1.0  # max gradient norm; 0 = off
-    label_smoothing: float = 0.0
+    warmup: float = ranged(0.05, ge=0, lt=1)  # share of the steps with a linear warm-up from 0
+    # step schedule: lr *= gamma at these shares of the steps
+    milestones: tuple[float, ...] = ranged((0.52, 0.96), ge=0, le=1)
+    gamma: float = ranged(0.1, gt=0)
+    clip_grad: float = ranged(1.0, ge=0)  # max gradient norm; 0 = off
+    label_smoothing: float = ranged(0.0, ge=0, lt=1)
 
 
 @dataclass(frozen=True)
@@ -131,8 +132,8 @@ class RunSection:
     # Epochs between whole-video evaluations (each logs metrics.jsonl, keeps best/ and saves last/). None: about
     # 25 evaluations per run, so a small cache's many short epochs are not evaluated one by one. The last epoch
     # is always evaluated.
-    eval_every: int | None = None
-    checkpoint_every: int = 1000  # steps between checkpoints of last/ besides those at evaluations
+    eval_every: int | None = ranged(None, ge=1)
+    checkpoint_every: int = ranged(1000, ge=0)  # steps between checkpoints of last/ besides those at evaluations
 
 
 @dataclass(frozen=True)
@@ -183,12 +184,8 @@ def model_config(cfg: TrainConfig, cache) -> VTNConfig:
 def schedule(optim: OptimSection, steps_per_epoch: int) -> tuple[int, int, str]:
     """(epochs, total optimiser steps, what decided them) for `steps_per_epoch` steps per epoch."""
     if optim.steps is not None:
-        if optim.steps < 1:
-            raise UserError(f"optim.steps must be >= 1, got {optim.steps}")
         return math.ceil(optim.steps / steps_per_epoch), optim.steps, f"optim.steps={optim.steps}"
     if optim.epochs is not None:
-        if optim.epochs < 1:
-            raise UserError(f"optim.epochs must be >= 1, got {optim.epochs}")
         return optim.epochs, optim.epochs * steps_per_epoch, f"optim.epochs={optim.epochs}"
     epochs = max(DEFAULT_EPOCHS, math.ceil(optim.min_steps / steps_per_epoch))
     why = (f"the default {DEFAULT_EPOCHS} epochs" if epochs == DEFAULT_EPOCHS else
@@ -247,6 +244,26 @@ class Data:
     streaming: bool
     workers: int
     holdout: list[str] | None  # ids held out of the train split for validation, when the cache has no val split
+    left_out: str | None = None  # which of the cache's videos the run does not use, and why (a warning)
+
+
+def left_out(cache, d: DataSection, train_unlabelled: int, val_unlabelled: int) -> str | None:
+    """A warning naming how many of the cache's videos a run leaves out, and why; None when it uses them all."""
+    splits = np.asarray(cache.splits, dtype=object)
+    used = (d.train_split, d.val_split)
+    other = {s: int(n) for s, n in zip(*np.unique(splits[~np.isin(splits, used)], return_counts=True))}
+    reasons = []
+    if other:
+        counts = ", ".join(f"{s!r}: {n}" for s, n in other.items())
+        reasons.append(f"{sum(other.values())} in splits it does not use ({counts}; it trains on '{d.train_split}' "
+                       f"and validates on '{d.val_split}': set data.train_split / data.val_split)")
+    for n, split in ((train_unlabelled, d.train_split), (val_unlabelled, d.val_split)):
+        if n:
+            reasons.append(f"{n} unlabelled in '{split}'")
+    if not reasons:
+        return None
+    total = sum(other.values()) + train_unlabelled + val_unlabelled
+    return f"warning: {cache.url}: {total} of its {len(splits)} videos are left out: {'; '.join(reasons)}"
 
 
 def shared_source(cache, split: str, mode: str, local_world: int, sources: dict | None):
@@ -282,19 +299,25 @@ def load_data(cache, cfg: TrainConfig, model_cfg: VTNConfig, procs: Processes, s
         keep &= ~out
     if not keep.any():
         raise UserError(f"{cache.url}: the train split '{d.train_split}' has no labelled videos")
+    if not (val.labels >= 0).any():  # else every evaluation has nothing to score
+        raise UserError(f"{cache.url}: the val split '{d.val_split}' has no labelled videos ({len(val)} unlabelled), "
+                        "so nothing can be scored; label them, or set data.val_split to a labelled split")
     train = ClipDataset(train_source, split=d.train_split, clip_frames=d.clip_frames, stride=d.stride, train=True,
                         seed=cfg.run.seed, videos=np.flatnonzero(keep))
     sampler = LengthBucketSampler(train.sample_lengths(), cfg.optim.batch_size, shuffle=True, seed=cfg.run.seed,
                                   num_replicas=procs.world, rank=procs.rank)
     workers = d.workers if d.workers is not None else (
         min(8, (os.cpu_count() or 1) // procs.local_world) if streaming else 0)
-    return Data(train, val, sampler, streaming, workers, holdout)
+    warning = left_out(cache, d, int((every.labels < 0).sum()),
+                       int((val.labels < 0).sum()) if holdout is None else 0)
+    return Data(train, val, sampler, streaming, workers, holdout, warning)
 
 
 def data_fingerprint(data: Data, cache) -> dict:
     """What a resumed run must find unchanged to take the same steps: the cache and its training videos."""
     ids = "\n".join(f"{v}:{n}" for v, n in zip(data.train.ids, data.train.lengths))
-    return {"cache": cache.url, "train_videos": len(data.train), "train_crc32": zlib.crc32(ids.encode())}
+    return {"cache": canonical_cache(cache.url), "train_videos": len(data.train),
+            "train_crc32": zlib.crc32(ids.encode())}
 
 
 # -- processes, steps, evaluation ------------------------------------------------------------------------------
@@ -340,8 +363,10 @@ def check_resume(saved: dict, mine: dict, ckpt: Path) -> None:
     """Refuse to resume when what decides the steps changed: the processes, the training videos, the schedule."""
     keys = ("world_size", "steps_per_epoch", "total_steps", "epochs")
     diffs = [f"{k}: {saved.get(k)!r} then, {mine[k]!r} now" for k in keys if saved.get(k) != mine[k]]
-    diffs += [f"data.{k}: {saved.get('data', {}).get(k)!r} then, {v!r} now" for k, v in mine["data"].items()
-              if saved.get("data", {}).get(k) != v]
+    then = dict(saved.get("data", {}))
+    if then.get("cache"):  # a run that recorded the path as typed (before it was made canonical)
+        then["cache"] = canonical_cache(then["cache"])
+    diffs += [f"data.{k}: {then.get(k)!r} then, {v!r} now" for k, v in mine["data"].items() if then.get(k) != v]
     if diffs:
         raise UserError(f"cannot resume {ckpt} exactly, these differ from the interrupted run: {'; '.join(diffs)}. "
                         "Resume with the same cache and settings, or train into another --out")
@@ -593,8 +618,10 @@ def start_run(run: Path, cache, cfg: TrainConfig | None, resume: bool, procs: Pr
         saved_state = checkpoint.load_last(last, model, opt, scaler, procs.rank, device)
         check_resume(saved_state, state, last)
         state.update(saved_state)
-    elif cfg.data.normalize:
-        model.set_feature_stats(*feature_stats(data.train.source, cfg.data.train_split))
+    else:  # the statistics of the training videos only; they also refuse a video with NaN features, normalised or not
+        stats = feature_stats(data.train, cache.url)
+        if cfg.data.normalize:
+            model.set_feature_stats(*stats)
     ddp = torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None) if procs.world > 1 else model
     loop = Loop(run, procs, device, model, ddp, opt, scaler, cfg.optim, cfg.run.amp, state, inputs)
@@ -618,6 +645,8 @@ def start_run(run: Path, cache, cfg: TrainConfig | None, resume: bool, procs: Pr
               + f"\n  schedule: {total_steps} steps ({epochs} epochs x {steps_per_epoch} steps of "
               f"{cfg.optim.batch_size} clips), set by {why}"
               + (f"; resuming at step {state['step']}" if resuming else ""), flush=True)
+        if data.left_out:
+            print(data.left_out, file=sys.stderr, flush=True)
         if len(cache.class_names) == 1:
             print(f"warning: {cache.url} has a single class ({cache.class_names[0]}); every prediction is that "
                   "class and accuracy means nothing", flush=True)

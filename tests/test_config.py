@@ -1,3 +1,4 @@
+import re
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -75,3 +76,29 @@ def test_help_imports_no_heavy_library():
     code = "import sys; from vtn.cli import build_parser; build_parser(); print(sorted({'torch', 'timm', 'zarr', 'transformers'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_ranged_fields_are_checked_wherever_a_value_is_set(tmp_path):
+    from vtn.config import merge, ranged
+
+    @dataclass(frozen=True)
+    class Section:
+        rate: float = ranged(0.5, ge=0, lt=1)
+        sizes: tuple[int, ...] = ranged((1, 2), ge=1)
+        limit: int | None = ranged(None, gt=0)
+
+    @dataclass(frozen=True)
+    class Cfg:
+        s: Section = field(default_factory=Section)
+
+    assert resolve(Cfg, None, ["s.rate=0", "s.sizes=[3,4]", "s.limit=null"]) == Cfg(Section(0.0, (3, 4), None))
+    for item, text in (("s.rate=1", "s.rate: 1.0 is out of range; it must be [0, 1)"),
+                       ("s.sizes=[2,0]", "s.sizes: (2, 0) is out of range; it must be >= 1"),
+                       ("s.limit=0", "s.limit: 0 is out of range; it must be > 0")):
+        with pytest.raises(ConfigError, match=re.escape(text)):
+            resolve(Cfg, None, [item])
+    (tmp_path / "c.yaml").write_text("s:\n  rate: -0.5\n")
+    with pytest.raises(ConfigError, match=re.escape("s.rate: -0.5 is out of range")):
+        resolve(Cfg, tmp_path / "c.yaml")
+    with pytest.raises(ConfigError, match="s.limit"):
+        merge(Cfg(), {"s": {"limit": -1}})

@@ -191,6 +191,9 @@ def test_run_dir_rule(tmp_path):
     run = tmp_path / "run"
     (run / "last").mkdir(parents=True)
     (run / "config.yaml").write_text("x: 1\n")
+    with pytest.raises(UserError, match=r"run: exists and is not a vtn run"):
+        check_run_dir(run)  # a config.yaml that is not vtn's
+    (run / "config.yaml").write_text("optim:\n  lr: 0.1\nrun:\n  seed: 0\n")
     check_run_dir(run)
     (tmp_path / "file").write_text("x")
     with pytest.raises(UserError, match=r"file: is a file"):
@@ -200,6 +203,110 @@ def test_run_dir_rule(tmp_path):
     (other / "config.yaml").write_text("not ours")  # a config.yaml alone does not make a vtn run
     with pytest.raises(UserError, match=r"photos: exists and is not a vtn run"):
         check_run_dir(other)
+
+
+# -- every command that writes an output folder, through the CLI ------------------------------------------
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A small feature cache (2 classes, train and val) and a 1-step tiny stage-two run on it."""
+    root = tmp_path_factory.mktemp("outputs")
+    cache, run = root / "cache", root / "run"
+    rng = np.random.default_rng(0)
+    with CacheWriter(str(cache), feature_dim=4, class_names=["a", "b"]) as w:
+        for split, n in (("train", 4), ("val", 2)):
+            for c in range(2):
+                for i in range(n):
+                    w.add(f"{split}/{c}/{i}", rng.normal(size=(6, 4)) + c, np.arange(6) / 2, np.arange(6), label=c,
+                          split=split)
+    assert main(["train", str(cache), "--out", str(run), "--model", "tiny", "--steps", "1", "--frames", "4",
+                 "--quiet"]) == 0
+    return cache, run
+
+
+def users_folders(tmp_path: Path) -> list[Path]:
+    """Folders a user might give as --out by mistake: notes and a thesis in best/ (the names of a run's checkpoint),
+    and an unrelated metrics.jsonl beside a config.yaml that is not vtn's."""
+    notes = tmp_path / "notes"
+    (notes / "best").mkdir(parents=True)
+    (notes / "notes.txt").write_text("my notes")
+    (notes / "best" / "thesis.txt").write_text("years of work")
+    other = tmp_path / "metrics"
+    other.mkdir()
+    (other / "metrics.jsonl").write_text("loss 0.3 at step 10\n")
+    (other / "config.yaml").write_text("optim: adam\nrun: 3\n")
+    return [notes, other]
+
+
+@pytest.mark.parametrize("command", ["train", "finetune", "sweep", "evaluate", "probe", "report"])
+def test_every_command_that_writes_a_folder_refuses_a_users_folder(trained, tmp_path, command):
+    cache, run = trained
+    argv = {
+        "train": lambda out: ["train", cache, "--out", out, "--model", "tiny", "--steps", "1", "--quiet"],
+        "finetune": lambda out: ["finetune", run, "--out", out, "--steps", "1", "--workers", "0", "--quiet"],
+        "sweep": lambda out: ["sweep", cache, "--out", out, "--grid", "optim.lr=1e-3,1e-2", "--model", "tiny",
+                              "--set", "optim.steps=1", "--quiet"],
+        "evaluate": lambda out: ["evaluate", run, "--cache", cache, "--out", out],
+        "probe": lambda out: ["probe", cache, "--out", out],
+        "report": lambda out: ["report", out],
+    }[command]
+    for folder in users_folders(tmp_path):
+        before, entries = snapshot(folder), sorted(folder.rglob("*"))
+        done = subprocess.run([sys.executable, "-m", "vtn", *map(str, argv(folder))], capture_output=True, text=True,
+                              timeout=120)
+        assert done.returncode == 2, done.stderr
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"vtn {command}: error: {folder}: "), done.stderr
+        assert "not" in lines[0] and "Traceback" not in done.stderr
+        assert snapshot(folder) == before and sorted(folder.rglob("*")) == entries  # nothing changed, nothing added
+
+
+def test_the_jobs_called_from_python_check_too(trained, tmp_path):
+    """The CLI checks --out before torch loads; the jobs themselves (called from Python, or by vtn sweep) too."""
+    from vtn.evaluate.run import evaluate
+    from vtn.temporal.finetune import finetune
+    from vtn.temporal.sweep import expand, sweep
+    from vtn.temporal.train import TrainConfig, train
+
+    cache, run = trained
+    notes, _ = users_folders(tmp_path)
+    before = snapshot(notes)
+    for job in (lambda: train(str(cache), notes), lambda: finetune(run, notes),
+                lambda: sweep(str(cache), notes, expand(TrainConfig(), [{}], 1)),
+                lambda: evaluate(run, str(cache), out=notes)):
+        with pytest.raises(UserError, match=f"{notes}: exists and is not"):
+            job()
+    assert snapshot(notes) == before
+
+
+def test_each_command_writes_again_into_its_own_output(trained, tmp_path):
+    """The rule recognises what each command wrote: a re-run (or an evaluation into a run) is not refused."""
+    cache, run = trained
+    check_run_dir(run)
+    check_run_dir(run, "evaluation")  # vtn evaluate writes into the run by default
+    check_run_dir(run, existing=True)  # vtn report
+    with pytest.raises(UserError, match=r"new: does not exist"):
+        check_run_dir(tmp_path / "new", existing=True)
+    sweep = tmp_path / "sweep"
+    (sweep / "empty").mkdir(parents=True)  # a run killed before its config
+    (sweep / "results.csv").write_text("a,b\n")
+    with pytest.raises(UserError, match=r"sweep: exists and is not a vtn sweep"):
+        check_run_dir(sweep, "sweep")  # result files alone, no run: not a sweep's
+    import shutil
+
+    shutil.copytree(run, sweep / "lr-0.001_seed-0")
+    check_run_dir(sweep, "sweep")
+    (sweep / "thesis.txt").write_text("x")
+    with pytest.raises(UserError, match=r"sweep: exists and is not a vtn sweep"):
+        check_run_dir(sweep, "sweep")
+    ev = tmp_path / "ev"
+    assert main(["evaluate", str(run), "--cache", str(cache), "--out", str(ev)]) == 0
+    check_run_dir(ev, "evaluation")
+    pr = tmp_path / "pr"
+    assert main(["probe", str(cache), "--out", str(pr)]) == 0
+    check_run_dir(pr, "probes")
+    with pytest.raises(UserError, match=r"pr: exists and is not a vtn run"):
+        check_run_dir(pr)
 
 
 # -- the rule module stays light ---------------------------------------------------------------------------

@@ -2,9 +2,9 @@
 
 Every job owns one dataclass whose fields are plain values or nested dataclasses (the sections).
 `resolve(cls, yaml_path, sets)` builds it: defaults, then the YAML file, then each `--set` in order.
-Unknown keys and values of the wrong type are refused with a `ConfigError` that names the key, so a
-typo never silently trains the wrong thing. `to_dict` gives the resolved config for saving with
-every artifact (cache attributes, run directory, checkpoint).
+Unknown keys, values of the wrong type and values outside a field's range (`ranged`) are refused with a
+`ConfigError` that names the key (and the range), so a typo never silently trains the wrong thing. `to_dict`
+gives the resolved config for saving with every artifact (cache attributes, run directory, checkpoint).
 """
 
 from __future__ import annotations
@@ -22,7 +22,33 @@ from vtn.errors import UserError
 
 
 class ConfigError(UserError):
-    """A config file or override names an unknown key or gives a value of the wrong type."""
+    """A config file or override names an unknown key or gives a value of the wrong type or out of range."""
+
+
+def ranged(default: Any, *, gt: float | None = None, ge: float | None = None, lt: float | None = None,
+           le: float | None = None) -> Any:
+    """A config field whose value (each value, for a tuple; None is always allowed) must lie in the given bounds
+    (gt: >, ge: >=, lt: <, le: <=). Checked with the type wherever a value is set (YAML, --set, a command-line
+    flag, a sweep's grid), so every job that shares a section refuses the same values, naming the key and range."""
+    return dataclasses.field(default=default, metadata={"range": (gt, ge, lt, le)})
+
+
+def _range_text(bounds: tuple) -> str:
+    """"> 0", ">= 1", "[0, 1)": the bounds as a reader writes them."""
+    gt, ge, lt, le = bounds
+    low = (f"> {gt:g}", f"({gt:g}") if gt is not None else (f">= {ge:g}", f"[{ge:g}") if ge is not None else None
+    high = (f"< {lt:g}", f"{lt:g})") if lt is not None else (f"<= {le:g}", f"{le:g}]") if le is not None else None
+    return f"{low[1]}, {high[1]}" if low and high else (low or high)[0]
+
+
+def _check_range(value: Any, bounds: tuple, key: str) -> None:
+    gt, ge, lt, le = bounds
+    for v in value if isinstance(value, (list, tuple)) else (value,):
+        if v is None:
+            continue
+        if ((gt is not None and not v > gt) or (ge is not None and not v >= ge) or (lt is not None and not v < lt)
+                or (le is not None and not v <= le)):
+            raise ConfigError(f"{key}: {value!r} is out of range; it must be {_range_text(bounds)}")
 
 
 def to_dict(cfg: Any) -> dict:
@@ -110,17 +136,19 @@ def _name(tp: Any) -> str:
 def _apply(cfg: Any, updates: dict, prefix: str = "") -> Any:
     """A copy of `cfg` with `updates` (a possibly nested mapping) applied and type-checked."""
     hints = typing.get_type_hints(type(cfg))
-    names = {f.name for f in dataclasses.fields(cfg)}
+    fields = {f.name: f for f in dataclasses.fields(cfg)}
     changes = {}
     for k, v in updates.items():
         key = prefix + str(k)
-        if k not in names:
-            raise ConfigError(f"unknown config key '{key}' (known: {', '.join(sorted(names))})")
+        if k not in fields:
+            raise ConfigError(f"unknown config key '{key}' (known: {', '.join(sorted(fields))})")
         current = getattr(cfg, k)
         if dataclasses.is_dataclass(current) and isinstance(v, dict):
             changes[k] = _apply(current, v, key + ".")
         else:
             changes[k] = _coerce(v, hints[k], key)
+            if "range" in fields[k].metadata:
+                _check_range(changes[k], fields[k].metadata["range"], key)
     return dataclasses.replace(cfg, **changes)
 
 

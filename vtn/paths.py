@@ -10,7 +10,10 @@ reason, before anything is touched:
   that contains the input or lies inside an input folder; a file is never a cache;
 - an HDF5 export (`vtn store export`): a new file, or with `--overwrite` an HDF5 file written by vtn export
   (root attribute `vtn_cache_attrs`);
-- a run directory (`vtn train`, `vtn finetune`): a new path, an empty folder, or a vtn run.
+- an output folder (`check_run_dir`): a run directory (`vtn train`, `vtn finetune`, and `vtn report`, which draws
+  into one), a sweep directory (`vtn sweep`), an evaluation (`vtn evaluate --out`), probes (`vtn probe --out`): a
+  new path, an empty folder, or what that command itself wrote there, recognised by its files (OUTPUT_KINDS). A
+  folder of the user's (notes, a thesis, an unrelated metrics.jsonl) is never written into.
 
 Only the standard library and vtn.errors at module level: every command imports this before its heavy work.
 """
@@ -33,6 +36,13 @@ EXPORT_KEY = "vtn_cache_attrs"  # the root attribute `vtn store export` writes i
 def is_remote(url: str) -> bool:
     """An fsspec URL (`s3://…`, `memory://…`) rather than a local path."""
     return "://" in str(url)
+
+
+def canonical_cache(url: str | os.PathLike) -> str:
+    """A cache's place as recorded with a run and compared on resume: a local path absolute and resolved (so
+    `./c.zarr`, `c.zarr` and a link to it are one cache, and a run started in another folder finds it); a remote
+    URL as given."""
+    return str(url) if is_remote(str(url)) else os.path.realpath(os.path.expanduser(os.fspath(url)))
 
 
 def is_vtn_cache(url: str, storage_options: dict | None = None) -> bool:
@@ -164,29 +174,83 @@ def check_export_out(out: str | os.PathLike, inputs: Iterable[str | os.PathLike]
 
 
 def is_vtn_run(path: str | os.PathLike) -> bool:
-    """A folder `vtn train`/`vtn finetune` wrote: config.yaml plus a checkpoint (last/, best/) or metrics.jsonl.
+    """A folder `vtn train`/`vtn finetune` wrote: a config.yaml of theirs (a YAML mapping with their `optim` and
+    `run` sections) plus a checkpoint (last/, best/) or metrics.jsonl.
 
     metrics.jsonl counts too: a run killed before its first checkpoint has it, and resuming it must work.
     """
     path = Path(path)
-    return (path / "config.yaml").is_file() and (
-        (path / "last").is_dir() or (path / "best").is_dir() or (path / "metrics.jsonl").is_file())
+    if not ((path / "last").is_dir() or (path / "best").is_dir() or (path / "metrics.jsonl").is_file()):
+        return False
+    import yaml  # light, and only here: most commands never ask
+
+    try:
+        doc = yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8"))
+    except (OSError, ValueError, yaml.YAMLError):
+        return False
+    return isinstance(doc, dict) and isinstance(doc.get("optim"), dict) and isinstance(doc.get("run"), dict)
 
 
-def check_run_dir(out: str | os.PathLike) -> Path:
-    """Return `out` as a Path if a training run may write there: new, an empty folder, or a vtn run.
+SWEEP_FILES = {"results.csv", "results.md", "results.png", "failures.log"}  # what `vtn sweep` writes besides runs
+
+
+def is_vtn_sweep(path: Path) -> bool:
+    """A folder `vtn sweep` wrote: run directories (some may be empty: killed before their config) and its
+    result files, at least one run among them, nothing else."""
+    entries = list(path.iterdir())
+    runs = [e for e in entries if e.is_dir() and is_vtn_run(e)]
+    return bool(runs) and all(e in runs or e.name in SWEEP_FILES or (e.is_dir() and not any(e.iterdir()))
+                              for e in entries)
+
+
+def is_vtn_evaluation(path: Path) -> bool:
+    """A run directory (where `vtn evaluate` writes by default) or a folder it wrote: predictions.csv and a
+    metrics.json of its own (naming the checkpoint and split)."""
+    if is_vtn_run(path):
+        return True
+    try:
+        doc = json.loads((path / "metrics.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return (path / "predictions.csv").is_file() and isinstance(doc, dict) and {"checkpoint", "split"} <= doc.keys()
+
+
+def is_vtn_probes(path: Path) -> bool:
+    """A folder `vtn probe --out` wrote: probes.csv and probes.md."""
+    return (path / "probes.csv").is_file() and (path / "probes.md").is_file()
+
+
+# The folders a command writes into, each with what recognises that command's own output and how to say it.
+OUTPUT_KINDS = {
+    "run": (is_vtn_run, "a vtn run directory (no config.yaml of vtn with last/, best/ or metrics.jsonl)"),
+    "sweep": (is_vtn_sweep, "a vtn sweep directory (vtn run directories and results.csv, results.md, results.png, "
+              "failures.log, nothing else)"),
+    "evaluation": (is_vtn_evaluation, "a vtn run directory or a folder vtn evaluate wrote (predictions.csv and its "
+                   "metrics.json)"),
+    "probes": (is_vtn_probes, "a folder vtn probe wrote (probes.csv and probes.md)"),
+}
+
+
+def check_run_dir(out: str | os.PathLike, kind: str = "run", existing: bool = False) -> Path:
+    """Return `out` as a Path if a command writing output of `kind` (see OUTPUT_KINDS: a training run, a sweep,
+    an evaluation, probes) may write there: new, an empty folder, or that command's own output. With `existing`
+    it must already be that output (`vtn report` draws into a run).
 
     Anything else (a file, a folder holding other things) raises UserError naming it, before anything is written.
     """
+    own, what = OUTPUT_KINDS[kind]
     path = Path(out).expanduser()
     if not path.exists():
         if path.is_symlink():
             raise UserError(f"{out}: is a broken symbolic link; choose another --out (nothing was changed)")
+        if existing:
+            raise UserError(f"{out}: does not exist; expected {what.split(' (')[0]}")
         return path
     if not path.is_dir():
-        raise UserError(f"{out}: is a file, not a run directory; choose another --out (nothing was changed)")
-    if any(path.iterdir()) and not is_vtn_run(path):
-        raise UserError(f"{out}: exists and is not a vtn run directory (no config.yaml with last/, best/ or "
-                        "metrics.jsonl); a run is written only into a new or empty folder or its own run "
-                        "directory: choose another --out (nothing was changed)")
+        raise UserError(f"{out}: is a file, not a folder to write into; choose another --out (nothing was changed)")
+    if existing and not own(path):
+        raise UserError(f"{out}: is not {what} (nothing was changed)")
+    if any(path.iterdir()) and not own(path):
+        raise UserError(f"{out}: exists and is not {what}; vtn writes only into a new or empty folder or its own "
+                        "output of this kind: choose another --out (nothing was changed)")
     return path

@@ -105,7 +105,7 @@ def test_finetune_through_the_cli_records_and_skips_a_broken_video(stage_two, tm
     # The backbone frozen for all 4 steps: only encoder and head learn, and BatchNorm keeps its statistics.
     # With the memory bank: 2 of each clip's 4 frames decoded and run, the others' features from the bank.
     assert main(["finetune", str(run), "--out", str(out), "--videos", str(mine), "--epochs", "2",
-                 "--set", "finetune.frozen_steps=4", "--set", "finetune.bank_frames=2", *FT[:-1]]) == 0
+                 "--set", "finetune.frozen_steps=4", "--set", "finetune.bank_frames=2", *FT[:-1]]) == 3  # one failed
     failures = [json.loads(x) for x in (out / "failures.jsonl").read_text().splitlines()]
     bad_id = str(broken.relative_to(mine))
     # Recorded once although the video is drawn in both epochs: known failures are not decoded again.
@@ -373,3 +373,66 @@ def test_augmentation_crops_all_frames_of_a_clip_alike_and_differs_between_items
     from vtn.temporal.finetune import FinetuneSection
 
     assert FinetuneSection().augment and not FinetuneSection().augment_flip
+
+
+def test_compose_refuses_weights_that_do_not_fit_with_a_message():
+    """Bad input to compose (a VTN's state dict with keys the composed model has not) is a UserError, not an
+    assert that `python -O` would drop."""
+    from vtn.errors import UserError
+
+    model = tiny_video_model(0.0)
+    vtn = VTN(model.config)
+    vtn.register_buffer("stray", torch.zeros(1))
+    with pytest.raises(UserError, match=r"unexpected \['stray'\]"):
+        VideoVTN.compose(vtn, model.backbone, model.preprocess, {})
+    assert VideoVTN.compose(VTN(model.config), model.backbone, model.preprocess, {}).video == {}
+
+
+def test_finetune_finds_videos_by_the_recorded_root_takes_a_moved_cache_and_exits_3_on_missing_videos(
+        stage_two, tmp_path, capsys, monkeypatch):
+    """A cache made from a manifest with --root (its ids relative to the root, not to the manifest's folder), moved
+    since the run was trained, fine-tuned from another folder with relative paths; one train video gone."""
+    import json
+    import shutil
+
+    import zarr
+
+    videos, cache_url, run = stage_two
+    mine = tmp_path / "clips"
+    shutil.copytree(videos, mine)
+    gone = sorted((mine / "train").rglob("*.mp4"))[0]
+    gone.unlink()
+    (tmp_path / "lists").mkdir()
+    manifest = tmp_path / "lists" / "all.csv"  # the ids are not relative to its folder
+    manifest.write_text("path,label\n")
+    moved = tmp_path / "moved.zarr"
+    shutil.copytree(cache_url, moved)
+    zarr.open_group(str(moved), mode="r+").attrs.update(source=str(manifest), root=str(mine))
+    lost = tmp_path / "lost_run"  # the run, recording a cache that is no longer there
+    shutil.copytree(run, lost)
+    inputs = json.loads((lost / "best" / "inputs.json").read_text())
+    (lost / "best" / "inputs.json").write_text(json.dumps({**inputs, "cache": str(tmp_path / "gone.zarr")}))
+
+    monkeypatch.chdir(tmp_path)
+    args = ["--steps", "1", "--batch-size", "2", "--workers", "0", "--quiet"]
+    assert main(["finetune", "lost_run", "--out", "a", *args]) == 2
+    err = capsys.readouterr().err
+    assert "gone.zarr" in err and "--cache" in err
+    (tmp_path / "empty").mkdir()
+    for wrong in ("empty", "nowhere"):  # a folder without the videos, a folder that does not exist
+        assert main(["finetune", "lost_run", "--out", "a", "--cache", "moved.zarr", "--videos", wrong, *args]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"vtn finetune: error: {wrong}: ") and "--videos" in err, err
+    zarr.open_group(str(moved), mode="r+").attrs.update(root=str(tmp_path / "empty"))
+    assert main(["finetune", "lost_run", "--out", "a", "--cache", "moved.zarr", *args]) == 2
+    err = capsys.readouterr().err
+    assert "none of the 4 train videos" in err and str(manifest) in err  # names the folder the cache was made from
+    assert not (tmp_path / "a").exists()
+
+    zarr.open_group(str(moved), mode="r+").attrs.update(root=str(mine))
+    assert main(["finetune", "lost_run", "--out", "a", "--cache", "moved.zarr", *args]) == 3  # as vtn extract
+    failures = [json.loads(x) for x in (tmp_path / "a" / "failures.jsonl").read_text().splitlines()]
+    assert [f["id"] for f in failures] == [gone.relative_to(mine).as_posix()]
+    records = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["step"] == 1 and records[-1]["val_videos"] == 2
+    assert json.loads((tmp_path / "a" / "best" / "inputs.json").read_text())["cache"] == str(moved)  # canonical

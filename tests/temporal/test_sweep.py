@@ -2,6 +2,7 @@
 
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -132,22 +133,27 @@ def test_a_rerun_skips_finished_runs_and_resumes_an_interrupted_one(cache, tmp_p
     assert "2 finished, 0 to train" in capsys.readouterr().out
 
 
-def test_a_failing_run_is_reported_and_the_others_finish(cache, tmp_path, capsys):
+def test_a_failing_run_is_reported_and_the_others_finish(cache, tmp_path, capsys, monkeypatch):
     out = tmp_path / "sweep"
     argv = ["sweep", cache, "--out", str(out), "--grid", "optim.lr=1e-3,3e-3", *SETS, "--set", "optim.steps=3",
             "--no-batch", "--quiet"]
-    foreign = out / "lr-0.001_seed-0" / "notes.txt"  # the first run's folder holds someone's file: train refuses it
-    foreign.parent.mkdir(parents=True)
-    foreign.write_text("mine")
+    real_train = train_job.train
+
+    def failing(cache_url, run, *args, **kw):  # the first run fails part-way (a bug, a lost disk ...)
+        if Path(run).name == "lr-0.001_seed-0":
+            raise RuntimeError("the disk went away")
+        return real_train(cache_url, run, *args, **kw)
+
+    monkeypatch.setattr(train_job, "train", failing)
     assert main(argv) == 3
     err = capsys.readouterr().err
-    assert "run lr-0.001_seed-0 failed: UserError: " in err and "not a vtn run directory" in err
+    assert "run lr-0.001_seed-0 failed: RuntimeError: the disk went away" in err
     assert "1 of 2 runs failed" in err
     assert "== lr-0.001_seed-0\nTraceback" in (out / "failures.log").read_text()
     assert (out / "lr-0.003_seed-0" / "metrics.json").is_file()  # the run after the failed one trained
     assert [r["run"] for r in csv.DictReader((out / "results.csv").open())] == ["lr-0.003"]
 
-    foreign.unlink()
+    monkeypatch.setattr(train_job, "train", real_train)
     assert main(argv) == 0
     assert "1 finished, 1 to train" in capsys.readouterr().out
     assert not (out / "failures.log").exists()

@@ -171,3 +171,107 @@ def test_resume_refuses_another_cache(cache, tmp_path, capsys):
     assert main(["train", renamed, "--out", str(run), "--resume"]) == 2
     err = capsys.readouterr().err
     assert renamed in err and "['c0', 'c1']" in err and "['k0', 'k1']" in err
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--set", "optim.lr=-1"], ["optim.lr: -1.0", "> 0"]),
+    (["--set", "data.clip_frames=0"], ["data.clip_frames: 0", ">= 1"]),
+    (["--frames", "0"], ["data.clip_frames: 0", ">= 1"]),
+    (["--batch-size", "0"], ["optim.batch_size: 0", ">= 1"]),
+    (["--set", "model.dropout=2"], ["model.dropout: 2.0", "[0, 1)"]),
+    (["--set", "data.stride=0"], ["data.stride: 0", ">= 1"]),
+    (["--stride", "-3"], ["data.stride: -3", ">= 1"]),
+    (["--set", "optim.weight_decay=-1"], ["optim.weight_decay: -1.0", ">= 0"]),
+    (["--set", "model.attention_window=[8,0]"], ["model.attention_window: (8, 0)", ">= 1"]),
+])
+def test_values_out_of_range_are_refused_naming_the_key_and_range(cache, tmp_path, capsys, flags, words):
+    run = tmp_path / "run"
+    assert main(["train", cache, "--out", str(run), *TINY, *flags]) == 2
+    err = capsys.readouterr().err
+    assert all(w in err for w in words) and "out of range" in err and len(err.strip().splitlines()) == 1, err
+    assert not run.exists()  # refused before anything
+
+
+def small_cache(path, videos):
+    """A cache of 6-D features from (id, split, label, features or None: random) rows."""
+    rng = np.random.default_rng(1)
+    with CacheWriter(str(path), feature_dim=6, class_names=["c0", "c1"]) as w:
+        for vid, split, label, x in videos:
+            x = rng.normal(size=(10, 6)) + label if x is None else x
+            w.add(vid, x, np.arange(len(x)) / 10, np.arange(len(x)), label=label, split=split, fps=10.0)
+    return str(path)
+
+
+def labelled(split, n, prefix=None):
+    return [(f"{prefix or split}/{c}/{i}", split, c, None) for c in range(2) for i in range(n)]
+
+
+@pytest.mark.parametrize("load", ["memory", "stream"])
+def test_a_nan_feature_in_the_train_split_is_refused_before_training_naming_the_video(tmp_path, capsys, load):
+    import zarr
+
+    from vtn.store import open_cache
+
+    cache = small_cache(tmp_path / "c", [*labelled("train", 4), ("train/1/bad", "train", 1, None), *labelled("val", 2)])
+    index = open_cache(cache).index  # the writer refuses NaN: put one on disk, as a missing chunk reads
+    row = index["id"].tolist().index("train/1/bad")
+    part = zarr.open_group(cache, mode="r+")[f"parts/{index['part'][row]}/features"]
+    part[int(index["start"][row]) + 4, 2] = np.nan
+    run = tmp_path / "run"
+    assert main(["train", cache, "--out", str(run), *TINY, "--steps", "1", "--set", f"data.load={load}"]) == 2
+    err = capsys.readouterr().err
+    assert "'train/1/bad'" in err and "not finite" in err and cache in err and "Lower optim.lr" not in err
+    assert not (run / "last").exists() and not (run / "metrics.jsonl").exists()
+
+
+def test_normalisation_statistics_leave_out_the_held_out_videos(tmp_path):
+    from safetensors.torch import load_file
+
+    from vtn.store import open_cache
+
+    # The held-out videos (no val split) are far from the others: including them would move the mean a lot.
+    rows = [(f"train/{c}/{i}", "train", c, np.full((10, 6), 100.0 * (i == 9)) + np.arange(6) * i / 10)
+            for c in range(2) for i in range(10)]
+    cache = small_cache(tmp_path / "c", rows)
+    run = tmp_path / "run"
+    assert main(["train", cache, "--out", str(run), *TINY, "--steps", "1", "--quiet"]) == 0
+    held = set(json.loads((run / "holdout.json").read_text())["ids"])
+    assert held == {"train/0/9", "train/1/9"}  # the crc32 picks; the test relies on them being the far ones
+    c = open_cache(cache)
+    train = np.concatenate([c.features(v).astype(np.float64) for v in c.ids if v not in held])
+    mean = load_file(str(run / "best" / "model.safetensors"))["feature_mean"].numpy()
+    np.testing.assert_allclose(mean, train.mean(0), rtol=1e-5, atol=1e-5)
+
+
+def test_an_unlabelled_val_split_is_refused_at_start_by_train_and_sweep(tmp_path, capsys):
+    cache = small_cache(tmp_path / "c", [*labelled("train", 4), ("val/x", "val", -1, None), ("val/y", "val", -1, None)])
+    assert main(["train", cache, "--out", str(tmp_path / "run"), *TINY, "--steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "val split 'val' has no labelled videos (2 unlabelled)" in err and cache in err
+    assert main(["sweep", cache, "--out", str(tmp_path / "sweep"), "--grid", "optim.lr=1e-3,1e-2", "--model", "tiny",
+                 "--set", "optim.steps=1"]) == 2  # before any run trains (not a failed run, exit 3)
+    assert "val split 'val' has no labelled videos" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists() and not (tmp_path / "sweep").exists()
+
+
+def test_train_warns_with_the_count_of_videos_it_leaves_out_and_why(tmp_path, capsys):
+    cache = small_cache(tmp_path / "c", [*labelled("train", 3), *labelled("val", 1), *labelled("Train", 1),
+                                         ("tset/a", "tset", 0, None), ("train/u", "train", -1, None)])
+    assert main(["train", cache, "--out", str(tmp_path / "run"), *TINY, "--steps", "1", "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert (f"warning: {cache}: 4 of its 12 videos are left out: 3 in splits it does not use ('Train': 2, 'tset': 1; "
+            "it trains on 'train' and validates on 'val'") in err and "; 1 unlabelled in 'train'" in err, err
+
+
+def test_resume_takes_the_same_cache_by_another_spelling_of_its_path(tmp_path, capsys, monkeypatch):
+    from vtn.temporal.checkpoint import read_inputs
+
+    monkeypatch.chdir(tmp_path)
+    small_cache(tmp_path / "c.zarr", [*labelled("train", 4), *labelled("val", 1)])
+    assert main(["train", "c.zarr", "--out", "run", *TINY, "--epochs", "1", "--quiet"]) == 0
+    assert read_inputs(tmp_path / "run" / "best")["cache"] == str(tmp_path / "c.zarr")  # absolute, resolved
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert main(["train", "../c.zarr", "--out", "../run", "--resume", "--quiet"]) == 0, capsys.readouterr().err
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "./c.zarr", "--out", "run", "--resume", "--quiet"]) == 0, capsys.readouterr().err
