@@ -1,42 +1,17 @@
 """`ExtractConfig`: every setting of `vtn extract`, as frozen dataclasses (see vtn/config.py for overrides).
 
-A numeric setting with a valid range declares it beside its default (`at_least`, `above`); every section checks
+A numeric setting with a valid range declares it beside its default (`vtn.config.ranged`); every section checks
 its ranges when it is built, so a value out of range is refused with the key, its flag and the range, whether it
 came from a flag, `--set`, a YAML file or code, before anything is written.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
-from vtn.config import ConfigError
+from vtn.config import check_ranges, ranged
 from vtn.extract.sampling import SamplingConfig
-
-
-def at_least(default: Any, low: float, flag: str | None = None) -> Any:
-    """A field whose value (when not None) must be >= `low`; `flag` is the command-line option that sets it."""
-    return field(default=default, metadata={"low": low, "strict": False, "flag": flag})
-
-
-def above(default: Any, low: float, flag: str | None = None) -> Any:
-    """A field whose value (when not None) must be > `low`."""
-    return field(default=default, metadata={"low": low, "strict": True, "flag": flag})
-
-
-def check_ranges(cfg: Any, section: str) -> None:
-    """Refuse a field outside its declared range, naming `section.key`, its flag and the range."""
-    for f in dataclasses.fields(cfg):
-        if "low" not in f.metadata:
-            continue
-        value, low, strict = getattr(cfg, f.name), f.metadata["low"], f.metadata["strict"]
-        if value is None:
-            continue
-        # Written as "not inside" so that NaN is refused too.
-        if not (value > low if strict else value >= low):
-            flag = f" ({f.metadata['flag']})" if f.metadata["flag"] else ""
-            raise ConfigError(f"{section}.{f.name}{flag} must be {'>' if strict else '>='} {low:g}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -47,7 +22,7 @@ class BackboneConfig:
     # "pretrained" (timm's weights; offline they must be in the local hub cache), "random" (seeded
     # random init: tests, benchmarks, demos), or the path of a safetensors / torch state-dict file.
     weights: str = "pretrained"
-    image_size: int | None = at_least(None, 1, "--image-size")  # overrides the input size of timm's data config
+    image_size: int | None = ranged(None, ge=1, flag="--image-size")  # overrides the input size of timm's data config
     seed: int = 0  # random init seed, so every process builds the same weights
 
     def __post_init__(self):
@@ -60,23 +35,24 @@ class RuntimeConfig:
 
     device: str = "auto"  # "auto" (cuda when available, else cpu), "cpu", "cuda", "cuda:N"
     # Frames per forward, packed across videos; the last batch is padded to this size.
-    batch_size: int = at_least(64, 1, "--batch-size")
+    batch_size: int = ranged(64, ge=1, flag="--batch-size")
     amp: Literal["none", "bf16", "fp16"] = "none"
-    # Decode processes; 0 decodes in a thread of the main process (no timeout). Default: 2 beside a model on
-    # the CPU (the model needs the cores); beside a GPU, this process's share of the cores (one process per
-    # GPU, or torchrun's LOCAL_WORLD_SIZE) less one for the main process, as decoding then sets the pace.
-    workers: int | None = at_least(None, 0, "--workers")
+    # Decode processes; 0 decodes in threads of the main process (the timeout holds there too). Default: 2
+    # beside a model on the CPU (the model needs the cores); beside a GPU, this process's share of the cores
+    # (one process per GPU, or torchrun's LOCAL_WORLD_SIZE) less one for the main process, as decoding then
+    # sets the pace.
+    workers: int | None = ranged(None, ge=0, flag="--workers")
     # Seconds a decode may go without producing a frame before it is killed.
-    timeout: float = above(120.0, 0, "--timeout")
-    chunk_mb: int = at_least(32, 1)  # decoded frames travel in chunks of at most this many MiB
-    decode_threads: int = at_least(1, 1)  # decoder threads per worker
+    timeout: float = ranged(120.0, gt=0, flag="--timeout")
+    chunk_mb: int = ranged(32, ge=1)  # decoded frames travel in chunks of at most this many MiB
+    decode_threads: int = ranged(1, ge=1)  # decoder threads per worker
     # torch threads on the CPU; default: every core. Decode workers block once they are ahead, so they leave
     # the cores to the model (measured on 2 idle cores: 207 frames/s against 112 with one thread per leftover core).
-    threads: int | None = at_least(None, 1)
+    threads: int | None = ranged(None, ge=1)
     # Seconds a collective between torchrun ranks may wait before the job fails (torch's default). Ranks that
     # finished their share wait for the others without this limit.
-    dist_timeout: float = above(1800.0, 0)
-    commit_every: float = at_least(30.0, 0)  # seconds between commits: the most work a kill can lose
+    dist_timeout: float = ranged(1800.0, gt=0)
+    commit_every: float = ranged(30.0, ge=0)  # seconds between commits: the most work a kill can lose
     feature_dtype: Literal["float16", "float32"] = "float16"
     channels_last: bool = True
     # torch.compile the backbone (frozen weights, one fixed batch shape): faster once compiled (resnet18 on

@@ -91,8 +91,8 @@ class DataSection:
     holdout: float = ranged(0.1, ge=0, lt=1)
     # Training clips: clip_frames frames, stride cached frames apart, from a random start. Videos too short
     # for the span keep the clip length with a smaller stride (or all their frames).
-    clip_frames: int = ranged(16, ge=1)
-    stride: int = ranged(8, ge=1)
+    clip_frames: int = ranged(16, ge=1, flag="--frames")
+    stride: int = ranged(8, ge=1, flag="--stride")
     load: Literal["auto", "memory", "stream"] = "auto"  # auto: into memory when the split fits
     workers: int | None = ranged(None, ge=0)  # loader processes; None: 0 in memory, up to 8 when streaming
     normalize: bool = True  # features to zero mean, unit std per dimension (train split statistics)
@@ -105,15 +105,15 @@ DEFAULT_EPOCHS = 25
 @dataclass(frozen=True)
 class OptimSection:
     optimizer: Literal["adamw", "sgd"] = "adamw"
-    lr: float = ranged(3e-4, gt=0)
+    lr: float = ranged(3e-4, gt=0, flag="--lr")
     weight_decay: float = ranged(0.05, ge=0)  # not applied to biases, norms and the [CLS] vector
     betas: tuple[float, float] = ranged((0.9, 0.999), ge=0, lt=1)  # adamw
     momentum: float = ranged(0.9, ge=0, lt=1)  # sgd
-    batch_size: int = ranged(32, ge=1)  # clips per optimiser step over all processes
+    batch_size: int = ranged(32, ge=1, flag="--batch-size")  # clips per optimiser step over all processes
     # Length of the run: `steps` if set, else `epochs` if set (both obeyed exactly); else 25 epochs, raised so
     # the run makes at least `min_steps` steps (a small cache has few steps per epoch).
-    epochs: int | None = ranged(None, ge=1)
-    steps: int | None = ranged(None, ge=1)
+    epochs: int | None = ranged(None, ge=1, flag="--epochs")
+    steps: int | None = ranged(None, ge=1, flag="--steps")
     min_steps: int = ranged(1000, ge=1)
     schedule: Literal["cosine", "step"] = "cosine"
     warmup: float = ranged(0.05, ge=0, lt=1)  # share of the steps with a linear warm-up from 0

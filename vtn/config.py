@@ -26,11 +26,19 @@ class ConfigError(UserError):
 
 
 def ranged(default: Any, *, gt: float | None = None, ge: float | None = None, lt: float | None = None,
-           le: float | None = None) -> Any:
+           le: float | None = None, flag: str | None = None) -> Any:
     """A config field whose value (each value, for a tuple; None is always allowed) must lie in the given bounds
     (gt: >, ge: >=, lt: <, le: <=). Checked with the type wherever a value is set (YAML, --set, a command-line
-    flag, a sweep's grid), so every job that shares a section refuses the same values, naming the key and range."""
-    return dataclasses.field(default=default, metadata={"range": (gt, ge, lt, le)})
+    flag, a sweep's grid), so every job that shares a section refuses the same values, naming the key and range
+    (and `flag`, the command-line option that sets it). A section built in code calls `check_ranges`."""
+    return dataclasses.field(default=default, metadata={"range": (gt, ge, lt, le), "flag": flag})
+
+
+def check_ranges(cfg: Any, prefix: str) -> None:
+    """Refuse any ranged field of the dataclass `cfg` outside its range, naming it as `prefix.key`."""
+    for f in dataclasses.fields(cfg):
+        if "range" in f.metadata:
+            _check_range(getattr(cfg, f.name), f, f"{prefix}.{f.name}")
 
 
 def _range_text(bounds: tuple) -> str:
@@ -41,14 +49,16 @@ def _range_text(bounds: tuple) -> str:
     return f"{low[1]}, {high[1]}" if low and high else (low or high)[0]
 
 
-def _check_range(value: Any, bounds: tuple, key: str) -> None:
-    gt, ge, lt, le = bounds
+def _check_range(value: Any, field: dataclasses.Field, key: str) -> None:
+    gt, ge, lt, le = bounds = field.metadata["range"]
     for v in value if isinstance(value, (list, tuple)) else (value,):
         if v is None:
             continue
+        # Written as "not inside" so that NaN is refused too.
         if ((gt is not None and not v > gt) or (ge is not None and not v >= ge) or (lt is not None and not v < lt)
                 or (le is not None and not v <= le)):
-            raise ConfigError(f"{key}: {value!r} is out of range; it must be {_range_text(bounds)}")
+            flag = f" ({field.metadata['flag']})" if field.metadata.get("flag") else ""
+            raise ConfigError(f"{key}{flag}: {value!r} is out of range; it must be {_range_text(bounds)}")
 
 
 def to_dict(cfg: Any) -> dict:
@@ -148,7 +158,7 @@ def _apply(cfg: Any, updates: dict, prefix: str = "") -> Any:
         else:
             changes[k] = _coerce(v, hints[k], key)
             if "range" in fields[k].metadata:
-                _check_range(changes[k], fields[k].metadata["range"], key)
+                _check_range(changes[k], fields[k], key)
     return dataclasses.replace(cfg, **changes)
 
 

@@ -170,16 +170,16 @@ def test_split_names_are_known_or_mapped_and_empty_labels_are_unlabelled(videos,
 
 def test_image_size_out_of_range_is_refused_before_anything_is_written(videos, tmp_path, vtn):
     proc = vtn("extract", videos / "val", "--out", tmp_path / "c", *BACKBONE, "--image-size", "0", check_rc=2)
-    assert "backbone.image_size (--image-size) must be >= 1, got 0" in proc.stderr
+    assert "backbone.image_size (--image-size): 0 is out of range; it must be >= 1" in proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "c").exists()
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--batch-size", "0"], "runtime.batch_size (--batch-size) must be >= 1, got 0"),
-    (["--timeout", "0"], "runtime.timeout (--timeout) must be > 0, got 0.0"),
-    (["--image-size", "-5"], "backbone.image_size (--image-size) must be >= 1, got -5"),
-    (["--set", "runtime.timeout=-1"], "runtime.timeout (--timeout) must be > 0, got -1.0"),
-    (["--set", "runtime.chunk_mb=0"], "runtime.chunk_mb must be >= 1, got 0"),
+    (["--batch-size", "0"], "runtime.batch_size (--batch-size): 0 is out of range; it must be >= 1"),
+    (["--timeout", "0"], "runtime.timeout (--timeout): 0.0 is out of range; it must be > 0"),
+    (["--image-size", "-5"], "backbone.image_size (--image-size): -5 is out of range; it must be >= 1"),
+    (["--set", "runtime.timeout=-1"], "runtime.timeout (--timeout): -1.0 is out of range; it must be > 0"),
+    (["--set", "runtime.chunk_mb=0"], "runtime.chunk_mb: 0 is out of range; it must be >= 1"),
 ])
 def test_extraction_settings_out_of_range_are_refused_naming_the_option(videos, tmp_path, capsys, flags, message):
     assert main(["extract", str(videos / "val"), "--out", str(tmp_path / "c"), *BACKBONE, *flags]) == 2

@@ -174,15 +174,15 @@ def test_resume_refuses_another_cache(cache, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("flags, words", [
-    (["--set", "optim.lr=-1"], ["optim.lr: -1.0", "> 0"]),
-    (["--set", "data.clip_frames=0"], ["data.clip_frames: 0", ">= 1"]),
-    (["--frames", "0"], ["data.clip_frames: 0", ">= 1"]),
-    (["--batch-size", "0"], ["optim.batch_size: 0", ">= 1"]),
-    (["--set", "model.dropout=2"], ["model.dropout: 2.0", "[0, 1)"]),
-    (["--set", "data.stride=0"], ["data.stride: 0", ">= 1"]),
-    (["--stride", "-3"], ["data.stride: -3", ">= 1"]),
-    (["--set", "optim.weight_decay=-1"], ["optim.weight_decay: -1.0", ">= 0"]),
-    (["--set", "model.attention_window=[8,0]"], ["model.attention_window: (8, 0)", ">= 1"]),
+    (["--set", "optim.lr=-1"], ["optim.lr", "-1.0 is out of range", "> 0"]),
+    (["--set", "data.clip_frames=0"], ["data.clip_frames", "0 is out of range", ">= 1"]),
+    (["--frames", "0"], ["data.clip_frames (--frames)", "0 is out of range", ">= 1"]),
+    (["--batch-size", "0"], ["optim.batch_size", "0 is out of range", ">= 1"]),
+    (["--set", "model.dropout=2"], ["model.dropout", "2.0 is out of range", "[0, 1)"]),
+    (["--set", "data.stride=0"], ["data.stride", "0 is out of range", ">= 1"]),
+    (["--stride", "-3"], ["data.stride", "-3 is out of range", ">= 1"]),
+    (["--set", "optim.weight_decay=-1"], ["optim.weight_decay", "-1.0 is out of range", ">= 0"]),
+    (["--set", "model.attention_window=[8,0]"], ["model.attention_window", "(8, 0) is out of range", ">= 1"]),
 ])
 def test_values_out_of_range_are_refused_naming_the_key_and_range(cache, tmp_path, capsys, flags, words):
     run = tmp_path / "run"
