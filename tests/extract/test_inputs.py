@@ -104,16 +104,28 @@ def test_a_stray_video_that_breaks_the_folder_layout_is_refused_naming_it(videos
         discover(src)
 
 
-def test_an_unreadable_class_folder_is_refused_naming_it(videos, tmp_path, vtn):
+def test_an_unreadable_class_folder_is_refused_naming_it(videos, tmp_path, vtn, monkeypatch):
     src = _tree(videos, tmp_path / "src", ["jump/a.mp4", "run/b.mp4"])
-    (src / "run").chmod(0)
+    locked = str(src / "run")
+    os.chmod(locked, 0)
     try:
-        if os.access(src / "run", os.R_OK):
-            pytest.skip("this user reads every folder whatever its permissions (root)")
-        proc = vtn("extract", src, "--out", tmp_path / "c", *BACKBONE, check_rc=2)
+        if not os.access(locked, os.R_OK):
+            message = vtn("extract", src, "--out", tmp_path / "c", *BACKBONE, check_rc=2).stderr
+        else:  # root reads it anyway: refuse the listing as the kernel does for everyone else
+            real = os.scandir
+
+            def scandir(path="."):
+                if os.fspath(path) == locked:
+                    raise PermissionError(13, "Permission denied", locked)
+                return real(path)
+
+            monkeypatch.setattr(os, "scandir", scandir)
+            with pytest.raises(InputError) as refused:
+                discover(src)
+            message = str(refused.value)
     finally:
-        (src / "run").chmod(0o755)
-    assert f"{src / 'run'}: cannot read this folder (Permission denied)" in proc.stderr
+        os.chmod(locked, 0o755)
+    assert f"{locked}: cannot read this folder (Permission denied)" in message
     assert not (tmp_path / "c").exists()
 
 
