@@ -12,7 +12,10 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import threading
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import google_crc32c
 import numpy as np
@@ -25,6 +28,61 @@ from zarr.storage import LocalStore
 from vtn.store.layout import StoreError
 
 MISSING = 2**64 - 1
+OPEN_FILES = 64  # shard files kept open per process, whatever the number of shards or readers
+
+
+class _Handles:
+    """The open shard files of every RowReader in the process: the `cap` most recently used stay open.
+
+    A cache of Kinetics size has thousands of shard files, and a descriptor per shard would exceed
+    `ulimit -n` (often 1,024). Keeping the recent ones open spares an open() per read (a metadata round trip
+    on network file systems). A handle in use is never closed: it may exceed the cap while threads hold it,
+    and its descriptor number is not reused under a concurrent pread.
+    """
+
+    def __init__(self, cap: int):
+        self.cap = cap
+        self._lock = threading.Lock()
+        self._open: OrderedDict[str, list[int]] = OrderedDict()  # path -> [fd, users], least recently used first
+        os.register_at_fork(after_in_child=self._reset_lock)  # a fork while a thread held the lock
+
+    def _reset_lock(self) -> None:
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def use(self, path: str):
+        """The descriptor of `path` for the block; FileNotFoundError when the file is absent."""
+        with self._lock:
+            entry = self._open.get(path)
+            if entry is None:
+                entry = self._open[path] = [os.open(path, os.O_RDONLY), 0]
+            self._open.move_to_end(path)
+            entry[1] += 1
+            self._trim()
+        try:
+            yield entry[0]
+        finally:
+            with self._lock:
+                entry[1] -= 1
+                if entry[1] == 0 and self._open.get(path) is not entry:  # forgotten while in use
+                    os.close(entry[0])
+                self._trim()
+
+    def forget(self, path: str) -> None:
+        """Close `path` (once nobody uses it), so the next read opens the file now at that name."""
+        with self._lock:
+            entry = self._open.pop(path, None)
+            if entry is not None and entry[1] == 0:
+                os.close(entry[0])
+
+    def _trim(self) -> None:
+        if len(self._open) <= self.cap:
+            return
+        for path in [p for p, (_, users) in self._open.items() if users == 0][: len(self._open) - self.cap]:
+            os.close(self._open.pop(path)[0])
+
+
+HANDLES = _Handles(OPEN_FILES)
 
 
 class CorruptChunk(StoreError):
@@ -87,7 +145,6 @@ class RowReader:
         self.dtype = np.dtype(array.dtype.to_native_dtype() if hasattr(array.dtype, "to_native_dtype") else array.dtype)
         self.tail = tuple(array.shape[1:])
         self._index: dict[int, np.ndarray] = {}
-        self._files: dict[int, int] = {}
         codecs = array.metadata.codecs
         fast = (
             len(codecs) == 1 and isinstance(codecs[0], ShardingCodec)
@@ -113,32 +170,18 @@ class RowReader:
     def fetch(self, shard: int, start: int | None, length: int) -> bytes | None:
         """Bytes [start, start+length) of a shard file, or its last `length` bytes when start is None."""
         if self.local_root is not None:
-            fd = self._files.get(shard)
-            if fd is None:
-                try:
-                    fd = os.open(os.path.join(self.local_root, self.key(shard)), os.O_RDONLY)
-                except FileNotFoundError:
-                    return None
-                self._files[shard] = fd
-            if start is None:
-                start = max(0, os.fstat(fd).st_size - length)
-            return os.pread(fd, length, start)
+            try:
+                with HANDLES.use(os.path.join(self.local_root, self.key(shard))) as fd:
+                    if start is None:
+                        start = max(0, os.fstat(fd).st_size - length)
+                    return os.pread(fd, length, start)
+            except FileNotFoundError:
+                return None
         from zarr.abc.store import RangeByteRequest, SuffixByteRequest
 
         req = SuffixByteRequest(length) if start is None else RangeByteRequest(start, start + length)
         buf = sync(self.store.get(self.key(shard), prototype=default_buffer_prototype(), byte_range=req))
         return None if buf is None else buf.to_bytes()
-
-    def close(self) -> None:
-        for fd in self._files.values():
-            os.close(fd)
-        self._files.clear()
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:
-            pass
 
     def shard_index(self, shard: int, refresh: bool = False) -> np.ndarray | None:
         """[chunks_per_shard, 2] (offset, nbytes) of each inner chunk; None when the shard file is missing."""
@@ -176,9 +219,8 @@ class RowReader:
 
     def _forget(self, shard: int) -> None:
         self._index.pop(shard, None)
-        fd = self._files.pop(shard, None)
-        if fd is not None:
-            os.close(fd)
+        if self.local_root is not None:
+            HANDLES.forget(os.path.join(self.local_root, self.key(shard)))
 
     def _decode_rows(self, shard: int, a: int, b: int, out: np.ndarray) -> None:
         base = shard * self.shard_rows
