@@ -15,7 +15,6 @@ import os
 import threading
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 
 import google_crc32c
 import numpy as np
@@ -49,23 +48,24 @@ class _Handles:
     def _reset_lock(self) -> None:
         self._lock = threading.Lock()
 
-    @contextmanager
-    def use(self, path: str):
-        """The descriptor of `path` for the block; FileNotFoundError when the file is absent."""
+    def acquire(self, path: str) -> list[int]:
+        """[fd, users] of `path`, held until `release`; FileNotFoundError when the file is absent."""
         with self._lock:
             entry = self._open.get(path)
             if entry is None:
-                entry = self._open[path] = [os.open(path, os.O_RDONLY), 0]
-            self._open.move_to_end(path)
-            entry[1] += 1
-            self._trim()
-        try:
-            yield entry[0]
-        finally:
-            with self._lock:
-                entry[1] -= 1
-                if entry[1] == 0 and self._open.get(path) is not entry:  # forgotten while in use
-                    os.close(entry[0])
+                entry = self._open[path] = [os.open(path, os.O_RDONLY), 1]
+                self._trim()  # after counting our use: the new handle is not among those it may close
+            else:
+                self._open.move_to_end(path)
+                entry[1] += 1
+            return entry
+
+    def release(self, path: str, entry: list[int]) -> None:
+        with self._lock:
+            entry[1] -= 1
+            if entry[1] == 0 and self._open.get(path) is not entry:  # forgotten while in use
+                os.close(entry[0])
+            else:
                 self._trim()
 
     def forget(self, path: str) -> None:
@@ -76,6 +76,7 @@ class _Handles:
                 os.close(entry[0])
 
     def _trim(self) -> None:
+        """Close the least recently used handles nobody holds, down to the cap."""
         if len(self._open) <= self.cap:
             return
         for path in [p for p, (_, users) in self._open.items() if users == 0][: len(self._open) - self.cap]:
@@ -145,6 +146,7 @@ class RowReader:
         self.dtype = np.dtype(array.dtype.to_native_dtype() if hasattr(array.dtype, "to_native_dtype") else array.dtype)
         self.tail = tuple(array.shape[1:])
         self._index: dict[int, np.ndarray] = {}
+        self._paths: dict[int, str] = {}  # shard -> its file, for local stores
         codecs = array.metadata.codecs
         fast = (
             len(codecs) == 1 and isinstance(codecs[0], ShardingCodec)
@@ -167,16 +169,26 @@ class RowReader:
         coords = (shard,) + (0,) * len(self.tail)
         return f"{self.prefix}/{self.array.metadata.encode_chunk_key(coords)}"
 
+    def _path(self, shard: int) -> str:
+        path = self._paths.get(shard)
+        if path is None:
+            path = self._paths[shard] = os.path.join(self.local_root, self.key(shard))
+        return path
+
     def fetch(self, shard: int, start: int | None, length: int) -> bytes | None:
         """Bytes [start, start+length) of a shard file, or its last `length` bytes when start is None."""
         if self.local_root is not None:
+            path = self._path(shard)
             try:
-                with HANDLES.use(os.path.join(self.local_root, self.key(shard))) as fd:
-                    if start is None:
-                        start = max(0, os.fstat(fd).st_size - length)
-                    return os.pread(fd, length, start)
+                entry = HANDLES.acquire(path)
             except FileNotFoundError:
                 return None
+            try:
+                if start is None:
+                    start = max(0, os.fstat(entry[0]).st_size - length)
+                return os.pread(entry[0], length, start)
+            finally:
+                HANDLES.release(path, entry)
         from zarr.abc.store import RangeByteRequest, SuffixByteRequest
 
         req = SuffixByteRequest(length) if start is None else RangeByteRequest(start, start + length)
@@ -220,7 +232,7 @@ class RowReader:
     def _forget(self, shard: int) -> None:
         self._index.pop(shard, None)
         if self.local_root is not None:
-            HANDLES.forget(os.path.join(self.local_root, self.key(shard)))
+            HANDLES.forget(self._path(shard))
 
     def _decode_rows(self, shard: int, a: int, b: int, out: np.ndarray) -> None:
         base = shard * self.shard_rows
