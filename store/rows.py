@@ -35,43 +35,45 @@ class _Handles:
 
     A cache of Kinetics size has thousands of shard files, and a descriptor per shard would exceed
     `ulimit -n` (often 1,024). Keeping the recent ones open spares an open() per read (a metadata round trip
-    on network file systems). A handle in use is never closed: it may exceed the cap while threads hold it,
-    and its descriptor number is not reused under a concurrent pread.
+    on network file systems). Handles are keyed by reader and shard, not by path: a reader made later (a new
+    `open_cache`, `verify`) opens the file now at that name, never one deleted or replaced since. A handle
+    in use is never closed: the count may exceed the cap while threads hold handles, and a descriptor number
+    is never reused under a concurrent pread. A freed reader's handles close as newer ones push them out.
     """
 
     def __init__(self, cap: int):
         self.cap = cap
         self._lock = threading.Lock()
-        self._open: OrderedDict[str, list[int]] = OrderedDict()  # path -> [fd, users], least recently used first
+        self._open: OrderedDict[tuple, list[int]] = OrderedDict()  # key -> [fd, users], least recently used first
         os.register_at_fork(after_in_child=self._reset_lock)  # a fork while a thread held the lock
 
     def _reset_lock(self) -> None:
         self._lock = threading.Lock()
 
-    def acquire(self, path: str) -> list[int]:
-        """[fd, users] of `path`, held until `release`; FileNotFoundError when the file is absent."""
+    def acquire(self, key: tuple, path: str) -> list[int]:
+        """[fd, users] of `path` (opened under `key`), held until `release`; FileNotFoundError when it is absent."""
         with self._lock:
-            entry = self._open.get(path)
+            entry = self._open.get(key)
             if entry is None:
-                entry = self._open[path] = [os.open(path, os.O_RDONLY), 1]
+                entry = self._open[key] = [os.open(path, os.O_RDONLY), 1]
                 self._trim()  # after counting our use: the new handle is not among those it may close
             else:
-                self._open.move_to_end(path)
+                self._open.move_to_end(key)
                 entry[1] += 1
             return entry
 
-    def release(self, path: str, entry: list[int]) -> None:
+    def release(self, key: tuple, entry: list[int]) -> None:
         with self._lock:
             entry[1] -= 1
-            if entry[1] == 0 and self._open.get(path) is not entry:  # forgotten while in use
+            if entry[1] == 0 and self._open.get(key) is not entry:  # forgotten while in use
                 os.close(entry[0])
             else:
                 self._trim()
 
-    def forget(self, path: str) -> None:
-        """Close `path` (once nobody uses it), so the next read opens the file now at that name."""
+    def forget(self, key: tuple) -> None:
+        """Close the handle of `key` (once nobody uses it), so the next read opens the file now at its name."""
         with self._lock:
-            entry = self._open.pop(path, None)
+            entry = self._open.pop(key, None)
             if entry is not None and entry[1] == 0:
                 os.close(entry[0])
 
@@ -79,11 +81,12 @@ class _Handles:
         """Close the least recently used handles nobody holds, down to the cap."""
         if len(self._open) <= self.cap:
             return
-        for path in [p for p, (_, users) in self._open.items() if users == 0][: len(self._open) - self.cap]:
-            os.close(self._open.pop(path)[0])
+        for key in [k for k, (_, users) in self._open.items() if users == 0][: len(self._open) - self.cap]:
+            os.close(self._open.pop(key)[0])
 
 
 HANDLES = _Handles(OPEN_FILES)
+_readers = itertools.count()  # a key per RowReader (id() is reused once a reader is freed)
 
 
 class CorruptChunk(StoreError):
@@ -147,6 +150,7 @@ class RowReader:
         self.tail = tuple(array.shape[1:])
         self._index: dict[int, np.ndarray] = {}
         self._paths: dict[int, str] = {}  # shard -> its file, for local stores
+        self._token = next(_readers)
         codecs = array.metadata.codecs
         fast = (
             len(codecs) == 1 and isinstance(codecs[0], ShardingCodec)
@@ -178,9 +182,9 @@ class RowReader:
     def fetch(self, shard: int, start: int | None, length: int) -> bytes | None:
         """Bytes [start, start+length) of a shard file, or its last `length` bytes when start is None."""
         if self.local_root is not None:
-            path = self._path(shard)
+            key = (self._token, shard)
             try:
-                entry = HANDLES.acquire(path)
+                entry = HANDLES.acquire(key, self._path(shard))
             except FileNotFoundError:
                 return None
             try:
@@ -188,7 +192,7 @@ class RowReader:
                     start = max(0, os.fstat(entry[0]).st_size - length)
                 return os.pread(entry[0], length, start)
             finally:
-                HANDLES.release(path, entry)
+                HANDLES.release(key, entry)
         from zarr.abc.store import RangeByteRequest, SuffixByteRequest
 
         req = SuffixByteRequest(length) if start is None else RangeByteRequest(start, start + length)
@@ -232,7 +236,7 @@ class RowReader:
     def _forget(self, shard: int) -> None:
         self._index.pop(shard, None)
         if self.local_root is not None:
-            HANDLES.forget(self._path(shard))
+            HANDLES.forget((self._token, shard))
 
     def _decode_rows(self, shard: int, a: int, b: int, out: np.ndarray) -> None:
         base = shard * self.shard_rows
