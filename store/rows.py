@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import threading
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 
 import google_crc32c
@@ -25,6 +27,66 @@ from zarr.storage import LocalStore
 from vtn.store.layout import StoreError
 
 MISSING = 2**64 - 1
+OPEN_FILES = 64  # shard files kept open per process, whatever the number of shards or readers
+
+
+class _Handles:
+    """The open shard files of every RowReader in the process: the `cap` most recently used stay open.
+
+    A cache of Kinetics size has thousands of shard files, and a descriptor per shard would exceed
+    `ulimit -n` (often 1,024). Keeping the recent ones open spares an open() per read (a metadata round trip
+    on network file systems). Handles are keyed by reader and shard, not by path: a reader made later (a new
+    `open_cache`, `verify`) opens the file now at that name, never one deleted or replaced since. A handle
+    in use is never closed: the count may exceed the cap while threads hold handles, and a descriptor number
+    is never reused under a concurrent pread. A freed reader's handles close as newer ones push them out.
+    """
+
+    def __init__(self, cap: int):
+        self.cap = cap
+        self._lock = threading.Lock()
+        self._open: OrderedDict[tuple, list[int]] = OrderedDict()  # key -> [fd, users], least recently used first
+        os.register_at_fork(after_in_child=self._reset_lock)  # a fork while a thread held the lock
+
+    def _reset_lock(self) -> None:
+        self._lock = threading.Lock()
+
+    def acquire(self, key: tuple, path: str) -> list[int]:
+        """[fd, users] of `path` (opened under `key`), held until `release`; FileNotFoundError when it is absent."""
+        with self._lock:
+            entry = self._open.get(key)
+            if entry is None:
+                entry = self._open[key] = [os.open(path, os.O_RDONLY), 1]
+                self._trim()  # after counting our use: the new handle is not among those it may close
+            else:
+                self._open.move_to_end(key)
+                entry[1] += 1
+            return entry
+
+    def release(self, key: tuple, entry: list[int]) -> None:
+        with self._lock:
+            entry[1] -= 1
+            if entry[1] == 0 and self._open.get(key) is not entry:  # forgotten while in use
+                os.close(entry[0])
+            else:
+                self._trim()
+
+    def forget(self, key: tuple) -> None:
+        """Close the handle of `key` (once nobody uses it), so the next read opens the file now at its name."""
+        with self._lock:
+            entry = self._open.pop(key, None)
+            if entry is not None and entry[1] == 0:
+                os.close(entry[0])
+
+    def _trim(self) -> None:
+        """Close the least recently used handles nobody holds, down to the cap."""
+        if len(self._open) <= self.cap:
+            return
+        for key in [k for k, (_, users) in self._open.items() if users == 0][: len(self._open) - self.cap]:
+            os.close(self._open.pop(key)[0])
+
+
+HANDLES = _Handles(OPEN_FILES)
+_readers = itertools.count()  # a key per RowReader (id() is reused once a reader is freed)
 
 
 class CorruptChunk(StoreError):
@@ -87,7 +149,8 @@ class RowReader:
         self.dtype = np.dtype(array.dtype.to_native_dtype() if hasattr(array.dtype, "to_native_dtype") else array.dtype)
         self.tail = tuple(array.shape[1:])
         self._index: dict[int, np.ndarray] = {}
-        self._files: dict[int, int] = {}
+        self._paths: dict[int, str] = {}  # shard -> its file, for local stores
+        self._token = next(_readers)
         codecs = array.metadata.codecs
         fast = (
             len(codecs) == 1 and isinstance(codecs[0], ShardingCodec)
@@ -110,35 +173,31 @@ class RowReader:
         coords = (shard,) + (0,) * len(self.tail)
         return f"{self.prefix}/{self.array.metadata.encode_chunk_key(coords)}"
 
+    def _path(self, shard: int) -> str:
+        path = self._paths.get(shard)
+        if path is None:
+            path = self._paths[shard] = os.path.join(self.local_root, self.key(shard))
+        return path
+
     def fetch(self, shard: int, start: int | None, length: int) -> bytes | None:
         """Bytes [start, start+length) of a shard file, or its last `length` bytes when start is None."""
         if self.local_root is not None:
-            fd = self._files.get(shard)
-            if fd is None:
-                try:
-                    fd = os.open(os.path.join(self.local_root, self.key(shard)), os.O_RDONLY)
-                except FileNotFoundError:
-                    return None
-                self._files[shard] = fd
-            if start is None:
-                start = max(0, os.fstat(fd).st_size - length)
-            return os.pread(fd, length, start)
+            key = (self._token, shard)
+            try:
+                entry = HANDLES.acquire(key, self._path(shard))
+            except FileNotFoundError:
+                return None
+            try:
+                if start is None:
+                    start = max(0, os.fstat(entry[0]).st_size - length)
+                return os.pread(entry[0], length, start)
+            finally:
+                HANDLES.release(key, entry)
         from zarr.abc.store import RangeByteRequest, SuffixByteRequest
 
         req = SuffixByteRequest(length) if start is None else RangeByteRequest(start, start + length)
         buf = sync(self.store.get(self.key(shard), prototype=default_buffer_prototype(), byte_range=req))
         return None if buf is None else buf.to_bytes()
-
-    def close(self) -> None:
-        for fd in self._files.values():
-            os.close(fd)
-        self._files.clear()
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:
-            pass
 
     def shard_index(self, shard: int, refresh: bool = False) -> np.ndarray | None:
         """[chunks_per_shard, 2] (offset, nbytes) of each inner chunk; None when the shard file is missing."""
@@ -176,9 +235,8 @@ class RowReader:
 
     def _forget(self, shard: int) -> None:
         self._index.pop(shard, None)
-        fd = self._files.pop(shard, None)
-        if fd is not None:
-            os.close(fd)
+        if self.local_root is not None:
+            HANDLES.forget((self._token, shard))
 
     def _decode_rows(self, shard: int, a: int, b: int, out: np.ndarray) -> None:
         base = shard * self.shard_rows
