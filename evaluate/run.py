@@ -27,12 +27,12 @@ from vtn.errors import UserError
 from vtn.paths import canonical_cache, check_run_dir
 from vtn.runtime import resolve_device
 from vtn.store import ClipDataset, collate_clips, open_cache
-from vtn.temporal.checkpoint import read_inputs
+from vtn.temporal.checkpoint import CONFIG_NAME, read_inputs
 from vtn.temporal.data import check_inputs, model_inputs, predict, split_source
 from vtn.temporal.e2e import BACKBONE_FILE, load_temporal, reextract_command
 from vtn.temporal.metrics import (calibration, classification_metrics, confused_pairs, confusion, log_softmax,
                                   mean_softmax, per_class, top_k)
-from vtn.temporal.model import CONFIG_NAME, VTN
+from vtn.temporal.model import VTN
 
 
 def checkpoint_dir(run: Path, checkpoint: str) -> Path:

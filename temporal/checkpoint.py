@@ -17,7 +17,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from vtn.errors import UserError
-from vtn.temporal.model import WEIGHTS_NAME
+
+CONFIG_NAME = "config.json"  # a saved VTN: its VTNConfig as JSON, beside
+WEIGHTS_NAME = "model.safetensors"  # its weights
 
 INPUTS_NAME = "inputs.json"
 

@@ -39,8 +39,8 @@ from vtn.errors import UserError
 from vtn.extract.backbone import Preprocess, create_backbone, file_sha256, state_dict_sha256
 from vtn.extract.config import BackboneConfig, RuntimeConfig
 from vtn.extract.sampling import SamplingConfig
-from vtn.temporal.checkpoint import load_tensors
-from vtn.temporal.model import CONFIG_NAME, VTN, WEIGHTS_NAME, VTNConfig
+from vtn.temporal.checkpoint import CONFIG_NAME, WEIGHTS_NAME, load_tensors
+from vtn.temporal.model import VTN, VTNConfig
 
 VIDEO_NAME = "video.json"  # the backbone's identity and build settings, its preprocessing, the sampling
 BACKBONE_PREFIX = "backbone."

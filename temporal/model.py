@@ -26,10 +26,9 @@ from torch import nn
 
 from vtn.config import ConfigError, merge, to_dict
 from vtn.errors import UserError
+from vtn.temporal.checkpoint import CONFIG_NAME, WEIGHTS_NAME, load_tensors
 from vtn.temporal.longformer import LAYER_NORM_EPS, FastLongformer
 
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
 
 
 @dataclass(frozen=True)
@@ -274,7 +273,6 @@ class VTN(nn.Module):
         if backend is not None:
             config = merge(config, {"backend": backend})
         model = cls(config)
-        from vtn.temporal.checkpoint import load_tensors  # here: checkpoint.py imports this module
 
         missing, unexpected = model.load_state_dict(load_tensors(path / WEIGHTS_NAME), strict=False)
         if missing or unexpected:
