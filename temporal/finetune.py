@@ -37,7 +37,7 @@ from vtn.errors import UserError
 from vtn.paths import canonical_cache, check_run_dir
 from vtn.extract.config import ExtractConfig, RuntimeConfig
 from vtn.extract.inputs import discover
-from vtn.extract.job import extract_features
+from vtn.extract.job import extract_features, on_rank0
 from vtn.extract.workers import DecodePool
 from vtn.progress import progress_bar
 from vtn.runtime import Processes, autocast
@@ -435,12 +435,13 @@ def finetune(stage_two: str | Path, out: str | Path, videos: str | None = None, 
             find_unused_parameters=ft.frozen_steps > 0) if procs.world > 1 else model
         loop = Loop(run, procs, device, model, ddp, opt, scaler, cfg.optim, cfg.run.amp, state, ckpt_inputs)
 
-        if procs.rank == 0:
+        def start_run_dir() -> None:
             run.mkdir(parents=True, exist_ok=True)
             (run / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
             start_metrics(run, state["step"] if resuming else 0)
-        if procs.world > 1:
-            torch.distributed.barrier()  # the run directory exists before any process records a failure
+
+        # Before any process records a failure there; an error in it stops every process with its message.
+        on_rank0(start_run_dir, procs.rank, procs.world)
         failures = Failures(run, procs)
         for v in sorted(missing) if procs.rank == 0 else []:  # every process knows them; one records them
             failures.record(v, "NotAVideo", f"{v} is in {cache.url} but not in {source}", "train")
