@@ -481,7 +481,8 @@ def test_finetune_on_two_processes_with_a_broken_video_on_one_of_them(stage_two,
     hooks.write_text(TWO_RANK_HOOKS)
     out = tmp_path / "ft"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(hooks),
-           "finetune", str(run), "--out", str(out), "--videos", str(mine), "--epochs", "4", "--set", "run.eval_every=4", *FT]
+           "finetune", str(run), "--out", str(out), "--videos", str(mine), "--epochs", "4",
+           "--set", "run.eval_every=4", *FT]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1", "HOOK_DIR": str(tmp_path)})
     try:
