@@ -12,8 +12,9 @@ indices must be the cache's, else the video is not the one the cache was made fr
 recorded in RUN2/failures.jsonl and left out of its batch (the batch's loss keeps its weight: nothing is put in
 its place), and is not decoded again, by any process (under DDP the processes share their failures at each
 epoch's start; a process left with no clip in a step still runs the step, adding nothing). The decoded frames
-are augmented, one random crop per clip (see FinetuneSection.augment). Evaluation runs whole val videos (up to max_positions frames spread over
-each, as in stage two) through stage one's pipeline (`extract_features`) and the same model.
+are augmented, one random crop per clip (see FinetuneSection.augment). Evaluation runs whole val videos (up to
+max_positions frames spread over each, as in stage two) through stage one's pipeline (`extract_features`) and the
+same model.
 
 The steps, schedule, metrics.jsonl, best/ and last/ checkpoints and exact --resume are train.py's pieces
 (`Loop`, `run_epochs`, `end_epoch`, temporal/checkpoint.py), so a run resumed after an interruption ends with the
