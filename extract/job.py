@@ -285,17 +285,23 @@ def check_runtime(cfg: ExtractConfig) -> torch.device:
 
 
 def on_rank0(fn: Callable, rank: int, world_size: int):
-    """`fn()` on rank 0 only; a UserError it raises stops every rank with the same message (not at a barrier)."""
+    """`fn()` on rank 0 only; whatever it raises stops every rank at once with rank 0's message (the others would
+    otherwise wait in their next collective for the job's timeout). Rank 0 raises its own exception; the others a
+    UserError for a UserError (one line, exit 2), else a RuntimeError naming rank 0's exception."""
     error, result = [None], None
     if rank == 0:
         try:
             result = fn()
-        except UserError as e:
-            error = [str(e)]
+        except Exception as e:
+            error = [(isinstance(e, UserError), type(e).__name__, str(e))]
+            if world_size > 1:
+                dist.broadcast_object_list(error, src=0)
+            raise
     if world_size > 1:
         dist.broadcast_object_list(error, src=0)
     if error[0] is not None:
-        raise UserError(error[0])
+        user, kind, message = error[0]
+        raise UserError(message) if user else RuntimeError(f"rank 0 failed: {kind}: {message}")
     return result
 
 

@@ -10,9 +10,11 @@ the same split, held-out share and length buckets): `clip_rows` over the video's
 the cache was. Only those frames are decoded, in stage one's decode workers (`DecodePool`); the decoded frame
 indices must be the cache's, else the video is not the one the cache was made from. A video that fails is
 recorded in RUN2/failures.jsonl and left out of its batch (the batch's loss keeps its weight: nothing is put in
-its place), and is not decoded again. The decoded frames are augmented, one random crop per clip (see
-FinetuneSection.augment). Evaluation runs whole val videos (up to max_positions frames spread over
-each, as in stage two) through stage one's pipeline (`extract_features`) and the same model.
+its place), and is not decoded again, by any process (under DDP the processes share their failures at each
+epoch's start; a process left with no clip in a step still runs the step, adding nothing). The decoded frames
+are augmented, one random crop per clip (see FinetuneSection.augment). Evaluation runs whole val videos (up to
+max_positions frames spread over each, as in stage two) through stage one's pipeline (`extract_features`) and the
+same model.
 
 The steps, schedule, metrics.jsonl, best/ and last/ checkpoints and exact --resume are train.py's pieces
 (`Loop`, `run_epochs`, `end_epoch`, temporal/checkpoint.py), so a run resumed after an interruption ends with the
@@ -36,7 +38,7 @@ from vtn.errors import UserError
 from vtn.paths import canonical_cache, check_run_dir
 from vtn.extract.config import ExtractConfig, RuntimeConfig
 from vtn.extract.inputs import discover
-from vtn.extract.job import extract_features
+from vtn.extract.job import extract_features, on_rank0
 from vtn.extract.workers import DecodePool
 from vtn.progress import progress_bar
 from vtn.runtime import Processes, autocast
@@ -45,7 +47,7 @@ from vtn.store.clips import clip_rows
 from vtn.temporal import checkpoint
 from vtn.temporal.data import check_inputs, model_inputs
 from vtn.temporal.e2e import VideoVTN, rebuild_backbone, sampling_of
-from vtn.temporal.model import VTN
+from vtn.temporal.model import VTN, frame_positions
 from vtn.temporal.train import (FLAGS, DataSection, Loop, OptimSection, RunSection, TrainConfig, build_optimizer,
                                 check_resume, clip_loss, data_fingerprint, diverged_warning, epoch_shares, flag_updates,
                                 gathered_metrics, load_data, new_state, resume_config, run_epochs, schedule,
@@ -122,21 +124,34 @@ def best_of(run: Path) -> Path:
 
 
 class Failures:
-    """RUN2/failures.jsonl: every video that could not be used, once (id, error class, message, phase)."""
+    """RUN2/failures.jsonl: every video that could not be used, once (id, error class, message, phase). Under DDP
+    each process records what it met itself, and `sync` tells every process what the others met, so a video that
+    failed is decoded by one process, once, and recorded once."""
 
     def __init__(self, run: Path, procs: Processes):
         self.path, self.procs = run / "failures.jsonl", procs
         lines = self.path.read_text().splitlines() if self.path.exists() else []
         self.ids = {json.loads(x)["id"] for x in lines}
+        self.new: list[str] = []  # recorded here since the last sync
 
     def record(self, vid: str, error: str, message: str, phase: str) -> None:
         if vid in self.ids:
             return
         self.ids.add(vid)
+        self.new.append(vid)
         # Each process appends its own lines (one write each, so lines never interleave).
         with open(self.path, "a") as f:
             f.write(json.dumps({"id": vid, "error": error, "message": message, "phase": phase}) + "\n")
         print(f"vtn finetune: {vid} failed ({error}: {message}); left out", flush=True)
+
+    def sync(self) -> None:
+        """Every process learns the failures the others recorded since the last sync (a collective: every
+        process calls it at the same point)."""
+        if self.procs.world > 1:
+            parts: list = [None] * self.procs.world
+            torch.distributed.all_gather_object(parts, self.new)
+            self.ids.update(v for part in parts for v in part)
+        self.new = []
 
 
 def augment_clip(frames: np.ndarray, rng: np.random.Generator, scale: tuple[float, float] = (0.5, 1.0),
@@ -421,14 +436,15 @@ def finetune(stage_two: str | Path, out: str | Path, videos: str | None = None, 
             find_unused_parameters=ft.frozen_steps > 0) if procs.world > 1 else model
         loop = Loop(run, procs, device, model, ddp, opt, scaler, cfg.optim, cfg.run.amp, state, ckpt_inputs)
 
-        if procs.rank == 0:
+        def start_run_dir() -> None:
             run.mkdir(parents=True, exist_ok=True)
             (run / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
             start_metrics(run, state["step"] if resuming else 0)
-        if procs.world > 1:
-            torch.distributed.barrier()  # the run directory exists before any process records a failure
+
+        # Before any process records a failure there; an error in it stops every process with its message.
+        on_rank0(start_run_dir, procs.rank, procs.world)
         failures = Failures(run, procs)
-        for v in sorted(missing):
+        for v in sorted(missing) if procs.rank == 0 else []:  # every process knows them; one records them
             failures.record(v, "NotAVideo", f"{v} is in {cache.url} but not in {source}", "train")
         if procs.rank == 0:
             n_backbone = sum(p.numel() for p in model.backbone.parameters())
@@ -448,9 +464,17 @@ def finetune(stage_two: str | Path, out: str | Path, videos: str | None = None, 
         eval_cfg = ExtractConfig(replace(sampling, view_frames=vtn.config.max_positions), bc, rt)
 
         def loss_fn(batch: dict, weight: float) -> torch.Tensor:
-            if not batch["frames"]:  # every clip failed: a zero loss; only [CLS] gets a (zero) gradient, so the
-                return (model.cls_token * 0.0).sum()  # optimiser and fp16's scaler can step and the rest stays put
             model.backbone_frozen = state["step"] < ft.frozen_steps
+            if not batch["frames"]:  # every clip of this process failed: it still takes part in the step (under
+                # DDP every process's backward all-reduces the gradients, paired step by step), with one black
+                # frame through the model whose loss counts 0: an all-zero gradient, so the optimiser and fp16's
+                # scaler step as the others do and this process adds nothing.
+                x = torch.zeros(1, 1, 3, *model.preprocess.size, device=device)  # [1, 1, 3, h, w], preprocessed
+                one = torch.ones(1, 1, dtype=torch.long, device=device)
+                positions = frame_positions(vtn.config, one - 1, one.float() - 1, one.bool())
+                with autocast(device, cfg.run.amp):
+                    logits = ddp(x, one.bool(), None if positions is None else positions.to(device))
+                return logits.float().sum() * 0.0
             stored, mask, positions = model_inputs(batch, vtn.config, device)
             if ft.bank_frames:
                 with torch.no_grad():
@@ -466,6 +490,7 @@ def finetune(stage_two: str | Path, out: str | Path, videos: str | None = None, 
             return clip_loss(logits, batch["labels"].to(device), cfg.optim, weight)
 
         def batches(epoch: int):
+            failures.sync()  # at each epoch's start, before its clips are queued for decoding
             shares = epoch_shares(data.sampler, epoch, state)
             return (ClipFrames(data.train, [b for b, _ in shares], epoch, paths, sampling, rt, workers, failures,
                                ft.bank_frames, ft if ft.augment else None),
@@ -478,6 +503,7 @@ def finetune(stage_two: str | Path, out: str | Path, videos: str | None = None, 
         run_epochs(loop, epochs, cfg.run.eval_every, cfg.run.checkpoint_every, batches, loss_fn,
                    lambda: evaluate_videos(model, data.val, paths, eval_cfg, device, procs, failures), bar)
         bar.close()
+        failures.sync()  # the summary (and exit status) of every process counts every process's failures
         best_record = state["best"]
         if procs.rank == 0:
             print(f"vtn finetune: {state['step']} steps in {state['elapsed']:.0f} s; best val top-1 "

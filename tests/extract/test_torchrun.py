@@ -85,3 +85,45 @@ def test_ranks_that_finish_long_before_the_others_do_not_time_out(tmp_path):
     seconds = float(re.search(r"frames in ([\d.]+) s", stderr).group(1))
     assert seconds > 6  # rank 1 waited for rank 0 far longer than the 3 s collective timeout
     assert len(open_cache(str(tmp_path / "cache")).ids) == 3
+
+
+# A rank as a cluster launcher (srun, mpirun) starts it: no torchrun agent to end the others when one fails. The
+# OSError is injected where rank 0 alone checks --out, before any rank has written anything.
+FAILING_RANK = """
+import os, sys
+import vtn.extract.job as job
+def broken(*args, **kwargs):
+    raise OSError(5, "injected disk failure")
+if os.environ["RANK"] == "0":
+    job.check_cache_out = broken
+from vtn.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_an_error_on_rank0_ends_every_rank_at_once_with_its_message(videos, tmp_path):
+    import socket
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    start = time.monotonic()
+    ranks = [subprocess.Popen([sys.executable, "-c", FAILING_RANK, "extract", str(videos), "--out",
+                               str(tmp_path / "cache"), *ARGS, "--set", "runtime.dist_timeout=600"],
+                              stderr=subprocess.PIPE, text=True, start_new_session=True,
+                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(2)]
+    try:
+        stderr = [p.communicate(timeout=60)[1] for p in ranks]
+    finally:
+        for p in ranks:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+    assert time.monotonic() - start < 60
+    for p, err in zip(ranks, stderr):
+        assert p.returncode != 0
+        assert "injected disk failure" in err, err[-2000:]
+    assert "rank 0 failed: OSError" in stderr[1]
+    assert not (tmp_path / "cache").exists()

@@ -436,3 +436,71 @@ def test_finetune_finds_videos_by_the_recorded_root_takes_a_moved_cache_and_exit
     records = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["step"] == 1 and records[-1]["val_videos"] == 2
     assert json.loads((tmp_path / "a" / "best" / "inputs.json").read_text())["cache"] == str(moved)  # canonical
+
+
+# Each rank of a 2-process run records the train videos it queues for decoding and, at the end, its weights.
+TWO_RANK_HOOKS = """
+import os, sys, torch
+import vtn.temporal.finetune as ft
+out, rank = os.environ["HOOK_DIR"], os.environ["RANK"]
+real_pool, real_warning = ft.DecodePool, ft.diverged_warning
+def pool(jobs, *args, **kwargs):
+    with open(f"{out}/decoded{rank}.txt", "a") as f:
+        f.write("".join(job[0] + "\\n" for job in jobs))
+    return real_pool(jobs, *args, **kwargs)
+def warning(loop):
+    torch.save({k: v.detach().clone() for k, v in loop.model.state_dict().items()}, f"{out}/weights{rank}.pt")
+    real_warning(loop)
+ft.DecodePool, ft.diverged_warning = pool, warning
+from vtn.cli import main
+rc = main(sys.argv[1:])
+with open(f"{out}/rc{rank}", "w") as f:
+    f.write(str(rc))
+sys.exit(0 if rc == 3 else rc)  # 3 (some videos failed) would make torchrun stop the other process
+"""
+
+
+@pytest.mark.slow
+def test_finetune_on_two_processes_with_a_broken_video_on_one_of_them(stage_two, tmp_path):
+    """2 processes, 1 clip each per step: in the broken video's steps its process has no clip. Every step still
+    runs on both (no hang, the same weights), and the video is decoded once and recorded once."""
+    import json
+    import os
+    import shutil
+    import signal
+    import subprocess
+    import sys
+
+    videos, cache_url, run = stage_two
+    mine = tmp_path / "videos"
+    shutil.copytree(videos, mine)
+    broken = sorted((mine / "train").rglob("*.mp4"))[0]
+    broken.write_bytes(b"not a video at all" * 100)
+    bad_id = str(broken.relative_to(mine))
+    hooks = tmp_path / "hooks.py"
+    hooks.write_text(TWO_RANK_HOOKS)
+    out = tmp_path / "ft"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(hooks),
+           "finetune", str(run), "--out", str(out), "--videos", str(mine), "--epochs", "4",
+           "--set", "run.eval_every=4", *FT]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "HOOK_DIR": str(tmp_path)})
+    try:
+        stdout, stderr = proc.communicate(timeout=150)  # the old code hung here
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert [(tmp_path / f"rc{r}").read_text() for r in range(2)] == ["3", "3"]  # both know a video failed
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["step"] == 8  # 4 epochs of 2 steps
+    failures = [json.loads(x) for x in (out / "failures.jsonl").read_text().splitlines()]
+    assert [(f["id"], f["phase"]) for f in failures] == [(bad_id, "train")]
+    decoded = [(tmp_path / f"decoded{r}.txt").read_text().split() for r in range(2)]
+    assert sum(d.count(bad_id) for d in decoded) == 1  # one process tried it, once; the other never did
+    assert all(len(d) > 0 for d in decoded)
+    w0, w1 = (torch.load(tmp_path / f"weights{r}.pt") for r in range(2))
+    start, _, _ = composed(run)
+    assert any(not torch.equal(v, w0[k]) for k, v in start.state_dict().items())  # it trained
+    for k, v in w0.items():
+        assert torch.equal(v, w1[k]), k
