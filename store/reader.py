@@ -135,17 +135,38 @@ class FeatureCache:
             duration=float(self.index["duration"][i]), num_frames=int(self.index["num_frames"][i]),
         )
 
-    def load_split(self, split: str | None = None, threads: int | None = None) -> SplitData:
-        """Every video of `split` (None: all) as one contiguous array plus offsets, in index order."""
+    def load_split(self, split: str | None = None, threads: int | None = None, folder: str | None = None,
+                   fill: bool = True) -> SplitData:
+        """Every video of `split` (None: all) as one contiguous array plus offsets, in index order.
+
+        With `folder`, the row arrays are .npy files there, returned memory-mapped read-only, so that processes
+        mapping the same files share one copy of the pages: `fill` reads the cache into them; `fill=False` maps
+        files that another process has filled."""
         sel = np.flatnonzero(self.index["split"] == split) if split is not None else np.arange(len(self))
         lengths = self.index["length"][sel]
         offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
         n = int(offsets[-1])
-        out = {
-            "features": np.empty((n, self.feature_dim), dtype=self.dtype),
-            "timestamps": np.empty(n, dtype=np.float64),
-            "frame_index": np.empty(n, dtype=np.int64),
-        }
+        shapes = {"features": ((n, self.feature_dim), self.dtype), "timestamps": ((n,), np.float64),
+                  "frame_index": ((n,), np.int64)}
+        if folder is not None:
+            path = {name: os.path.join(folder, f"{name}.npy") for name in shapes}
+            if fill:
+                out = {name: np.lib.format.open_memmap(path[name], "w+", dtype, shape)
+                       for name, (shape, dtype) in shapes.items()}
+                self._fill(sel, lengths, offsets, out, threads)
+                for arr in out.values():
+                    arr.flush()
+            out = {name: np.load(path[name], mmap_mode="r") for name in shapes}
+        else:
+            out = {name: np.empty(shape, dtype) for name, (shape, dtype) in shapes.items()}
+            self._fill(sel, lengths, offsets, out, threads)
+        return SplitData(
+            ids=self.index["id"][sel].tolist(), labels=self.index["label"][sel].copy(), offsets=offsets,
+            features=out["features"], timestamps=out["timestamps"], frame_indices=out["frame_index"],
+        )
+
+    def _fill(self, sel: np.ndarray, lengths: np.ndarray, offsets: np.ndarray, out: dict, threads: int | None) -> None:
+        """Reads the rows of index entries `sel` into the row arrays `out`, video m at offsets[m]:offsets[m+1]."""
         threads = threads or min(8, os.cpu_count() or 1)
         parts = self.index["part"][sel]
         for part in np.unique(parts):
@@ -155,10 +176,6 @@ class FeatureCache:
             dst = np.concatenate([np.arange(offsets[m], offsets[m + 1]) for m in mine])
             for name, arr in out.items():
                 _gather(self._reader(part, name), src, dst, arr, threads)
-        return SplitData(
-            ids=self.index["id"][sel].tolist(), labels=self.index["label"][sel].copy(), offsets=offsets,
-            features=out["features"], timestamps=out["timestamps"], frame_indices=out["frame_index"],
-        )
 
 
 def _gather(reader: RowReader, src: np.ndarray, dst: np.ndarray, out: np.ndarray, threads: int) -> None:

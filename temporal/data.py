@@ -8,19 +8,22 @@ max_positions frames (the whole video is seen, spread over the position table). 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from vtn.errors import UserError
 from vtn.paths import canonical_cache
-from vtn.runtime import autocast
+from vtn.runtime import Processes, autocast
 from vtn.store import FeatureCache, SplitData
 from vtn.store.dataset import ClipDataset, LengthBucketSampler, collate_clips
 from vtn.temporal.model import VTN, VTNConfig, frame_positions
 
 # A split is loaded into memory when its features take at most this share of the available memory
-# (every process on the machine loads its own copy).
+# (once per machine: the processes of a torchrun job on one node share one copy, see `node_split`).
 MEMORY_SHARE = 0.5
 
 
@@ -36,17 +39,68 @@ def available_memory() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def split_source(cache: FeatureCache, split: str, mode: str = "auto", processes: int = 1) -> SplitData | FeatureCache:
+def split_bytes(cache: FeatureCache, split: str) -> int:
+    """Bytes of the split's row arrays in memory: features plus timestamps and frame indices (8 bytes each)."""
+    frames = int(cache.lengths[cache.index["split"] == split].sum())
+    return frames * (cache.feature_dim * cache.dtype.itemsize + 16)
+
+
+def split_source(cache: FeatureCache, split: str, mode: str = "auto", procs: Processes | None = None
+                 ) -> SplitData | FeatureCache:
     """The split in memory (one contiguous array: fastest) when `mode` is "memory", or "auto" and it fits;
-    otherwise the cache itself, from which ClipDataset streams one video per item."""
+    otherwise the cache itself, from which ClipDataset streams one video per item. Under torchrun with several
+    processes on a node, they share one copy (`node_split`)."""
     if mode == "stream":
         return cache
-    if mode == "auto":
-        frames = int(cache.lengths[cache.index["split"] == split].sum())
-        need = frames * cache.feature_dim * cache.dtype.itemsize * processes
-        if need > MEMORY_SHARE * available_memory():
-            return cache
+    if procs is not None and procs.local_world > 1 and dist.is_initialized():
+        return node_split(cache, split, mode, procs)
+    if mode == "auto" and split_bytes(cache, split) > MEMORY_SHARE * available_memory():
+        return cache
     return cache.load_split(split)
+
+
+def node_split(cache: FeatureCache, split: str, mode: str, procs: Processes) -> SplitData | FeatureCache:
+    """The split loaded once per node: the node's local rank 0 reads it into .npy files in a fresh folder in
+    /dev/shm (or the temp folder when /dev/shm has no room), every local rank maps the same files read-only
+    (one copy of the pages), then the folder is removed: open maps keep the pages alive until the last process
+    lets go, and nothing is left behind. Local rank 0 decides for its node, so all its ranks agree; every rank
+    takes part in the same collectives whatever the decision."""
+    folder = data = error = None
+    if procs.local_rank == 0:
+        need = split_bytes(cache, split)
+        if mode == "memory" or need <= MEMORY_SHARE * available_memory():
+            room = [b for b in ("/dev/shm", tempfile.gettempdir()) if os.path.isdir(b) and free_bytes(b) > need]
+            if room:
+                folder = tempfile.mkdtemp(prefix="vtn-split-", dir=room[0])
+                try:
+                    data = cache.load_split(split, folder=folder)
+                except Exception as e:  # the node's other ranks are told below rather than left waiting
+                    error = e
+            else:
+                error = UserError(f"{cache.url}: split '{split}' ({need / 1e9:.1f} GB) fits in memory but neither "
+                                  f"/dev/shm nor {tempfile.gettempdir()} has room to share it between the node's "
+                                  "processes; set data.load to stream")
+    leader = procs.rank - procs.local_rank  # torchrun numbers the ranks of a node consecutively
+    try:
+        told = [None] * procs.world
+        dist.all_gather_object(told, (folder, None if error is None else f"{type(error).__name__}: {error}"))
+        shared, failed = told[leader]
+        if error is not None:
+            raise error
+        if failed:
+            raise UserError(f"local rank 0 failed to load split '{split}' of {cache.url}: {failed}")
+        if data is None:
+            data = cache.load_split(split, folder=shared, fill=False) if shared else cache
+        dist.barrier()  # every rank of the node has mapped the files
+    finally:
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
+    return data
+
+
+def free_bytes(path: str) -> int:
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
 
 
 def feature_stats(dataset: ClipDataset, where: str, max_videos: int = 2000) -> tuple[torch.Tensor, torch.Tensor]:

@@ -266,12 +266,12 @@ def left_out(cache, d: DataSection, train_unlabelled: int, val_unlabelled: int) 
     return f"warning: {cache.url}: {total} of its {len(splits)} videos are left out: {'; '.join(reasons)}"
 
 
-def shared_source(cache, split: str, mode: str, local_world: int, sources: dict | None):
+def shared_source(cache, split: str, mode: str, procs: Processes, sources: dict | None):
     """split_source, kept in `sources` when given: a sweep trains many runs in one process on one loaded split."""
     if sources is None:
-        return split_source(cache, split, mode, local_world)
+        return split_source(cache, split, mode, procs)
     if (split, mode) not in sources:
-        sources[split, mode] = split_source(cache, split, mode, local_world)
+        sources[split, mode] = split_source(cache, split, mode, procs)
     return sources[split, mode]
 
 
@@ -281,14 +281,14 @@ def load_data(cache, cfg: TrainConfig, model_cfg: VTNConfig, procs: Processes, s
         if not len(cache.split_ids(split)) and not (what == "val" and d.val_split == "val" and d.holdout > 0):
             raise UserError(f"{cache.url}: no videos in the {what} split '{split}' (the cache has splits "
                             f"{sorted(set(cache.splits))}); set data.{what}_split")
-    train_source = shared_source(cache, d.train_split, d.load, procs.local_world, sources)
+    train_source = shared_source(cache, d.train_split, d.load, procs, sources)
     streaming = train_source is cache
     every = ClipDataset(train_source, split=d.train_split, train=False)
     keep = every.labels >= 0  # unlabelled videos cannot teach a classifier
     holdout = None
     whole = dict(clip_frames=None, max_frames=model_cfg.max_positions, train=False)
     if len(cache.split_ids(d.val_split)):
-        val_source = shared_source(cache, d.val_split, d.load, procs.local_world, sources)
+        val_source = shared_source(cache, d.val_split, d.load, procs, sources)
         val = ClipDataset(val_source, split=d.val_split, **whole)
     else:
         out = held_out(every.ids, every.labels, d.holdout)
