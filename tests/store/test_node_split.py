@@ -8,8 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
-
 from store_helpers import CLASSES, add, plan
 
 from vtn.store import CacheWriter, open_cache
@@ -34,22 +32,20 @@ def run_ranks(url: str, how: str) -> list[dict]:
 
 def test_two_local_ranks_share_one_copy(tmp_path):
     url = str(tmp_path / "cache.zarr")
-    with CacheWriter(url, feature_dim=1024, class_names=CLASSES) as w:  # ~25 MB of train features
+    with CacheWriter(url, feature_dim=1024, class_names=CLASSES) as w:  # 33 MiB of train features
         for v in plan(60):
             add(w, *v)
     split = open_cache(url).load_split("train")
     arrays = (split.features, split.timestamps, split.frame_indices)
     want = hashlib.sha256(b"".join(a.tobytes() for a in arrays)).hexdigest()
     mb = sum(a.nbytes for a in arrays) / 2**20
-    shm = set(os.listdir("/dev/shm"))
 
     ranks = run_ranks(url, "shared")
     assert [r["sha"] for r in ranks] == [want, want]  # bitwise the single-process load
     assert ranks[0]["mapped"] and ranks[0]["mapped"] == ranks[1]["mapped"]  # both map the one file...
-    assert not Path(ranks[0]["mapped"]).exists() and set(os.listdir("/dev/shm")) <= shm  # ...removed at the end
+    assert not Path(ranks[0]["mapped"]).parent.exists()  # ...whose folder is gone at the end
     assert not any(r["writeable"] for r in ranks)
     grew = [(r["after"]["Pss"] - r["before"]["Pss"]) / 1024 for r in ranks]
     # one copy between the two: rank 1 only maps rank 0's pages, so its proportional share is about half the
     # split (its own copy, as every rank loaded before, would be all of it)
     assert grew[1] < 0.7 * mb, (grew, mb, ranks)
-    print(f"split {mb:.1f} MB; PSS growth of the 2 local ranks {grew} MB")
