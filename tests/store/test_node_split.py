@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from store_helpers import CLASSES, add, plan
 
 from vtn.store import CacheWriter, open_cache
@@ -30,6 +32,7 @@ def run_ranks(url: str, how: str) -> list[dict]:
     return [json.loads(out.splitlines()[-1]) for out, _ in outs]
 
 
+@pytest.mark.slow  # two processes importing torch: 15-30 s on the shared 2 cores
 def test_two_local_ranks_share_one_copy(tmp_path):
     url = str(tmp_path / "cache.zarr")
     with CacheWriter(url, feature_dim=1024, class_names=CLASSES) as w:  # 33 MiB of train features
