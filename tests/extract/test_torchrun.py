@@ -166,7 +166,7 @@ def test_an_error_on_any_rank_midway_ends_every_rank_within_seconds_with_its_mes
         assert p.returncode != 0, err[-2000:]
         assert "injected disk failure on rank 1" in err, err[-2000:]
     assert "rank 1 failed: OSError" in stderr[0]
-    # What both ranks committed before they stopped is kept: rank 1's first video, rank 0's first few.
+    # What both ranks committed before they stopped is kept: rank 1's first video, rank 0's first one or two.
     vtn("store", "verify", out, "--quiet", check_rc=0)
     kept = len(open_cache(str(out)).ids)
-    assert 2 <= kept < 6, (kept, seconds)
+    assert 2 <= kept <= 4 and seconds < 60, (kept, seconds)  # rank 0 stopped at least 3 videos (12 s) early
