@@ -199,7 +199,8 @@ class Batcher:
 
 
 def extract_features(entries: list[VideoEntry], model, preprocess, device: torch.device, cfg: ExtractConfig,
-                     store: Callable, fail: Callable[[str, str, str], None], tick: Callable[[], None] = lambda: None) -> None:
+                     store: Callable, fail: Callable[[str, str, str], None],
+                     tick: Callable[[], None] = lambda: None) -> None:
     """Decode, preprocess, batch and run `entries` through `model`, calling `store(entry, info, features
     [rows, D], timestamps, frame_indices)` as soon as a video is complete (rows = frames x the preprocessing's
     crops) and `fail(id, error class, message)` for a video that cannot be used. `store` may raise a UserError
