@@ -40,7 +40,7 @@ from vtn.extract.sampling import SamplingConfig, check, effective
 from vtn.extract.workers import DecodePool
 from vtn.paths import check_cache_out
 from vtn.progress import progress_bar
-from vtn.runtime import autocast, resolve_device
+from vtn.runtime import FailTogether, RankFailed, autocast, resolve_device
 from vtn.store.layout import DiskFull
 
 
@@ -199,12 +199,13 @@ class Batcher:
 
 
 def extract_features(entries: list[VideoEntry], model, preprocess, device: torch.device, cfg: ExtractConfig,
-                     store: Callable, fail: Callable[[str, str, str], None]) -> None:
+                     store: Callable, fail: Callable[[str, str, str], None],
+                     tick: Callable[[], None] = lambda: None) -> None:
     """Decode, preprocess, batch and run `entries` through `model`, calling `store(entry, info, features
     [rows, D], timestamps, frame_indices)` as soon as a video is complete (rows = frames x the preprocessing's
     crops) and `fail(id, error class, message)` for a video that cannot be used. `store` may raise a UserError
     (e.g. features that overflow float16): the video is then recorded as failed, the job goes on; a DiskFull
-    stops the job.
+    stops the job. `tick()` is called between decoded chunks (under torchrun: raises when another rank failed).
     """
     rt = cfg.runtime
     by_id = {e.id: e for e in entries}
@@ -232,6 +233,7 @@ def extract_features(entries: list[VideoEntry], model, preprocess, device: torch
     with DecodePool(jobs, cfg.sampling, workers=workers, timeout=rt.timeout, chunk_bytes=rt.chunk_mb << 20,
                     threads=rt.decode_threads, prefetch=max(4, 2 * workers)) as pool:
         for kind, vid, payload in pool:
+            tick()
             if kind == "info":
                 live[vid] = _Video(by_id[vid], payload)
             elif kind == "chunk":
@@ -287,7 +289,7 @@ def check_runtime(cfg: ExtractConfig) -> torch.device:
 def on_rank0(fn: Callable, rank: int, world_size: int):
     """`fn()` on rank 0 only; whatever it raises stops every rank at once with rank 0's message (the others would
     otherwise wait in their next collective for the job's timeout). Rank 0 raises its own exception; the others a
-    UserError for a UserError (one line, exit 2), else a RuntimeError naming rank 0's exception."""
+    UserError for a UserError (one line, exit 2), else a RankFailed naming rank 0's exception."""
     error, result = [None], None
     if rank == 0:
         try:
@@ -301,7 +303,7 @@ def on_rank0(fn: Callable, rank: int, world_size: int):
         dist.broadcast_object_list(error, src=0)
     if error[0] is not None:
         user, kind, message = error[0]
-        raise UserError(message) if user else RuntimeError(f"rank 0 failed: {kind}: {message}")
+        raise UserError(message) if user else RankFailed(f"rank 0 failed: {kind}: {message}")
     return result
 
 
@@ -332,7 +334,15 @@ def run(cfg: ExtractConfig, source: str | Path, out: str, overwrite: bool = Fals
     shares of the videos (by a hash of the id, so a share never depends on which other files exist), for
     job arrays whose tasks run independently, each writing its own part of the same cache. `root` is the folder
     a manifest's video ids are relative to (see inputs.discover); the root used is recorded with the cache.
+    Any failure on any rank ends every rank within seconds, with the first failing rank's message
+    (runtime.FailTogether); what each rank committed stays in the cache.
     """
+    with FailTogether(rank, world_size) as ranks:
+        return _run(cfg, source, out, overwrite, rank, world_size, shard, root, ranks)
+
+
+def _run(cfg: ExtractConfig, source: str | Path, out: str, overwrite: bool, rank: int, world_size: int,
+         shard: tuple[int, int] | None, root: str | Path | None, ranks: FailTogether) -> Summary:
     from vtn.store import consolidate
 
     t0 = time.monotonic()
@@ -406,21 +416,21 @@ def run(cfg: ExtractConfig, source: str | Path, out: str, overwrite: bool = Fals
         progress()
 
     try:
-        extract_features(todo, model, preprocess, device, cfg, store, fail)
+        extract_features(todo, model, preprocess, device, cfg, store, fail, tick=ranks.check)
     finally:
         if bar is not None:
             bar.close()
         writer.close(consolidate=world_size == 1)
     summary.skipped = len(done & {e.id for e in entries})
     if world_size > 1:
-        dist.barrier(group=finish_group)  # every part is closed
+        ranks.wait(dist.barrier(group=finish_group, async_op=True))  # every part is closed
         if rank == 0:
             consolidate(out)
+        ranks.wait(dist.barrier(group=finish_group, async_op=True))  # the index is written before any rank returns
         parts: list = [None] * world_size
         dist.all_gather_object(parts, summary, group=finish_group)
         summary = parts[0]
         for other in parts[1:]:
             summary = summary.merge(other)
-        dist.barrier(group=finish_group)  # the index is written before any rank returns
     summary.seconds = time.monotonic() - t0
     return summary

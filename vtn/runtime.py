@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -50,3 +51,84 @@ def autocast(device: torch.device, amp: str):
     """The autocast context for an amp setting ("none", "bf16", "fp16") on `device`."""
     dtype = AMP_DTYPES[amp]
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+# -- failing together under torchrun ----------------------------------------------------------------------------
+# The first rank to fail writes its message in the process group's store; every other rank raises it at its next
+# check (between decoded chunks, at most once a second) or while it waits for the others, instead of finishing
+# its share and then failing on a peer's closed connection without knowing why.
+FAILED = "vtn/failed"  # pickled (whether a UserError, message) of the first rank to fail
+LEFT = "vtn/left"  # ranks that have left through a failure
+LINGER = 10.0  # seconds rank 0 stays for the others to read the message (without torchrun's agent it hosts the store)
+
+
+class RankFailed(RuntimeError):
+    """Another rank's failure, raised here: that rank reports it, this one only stops."""
+
+
+def _store():
+    import torch.distributed as dist
+
+    return dist.distributed_c10d._get_default_store()
+
+
+def _failure(record: bytes) -> Exception:
+    import pickle
+
+    user, message = pickle.loads(record)
+    return UserError(message) if user else RankFailed(message)
+
+
+class FailTogether:
+    """`with FailTogether(rank, world) as ranks:` any exception on a rank is published before it leaves;
+    `ranks.check()` raises another rank's published failure (cheap: at most one store look-up a second)."""
+
+    def __init__(self, rank: int, world: int):
+        self.rank, self.world, self.last = rank, world, 0.0
+
+    def check(self, now: bool = False) -> None:
+        if self.world == 1 or (not now and time.monotonic() - self.last < 1.0):
+            return
+        self.last = time.monotonic()
+        if _store().check([FAILED]):
+            raise _failure(_store().get(FAILED))
+
+    def wait(self, work) -> None:
+        """Wait for an async collective (e.g. the barrier where ranks that finished wait for the others), raising
+        a failure published meanwhile by a rank that will never arrive."""
+        while not work.is_completed():
+            self.check(now=True)
+            time.sleep(0.2)
+        work.wait()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, tb):
+        if self.world == 1 or not isinstance(error, Exception):
+            return False
+        try:
+            first = self._publish(kind, error)
+        except Exception:  # the store is gone (rank 0 left): this rank's own error is all there is to report
+            return False
+        if first is not None:
+            raise first from error
+        return False
+
+    def _publish(self, kind, error) -> Exception | None:
+        """Publish `error` unless another rank's came first: that one is returned."""
+        import pickle
+
+        store = _store()
+        if not isinstance(error, RankFailed):
+            user = isinstance(error, UserError)
+            mine = pickle.dumps((user, str(error) if user else f"rank {self.rank} failed: {kind.__name__}: {error}"))
+            first = store.compare_set(FAILED, "", mine)
+            if first != mine:  # another rank failed first (this one's collective may have broken because it left)
+                store.add(LEFT, 1)
+                return _failure(first)
+        store.add(LEFT, 1)
+        deadline = time.monotonic() + LINGER
+        while self.rank == 0 and store.add(LEFT, 0) < self.world and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return None

@@ -101,7 +101,9 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def test_an_error_on_rank0_ends_every_rank_at_once_with_its_message(videos, tmp_path):
+def _two_ranks_from_script(script: str, *args) -> tuple[list, list[str], float]:
+    """Run `script` (the CLI with something injected) as ranks 0 and 1 of a job, each started on its own as a cluster
+    launcher does; returns the processes, their stderr and the seconds until both ended."""
     import socket
     import time
 
@@ -111,19 +113,60 @@ def test_an_error_on_rank0_ends_every_rank_at_once_with_its_message(videos, tmp_
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
     start = time.monotonic()
-    ranks = [subprocess.Popen([sys.executable, "-c", FAILING_RANK, "extract", str(videos), "--out",
-                               str(tmp_path / "cache"), *ARGS, "--set", "runtime.dist_timeout=600"],
-                              stderr=subprocess.PIPE, text=True, start_new_session=True,
-                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(2)]
+    ranks = [subprocess.Popen([sys.executable, "-c", script, *map(str, args)], stderr=subprocess.PIPE, text=True,
+                              start_new_session=True, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)})
+             for r in range(2)]
     try:
         stderr = [p.communicate(timeout=60)[1] for p in ranks]
     finally:
         for p in ranks:
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)
-    assert time.monotonic() - start < 60
+    return ranks, stderr, time.monotonic() - start
+
+
+def test_an_error_on_rank0_ends_every_rank_at_once_with_its_message(videos, tmp_path):
+    ranks, stderr, seconds = _two_ranks_from_script(FAILING_RANK, "extract", videos, "--out", tmp_path / "cache",
+                                                    *ARGS, "--set", "runtime.dist_timeout=600")
+    assert seconds < 60
     for p, err in zip(ranks, stderr):
         assert p.returncode != 0
         assert "injected disk failure" in err, err[-2000:]
     assert "rank 0 failed: OSError" in stderr[1]
     assert not (tmp_path / "cache").exists()
+
+
+# Rank 1 fails after storing its first video; rank 0 stores one video every 4 s, so its share of 6 would take it
+# more than 20 s: it must stop at rank 1's failure instead, with rank 1's message.
+FAILING_MIDWAY = """
+import os, sys, time
+import vtn.extract.job as job
+real = job.extract_features
+def injected(entries, model, preprocess, device, cfg, store, fail, **kwargs):
+    stored = []
+    def store_then_fail(*args):
+        if os.environ["RANK"] == "1" and stored:
+            raise OSError(5, "injected disk failure on rank 1")
+        store(*args)
+        stored.append(args[0].id)
+        if os.environ["RANK"] == "0":
+            time.sleep(4)
+    real(entries, model, preprocess, device, cfg, store_then_fail, fail, **kwargs)
+job.extract_features = injected
+from vtn.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_an_error_on_any_rank_midway_ends_every_rank_within_seconds_with_its_message(videos, tmp_path, vtn):
+    out = tmp_path / "cache"
+    ranks, stderr, seconds = _two_ranks_from_script(FAILING_MIDWAY, "extract", videos, "--out", out, *ARGS,
+                                                    "--set", "runtime.dist_timeout=600")
+    for p, err in zip(ranks, stderr):
+        assert p.returncode != 0, err[-2000:]
+        assert "injected disk failure on rank 1" in err, err[-2000:]
+    assert "rank 1 failed: OSError" in stderr[0]
+    # What both ranks committed before they stopped is kept: rank 1's first video, rank 0's first one or two.
+    vtn("store", "verify", out, "--quiet", check_rc=0)
+    kept = len(open_cache(str(out)).ids)
+    assert 2 <= kept <= 4 and seconds < 60, (kept, seconds)  # rank 0 stopped at least 3 videos (12 s) early
