@@ -66,8 +66,10 @@ class ClipDataset(Dataset):
             rows = self.source.video_rows(int(self.rows[i]))
             feats, all_frames, all_times = self.source.features[rows][pick], self.source.frame_indices[rows], self.source.timestamps[rows]
         else:
-            v = self.source.video(self.ids[i])
-            feats, all_frames, all_times = v.features[pick], v.frame_indices, v.timestamps
+            # only the clip's span of feature rows: a clip of a long video decodes a fraction of its chunks
+            a = int(pick[0])
+            feats = self.source.features(self.ids[i], a, int(pick[-1]) + 1)[pick - a]
+            all_times, all_frames = self.source.timeline(self.ids[i])
         return {
             "features": torch.from_numpy(np.ascontiguousarray(feats, dtype=np.float32)),
             "positions": torch.from_numpy(np.asarray(all_frames[pick], dtype=np.int64)),
