@@ -27,3 +27,10 @@ def test_bench_store_kinetics_refuses_a_share_outside_0_1():
     proc = vtn("bench", "store", "--kinetics", "16")
     assert proc.returncode == 2 and "'16' is not a share of the videos in (0, 1]" in proc.stderr
     assert vtn("bench", "store", "--kinetics", "1/0").returncode == 2
+
+
+def test_bench_store_prints_streamed_against_memory_clips():
+    proc = vtn("bench", "store", "--videos", "200", "--reads", "20", "--batches", "2")
+    assert proc.returncode == 0, proc.stderr
+    (line,) = [x for x in proc.stdout.splitlines() if x.startswith("training clips streamed")]
+    assert re.search(r"[\d,]+ clips/s \(\d+ workers\) +[\d,]+ clips/s from memory +\d+\.\d\dx", line), line
