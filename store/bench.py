@@ -12,9 +12,11 @@ import tracemalloc
 from pathlib import Path
 
 import numpy as np
+import torch
 import zarr
 
 from vtn.store import CacheWriter, open_cache
+from vtn.store.dataset import ClipDataset, LengthBucketSampler, collate_clips, loader_workers
 from vtn.store.layout import ROW_ARRAYS
 from vtn.store.rows import OPEN_FILES
 
@@ -34,7 +36,8 @@ def build(path: Path, videos: int, frames: int, dim: int, seed: int = 0, blocks:
     classes = [f"class{i}" for i in range(10)]
     times = np.arange(frames) / 25.0
     index = np.arange(frames) * 8
-    block = rng.standard_normal((min(blocks, videos), frames, dim)).astype(np.float16)  # reused: generation is not what we measure
+    # reused: generation is not what we measure
+    block = rng.standard_normal((min(blocks, videos), frames, dim)).astype(np.float16)
     with CacheWriter(str(path), feature_dim=dim, class_names=classes, attrs={"sampling": {"every": 8}}) as w:
         for v in range(videos):
             w.add(f"class{v % 10}/video{v:07d}.mp4", block[v % len(block)], times, index, label=v % 10,
@@ -110,9 +113,9 @@ def run(videos: int, frames: int, dim: int, reads: int, path: str | None, batche
                      f"{ratio:.2f}x (>= 0.8x)", ratio >= 0.8))
 
         # training clips as stage two is fed them: from the split in memory, and streamed from the cache
-        mem_rate = clips_per_second(split, "train", batches, 0)
+        mem_rate = clips_per_second(split, "train", batches, loader_workers(streaming=False))
         del split
-        workers = stream_workers()
+        workers = loader_workers(streaming=True)
         stream_rate = clips_per_second(cache, "train", batches, workers)
         ratio = stream_rate / mem_rate
         rows.append(("training clips streamed", f"{stream_rate:,.0f} clips/s ({workers} workers)",
@@ -174,21 +177,12 @@ def clips_per_second(source, split: str, batches: int, workers: int, clip_frames
     """Training clips/s through the loader stage two builds (temporal/train.py): random clips of `clip_frames`
     frames, length-bucketed batches, collate_clips, `workers` loader processes; the loader's start included,
     as every epoch pays it."""
-    import torch
-
-    from vtn.store.dataset import ClipDataset, LengthBucketSampler, collate_clips
-
     data = ClipDataset(source, split=split, clip_frames=clip_frames, stride=stride, train=True)
     order = list(LengthBucketSampler(data.sample_lengths(), batch_size, shuffle=True))[:batches]
     t = time.perf_counter()
     loader = torch.utils.data.DataLoader(data, batch_sampler=order, collate_fn=collate_clips, num_workers=workers)
     clips = sum(len(b["labels"]) for b in loader)
     return clips / (time.perf_counter() - t)
-
-
-def stream_workers() -> int:
-    """The loader processes stage two streams a split with by default (one process per node)."""
-    return min(8, os.cpu_count() or 1)
 
 
 def kinetics(fraction: float, path: str | None, batches: int) -> None:
@@ -233,12 +227,14 @@ def kinetics(fraction: float, path: str | None, batches: int) -> None:
                          f"{ls * scale / 60:.1f} min, {lgb * scale:,.0f} GB of RAM"))
 
             epoch = -(-len(split.ids) * scale // 32)  # batches of a full-size epoch
-            mem_rate = clips_per_second(split, "train", batches, 0)
+            mem_rate = clips_per_second(split, "train", batches, loader_workers(streaming=False))
             del split
-            workers = stream_workers()
+            workers = loader_workers(streaming=True)
             stream_rate = clips_per_second(cache, "train", batches, workers)
-            rows.append(("clips/s from memory", f"{mem_rate:,.0f} (0 workers)", f"epoch {epoch * 32 / mem_rate / 60:.1f} min"))
-            rows.append(("clips/s streamed", f"{stream_rate:,.0f} ({workers} workers), {stream_rate / mem_rate:.2f}x memory",
+            rows.append(("clips/s from memory", f"{mem_rate:,.0f} (0 workers)",
+                         f"epoch {epoch * 32 / mem_rate / 60:.1f} min"))
+            rows.append(("clips/s streamed",
+                         f"{stream_rate:,.0f} ({workers} workers), {stream_rate / mem_rate:.2f}x memory",
                          f"epoch {epoch * 32 / stream_rate / 60:.1f} min"))
 
             from vtn.store.verify import verify

@@ -49,7 +49,8 @@ def register(sub, bench_sub) -> None:
     q.add_argument("--dim", type=int, default=64)
     q.add_argument("--reads", type=int, default=5000, help="random single-video reads to time")
     q.add_argument("--path", help="where to build the cache (default: a temporary folder, removed afterwards)")
-    q.add_argument("--batches", type=int, default=100, help="training batches (32 clips) to time from memory and streamed")
+    q.add_argument("--batches", type=int, default=100,
+                   help="training batches (32 clips) to time from memory and streamed")
     q.add_argument("--kinetics", type=_fraction, nargs="?", const=1 / 16, metavar="FRACTION",
                    help="a Kinetics-shaped cache of this share of its 240,000 videos (1/16 or 0.0625 when no value: "
                    "about 5.8 GB); --videos, --frames, --dim, --reads are then unused")

@@ -6,6 +6,7 @@ clips an uninterrupted one would, with any number of loader workers.
 
 from __future__ import annotations
 
+import os
 
 import numpy as np
 import torch
@@ -78,6 +79,12 @@ class ClipDataset(Dataset):
             "label": int(self.labels[i]),
             "id": self.ids[i],
         }
+
+
+def loader_workers(streaming: bool, local_world: int = 1) -> int:
+    """Stage two's default loader processes: none for a split in memory (indexing an array is cheaper than handing
+    items between processes); for a streamed one, up to 8, sharing the node's cores with its other processes."""
+    return min(8, (os.cpu_count() or 1) // local_world) if streaming else 0
 
 
 def video_span(frame_indices, timestamps) -> torch.Tensor:
