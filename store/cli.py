@@ -52,8 +52,8 @@ def register(sub, bench_sub) -> None:
     q.add_argument("--batches", type=int, default=100,
                    help="training batches (32 clips) to time from memory and streamed")
     q.add_argument("--kinetics", type=_fraction, nargs="?", const=1 / 16, metavar="FRACTION",
-                   help="a Kinetics-shaped cache of this share of its 240,000 videos (1/16 or 0.0625 when no value: "
-                   "about 5.8 GB); --videos, --frames, --dim, --reads are then unused")
+                   help="a Kinetics-shaped cache of this share of its 240,000 videos, e.g. 0.01 or 1/16 (with no value: "
+                   "1/16, about 5.8 GB); --videos, --frames, --dim, --reads are then unused")
     q.set_defaults(func=_bench)
 
 
