@@ -6,6 +6,7 @@ clips an uninterrupted one would, with any number of loader workers.
 
 from __future__ import annotations
 
+import os
 
 import numpy as np
 import torch
@@ -66,8 +67,10 @@ class ClipDataset(Dataset):
             rows = self.source.video_rows(int(self.rows[i]))
             feats, all_frames, all_times = self.source.features[rows][pick], self.source.frame_indices[rows], self.source.timestamps[rows]
         else:
-            v = self.source.video(self.ids[i])
-            feats, all_frames, all_times = v.features[pick], v.frame_indices, v.timestamps
+            # only the clip's span of feature rows: a clip of a long video decodes a fraction of its chunks
+            a = int(pick[0])
+            feats = self.source.features(self.ids[i], a, int(pick[-1]) + 1)[pick - a]
+            all_times, all_frames = self.source.timeline(self.ids[i])
         return {
             "features": torch.from_numpy(np.ascontiguousarray(feats, dtype=np.float32)),
             "positions": torch.from_numpy(np.asarray(all_frames[pick], dtype=np.int64)),
@@ -76,6 +79,12 @@ class ClipDataset(Dataset):
             "label": int(self.labels[i]),
             "id": self.ids[i],
         }
+
+
+def loader_workers(streaming: bool, local_world: int = 1) -> int:
+    """Stage two's default loader processes: none for a split in memory (indexing an array is cheaper than handing
+    items between processes); for a streamed one, up to 8, sharing the node's cores with its other processes."""
+    return min(8, (os.cpu_count() or 1) // local_world) if streaming else 0
 
 
 def video_span(frame_indices, timestamps) -> torch.Tensor:

@@ -123,6 +123,13 @@ class FeatureCache:
         a, b, _ = slice(start, stop).indices(n)
         return self._reader(self.index["part"][i], "features").read(s + a, s + max(a, b))
 
+    def timeline(self, video_id: str) -> tuple[np.ndarray, np.ndarray]:
+        """(timestamps [T], frame indices [T]) of one video, without its features."""
+        i = self._locate(video_id)
+        part, s = self.index["part"][i], int(self.index["start"][i])
+        e = s + int(self.index["length"][i])
+        return self._reader(part, "timestamps").read(s, e), self._reader(part, "frame_index").read(s, e)
+
     def video(self, video_id: str) -> Video:
         """One video: features, timestamps, frame indices and metadata."""
         i = self._locate(video_id)

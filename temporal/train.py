@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import sys
 import time
 import zlib
@@ -44,7 +43,7 @@ from vtn.plots import curves_png
 from vtn.progress import progress_bar
 from vtn.runtime import Processes, autocast, processes, resolve_device
 from vtn.store import open_cache
-from vtn.store.dataset import ClipDataset, LengthBucketSampler, collate_clips
+from vtn.store.dataset import ClipDataset, LengthBucketSampler, collate_clips, loader_workers
 from vtn.temporal import checkpoint
 from vtn.temporal.data import cache_inputs, check_inputs, feature_stats, model_inputs, predict, split_source
 from vtn.temporal.metrics import classification_metrics
@@ -306,8 +305,7 @@ def load_data(cache, cfg: TrainConfig, model_cfg: VTNConfig, procs: Processes, s
                         seed=cfg.run.seed, videos=np.flatnonzero(keep))
     sampler = LengthBucketSampler(train.sample_lengths(), cfg.optim.batch_size, shuffle=True, seed=cfg.run.seed,
                                   num_replicas=procs.world, rank=procs.rank)
-    workers = d.workers if d.workers is not None else (
-        min(8, (os.cpu_count() or 1) // procs.local_world) if streaming else 0)
+    workers = d.workers if d.workers is not None else loader_workers(streaming, procs.local_world)
     warning = left_out(cache, d, int((every.labels < 0).sum()),
                        int((val.labels < 0).sum()) if holdout is None else 0)
     return Data(train, val, sampler, streaming, workers, holdout, warning)

@@ -27,6 +27,7 @@ def test_dataset_in_memory_and_streamed_agree(make_cache):
     for i in range(len(a)):
         x, y = a[i], b[i]
         assert x["id"] == y["id"] and torch.equal(x["features"], y["features"]) and torch.equal(x["positions"], y["positions"])
+        assert torch.equal(x["times"], y["times"]) and torch.equal(x["span"], y["span"])
     item = a[0]
     length = dict((v[0], v[1]) for v in videos)[item["id"]]
     full = torch.from_numpy(feats(item["id"], length).astype(np.float32))
