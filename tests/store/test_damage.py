@@ -60,7 +60,7 @@ def test_a_lost_shard_file_is_refused_by_every_reader(make_cache, tmp_path, name
     url, _ = make_cache(10)
     shard_file(url, name).unlink()
     part = part_of(url)
-    match = rf"parts/{part}/{name} rows 0\.\.\d+ cannot be read: shard file .* is missing; .*`vtn store verify {re.escape(url)}`"
+    match = rf"parts/{part}/{name} rows \d+\.\.\d+ cannot be read: shard file .* is missing; .*`vtn store verify {re.escape(url)}`"
     assert_refused_by_every_reader(url, tmp_path, match)
     assert any(f"parts/{part}/{name}: shard file" in p for p in verify(url, progress=False)[0])
 
