@@ -17,6 +17,9 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
+    # The slow tests first: xdist hands tests out in this order, so a minutes-long demo collected last no longer
+    # runs alone on one worker while the other has finished (longest first packs the two workers evenly).
+    items.sort(key=lambda item: "slow" not in item.keywords)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
