@@ -6,6 +6,7 @@ Read once at the top of a job and passed down; library code never reads RANK or 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import time
 from dataclasses import dataclass
@@ -57,7 +58,8 @@ def autocast(device: torch.device, amp: str):
 # The first rank to fail writes its message in the process group's store; every other rank raises it at its next
 # check (between decoded chunks, at most once a second) or while it waits for the others, instead of finishing
 # its share and then failing on a peer's closed connection without knowing why.
-FAILED = "vtn/failed"  # pickled (whether a UserError, message) of the first rank to fail
+FAILED = "vtn/failed"  # JSON [whether a UserError, message] of the first rank to fail (never a pickle: the store
+# listens on a network port)
 LEFT = "vtn/left"  # ranks that have left through a failure
 LINGER = 10.0  # seconds rank 0 stays for the others to read the message (without torchrun's agent it hosts the store)
 
@@ -73,9 +75,7 @@ def _store():
 
 
 def _failure(record: bytes) -> Exception:
-    import pickle
-
-    user, message = pickle.loads(record)
+    user, message = json.loads(record)
     return UserError(message) if user else RankFailed(message)
 
 
@@ -117,12 +117,10 @@ class FailTogether:
 
     def _publish(self, kind, error) -> Exception | None:
         """Publish `error` unless another rank's came first: that one is returned."""
-        import pickle
-
         store = _store()
         if not isinstance(error, RankFailed):
             user = isinstance(error, UserError)
-            mine = pickle.dumps((user, str(error) if user else f"rank {self.rank} failed: {kind.__name__}: {error}"))
+            mine = json.dumps([user, str(error) if user else f"rank {self.rank} failed: {kind.__name__}: {error}"]).encode()
             first = store.compare_set(FAILED, "", mine)
             if first != mine:  # another rank failed first (this one's collective may have broken because it left)
                 store.add(LEFT, 1)
