@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 
@@ -109,27 +108,20 @@ def _extract(args: argparse.Namespace) -> int:
     from vtn.extract.config import ExtractConfig
 
     cfg = merge(resolve(ExtractConfig, args.config, args.sets), _flags(args))
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size == 1:
+    from vtn.runtime import processes, setup_processes
+
+    if processes().world == 1:
         return _report(_run(cfg, args, 0, 1), 0)
     # Under torchrun: one process per device; set up here, at the top of the job, and passed down.
     import dataclasses
-    from datetime import timedelta
 
-    import torch
     import torch.distributed as dist
 
-    from vtn.runtime import processes, resolve_device
-
-    device = resolve_device(cfg.runtime.device, processes().local_rank)
+    procs, device, _ = setup_processes(cfg.runtime.device, cfg.runtime.dist_timeout)
     if device.type == "cuda":
-        torch.cuda.set_device(device)
         cfg = dataclasses.replace(cfg, runtime=dataclasses.replace(cfg.runtime, device=str(device)))
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                            timeout=timedelta(seconds=cfg.runtime.dist_timeout))
     try:
-        rank = dist.get_rank()
-        return _report(_run(cfg, args, rank, world_size), rank)
+        return _report(_run(cfg, args, procs.rank, procs.world), procs.rank)
     finally:
         dist.destroy_process_group()
 

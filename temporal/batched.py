@@ -35,14 +35,14 @@ import torch.nn.functional as F
 from vtn.config import to_dict
 from vtn.errors import UserError
 from vtn.progress import progress_bar
-from vtn.runtime import autocast
+from vtn.runtime import autocast, setup_processes
 from vtn.store.dataset import ClipDataset, LengthBucketSampler, collate_clips
 from vtn.temporal.data import model_inputs
 from vtn.temporal.longformer import LAYER_NORM_EPS, LongformerLayer, banded_attention, global_attention
 from vtn.temporal.model import VTN
 from vtn.paths import check_run_dir
 from vtn.temporal.train import (TrainConfig, close_epoch, epoch_batches, eval_interval, finish_run, finish_step,
-                                gathered_metrics, set_lr, setup_processes, start_run, step_checkpoint)
+                                gathered_metrics, set_lr, start_run, step_checkpoint)
 
 # What batched members may differ in; everything else of their configs must be equal.
 MEMBER_KEYS = (("run", "seed"), ("optim", "lr"), ("optim", "weight_decay"))

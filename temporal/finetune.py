@@ -41,7 +41,7 @@ from vtn.extract.inputs import discover
 from vtn.extract.job import extract_features, on_rank0
 from vtn.extract.workers import DecodePool
 from vtn.progress import progress_bar
-from vtn.runtime import Processes, autocast
+from vtn.runtime import Processes, autocast, setup_processes
 from vtn.store import collate_clips, open_cache
 from vtn.store.clips import clip_rows
 from vtn.temporal import checkpoint
@@ -365,7 +365,6 @@ def finetune(stage_two: str | Path, out: str | Path, videos: str | None = None, 
     """Fine-tune the stage-two run `stage_two` end to end on the videos of `videos` (default: the cache's root)
     into `out`; returns the summary. `cfg` None: the defaults (see `default_config`), or when resuming, the run's
     saved config. `cache_url`: the stage-two cache where it is now (default: where the run recorded it)."""
-    from vtn.temporal.train import setup_processes
 
     run = check_run_dir(out)  # never over a file or a folder that is not a run, before anything is read or written
     stage_two = Path(stage_two)

@@ -1,6 +1,6 @@
 """`vtn train CACHE --out RUN`: stage two, the temporal encoder + head trained on cached frame features.
 
-The job (`train`) is composed of pieces that `vtn finetune` shares: `setup_processes` (device and torchrun),
+The job (`train`) is composed of pieces that `vtn finetune` shares: `setup_processes` (vtn/runtime.py: device and torchrun),
 `schedule` (how many steps), `build_optimizer` + `lr_factor`, `train_epoch` (one epoch of optimiser steps
 around a loss function), `evaluate_views` (whole videos, gathered over processes), `end_epoch` (metrics.jsonl,
 best/ and last/ through temporal/checkpoint.py). No trainer class: each piece is a function of what it uses.
@@ -41,7 +41,7 @@ from vtn.errors import UserError
 from vtn.paths import canonical_cache, check_run_dir
 from vtn.plots import curves_png
 from vtn.progress import progress_bar
-from vtn.runtime import Processes, autocast, processes, resolve_device
+from vtn.runtime import Processes, autocast, setup_processes
 from vtn.store import open_cache
 from vtn.store.dataset import ClipDataset, LengthBucketSampler, collate_clips, loader_workers
 from vtn.temporal import checkpoint
@@ -319,19 +319,6 @@ def data_fingerprint(data: Data, cache) -> dict:
 
 
 # -- processes, steps, evaluation ------------------------------------------------------------------------------
-
-def setup_processes(device_spec: str) -> tuple[Processes, torch.device, bool]:
-    """This process's rank and device; joins torchrun's process group when there is one. Returns
-    (processes, device, whether this call created the group, so the caller destroys it)."""
-    procs = processes()
-    device = resolve_device(device_spec, procs.local_rank)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    own_group = procs.world > 1 and not dist.is_initialized()
-    if own_group:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return procs, device, own_group
-
 
 @dataclass
 class Loop:

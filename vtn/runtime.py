@@ -10,6 +10,7 @@ import json
 import os
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 
@@ -46,6 +47,23 @@ def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {spec}: CUDA is not available on this machine")
     return device
+
+
+def setup_processes(device_spec: str, timeout: float | None = None) -> tuple[Processes, torch.device, bool]:
+    """The one process setup of every job: this process's rank and device ("auto": see resolve_device), joining
+    torchrun's process group when there is one (`timeout` seconds for its collectives; None: torch's default).
+    Returns (processes, device, whether this call created the group, so the caller destroys it)."""
+    import torch.distributed as dist
+
+    procs = processes()
+    device = resolve_device(device_spec, procs.local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    own_group = procs.world > 1 and not dist.is_initialized()
+    if own_group:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=None if timeout is None else timedelta(seconds=timeout))
+    return procs, device, own_group
 
 
 def autocast(device: torch.device, amp: str):
