@@ -252,6 +252,20 @@ def test_probes_equal_scikit_learn_called_directly(cache, tmp_path):
     assert mean <= 0.75  # a video and its reversal have one mean: order-blind probes cannot separate them
 
 
+@pytest.mark.slow
+def test_sweep_probes_are_vtn_probes_rows_in_its_table(cache, tmp_path):
+    out, probes = tmp_path / "sweep", tmp_path / "probes"
+    assert main(["sweep", cache, "--out", str(out), "--grid", "optim.lr=1e-3", *SETS, "--set", "optim.steps=3",
+                 "--probes", "--quiet"]) == 0
+    assert main(["probe", cache, "--out", str(probes), *SETS]) == 0
+    swept = [r for r in csv.DictReader((out / "results.csv").open()) if r["run"].startswith("probe: ")]
+    alone = list(csv.DictReader((probes / "probes.csv").open()))
+    assert len(swept) == 3 and [r["run"] for r in swept] == [r["run"] for r in alone]
+    for a, b in zip(swept, alone):
+        assert {k: a[k] for k in a if k.startswith("val_")} == {k: b[k] for k in b if k.startswith("val_")}
+    assert (out / "results.png").is_file()
+
+
 @pytest.mark.parametrize("positions, feature_dim, T", [("index", 32, 8), ("time", 16, 70), ("none", 32, 40)])
 def test_members_forward_equals_each_members_own_forward(positions, feature_dim, T):
     """The batched pass computes VTN.forward of every member: dense and blocked (T > 2 blocks) attention,
