@@ -3,11 +3,17 @@
 Only labelled videos (label >= 0) count. Mean class accuracy is the mean of the per-class recalls over the
 classes present (scikit-learn's balanced accuracy): the figure that does not let a large class hide a small
 one.
+Each metric is defined once, in METRICS: its key, labels, direction and computation; classification_metrics,
+the best-epoch rule (rank), the printed summary (summary_line) and the sweep and probe tables all read it, so a
+new metric is one entry there (and its test).
 Here rather than in evaluate/ because training reports the same figures each epoch and temporal/ may not
 import evaluate/.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 from sklearn.metrics import confusion_matrix
@@ -29,23 +35,69 @@ def top_k(logits: np.ndarray, k: int) -> np.ndarray:
     return np.argsort(-logits, axis=1, kind="stable")[:, :k]
 
 
+def _top1(logits: np.ndarray, labels: np.ndarray) -> float:
+    return float(np.mean(top_k(logits, 1)[:, 0] == labels))
+
+
+def _top5(logits: np.ndarray, labels: np.ndarray) -> float:
+    return float(np.mean((top_k(logits, 5) == labels[:, None]).any(axis=1)))
+
+
+def _mean_class_accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
+    # scikit-learn's balanced accuracy (recall averaged over the classes present), without its warning when the
+    # videos are all of one class
+    pred = top_k(logits, 1)[:, 0]
+    return float(np.mean([np.mean(pred[labels == c] == c) for c in np.unique(labels)]))
+
+
+def _loss(logits: np.ndarray, labels: np.ndarray) -> float:
+    return float(-log_softmax(logits)[np.arange(len(labels)), labels].mean())
+
+
+@dataclass(frozen=True)
+class Metric:
+    key: str  # its key in metrics dicts; `val_<key>` in metrics.jsonl, a sweep's metrics.json and tables
+    name: str  # what summaries print ("mean class accuracy")
+    column: str  # its column in the sweep and probe tables ("mean class")
+    higher_is_better: bool
+    compute: Callable[[np.ndarray, np.ndarray], float]  # (logits [n, classes], labels [n], all labelled) -> value
+    format: str  # how summaries print a value
+    in_tables: bool = True  # a column (mean ± std over seeds, in %) of the sweep and probe tables
+
+
+METRICS = {m.key: m for m in (
+    Metric("top1", "top-1", "top-1", True, _top1, ".1%"),
+    Metric("top5", "top-5", "top-5", True, _top5, ".1%"),
+    Metric("mean_class_accuracy", "mean class accuracy", "mean class", True, _mean_class_accuracy, ".1%"),
+    Metric("loss", "loss", "loss", False, _loss, ".4f", in_tables=False),
+)}
+BEST_BY = ("top1", "loss")  # the best epoch: the highest top-1, ties to the lowest loss
+
+
 def classification_metrics(logits: np.ndarray, labels: np.ndarray) -> dict:
-    """videos (labelled ones), top1, top5, mean_class_accuracy and loss (mean cross-entropy) of `logits`
-    [n, classes] against `labels` [n]."""
+    """videos (labelled ones) and every metric of METRICS (top1, top5, mean_class_accuracy, loss: mean
+    cross-entropy) of `logits` [n, classes] against `labels` [n]."""
     keep = labels >= 0
     logits, labels = logits[keep], labels[keep]
     if not len(labels):
         return {"videos": 0}
-    pred = top_k(logits, 5)
-    return {
-        "videos": int(len(labels)),
-        "top1": float(np.mean(pred[:, 0] == labels)),
-        "top5": float(np.mean((pred == labels[:, None]).any(axis=1))),
-        # scikit-learn's balanced accuracy (recall averaged over the classes present), without its warning when
-        # the videos are all of one class
-        "mean_class_accuracy": float(np.mean([np.mean(pred[labels == c, 0] == c) for c in np.unique(labels)])),
-        "loss": float(-log_softmax(logits)[np.arange(len(labels)), labels].mean()),
-    }
+    return {"videos": int(len(labels)), **{m.key: m.compute(logits, labels) for m in METRICS.values()}}
+
+
+def table_metrics() -> list[Metric]:
+    """The metrics the sweep and probe tables show, in METRICS' order."""
+    return [m for m in METRICS.values() if m.in_tables]
+
+
+def rank(record: dict, prefix: str = "val_") -> tuple:
+    """Sort key of an epoch's record by the best-epoch rule (BEST_BY): the larger, the better. `prefix`: "val_"
+    for metrics.jsonl records, "" for classification_metrics' dicts."""
+    return tuple(record[prefix + k] if METRICS[k].higher_is_better else -record[prefix + k] for k in BEST_BY)
+
+
+def summary_line(metrics: dict) -> str:
+    """`top-1 50.0%  top-5 100.0%  mean class accuracy 50.0%  loss 0.8482` of classification_metrics' dict."""
+    return "  ".join(f"{m.name} {metrics[m.key]:{m.format}}" for m in METRICS.values())
 
 
 def confusion(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:

@@ -1,132 +1,30 @@
 """`vtn probe CACHE`: order-blind and single-frame baselines, to show what the temporal encoder adds.
 
 On the same videos as a `vtn train` run with the same data settings (its train split, less the held-out share
-when the cache has no val split; its val videos), scikit-learn fits:
-
-- logistic regression on each video's mean-pooled features (every frame);
-- an MLP (one hidden layer of 256) on mean and max pooling side by side;
-- a single-frame baseline: logistic regression on single frames (up to 8 per train video, spread evenly),
-  scored on each val video's centre frame.
-
-Features are standardised (per dimension, train statistics) first. The figures are the same as a run's (val
-top-1, top-5, mean class accuracy, through temporal/metrics.py), in `vtn sweep`'s table format, with the
-model's parameters and fit seconds. None of them sees the order of the frames; a cache whose classes lie in
-that order leaves them at chance while VTN learns it.
+when the cache has no val split; its val videos), scikit-learn fits the probes of temporal/baselines.py:
+logistic regression on mean pooling, an MLP on mean + max pooling, and a single-frame classifier. The figures
+are the same as a run's (val top-1, top-5, mean class accuracy, through temporal/metrics.py), in `vtn sweep`'s
+table format (temporal/results.py), with the model's parameters and fit seconds. None of them sees the order of
+the frames; a cache whose classes lie in that order leaves them at chance while VTN learns it.
 """
 
 from __future__ import annotations
 
-import copy
-import time
-
-import numpy as np
-
-from vtn.store.dataset import ClipDataset
-from vtn.temporal.metrics import classification_metrics
-
-FRAMES_PER_VIDEO = 8  # single-frame baseline: training frames per video
-
-
-def whole_videos(dataset: ClipDataset) -> ClipDataset:
-    """The same videos, every frame of each."""
-    whole = copy.copy(dataset)
-    whole.clip_frames, whole.max_frames, whole.train = None, None, False
-    return whole
-
-
-def pooled(dataset: ClipDataset) -> dict:
-    """Per video: mean, max, centre frame [n, D]; labels [n]; and up to FRAMES_PER_VIDEO frames per video with
-    their labels, for the single-frame baseline."""
-    means, maxes, centres, frames, frame_labels = [], [], [], [], []
-    for i in range(len(dataset)):
-        x = dataset[i]["features"].numpy().astype(np.float64)
-        means.append(x.mean(0))
-        maxes.append(x.max(0))
-        centres.append(x[len(x) // 2])
-        pick = np.unique(np.linspace(0, len(x) - 1, min(len(x), FRAMES_PER_VIDEO)).round().astype(int))
-        frames.append(x[pick])
-        frame_labels.append(np.full(len(pick), dataset.labels[i]))
-    return {"mean": np.stack(means), "max": np.stack(maxes), "centre": np.stack(centres),
-            "labels": np.asarray(dataset.labels), "frames": np.concatenate(frames),
-            "frame_labels": np.concatenate(frame_labels)}
-
-
-def logistic():
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    return make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
-
-
-def mlp(seed: int):
-    from sklearn.neural_network import MLPClassifier
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    return make_pipeline(StandardScaler(), MLPClassifier(hidden_layer_sizes=(256,), max_iter=500, random_state=seed))
-
-
-def logits_of(model, x: np.ndarray, classes: int) -> np.ndarray:
-    """Log-probabilities [n, classes] over every class of the cache (a class absent from training gets ~0)."""
-    out = np.full((len(x), classes), np.log(1e-12))
-    out[:, model.classes_] = np.log(np.maximum(model.predict_proba(x), 1e-12))
-    return out
-
-
-def parameters(model) -> int:
-    est = model[-1]
-    if hasattr(est, "coefs_"):
-        return int(sum(w.size for w in est.coefs_) + sum(b.size for b in est.intercepts_))
-    return int(est.coef_.size + est.intercept_.size)
-
-
-def run_probes(train: dict, val: dict, classes: int, seed: int = 0) -> list[dict]:
-    """Fit and score each probe; rows in `vtn sweep`'s table format."""
-    specs = [
-        ("probe: logistic regression (mean pooling)", logistic(), train["mean"], train["labels"], val["mean"]),
-        ("probe: MLP (mean + max pooling)", mlp(seed), np.hstack([train["mean"], train["max"]]), train["labels"],
-         np.hstack([val["mean"], val["max"]])),
-        ("probe: single frame (logistic regression)", logistic(), train["frames"], train["frame_labels"],
-         val["centre"]),
-    ]
-    rows = []
-    for name, model, x, y, x_val in specs:
-        keep = y >= 0
-        tick = time.perf_counter()
-        model.fit(x[keep], y[keep])
-        seconds = time.perf_counter() - tick
-        metrics = classification_metrics(logits_of(model, x_val, classes), val["labels"])
-        row = {"run": name, "seeds": 1}
-        for k in ("top1", "top5", "mean_class_accuracy"):
-            row[f"val_{k}_mean"], row[f"val_{k}_std"] = metrics[k], 0.0
-        rows.append({**row, "parameters": parameters(model), "train_seconds": round(seconds, 2)})
-    return rows
-
-
-def probe_rows(cache_url: str, cfg) -> list[dict]:
-    """The probes on the train and val videos a `vtn train` run with config `cfg` would use."""
-    from vtn.runtime import Processes
-    from vtn.store import open_cache
-    from vtn.temporal.train import load_data, model_config
-
-    cache = open_cache(cache_url)
-    data = load_data(cache, cfg, model_config(cfg, cache), Processes())
-    return run_probes(pooled(whole_videos(data.train)), pooled(whole_videos(data.val)), len(cache.class_names),
-                      cfg.run.seed)
-
 
 def main(args) -> int:
-    from pathlib import Path
-
     from vtn.config import resolve
     from vtn.paths import check_run_dir
-    from vtn.temporal.sweep import markdown, write_results
-    from vtn.temporal.train import TrainConfig
+    from vtn.runtime import Processes
+    from vtn.store import open_cache
+    from vtn.temporal.baselines import probe_rows
+    from vtn.temporal.results import markdown, write_results
+    from vtn.temporal.train import TrainConfig, load_data, model_config
 
     out = check_run_dir(args.out, "probes") if args.out else None  # before the probes spend their time
     cfg = resolve(TrainConfig, args.config, args.sets)
-    rows = probe_rows(args.cache, cfg)
+    cache = open_cache(args.cache)
+    rows = probe_rows(load_data(cache, cfg, model_config(cfg, cache), Processes()), len(cache.class_names),
+                      cfg.run.seed)
     if out:
         write_results(rows, out, [], name="probes")
     else:

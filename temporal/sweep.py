@@ -32,9 +32,7 @@ whose other varied keys are at the base config's values, else the mean over the 
 from __future__ import annotations
 
 import concurrent.futures
-import csv
 import dataclasses
-import io
 import itertools
 import json
 import math
@@ -42,22 +40,16 @@ import multiprocessing
 import os
 import sys
 import traceback
-from dataclasses import dataclass
 from pathlib import Path
 
-from vtn.config import ConfigError, merge, parse_set, resolve, to_dict
+from vtn.config import ConfigError, merge, parse_set, resolve
 from vtn.errors import UserError
 from vtn.paths import check_run_dir
+from vtn.temporal.baselines import probe_rows
+from vtn.temporal.metrics import table_metrics
+from vtn.temporal.results import Run, run_name, table, varied_keys, write_results
 
-METRICS = (("val_top1", "top-1"), ("val_top5", "top-5"), ("val_mean_class_accuracy", "mean class"))
 RESULT_NAME = "metrics.json"
-
-
-@dataclass(frozen=True)
-class Run:
-    name: str
-    values: dict  # flat config key -> value: what this run varies (run.seed included)
-    cfg: object  # TrainConfig
 
 
 # -- the runs ---------------------------------------------------------------------------------------------------
@@ -105,22 +97,6 @@ def parse_grid(items: list[str], base) -> list[tuple[str, list]]:
             values.append(_flat_key(nested)[1])
         grids.append((key, values))
     return grids
-
-
-def _short(value) -> str:
-    if isinstance(value, (list, tuple)):
-        return "-".join(_short(v) for v in value)
-    if isinstance(value, float):
-        return f"{value:g}"
-    return str(value)
-
-
-def run_name(values: dict) -> str:
-    """`lr-0.001_num_layers-3_seed-0`: each key's last part (the whole key where two would clash) and value."""
-    last = [k.rsplit(".", 1)[-1] for k in values]
-    parts = [f"{k.rsplit('.', 1)[-1] if last.count(k.rsplit('.', 1)[-1]) == 1 else k}-{_short(v)}"
-             for k, v in values.items()]
-    return "_".join(parts).replace("/", "-").replace(" ", "")
 
 
 def _nested(values: dict) -> dict:
@@ -227,9 +203,9 @@ def record(run_dir: Path, run: Run, summary: dict, members: int) -> dict:
     weights = load_tensors(run_dir / "best" / "model.safetensors")
     params = sum(t.numel() for k, t in weights.items() if k not in ("feature_mean", "feature_scale"))  # not buffers
     best = summary["best"]
-    out = {"run": run.name, "values": run.values, **{k: best[k] for k, _ in METRICS}, "best_epoch": best["epoch"],
-           "epochs": summary["epochs"], "steps": summary["steps"], "parameters": int(params),
-           "train_seconds": round(summary["seconds"] / members, 2), "batched": members,
+    out = {"run": run.name, "values": run.values, **{f"val_{m.key}": best[f"val_{m.key}"] for m in table_metrics()},
+           "best_epoch": best["epoch"], "epochs": summary["epochs"], "steps": summary["steps"],
+           "parameters": int(params), "train_seconds": round(summary["seconds"] / members, 2), "batched": members,
            "diverged_at_step": summary["diverged_at"]}
     (run_dir / RESULT_NAME).write_text(json.dumps(out, indent=2) + "\n")
     return out
@@ -352,10 +328,10 @@ def sweep(cache_url: str, out: str | Path, runs: list[Run], jobs: int | None = N
             print(f"vtn sweep: warning: run {res['run']} diverged (its train loss became NaN or infinite at step "
                   f"{res['diverged_at_step']}); the table shows its best epoch's figures", file=sys.stderr)
     rows = table(finished, results)
-    if probes:
-        from vtn.temporal.probe import probe_rows
-
-        rows += probe_rows(cache_url, runs[0].cfg)
+    if probes:  # on the videos of the first run's data settings
+        cfg = runs[0].cfg
+        rows += probe_rows(load_data(cache, cfg, model_config(cfg, cache), Processes(), sources),
+                           len(cache.class_names), cfg.run.seed)
     if rows:
         write_results(rows, out, varied_keys(runs), base=runs[0].cfg)
     log = out / "failures.log"
@@ -367,119 +343,6 @@ def sweep(cache_url: str, out: str | Path, runs: list[Run], jobs: int | None = N
         print(f"vtn sweep: {len(failed)} of {len(runs)} runs failed (tracebacks in {log}); the others are in the "
               f"table, and re-running the sweep retries only the failed ones", file=sys.stderr)
     return rows, failed
-
-
-# -- the comparison ---------------------------------------------------------------------------------------------
-
-def varied_keys(runs: list[Run]) -> list[str]:
-    """Keys that vary across the runs' configs, run.seed excluded (seeds are averaged)."""
-    keys = dict.fromkeys(k for r in runs for k in r.values if k != "run.seed")
-    return list(keys)
-
-
-def _value(cfg, key: str):
-    node = to_dict(cfg)
-    for k in key.split("."):
-        node = node[k]
-    return node
-
-
-def _stats(xs: list[float]) -> tuple[float, float]:
-    mean = sum(xs) / len(xs)
-    std = math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
-    return mean, std
-
-
-def table(runs: list[Run], results: list[dict]) -> list[dict]:
-    """One row per config (its runs differ only in seed): the varied keys' values, the seeds, mean and std of
-    each metric, parameters and mean train seconds."""
-    keys = varied_keys(runs)
-    groups: dict[str, list[tuple[Run, dict]]] = {}
-    for r, res in zip(runs, results):
-        name = run_name({k: v for k, v in r.values.items() if k != "run.seed"}) or "base"
-        groups.setdefault(name, []).append((r, res))
-    rows = []
-    for name, members in groups.items():
-        cfg = members[0][0].cfg
-        row = {"run": name, **{k: _value(cfg, k) for k in keys}, "seeds": len(members)}
-        for metric, _ in METRICS:
-            row[f"{metric}_mean"], row[f"{metric}_std"] = _stats([res[metric] for _, res in members])
-        row["diverged"] = sum(res.get("diverged_at_step") is not None for _, res in members)  # .get: older runs
-        row["parameters"] = members[0][1]["parameters"]
-        row["train_seconds"] = round(_stats([res["train_seconds"] for _, res in members])[0], 2)
-        rows.append(row)
-    return rows
-
-
-def _cell(v) -> str:
-    if v is None or v == "":
-        return ""
-    if isinstance(v, (list, tuple)):
-        return "[" + ",".join(_cell(x) for x in v) + "]"
-    return f"{v:g}" if isinstance(v, float) else str(v)
-
-
-def markdown(rows: list[dict], keys: list[str]) -> str:
-    head = ["run", *keys, "seeds", *(label for _, label in METRICS), "parameters", "train s"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for row in rows:
-        run = row["run"] + (f" (diverged: {row['diverged']} of {row['seeds']})" if row.get("diverged") else "")
-        cells = [run, *(_cell(row.get(k)) for k in keys), str(row["seeds"])]
-        cells += [f"{100 * row[f'{m}_mean']:.1f} ± {100 * row[f'{m}_std']:.1f}" for m, _ in METRICS]
-        cells += [f"{row['parameters']:,}", f"{row['train_seconds']:.1f}"]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def write_results(rows: list[dict], out: Path, keys: list[str], base=None, name: str = "results") -> None:
-    """`name`.csv, `name`.md and (with varied keys) `name`.png in `out`; prints the Markdown table."""
-    columns = ["run", *keys, "seeds", *(f"{m}_{s}" for m, _ in METRICS for s in ("mean", "std")), "parameters",
-               "train_seconds", "diverged"]
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, columns, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    writer.writerows({**r, **{k: _cell(r.get(k)) for k in keys}} for r in rows)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}.csv").write_text(buf.getvalue())
-    md = markdown(rows, keys)
-    (out / f"{name}.md").write_text(md)
-    print(md, end="", flush=True)
-    if keys:
-        plot(rows, keys, out / f"{name}.png", base)
-    print(f"written: {out / (name + '.csv')}, {out / (name + '.md')}" + (f", {out / (name + '.png')}" if keys else ""))
-
-
-def plot(rows: list[dict], keys: list[str], path: Path, base=None) -> None:
-    """Val top-1 against each varied key (see the module docstring); probes as horizontal lines."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    runs = [r for r in rows if not r["run"].startswith("probe")]
-    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.5), squeeze=False)
-    for ax, key in zip(axes[0], keys):
-        others = [k for k in keys if k != key]
-        mine = [r for r in runs if base is not None and all(_cell(r[k]) == _cell(_value(base, k)) for k in others)]
-        if len({_cell(r[key]) for r in mine}) < 2:  # no ablation of this key alone: the mean over the others
-            mine = runs
-        points: dict[str, list[dict]] = {}
-        for r in mine:
-            points.setdefault(_cell(r[key]), []).append(r)
-        xs = list(points)
-        means = [100 * sum(r["val_top1_mean"] for r in g) / len(g) for g in points.values()]
-        stds = [100 * max(r["val_top1_std"] for r in g) for g in points.values()]
-        ax.errorbar(range(len(xs)), means, yerr=stds, fmt="o-", capsize=3, label="VTN")
-        for r in rows:
-            if r["run"].startswith("probe"):
-                ax.axhline(100 * r["val_top1_mean"], ls="--", lw=1, color="grey")
-                ax.text(0, 100 * r["val_top1_mean"], r["run"][len("probe: "):], fontsize=6, va="bottom")
-        ax.set_xticks(range(len(xs)), xs, rotation=30, fontsize=7)
-        ax.set_xlabel(key)
-        ax.set_ylabel("val top-1 (%)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 # -- the command ------------------------------------------------------------------------------------------------

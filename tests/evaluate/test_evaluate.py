@@ -29,6 +29,34 @@ def test_metrics_by_hand():
         assert classification_metrics(logits[1:3], labels[1:3])["mean_class_accuracy"] == 0.5
 
 
+def test_the_metric_registry_drives_the_metrics_the_summary_the_best_epoch_and_the_tables(tmp_path, monkeypatch):
+    from vtn.temporal.metrics import METRICS, Metric, rank, summary_line, top_k
+    from vtn.temporal.results import write_results
+
+    logits = np.array([[3.0, 1.0, 0.0], [0.0, 2.0, 1.0], [0.0, 1.0, 2.0], [2.0, 0.0, 1.0]])
+    labels = np.array([0, 1, 1, 2])
+    m = classification_metrics(logits, labels)
+    assert list(m) == ["videos", "top1", "top5", "mean_class_accuracy", "loss"] == ["videos", *METRICS]
+    assert summary_line(m) == f"top-1 50.0%  top-5 100.0%  mean class accuracy 50.0%  loss {m['loss']:.4f}"
+    # The best epoch: the highest top-1; of equal top-1, the lowest loss.
+    a, b, c = {"val_top1": 0.5, "val_loss": 1.0}, {"val_top1": 0.5, "val_loss": 0.9}, {"val_top1": 0.6, "val_loss": 3.0}
+    assert max([a, b, c], key=rank) is c and max([a, b], key=rank) is b
+    assert rank(m, prefix="") == (0.5, -m["loss"])
+
+    # A new metric is one entry: the metrics, the summary and the sweep/probe tables take it up.
+    def top2(lg, lb):
+        return float(np.mean((top_k(lg, 2) == lb[:, None]).any(axis=1)))
+
+    monkeypatch.setitem(METRICS, "top2", Metric("top2", "top-2", "top-2 col", True, top2, ".1%"))
+    m = classification_metrics(np.array([[3.0, 1.0, 0.0], [0.0, 1.0, 2.0]]), np.array([2, 0]))
+    assert m["top2"] == 0.0 and m["top5"] == 1.0 and summary_line(m).endswith("top-2 0.0%")
+    row = {"run": "probe: x", "seeds": 1, "parameters": 7, "train_seconds": 1.0,
+           **{f"val_{k}_{s}": 0.25 for k in ("top1", "top5", "mean_class_accuracy", "top2") for s in ("mean", "std")}}
+    write_results([row], tmp_path, [], name="t")
+    assert "val_top2_mean,val_top2_std" in (tmp_path / "t.csv").read_text().splitlines()[0]
+    assert "| mean class | top-2 col |" in (tmp_path / "t.md").read_text()
+
+
 def make_cache(path, dim=4, names=("a", "b", "c"), splits=("train", "val")):
     rng = np.random.default_rng(0)
     w = CacheWriter(str(path), feature_dim=dim, class_names=list(names), overwrite=True)

@@ -49,6 +49,33 @@ def test_grid_expands_to_the_product_of_its_values_with_list_values_and_seeds():
     assert {"data.clip_frames": 32} in variants and {"data.stride": 4} in variants
 
 
+def test_the_results_table_by_hand(tmp_path, capsys):
+    from vtn.temporal.results import table, write_results
+
+    base = resolve(TrainConfig, sets=SMALL)
+    runs = expand(base, variants_of(parse_grid(["optim.lr=1e-3,3e-3"], base), zipped=False), seeds=2)
+    results = [{"val_top1": t, "val_top5": 1.0, "val_mean_class_accuracy": t / 2, "parameters": 99,
+                "train_seconds": 2.0 + i, "diverged_at_step": 3 if i == 3 else None}
+               for i, t in enumerate((0.5, 0.7, 0.25, 0.25))]
+    rows = table(runs, results)
+    assert [r["run"] for r in rows] == ["lr-0.001", "lr-0.003"] and [r["optim.lr"] for r in rows] == [1e-3, 3e-3]
+    assert rows[0]["val_top1_mean"] == pytest.approx(0.6) and rows[0]["val_top1_std"] == pytest.approx(0.1 * 2 ** 0.5)
+    assert rows[1]["val_mean_class_accuracy_std"] == 0.0 and rows[1]["train_seconds"] == 4.5
+    assert [r["diverged"] for r in rows] == [0, 1] and rows[0]["seeds"] == 2
+    probe = {"run": "probe: mean", "seeds": 1, "parameters": 5, "train_seconds": 0.1,
+             **{f"val_{k}_{s}": 0.3 for k in ("top1", "top5", "mean_class_accuracy") for s in ("mean", "std")}}
+    write_results([*rows, probe], tmp_path, ["optim.lr"], base=base)
+    assert (tmp_path / "results.csv").read_text().splitlines()[0] == (
+        "run,optim.lr,seeds,val_top1_mean,val_top1_std,val_top5_mean,val_top5_std,val_mean_class_accuracy_mean,"
+        "val_mean_class_accuracy_std,parameters,train_seconds,diverged")
+    md = (tmp_path / "results.md").read_text().splitlines()
+    assert md[0] == "| run | optim.lr | seeds | top-1 | top-5 | mean class | parameters | train s |"
+    assert md[2] == "| lr-0.001 | 0.001 | 2 | 60.0 ± 14.1 | 100.0 ± 0.0 | 30.0 ± 7.1 | 99 | 2.5 |"
+    assert md[3].startswith("| lr-0.003 (diverged: 1 of 2) |") and md[4].startswith("| probe: mean |  | 1 | 30.0 ± 30.0")
+    assert (tmp_path / "results.png").read_bytes()[:4] == b"\x89PNG"
+    assert capsys.readouterr().out.startswith("| run | optim.lr |")
+
+
 @pytest.mark.parametrize("grid, named", [
     ("optim.lrr=1e-3,3e-4", "unknown config key 'optim.lrr'"),
     ("optim.lr=1e-3,fast", "optim.lr: expected a number, got 'fast'"),
@@ -223,6 +250,20 @@ def test_probes_equal_scikit_learn_called_directly(cache, tmp_path):
     assert float(rows["probe: MLP (mean + max pooling)"]["val_top1_mean"]) == pytest.approx(mlp)
     assert float(rows["probe: single frame (logistic regression)"]["val_top1_mean"]) == pytest.approx(frame)
     assert mean <= 0.75  # a video and its reversal have one mean: order-blind probes cannot separate them
+
+
+@pytest.mark.slow
+def test_sweep_probes_are_vtn_probes_rows_in_its_table(cache, tmp_path):
+    out, probes = tmp_path / "sweep", tmp_path / "probes"
+    assert main(["sweep", cache, "--out", str(out), "--grid", "optim.lr=1e-3", *SETS, "--set", "optim.steps=3",
+                 "--probes", "--quiet"]) == 0
+    assert main(["probe", cache, "--out", str(probes), *SETS]) == 0
+    swept = [r for r in csv.DictReader((out / "results.csv").open()) if r["run"].startswith("probe: ")]
+    alone = list(csv.DictReader((probes / "probes.csv").open()))
+    assert len(swept) == 3 and [r["run"] for r in swept] == [r["run"] for r in alone]
+    for a, b in zip(swept, alone):
+        assert {k: a[k] for k in a if k.startswith("val_")} == {k: b[k] for k in b if k.startswith("val_")}
+    assert (out / "results.png").is_file()
 
 
 @pytest.mark.parametrize("positions, feature_dim, T", [("index", 32, 8), ("time", 16, 70), ("none", 32, 40)])

@@ -1,0 +1,107 @@
+"""Baselines that see no frame order: scikit-learn probes on a run's train and val videos (`vtn probe`, and
+`vtn sweep --probes` as rows of its table).
+
+- logistic regression on each video's mean-pooled features (every frame);
+- an MLP (one hidden layer of 256) on mean and max pooling side by side;
+- a single-frame baseline: logistic regression on single frames (up to 8 per train video, spread evenly),
+  scored on each val video's centre frame.
+
+Features are standardised (per dimension, train statistics) first. Each row holds the val figures of every table
+metric of temporal/metrics.py, in the format of temporal/results.py's table, with the model's parameters and fit
+seconds.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+
+import numpy as np
+
+from vtn.store.dataset import ClipDataset
+from vtn.temporal.metrics import classification_metrics, table_metrics
+
+FRAMES_PER_VIDEO = 8  # single-frame baseline: training frames per video
+
+
+def whole_videos(dataset: ClipDataset) -> ClipDataset:
+    """The same videos, every frame of each."""
+    whole = copy.copy(dataset)
+    whole.clip_frames, whole.max_frames, whole.train = None, None, False
+    return whole
+
+
+def pooled(dataset: ClipDataset) -> dict:
+    """Per video: mean, max, centre frame [n, D]; labels [n]; and up to FRAMES_PER_VIDEO frames per video with
+    their labels, for the single-frame baseline."""
+    means, maxes, centres, frames, frame_labels = [], [], [], [], []
+    for i in range(len(dataset)):
+        x = dataset[i]["features"].numpy().astype(np.float64)
+        means.append(x.mean(0))
+        maxes.append(x.max(0))
+        centres.append(x[len(x) // 2])
+        pick = np.unique(np.linspace(0, len(x) - 1, min(len(x), FRAMES_PER_VIDEO)).round().astype(int))
+        frames.append(x[pick])
+        frame_labels.append(np.full(len(pick), dataset.labels[i]))
+    return {"mean": np.stack(means), "max": np.stack(maxes), "centre": np.stack(centres),
+            "labels": np.asarray(dataset.labels), "frames": np.concatenate(frames),
+            "frame_labels": np.concatenate(frame_labels)}
+
+
+def logistic():
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    return make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
+
+
+def mlp(seed: int):
+    from sklearn.neural_network import MLPClassifier
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    return make_pipeline(StandardScaler(), MLPClassifier(hidden_layer_sizes=(256,), max_iter=500, random_state=seed))
+
+
+def logits_of(model, x: np.ndarray, classes: int) -> np.ndarray:
+    """Log-probabilities [n, classes] over every class of the cache (a class absent from training gets ~0)."""
+    out = np.full((len(x), classes), np.log(1e-12))
+    out[:, model.classes_] = np.log(np.maximum(model.predict_proba(x), 1e-12))
+    return out
+
+
+def parameters(model) -> int:
+    est = model[-1]
+    if hasattr(est, "coefs_"):
+        return int(sum(w.size for w in est.coefs_) + sum(b.size for b in est.intercepts_))
+    return int(est.coef_.size + est.intercept_.size)
+
+
+def run_probes(train: dict, val: dict, classes: int, seed: int = 0) -> list[dict]:
+    """Fit and score each probe; rows in the format of temporal/results.py's table."""
+    specs = [
+        ("probe: logistic regression (mean pooling)", logistic(), train["mean"], train["labels"], val["mean"]),
+        ("probe: MLP (mean + max pooling)", mlp(seed), np.hstack([train["mean"], train["max"]]), train["labels"],
+         np.hstack([val["mean"], val["max"]])),
+        ("probe: single frame (logistic regression)", logistic(), train["frames"], train["frame_labels"],
+         val["centre"]),
+    ]
+    rows = []
+    for name, model, x, y, x_val in specs:
+        keep = y >= 0
+        tick = time.perf_counter()
+        model.fit(x[keep], y[keep])
+        seconds = time.perf_counter() - tick
+        metrics = classification_metrics(logits_of(model, x_val, classes), val["labels"])
+        row = {"run": name, "seeds": 1}
+        for m in table_metrics():
+            row[f"val_{m.key}_mean"], row[f"val_{m.key}_std"] = metrics[m.key], 0.0
+        rows.append({**row, "parameters": parameters(model), "train_seconds": round(seconds, 2)})
+    return rows
+
+
+def probe_rows(data, classes: int, seed: int = 0) -> list[dict]:
+    """The probes on the train and val videos of `data` (a run's loaded splits: temporal.train's load_data) of a
+    cache of `classes` classes."""
+    return run_probes(pooled(whole_videos(data.train)), pooled(whole_videos(data.val)), classes, seed)

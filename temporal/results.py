@@ -1,0 +1,157 @@
+"""The comparison of stage-two runs and baselines: the table (mean ± std over seeds of each table metric of
+temporal/metrics.py), written as CSV and Markdown, and the plot of val top-1 against each varied key.
+
+`vtn sweep` writes DIR/results.{csv,md,png} with it, `vtn probe --out` DIR/probes.{csv,md}. A row is one config
+(its runs differ only in seed), named by its varied values (run_name); a baseline's row is named `probe: ...` and
+drawn in the plot as a horizontal line.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from vtn.config import to_dict
+from vtn.temporal.metrics import METRICS, table_metrics
+
+PLOTTED = "top1"  # the metric results.png draws
+
+
+@dataclass(frozen=True)
+class Run:
+    name: str
+    values: dict  # flat config key -> value: what this run varies (run.seed included)
+    cfg: object  # TrainConfig
+
+
+def _short(value) -> str:
+    if isinstance(value, (list, tuple)):
+        return "-".join(_short(v) for v in value)
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def run_name(values: dict) -> str:
+    """`lr-0.001_num_layers-3_seed-0`: each key's last part (the whole key where two would clash) and value."""
+    last = [k.rsplit(".", 1)[-1] for k in values]
+    parts = [f"{k.rsplit('.', 1)[-1] if last.count(k.rsplit('.', 1)[-1]) == 1 else k}-{_short(v)}"
+             for k, v in values.items()]
+    return "_".join(parts).replace("/", "-").replace(" ", "")
+
+
+def varied_keys(runs: list[Run]) -> list[str]:
+    """Keys that vary across the runs' configs, run.seed excluded (seeds are averaged)."""
+    keys = dict.fromkeys(k for r in runs for k in r.values if k != "run.seed")
+    return list(keys)
+
+
+def _value(cfg, key: str):
+    node = to_dict(cfg)
+    for k in key.split("."):
+        node = node[k]
+    return node
+
+
+def _stats(xs: list[float]) -> tuple[float, float]:
+    mean = sum(xs) / len(xs)
+    std = math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
+    return mean, std
+
+
+def table(runs: list[Run], results: list[dict]) -> list[dict]:
+    """One row per config (its runs differ only in seed): the varied keys' values, the seeds, mean and std of
+    each metric, parameters and mean train seconds."""
+    keys = varied_keys(runs)
+    groups: dict[str, list[tuple[Run, dict]]] = {}
+    for r, res in zip(runs, results):
+        name = run_name({k: v for k, v in r.values.items() if k != "run.seed"}) or "base"
+        groups.setdefault(name, []).append((r, res))
+    rows = []
+    for name, members in groups.items():
+        cfg = members[0][0].cfg
+        row = {"run": name, **{k: _value(cfg, k) for k in keys}, "seeds": len(members)}
+        for m in table_metrics():
+            row[f"val_{m.key}_mean"], row[f"val_{m.key}_std"] = _stats([res[f"val_{m.key}"] for _, res in members])
+        row["diverged"] = sum(res.get("diverged_at_step") is not None for _, res in members)  # .get: older runs
+        row["parameters"] = members[0][1]["parameters"]
+        row["train_seconds"] = round(_stats([res["train_seconds"] for _, res in members])[0], 2)
+        rows.append(row)
+    return rows
+
+
+def _cell(v) -> str:
+    if v is None or v == "":
+        return ""
+    if isinstance(v, (list, tuple)):
+        return "[" + ",".join(_cell(x) for x in v) + "]"
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def markdown(rows: list[dict], keys: list[str]) -> str:
+    head = ["run", *keys, "seeds", *(m.column for m in table_metrics()), "parameters", "train s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        run = row["run"] + (f" (diverged: {row['diverged']} of {row['seeds']})" if row.get("diverged") else "")
+        cells = [run, *(_cell(row.get(k)) for k in keys), str(row["seeds"])]
+        cells += [f"{100 * row[f'val_{m.key}_mean']:.1f} ± {100 * row[f'val_{m.key}_std']:.1f}"
+                  for m in table_metrics()]
+        cells += [f"{row['parameters']:,}", f"{row['train_seconds']:.1f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_results(rows: list[dict], out: Path, keys: list[str], base=None, name: str = "results") -> None:
+    """`name`.csv, `name`.md and (with varied keys) `name`.png in `out`; prints the Markdown table."""
+    columns = ["run", *keys, "seeds", *(f"val_{m.key}_{s}" for m in table_metrics() for s in ("mean", "std")),
+               "parameters", "train_seconds", "diverged"]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, columns, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({**r, **{k: _cell(r.get(k)) for k in keys}} for r in rows)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.csv").write_text(buf.getvalue())
+    md = markdown(rows, keys)
+    (out / f"{name}.md").write_text(md)
+    print(md, end="", flush=True)
+    if keys:
+        plot(rows, keys, out / f"{name}.png", base)
+    print(f"written: {out / (name + '.csv')}, {out / (name + '.md')}" + (f", {out / (name + '.png')}" if keys else ""))
+
+
+def plot(rows: list[dict], keys: list[str], path: Path, base=None) -> None:
+    """Val top-1 (PLOTTED) against each varied key, one panel per key: the configs whose other varied keys are at
+    the `base` config's values, else the mean over the others; probes as horizontal lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [r for r in rows if not r["run"].startswith("probe")]
+    mean, std = f"val_{PLOTTED}_mean", f"val_{PLOTTED}_std"
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.5), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        others = [k for k in keys if k != key]
+        mine = [r for r in runs if base is not None and all(_cell(r[k]) == _cell(_value(base, k)) for k in others)]
+        if len({_cell(r[key]) for r in mine}) < 2:  # no ablation of this key alone: the mean over the others
+            mine = runs
+        points: dict[str, list[dict]] = {}
+        for r in mine:
+            points.setdefault(_cell(r[key]), []).append(r)
+        xs = list(points)
+        means = [100 * sum(r[mean] for r in g) / len(g) for g in points.values()]
+        stds = [100 * max(r[std] for r in g) for g in points.values()]
+        ax.errorbar(range(len(xs)), means, yerr=stds, fmt="o-", capsize=3, label="VTN")
+        for r in rows:
+            if r["run"].startswith("probe"):
+                ax.axhline(100 * r[mean], ls="--", lw=1, color="grey")
+                ax.text(0, 100 * r[mean], r["run"][len("probe: "):], fontsize=6, va="bottom")
+        ax.set_xticks(range(len(xs)), xs, rotation=30, fontsize=7)
+        ax.set_xlabel(key)
+        ax.set_ylabel(f"val {METRICS[PLOTTED].column} (%)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
