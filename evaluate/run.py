@@ -9,6 +9,8 @@ training uses (vtn.temporal.data), so an evaluation reproduces the run's own val
 Inference modes: `full` (the paper's: one view over the whole video, up to max_positions frames spread over it)
 and `TxS` (PySlowFast / MMAction2 testing: T clips of the training clip length with starts evenly spaced over the
 video, x S spatial crops, softmax scores averaged). A cache holds one crop, so from a cache S is 1.
+
+Its settings (views, checkpoint, batch size, device, ...) are an EvaluateConfig (evaluate/settings.py).
 """
 
 from __future__ import annotations

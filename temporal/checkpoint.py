@@ -3,7 +3,10 @@
 A checkpoint directory holds the model (`config.json` + `model.safetensors`, see VTN.save_pretrained),
 `inputs.json` (what the features it was trained on were: the cache's backbone identity and sampling, which
 every consumer checks), `state.json` (the run's counters and metrics); `last/` adds the optimiser state and
-every process's RNG state, so a run resumes exactly. Shared by `vtn train` and `vtn finetune`.
+every process's RNG state, so a run resumes exactly. Written by `vtn train` and `vtn finetune`.
+
+Each rule about checkpoints is here once: which checkpoint of a run a consumer takes (`locate`), how a model is
+loaded from one (`load_model`), what "the same backbone" means (`backbone_differences`).
 """
 
 from __future__ import annotations
