@@ -5,6 +5,8 @@ from __future__ import annotations
 
 def register(sub, bench_sub) -> None:
     """Add `vtn evaluate`, `vtn predict`, `vtn report` and `vtn bench inference` to `vtn`."""
+    from vtn.config import add_config_args
+
     b = bench_sub.add_parser(
         "inference", help="seconds per video and frames through the backbone: full view vs 10 clips x 3 crops",
         description="Trains a small model on generated videos (as vtn demo does), then predicts the val videos from "
@@ -29,17 +31,18 @@ def register(sub, bench_sub) -> None:
     p.add_argument("--cache", required=True, help="the feature cache to evaluate on")
     p.add_argument("--split", help="which split (default: val, or the videos the run held out of its train split "
                    "when the cache has none)")
-    p.add_argument("--checkpoint", default="best", choices=["best", "last"], help="which checkpoint of RUN (default best)")
+    p.add_argument("--checkpoint", choices=["best", "last"], help="which checkpoint of RUN (default best)")
     p.add_argument("--out", help="where to write the files (default: RUN)")
-    p.add_argument("--batch-size", type=int, default=16, help="videos per forward pass (default 16)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: the GPU when there is one)")
-    p.add_argument("--views", default="full", metavar="MODE",
+    p.add_argument("--batch-size", type=int, help="videos per forward pass (default 16)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: the GPU when there is one)")
+    p.add_argument("--views", metavar="MODE",
                    help="full (default: one view over the whole video, the paper's mode) or TxS: T clips of the "
                    "training clip length evenly spaced in time (S = 1 from a cache), softmax averaged, e.g. 10x1")
-    p.add_argument("--attention", type=int, default=0, metavar="N",
+    p.add_argument("--attention", type=int, metavar="N",
                    help="for the first N videos write attention/<id>.png (frame thumbnails from the source video "
                    "over [CLS]'s attention per layer and the rollout) and attention/attention.json")
     p.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
+    add_config_args(p, "views=10x1")
     p.set_defaults(func=_evaluate)
 
     q = sub.add_parser(
@@ -50,21 +53,22 @@ def register(sub, bench_sub) -> None:
         "Exit status: 0 all videos predicted, 3 some failed (reported, the rest predicted), 2 usage error.")
     q.add_argument("input", help="a video file, a folder of videos, or a .csv manifest")
     q.add_argument("--model", required=True, metavar="RUN", help="a `vtn train` run directory or a checkpoint directory")
-    q.add_argument("--checkpoint", default="best", choices=["best", "last"], help="which checkpoint of RUN (default best)")
-    q.add_argument("--views", default="full", metavar="MODE",
+    q.add_argument("--checkpoint", choices=["best", "last"], help="which checkpoint of RUN (default best)")
+    q.add_argument("--views", metavar="MODE",
                    help="full (default: one view over the whole video) or TxS: T clips of the training clip length "
                    "evenly spaced in time x S crops (1 centre, or 3 along the long side), softmax averaged, e.g. 10x3")
-    q.add_argument("--top", type=int, default=5, help="classes to print per video (default 5)")
+    q.add_argument("--top", type=int, help="classes to print per video (default 5)")
     q.add_argument("--json", metavar="FILE", help="write one JSON object per video (JSON lines)")
-    q.add_argument("--attention", type=int, default=0, metavar="N",
+    q.add_argument("--attention", type=int, metavar="N",
                    help="for the first N videos write a PNG of [CLS]'s attention over frame thumbnails, and "
                    "attention.json, into attention/ beside --json (or --attention-dir)")
     q.add_argument("--attention-dir", metavar="DIR", help="where attention/ goes (default: beside --json, or here)")
     q.add_argument("--weights", metavar="PATH", help="the backbone weights file, when it moved since extraction")
-    q.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
-    q.add_argument("--batch-size", type=int, default=64, help="frames per backbone forward, across videos (default 64)")
+    q.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
+    q.add_argument("--batch-size", type=int, help="frames per backbone forward, across videos (default 64)")
     q.add_argument("--workers", type=int, help="decode processes (default: as vtn extract)")
-    q.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none", help="autocast precision (default none)")
+    q.add_argument("--amp", choices=["none", "bf16", "fp16"], help="autocast precision (default none)")
+    add_config_args(q, "views=10x3")
     q.set_defaults(func=_predict)
 
     r = sub.add_parser("report", help="training curves of a run (curves.png) and its best figures",
@@ -82,9 +86,9 @@ def _evaluate(args) -> int:
     if args.out:  # at the door, before torch loads (evaluate checks again: it is called from Python too)
         check_run_dir(args.out, "evaluation")
     from vtn.evaluate.run import evaluate
+    from vtn.evaluate.settings import EvaluateConfig, settings
 
-    m = evaluate(args.run, args.cache, split=args.split, out=args.out, checkpoint=args.checkpoint,
-                 batch_size=args.batch_size, device=args.device, views=args.views, attention=args.attention)
+    m = evaluate(args.run, args.cache, out=args.out, settings=settings(EvaluateConfig, args))
     if args.json:
         print(json.dumps(m))
         return 0
@@ -109,16 +113,14 @@ def _predict(args) -> int:
     import time
 
     from vtn.evaluate.predict import predict_job
-    from vtn.extract.config import RuntimeConfig
+    from vtn.evaluate.settings import PredictConfig, settings
 
     started = time.perf_counter()
-    runtime = RuntimeConfig(device=args.device, batch_size=args.batch_size, workers=args.workers, amp=args.amp,
-                            progress=False)
-    results, failures = predict_job(args.input, args.model, args.checkpoint, args.views, args.weights, runtime,
-                                    args.top, args.json, args.attention, args.attention_dir)
+    cfg = settings(PredictConfig, args)
+    results, failures = predict_job(args.input, args.model, cfg, args.weights, args.json, args.attention_dir)
     seconds = time.perf_counter() - started
     frames = sum(r["frames_through_backbone"] for r in results)
-    print(f"vtn predict: {len(results)} videos in {seconds:.1f} s ({args.views}: {frames / max(len(results), 1):.0f} "
+    print(f"vtn predict: {len(results)} videos in {seconds:.1f} s ({cfg.views}: {frames / max(len(results), 1):.0f} "
           f"frames through the backbone per video); {len(failures)} failed", file=sys.stderr)
     return 3 if failures else 0
 

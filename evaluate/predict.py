@@ -26,15 +26,16 @@ from vtn.extract.config import ExtractConfig, RuntimeConfig
 from vtn.extract.inputs import VideoEntry, discover
 from vtn.extract.job import check_runtime, extract_features
 from vtn.extract.sampling import sample
+from vtn.evaluate.attention import attention_figure
+from vtn.evaluate.settings import PredictConfig, parse_views
 from vtn.store import collate_clips
 from vtn.store.clips import clip_rows
 from vtn.store.dataset import video_span
-from vtn.temporal.checkpoint import read_inputs
-from vtn.temporal.data import model_inputs
+from vtn.temporal.checkpoint import clip_settings, locate, read_inputs
+from vtn.temporal.data import model_inputs, whole_video_sampling
 from vtn.temporal.e2e import load_temporal, rebuild_backbone, sampling_of
 from vtn.temporal.metrics import mean_softmax
 from vtn.temporal.model import VTN
-from vtn.evaluate.run import checkpoint_dir, clip_settings, parse_views
 
 
 def entries_of(source: str | Path) -> tuple[list[VideoEntry], list[str]]:
@@ -65,7 +66,7 @@ class Predictor:
         backbone its features come from: timm's weights, seeded random ones, the recorded weights file (`weights`
         gives another path to the same file), or a fine-tuned run's own backbone.safetensors. Refused, naming what
         it looked for, when they cannot be found or are not the same weights."""
-        ckpt = checkpoint_dir(Path(run), checkpoint)
+        ckpt = locate(run, checkpoint)
         inputs = read_inputs(ckpt)
         mode = parse_views(views)
         runtime = runtime or RuntimeConfig()
@@ -75,7 +76,7 @@ class Predictor:
         model = load_temporal(ckpt)
         frames, stride = clip_settings(inputs)
         sampling = sampling_of(inputs)
-        sampling = replace(sampling, view_frames=model.config.max_positions) if mode is None else \
+        sampling = whole_video_sampling(sampling, model.config) if mode is None else \
             replace(sampling, view_clips=(mode[0], frames, stride))
         cfg = ExtractConfig(sampling, bc, runtime)
         return cls(model.to(device).eval(), backbone, preprocess, cfg, mode, (frames, stride), device)
@@ -135,17 +136,18 @@ class Predictor:
         return self.predict(entries)
 
 
-def predict_job(source: str, run: str, checkpoint: str = "best", views: str = "full", weights: str | None = None,
-                runtime: RuntimeConfig | None = None, top: int = 5, json_path: str | None = None,
-                attention: int = 0, attention_dir: str | None = None) -> tuple[list[dict], list[tuple]]:
+def predict_job(source: str, run: str, settings: PredictConfig | None = None, weights: str | None = None,
+                json_path: str | None = None, attention_dir: str | None = None) -> tuple[list[dict], list[tuple]]:
     """`vtn predict`: prints each video's top classes as it finishes, writes --json lines, attention figures;
-    returns (results, failures)."""
-    from vtn.evaluate.run import attention_figure
-
+    returns (results, failures). `weights`: the backbone's weights file where it is now, if it moved."""
+    settings = settings or PredictConfig()
+    views, top, attention = settings.views, settings.top, settings.attention
     entries, folder_classes = entries_of(source)
     if attention and views != "full":
         raise UserError("--attention shows [CLS]'s attention over one view of the whole video: use it with --views full")
-    predictor = Predictor.from_run(run, checkpoint, views, weights, runtime)
+    runtime = RuntimeConfig(device=settings.device, batch_size=settings.batch_size, workers=settings.workers,
+                            amp=settings.amp, progress=False)
+    predictor = Predictor.from_run(run, settings.checkpoint, views, weights, runtime)
     names = predictor.class_names
     failures: list[tuple] = []
     out = open(json_path, "w") if json_path else None

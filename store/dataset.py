@@ -52,6 +52,11 @@ class ClipDataset(Dataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def rng(self, i: int, *salt: int) -> np.random.Generator:
+        """Item i's random stream in this epoch: (seed, epoch, item), never global state. Item i's clip is drawn
+        from the unsalted stream; a `salt` gives a consumer another stream of the same item (e.g. augmentation)."""
+        return np.random.default_rng((self.seed, self.epoch, i, *salt))
+
     def __len__(self) -> int:
         return len(self.ids)
 
@@ -61,7 +66,7 @@ class ClipDataset(Dataset):
         return np.minimum(self.lengths, cap) if cap is not None else self.lengths
 
     def __getitem__(self, i: int) -> dict:
-        rng = np.random.default_rng((self.seed, self.epoch, i)) if self.train else None
+        rng = self.rng(i) if self.train else None
         pick = clip_rows(int(self.lengths[i]), self.clip_frames, self.stride, self.max_frames, rng, self.view)
         if isinstance(self.source, SplitData):
             rows = self.source.video_rows(int(self.rows[i]))

@@ -3,7 +3,10 @@
 A checkpoint directory holds the model (`config.json` + `model.safetensors`, see VTN.save_pretrained),
 `inputs.json` (what the features it was trained on were: the cache's backbone identity and sampling, which
 every consumer checks), `state.json` (the run's counters and metrics); `last/` adds the optimiser state and
-every process's RNG state, so a run resumes exactly. Shared by `vtn train` and `vtn finetune`.
+every process's RNG state, so a run resumes exactly. Written by `vtn train` and `vtn finetune`.
+
+Each rule about checkpoints is here once: which checkpoint of a run a consumer takes (`locate`), how a model is
+loaded from one (`load_model`), what "the same backbone" means (`backbone_differences`).
 """
 
 from __future__ import annotations
@@ -11,11 +14,13 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from vtn.config import merge
 from vtn.errors import UserError
 
 CONFIG_NAME = "config.json"  # a saved VTN: its VTNConfig as JSON, beside
@@ -50,6 +55,43 @@ def find(run: Path, name: str) -> Path | None:
         if (d / "state.json").is_file():
             return d
     return None
+
+
+def locate(run: str | Path, name: str = "best") -> Path:
+    """The checkpoint every consumer (evaluate, predict, finetune) takes from RUN: RUN itself when it is a checkpoint
+    directory (it holds a model), else its checkpoint `name` as `find` gives it; refused when neither."""
+    run = Path(run)
+    if (run / CONFIG_NAME).is_file():
+        return run
+    found = find(run, name)
+    if found is None:
+        raise UserError(f"{run}: neither a training run with a {name}/ checkpoint nor a checkpoint directory")
+    return found
+
+
+def load_model(directory: str | Path, config_cls: type, build: Callable[[Any], torch.nn.Module],
+               backend: str | None = None, needs: tuple[str, ...] = (), what: str = "VTN",
+               skip: str | None = None) -> torch.nn.Module:
+    """A model from a checkpoint directory, on the CPU: config.json over `config_cls`'s defaults (type-checked,
+    optionally into another attention `backend`), `build(config)` makes the module, and model.safetensors fills it,
+    every weight checked to fit (those whose names start with `skip` are left out). Refused, naming the files,
+    when `directory` lacks config.json, model.safetensors or one of `needs`. Safe to load untrusted files: JSON
+    and safetensors, no pickle."""
+    path = Path(directory)
+    files = [path / n for n in (CONFIG_NAME, WEIGHTS_NAME, *needs)]
+    if not all(f.is_file() for f in files):
+        raise UserError(f"{path}: not a {what} checkpoint (needs {', '.join(f.name for f in files)})")
+    config = merge(config_cls(), json.loads((path / CONFIG_NAME).read_text()))
+    if backend is not None:
+        config = merge(config, {"backend": backend})
+    model = build(config)
+    state = load_tensors(path / WEIGHTS_NAME)
+    if skip is not None:
+        state = {k: v for k, v in state.items() if not k.startswith(skip)}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise UserError(f"{path}: weights do not match config.json (missing {missing[:5]}, unexpected {unexpected[:5]})")
+    return model
 
 
 def write_model(path: Path, model, info: dict, inputs: dict) -> None:
@@ -121,3 +163,21 @@ def read_inputs(ckpt: Path) -> dict | None:
     """The recorded inputs of a checkpoint (None for checkpoints written before they were recorded)."""
     path = ckpt / INPUTS_NAME
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+def clip_settings(inputs: dict | None) -> tuple[int, int]:
+    """The training clip (frames, stride in cached frames) recorded with a checkpoint; stage two's defaults
+    for checkpoints written before it was recorded."""
+    inputs = inputs or {}
+    return int(inputs.get("clip_frames", 16)), int(inputs.get("stride", 8))
+
+
+# "The same backbone" for every consumer of recorded features (a cache against a checkpoint, a rebuilt backbone
+# against its record): its timm name, its weights and its preprocessing.
+BACKBONE_IDENTITY = ("name", "weights_sha256", "preprocessing")
+
+
+def backbone_differences(recorded: dict | None, actual: dict | None) -> list[tuple[str, Any, Any]]:
+    """(key, recorded value, actual value) for each key of BACKBONE_IDENTITY on which two identities differ."""
+    recorded, actual = recorded or {}, actual or {}
+    return [(k, recorded.get(k), actual.get(k)) for k in BACKBONE_IDENTITY if recorded.get(k) != actual.get(k)]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -20,6 +21,7 @@ from vtn.paths import canonical_cache
 from vtn.runtime import Processes, autocast
 from vtn.store import FeatureCache, SplitData
 from vtn.store.dataset import ClipDataset, LengthBucketSampler, collate_clips
+from vtn.temporal.checkpoint import backbone_differences
 from vtn.temporal.model import VTN, VTNConfig, frame_positions
 
 # A split is loaded into memory when its features take at most this share of the available memory
@@ -156,6 +158,19 @@ def feature_stats(dataset: ClipDataset, where: str, max_videos: int = 2000) -> t
     return torch.from_numpy(mean).float(), torch.from_numpy(scale).float()
 
 
+def whole_videos(source: SplitData | FeatureCache, split: str | None, config: VTNConfig,
+                 videos: np.ndarray | None = None) -> ClipDataset:
+    """Each video of the split whole, thinned evenly to the model's max_positions frames: the one view of a
+    video that training validates on and evaluation scores (`view_frames` is the same rule on raw video)."""
+    return ClipDataset(source, split=split, clip_frames=None, max_frames=config.max_positions, train=False,
+                       videos=videos)
+
+
+def whole_video_sampling(sampling, config: VTNConfig):
+    """`sampling` (a SamplingConfig) decoding only the frames of `whole_videos`' view of each raw video."""
+    return replace(sampling, view_frames=config.max_positions)
+
+
 def model_inputs(batch: dict, config: VTNConfig, device: torch.device):
     """(features, mask, positions) for VTN.forward from a collate_clips batch, on `device`; positions by
     `frame_positions`, so every real frame of any video, however long, has a place in the table."""
@@ -196,14 +211,9 @@ def predict(model: VTN, dataset: ClipDataset, device: torch.device,
     return logits, index
 
 
-# What a checkpoint records of the features it was trained on, and what every consumer compares: the backbone
-# that made them (timm name, weights, preprocessing) and the frames they were taken from (sampling).
-BACKBONE_IDENTITY = ("name", "weights_sha256", "preprocessing")
-
-
 def cache_inputs(cache: FeatureCache) -> dict:
     """The identity of a cache's features, for a checkpoint's inputs.json: the backbone's identity (compared by
-    BACKBONE_IDENTITY) and the settings that rebuild it (`backbone_config`: name, weights, image size, seed, for
+    checkpoint.backbone_differences) and the settings that rebuild it (`backbone_config`: name, weights, image size, seed, for
     `vtn predict`), and the sampling."""
     return {"cache": canonical_cache(cache.url), "feature_dim": cache.feature_dim,
             "backbone": cache.attrs.get("backbone"), "backbone_config": (cache.attrs.get("config") or {}).get("backbone"),
@@ -215,9 +225,8 @@ def check_inputs(recorded: dict | None, cache: FeatureCache, checkpoint) -> None
     if recorded is None:  # a checkpoint from before inputs were recorded: nothing to compare
         return
     mine = cache_inputs(cache)
-    theirs_b, mine_b = recorded.get("backbone") or {}, mine["backbone"] or {}
-    diffs = [f"backbone {k}: {theirs_b.get(k)!r} in the checkpoint, {mine_b.get(k)!r} in the cache"
-             for k in BACKBONE_IDENTITY if theirs_b.get(k) != mine_b.get(k)]
+    diffs = [f"backbone {k}: {theirs!r} in the checkpoint, {ours!r} in the cache"
+             for k, theirs, ours in backbone_differences(recorded.get("backbone"), mine["backbone"])]
     if recorded.get("sampling") != mine["sampling"]:
         diffs.append(f"sampling: {recorded.get('sampling')} in the checkpoint, {mine['sampling']} in the cache")
     if diffs:

@@ -34,12 +34,12 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from vtn.config import merge, to_dict
+from vtn.config import to_dict
 from vtn.errors import UserError
 from vtn.extract.backbone import Preprocess, create_backbone, file_sha256, state_dict_sha256
 from vtn.extract.config import BackboneConfig, RuntimeConfig
 from vtn.extract.sampling import SamplingConfig
-from vtn.temporal.checkpoint import CONFIG_NAME, WEIGHTS_NAME, load_tensors
+from vtn.temporal.checkpoint import backbone_differences, load_model
 from vtn.temporal.model import VTN, VTNConfig
 
 VIDEO_NAME = "video.json"  # the backbone's identity and build settings, its preprocessing, the sampling
@@ -75,10 +75,11 @@ def rebuild_backbone(inputs: dict | None, where: Path, device: torch.device, wei
         raise UserError(f"{where}: its features came from {bc.name} with the weights file {bc.weights} (sha256 "
                         f"{recorded.get('weights_sha256')}), which is not there; give its path with --weights")
     backbone, preprocess, built = build_backbone(bc, runtime or RuntimeConfig(), device, crops=crops)
-    for key in ("weights_sha256", "preprocessing"):
-        if built[key] != recorded.get(key):
-            raise UserError(f"{where}: the backbone built from {bc.weights} is not the one its features came from: "
-                            f"{key} {built[key]!r} now, {recorded.get(key)!r} recorded")
+    differences = backbone_differences(recorded, built)
+    if differences:
+        key, then, now = differences[0]
+        raise UserError(f"{where}: the backbone built from {bc.weights} is not the one its features came from: "
+                        f"{key} {now!r} now, {then!r} recorded")
     return backbone, preprocess, bc, built
 
 
@@ -218,24 +219,18 @@ class VideoVTN(VTN):
         """Load a `save_pretrained` directory on the CPU: the backbone is built by timm (seeded random init, no
         download) and gets the saved weights; its preprocessing must be the recorded one."""
         path = Path(directory)
-        files = [path / n for n in (CONFIG_NAME, WEIGHTS_NAME, VIDEO_NAME)]
-        if not all(f.is_file() for f in files):
-            raise UserError(f"{path}: not a fine-tuned VTN checkpoint (needs {', '.join(f.name for f in files)})")
-        config = merge(VTNConfig(), json.loads((path / CONFIG_NAME).read_text()))
-        if backend is not None:
-            config = merge(config, {"backend": backend})
-        video = json.loads((path / VIDEO_NAME).read_text())
-        bc = BackboneConfig(**video["backbone_config"])
-        backbone, data_config, _ = create_backbone(bc.name, image_size=bc.image_size, seed=bc.seed)
-        preprocess = Preprocess(data_config)
-        if to_dict(preprocess.attrs) != video["backbone"].get("preprocessing"):
-            raise UserError(f"{path}: timm's preprocessing for {bc.name} is now {preprocess.attrs}, the checkpoint "
-                            f"recorded {video['backbone'].get('preprocessing')}")
-        model = cls(config, backbone, preprocess, video)
-        missing, unexpected = model.load_state_dict(load_tensors(path / WEIGHTS_NAME), strict=False)
-        if missing or unexpected:
-            raise UserError(f"{path}: weights do not match the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
-        return model
+
+        def build(config: VTNConfig) -> VideoVTN:
+            video = json.loads((path / VIDEO_NAME).read_text())
+            bc = BackboneConfig(**video["backbone_config"])
+            backbone, data_config, _ = create_backbone(bc.name, image_size=bc.image_size, seed=bc.seed)
+            preprocess = Preprocess(data_config)
+            if to_dict(preprocess.attrs) != video["backbone"].get("preprocessing"):
+                raise UserError(f"{path}: timm's preprocessing for {bc.name} is now {preprocess.attrs}, the checkpoint "
+                                f"recorded {video['backbone'].get('preprocessing')}")
+            return cls(config, backbone, preprocess, video)
+
+        return load_model(path, VTNConfig, build, backend, needs=(VIDEO_NAME,), what="fine-tuned VTN")
 
 
 def load_temporal(directory: str | Path) -> VTN:
@@ -249,13 +244,7 @@ def load_temporal(directory: str | Path) -> VTN:
     if not (path / BACKBONE_FILE).is_file():
         raise UserError(f"{path}: a fine-tuned checkpoint without {BACKBONE_FILE}, written by an older vtn: its "
                         "inputs.json names the stage-two backbone, not its own; fine-tune again with this vtn")
-    config = merge(VTNConfig(), json.loads((path / CONFIG_NAME).read_text()))
-    model = VTN(config)
-    state = {k: v for k, v in load_tensors(path / WEIGHTS_NAME).items() if not k.startswith(BACKBONE_PREFIX)}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise UserError(f"{path}: weights do not match config.json (missing {missing[:5]}, unexpected {unexpected[:5]})")
-    return model
+    return load_model(path, VTNConfig, VTN, skip=BACKBONE_PREFIX)
 
 
 def reextract_command(ckpt: str | Path, inputs: dict, videos: str | None = None) -> str:

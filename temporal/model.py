@@ -24,9 +24,9 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
-from vtn.config import ConfigError, merge, to_dict
+from vtn.config import ConfigError, to_dict
 from vtn.errors import UserError
-from vtn.temporal.checkpoint import CONFIG_NAME, WEIGHTS_NAME, load_tensors
+from vtn.temporal.checkpoint import CONFIG_NAME, WEIGHTS_NAME, load_model
 from vtn.temporal.longformer import LAYER_NORM_EPS, FastLongformer
 
 
@@ -262,19 +262,5 @@ class VTN(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, backend: str | None = None) -> VTN:
-        """Load a `save_pretrained` directory (on the CPU), optionally into the other backend.
-
-        Safe to load untrusted files: the config is type-checked JSON and the weights are safetensors (no pickle).
-        """
-        path = Path(directory)
-        if not (path / CONFIG_NAME).is_file() or not (path / WEIGHTS_NAME).is_file():
-            raise UserError(f"{path}: not a VTN checkpoint (needs {CONFIG_NAME} and {WEIGHTS_NAME})")
-        config = merge(VTNConfig(), json.loads((path / CONFIG_NAME).read_text()))
-        if backend is not None:
-            config = merge(config, {"backend": backend})
-        model = cls(config)
-
-        missing, unexpected = model.load_state_dict(load_tensors(path / WEIGHTS_NAME), strict=False)
-        if missing or unexpected:
-            raise UserError(f"{path}: weights do not match config.json (missing {missing}, unexpected {unexpected})")
-        return model
+        """Load a `save_pretrained` directory (on the CPU), optionally into the other backend (checkpoint.load_model)."""
+        return load_model(directory, VTNConfig, cls, backend)

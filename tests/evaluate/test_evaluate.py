@@ -165,6 +165,39 @@ def test_views_from_the_cache_average_clips_and_record_their_cost(trained, tmp_p
     assert "--views 'ten'" in capsys.readouterr().err
 
 
+def test_settings_come_from_a_yaml_file_then_set_then_flags(trained, tmp_path, capsys):
+    from vtn.cli import build_parser
+    from vtn.config import ConfigError
+    from vtn.evaluate.settings import EvaluateConfig, PredictConfig, settings
+
+    yaml = tmp_path / "eval.yaml"
+    yaml.write_text("views: 3x1\ncheckpoint: last\nbatch_size: 2\n")
+    parse = build_parser().parse_args
+    assert settings(EvaluateConfig, parse(["evaluate", "r", "--cache", "c"])) == EvaluateConfig()
+    got = settings(EvaluateConfig, parse(["evaluate", "r", "--cache", "c", "--config", str(yaml), "--set", "split=train",
+                                          "--set", "batch_size=4", "--batch-size", "8"]))
+    assert got == EvaluateConfig(views="3x1", checkpoint="last", split="train", batch_size=8)  # flags win
+    got = settings(PredictConfig, parse(["predict", "v", "--model", "r", "--set", "top=2", "--set", "amp=bf16",
+                                         "--workers", "0"]))
+    assert got == PredictConfig(top=2, amp="bf16", workers=0)
+    with pytest.raises(ConfigError, match="batch_size"):
+        settings(EvaluateConfig, parse(["evaluate", "r", "--cache", "c", "--set", "batch_size=0"]))
+    with pytest.raises(ConfigError, match="'top'"):  # predict's settings only
+        settings(EvaluateConfig, parse(["evaluate", "r", "--cache", "c", "--set", "top=2"]))
+
+    # Through the command: the file's views and checkpoint are the ones evaluated.
+    cache, run = trained
+    assert main(["evaluate", str(run), "--cache", cache, "--config", str(yaml), "--out", str(tmp_path / "o"),
+                 "--json"]) == 0
+    m = json.loads(capsys.readouterr().out)
+    assert m["views"]["mode"] == "3x1" and m["checkpoint"] == str(run / "last")
+    assert main(["evaluate", str(run), "--cache", cache, "--config", str(yaml), "--set", "views=full",
+                 "--out", str(tmp_path / "o"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["views"]["mode"] == "full"
+    assert main(["evaluate", str(run), "--cache", cache, "--set", "viewz=full"]) == 2
+    assert "viewz" in capsys.readouterr().err
+
+
 def test_per_class_confusions_and_calibration_by_hand():
     from vtn.temporal.metrics import calibration, confused_pairs, per_class
 

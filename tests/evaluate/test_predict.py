@@ -52,6 +52,18 @@ def test_predict_on_raw_videos_equals_extract_then_evaluate(trained, tmp_path, c
         assert f"{g['id']}: {g['top'][0]['class']}" in out
 
 
+def test_predict_takes_its_settings_from_a_yaml_file_and_set(trained, tmp_path, capsys):
+    videos, _, run, _ = trained
+    (tmp_path / "p.yaml").write_text("views: 2x1\ntop: 5\nworkers: 0\n")
+    assert main(["predict", str(videos / "val"), "--model", str(run), "--json", str(tmp_path / "p.jsonl"),
+                 "--config", str(tmp_path / "p.yaml"), "--set", "top=1"]) == 0
+    got = [json.loads(x) for x in (tmp_path / "p.jsonl").read_text().splitlines()]
+    assert len(got) == 2 and all(g["views"] == {"mode": "2x1", "count": 2} and len(g["top"]) == 1 for g in got)
+    assert "(2x1:" in capsys.readouterr().err
+    assert main(["predict", str(videos / "val"), "--model", str(run), "--set", "split=val"]) == 2
+    assert "split" in capsys.readouterr().err
+
+
 def test_predict_writes_attention_figures(trained, tmp_path, capsys):
     from PIL import Image
 

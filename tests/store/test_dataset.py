@@ -37,6 +37,20 @@ def test_dataset_in_memory_and_streamed_agree(make_cache):
     assert any(not torch.equal(a[i]["positions"], b[i]["positions"]) for i in range(len(a)) if a.lengths[i] > 30)
 
 
+def test_item_streams_are_seeded_by_seed_epoch_item_and_salt(make_cache):
+    url, _ = make_cache(6)
+    ds = ClipDataset(open_cache(url), "train", clip_frames=4, stride=2, seed=3)
+    draw = lambda *key: ds.rng(*key).integers(0, 2**31, 4).tolist()  # noqa: E731
+    assert draw(1) == np.random.default_rng((3, 0, 1)).integers(0, 2**31, 4).tolist()
+    assert draw(1) == draw(1) and draw(1) != draw(2) and draw(1, 1) != draw(1) and draw(1, 1) != draw(1, 2)
+    before = draw(1, 2)
+    ds.set_epoch(1)
+    assert draw(1, 2) != before
+    # The item's clip is drawn from its unsalted stream.
+    i = int(np.argmax(ds.lengths))
+    assert np.array_equal(ds[i]["positions"].numpy() // 2, clip_rows(int(ds.lengths[i]), 4, 2, None, ds.rng(i)))
+
+
 def test_collate_pads_with_masks(make_cache):
     url, _ = make_cache(6)
     ds = ClipDataset(open_cache(url), None, train=False, max_frames=50)

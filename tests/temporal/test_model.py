@@ -126,6 +126,45 @@ def test_from_pretrained_refuses_what_is_not_a_checkpoint(tmp_path):
         VTN.from_pretrained(tmp_path)
 
 
+def test_one_rule_finds_the_checkpoint_of_a_run(tmp_path):
+    from vtn.temporal import checkpoint
+
+    run = tmp_path / "run"
+    with pytest.raises(UserError, match="neither a training run with a best/ checkpoint"):
+        checkpoint.locate(run)
+    checkpoint.write_model(run / "best.old", VTN(tiny()), {"epoch": 1}, {})  # a swap cut short: the previous copy
+    assert checkpoint.locate(run) == run / "best.old"
+    checkpoint.write_model(run / "best", VTN(tiny()), {"epoch": 2}, {})
+    assert checkpoint.locate(run) == run / "best" and checkpoint.locate(run / "best") == run / "best"
+    with pytest.raises(UserError, match="last/"):
+        checkpoint.locate(run, "last")
+    (run / "last").mkdir()  # no state.json: not a complete checkpoint
+    with pytest.raises(UserError, match="last/"):
+        checkpoint.locate(run, "last")
+
+
+def test_load_model_checks_every_weight(tmp_path):
+    from vtn.temporal.checkpoint import load_model
+
+    VTN(tiny()).save_pretrained(tmp_path)
+    with pytest.raises(UserError, match="not a thing checkpoint .needs config.json, model.safetensors, extra.json"):
+        load_model(tmp_path, VTNConfig, VTN, needs=("extra.json",), what="thing")
+    with pytest.raises(UserError, match="weights do not match config.json"):
+        load_model(tmp_path, VTNConfig, lambda c: torch.nn.Sequential(VTN(c)))
+    with pytest.raises(UserError, match=r"missing \['head"):  # weights left out by `skip` are missing here
+        load_model(tmp_path, VTNConfig, VTN, skip="head.")
+    assert isinstance(load_model(tmp_path, VTNConfig, VTN), VTN)
+
+
+def test_same_backbone_is_one_definition():
+    from vtn.temporal.checkpoint import BACKBONE_IDENTITY, backbone_differences
+
+    a = {"name": "vit", "weights_sha256": "aa", "preprocessing": {"size": 224}, "feature_dim": 192}
+    assert backbone_differences(a, {**a, "feature_dim": 7, "seed": 1}) == []  # only the identity keys count
+    assert backbone_differences(a, {**a, "weights_sha256": "bb"}) == [("weights_sha256", "aa", "bb")]
+    assert [k for k, _, _ in backbone_differences(a, None)] == list(BACKBONE_IDENTITY)
+
+
 def test_input_errors_are_clear():
     model = VTN(tiny())
     features, mask, positions = batch(10)
