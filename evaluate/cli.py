@@ -1,24 +1,15 @@
-"""`vtn evaluate`. Only argparse at module level, so `vtn --help` stays instant."""
+"""`vtn evaluate`, `vtn predict` and `vtn report`. Only argparse at module level, so `vtn --help` stays instant."""
 
 from __future__ import annotations
 
 
-def register(sub, bench_sub) -> None:
-    """Add `vtn evaluate`, `vtn predict`, `vtn report` and `vtn bench inference` to `vtn`."""
-    b = bench_sub.add_parser(
-        "inference", help="seconds per video and frames through the backbone: full view vs 10 clips x 3 crops",
-        description="Trains a small model on generated videos (as vtn demo does), then predicts the val videos from "
-        "raw video with one view over each whole video (full) and with 10 clips x 3 crops, and prints seconds per "
-        "video, frames through the backbone per video and top-1 of each.")
-    b.add_argument("--videos", type=int, default=6, help="val videos per class (4 classes; default 6)")
-    b.add_argument("--views", nargs="+", default=["full", "10x3"], help="modes to compare (default full 10x3)")
-    b.add_argument("--train-videos", type=int, default=40, help="train videos per class (default 40)")
-    b.add_argument("--steps", type=int, help="training steps (default: as vtn demo, 1500)")
-    b.add_argument("--workers", type=int, default=0, help="decode processes (default 0: decode in the main process)")
-    b.add_argument("--device", default="auto")
-    b.add_argument("--workdir", help="keep the videos and the model here between runs (default: a temporary folder)")
-    b.set_defaults(func=_bench)
+def register(sub) -> None:
+    """Add `vtn evaluate`, `vtn predict` and `vtn report` to `vtn`."""
+    for add in (_add_evaluate, _add_predict, _add_report):
+        add(sub)
 
+
+def _add_evaluate(sub) -> None:
     p = sub.add_parser(
         "evaluate", help="accuracy of a trained run on a split of a cache (whole videos)",
         description="Load RUN's best checkpoint (or RUN itself, when it is a checkpoint directory), run one view over "
@@ -42,6 +33,8 @@ def register(sub, bench_sub) -> None:
     p.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
     p.set_defaults(func=_evaluate)
 
+
+def _add_predict(sub) -> None:
     q = sub.add_parser(
         "predict", help="classify raw video files end to end with a trained run (backbone + encoder + head)",
         description="Decode INPUT (a video file, a folder of videos, or a CSV manifest) with stage one's worker "
@@ -67,6 +60,8 @@ def register(sub, bench_sub) -> None:
     q.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none", help="autocast precision (default none)")
     q.set_defaults(func=_predict)
 
+
+def _add_report(sub) -> None:
     r = sub.add_parser("report", help="training curves of a run (curves.png) and its best figures",
                        description="Draws RUN/curves.png (train loss, learning rate and val top-1 against steps) from "
                        "RUN/metrics.jsonl, for any run, finished or not, and prints its best epoch.")
@@ -121,13 +116,6 @@ def _predict(args) -> int:
     print(f"vtn predict: {len(results)} videos in {seconds:.1f} s ({args.views}: {frames / max(len(results), 1):.0f} "
           f"frames through the backbone per video); {len(failures)} failed", file=sys.stderr)
     return 3 if failures else 0
-
-
-def _bench(args) -> int:
-    from vtn.evaluate.bench import run
-
-    run(args.videos, tuple(args.views), args.workdir, args.workers, args.device, args.train_videos, args.steps)
-    return 0
 
 
 def _report(args) -> int:

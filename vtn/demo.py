@@ -1,6 +1,6 @@
 """`vtn demo`: the whole pipeline on generated videos, in a few minutes on a laptop CPU.
 
-1. Generate labelled videos (extract/synth.py) whose classes differ only in the temporal order of events:
+1. Generate labelled videos (vtn/synth.py) whose classes differ only in the temporal order of events:
    a blob crossing left-to-right or right-to-left, then a red flash and a green one in either order.
 2. Extract one feature per sampled frame with a small random-init timm ViT (nothing is downloaded).
 3. Train VTN's temporal encoder on the cache, then evaluate it on whole val videos.
@@ -9,7 +9,7 @@
    order, should be near 100 %.
 
 `vtn demo --finetune` then shows what end-to-end fine-tuning adds (`finetune_stage`): on generated videos whose
-classes differ only in where two identical striped squares sit relative to each other (extract/synth.py's layout
+classes differ only in where two identical striped squares sit relative to each other (vtn/synth.py's layout
 kind), a random-init ResNet's pooled per-frame features are the same for every class, so stage two on the frozen
 cache stays near chance; `vtn finetune` from that run trains the backbone too and learns the layout.
 """
@@ -55,7 +55,7 @@ FINETUNE_SETS = ["optim.lr=0.001", "optim.batch_size=16", "optim.epochs=10", "op
                  "finetune.frozen_steps=0", "finetune.workers=0"]
 
 
-def register(sub, bench_sub) -> None:
+def register(sub) -> None:
     """Add `vtn demo` to `vtn`."""
     p = sub.add_parser(
         "demo", help="generate videos, extract, train and evaluate VTN against an order-blind baseline",
@@ -122,7 +122,7 @@ def demo(out: str | Path | None = None, progress: bool = True) -> dict:
 
     from vtn.config import merge, resolve
     from vtn.evaluate.run import evaluate
-    from vtn.extract.synth import CLASSES, make_dataset
+    from vtn.synth import CLASSES, make_dataset
     from vtn.temporal.train import TrainConfig, train
 
     out = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="vtn-demo-"))
@@ -171,7 +171,7 @@ def finetune_stage(out: str | Path | None = None, progress: bool = True) -> dict
 
     from vtn.config import merge, resolve
     from vtn.evaluate.run import evaluate
-    from vtn.extract.synth import LAYOUT_CLASSES, make_layout_dataset
+    from vtn.synth import LAYOUT_CLASSES, make_layout_dataset
     from vtn.temporal.finetune import FinetuneConfig, default_config, finetune
     from vtn.temporal.train import TrainConfig, train
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from vtn.temporal.finetune_bench import CONTROLS, FinetuneBenchConfig, run
+from vtn.bench.finetune import CONTROLS, FinetuneBenchConfig, run
 
 
 @pytest.mark.slow  # 8 fresh processes: 153 s measured on the shared, loaded 2-core machine
