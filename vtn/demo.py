@@ -19,14 +19,14 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-# Sized so the demo finishes well within 5 minutes on 2 shared CPU cores (about 40 s when they are idle):
-# 160 train and 60 val videos, frames sampled at 12 fps, a 64 px ViT-Tiny, a small encoder, 1500 steps.
+# Sized so the demo finishes in minutes on a laptop CPU: 160 train and 60 val videos, frames sampled at 12 fps,
+# a 64 px ViT-Tiny, a small encoder, 1500 steps.
 VIDEOS = {"train": 40, "val": 15}  # per class
 BACKBONE = {"name": "vit_tiny_patch16_224", "weights": "random", "image_size": 64}
 SAMPLING = {"mode": "fps", "fps": 12.0}
 # Positions from time at the sampling rate: consecutive samples get consecutive positions whatever the source's
 # frame rate (15-30 fps here), which frame indices would not. No dropout: on 160 videos it mostly delays the
-# moment the encoder starts to use the frames' order (seen at 50 % val top-1 after 1000 steps on some seeds).
+# moment the encoder starts to use the frames' order.
 def small_encoder(fps: float) -> list[str]:
     """The demo's encoder settings, for features sampled at `fps`."""
     return ["model.hidden_size=64", "model.num_layers=2", "model.num_heads=4", "model.intermediate_size=128",
@@ -47,9 +47,7 @@ FT_TRAIN_SETS = [*small_encoder(FT_SAMPLING["fps"]), "data.clip_frames=8", "data
                  "optim.lr=0.001", "optim.steps=60", "run.eval_every=1"]
 # Fine-tuning a random-init backbone, not a pretrained one: the backbone learns at the encoder's rate (not a tenth
 # of it) and its BatchNorm uses batch statistics (its running ones are still the init's). Short clips in small
-# batches keep a step cheap on a CPU; two whole-video evaluations (epochs 5 and 10). The rate is the one that
-# learned: at 3e-3 the train loss stayed at ln 4 for 60 steps; at 1e-3 it leaves it after about 30 steps
-# (the encoder and head start from a run that had nothing to learn from the frozen features).
+# batches keep a step cheap on a CPU; two whole-video evaluations (epochs 5 and 10).
 FINETUNE_SETS = ["optim.lr=0.001", "optim.batch_size=16", "optim.epochs=10", "optim.warmup=0.1", "run.eval_every=5",
                  "data.clip_frames=4", "data.stride=2", "finetune.backbone_lr=1.0", "finetune.freeze_bn=false",
                  "finetune.frozen_steps=0", "finetune.workers=0"]
