@@ -1,25 +1,16 @@
-"""`vtn evaluate`. Only argparse at module level, so `vtn --help` stays instant."""
+"""`vtn evaluate`, `vtn predict` and `vtn report`. Only argparse at module level, so `vtn --help` stays instant."""
 
 from __future__ import annotations
 
 
-def register(sub, bench_sub) -> None:
-    """Add `vtn evaluate`, `vtn predict`, `vtn report` and `vtn bench inference` to `vtn`."""
-    from vtn.config import add_config_args
+def register(sub) -> None:
+    """Add `vtn evaluate`, `vtn predict` and `vtn report` to `vtn`."""
+    for add in (_add_evaluate, _add_predict, _add_report):
+        add(sub)
 
-    b = bench_sub.add_parser(
-        "inference", help="seconds per video and frames through the backbone: full view vs 10 clips x 3 crops",
-        description="Trains a small model on generated videos (as vtn demo does), then predicts the val videos from "
-        "raw video with one view over each whole video (full) and with 10 clips x 3 crops, and prints seconds per "
-        "video, frames through the backbone per video and top-1 of each.")
-    b.add_argument("--videos", type=int, default=6, help="val videos per class (4 classes; default 6)")
-    b.add_argument("--views", nargs="+", default=["full", "10x3"], help="modes to compare (default full 10x3)")
-    b.add_argument("--train-videos", type=int, default=40, help="train videos per class (default 40)")
-    b.add_argument("--steps", type=int, help="training steps (default: as vtn demo, 1500)")
-    b.add_argument("--workers", type=int, default=0, help="decode processes (default 0: decode in the main process)")
-    b.add_argument("--device", default="auto")
-    b.add_argument("--workdir", help="keep the videos and the model here between runs (default: a temporary folder)")
-    b.set_defaults(func=_bench)
+
+def _add_evaluate(sub) -> None:
+    from vtn.config import add_config_args  # light (yaml only)
 
     p = sub.add_parser(
         "evaluate", help="accuracy of a trained run on a split of a cache (whole videos)",
@@ -44,6 +35,10 @@ def register(sub, bench_sub) -> None:
     p.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
     add_config_args(p, "views=10x1")
     p.set_defaults(func=_evaluate)
+
+
+def _add_predict(sub) -> None:
+    from vtn.config import add_config_args
 
     q = sub.add_parser(
         "predict", help="classify raw video files end to end with a trained run (backbone + encoder + head)",
@@ -71,6 +66,8 @@ def register(sub, bench_sub) -> None:
     add_config_args(q, "views=10x3")
     q.set_defaults(func=_predict)
 
+
+def _add_report(sub) -> None:
     r = sub.add_parser("report", help="training curves of a run (curves.png) and its best figures",
                        description="Draws RUN/curves.png (train loss, learning rate and val top-1 against steps) from "
                        "RUN/metrics.jsonl, for any run, finished or not, and prints its best epoch.")
@@ -87,6 +84,7 @@ def _evaluate(args) -> int:
         check_run_dir(args.out, "evaluation")
     from vtn.evaluate.run import evaluate
     from vtn.evaluate.settings import EvaluateConfig, settings
+    from vtn.temporal.metrics import summary_line
 
     m = evaluate(args.run, args.cache, out=args.out, settings=settings(EvaluateConfig, args))
     if args.json:
@@ -95,9 +93,7 @@ def _evaluate(args) -> int:
     if not m["videos"]:
         print(f"{m['split']}: no labelled videos; predictions written")
         return 0
-    print(f"{m['split']}: {m['videos']} videos  top-1 {m['top1']:.1%}  top-5 {m['top5']:.1%}  "
-          f"mean class accuracy {m['mean_class_accuracy']:.1%}  loss {m['loss']:.4f}  "
-          f"ECE {m['calibration']['ece']:.3f}  ({m['views']['mode']}: {m['frames_through_backbone']} frames, "
+    print(f"{m['split']}: {m['videos']} videos  {summary_line(m)}  ECE {m['calibration']['ece']:.3f}  ({m['views']['mode']}: {m['frames_through_backbone']} frames, "
           f"{m['seconds']:.2f} s)")
     print(f"  {'class':<24} precision  recall     f1  videos")
     for name, c in m["per_class"].items():
@@ -125,13 +121,6 @@ def _predict(args) -> int:
     return 3 if failures else 0
 
 
-def _bench(args) -> int:
-    from vtn.evaluate.bench import run
-
-    run(args.videos, tuple(args.views), args.workdir, args.workers, args.device, args.train_videos, args.steps)
-    return 0
-
-
 def _report(args) -> int:
     import json
     from pathlib import Path
@@ -139,13 +128,14 @@ def _report(args) -> int:
     from vtn.errors import UserError
     from vtn.paths import check_run_dir
     from vtn.plots import curves_png
+    from vtn.temporal.metrics import rank
 
     path = check_run_dir(args.run, existing=True) / "metrics.jsonl"  # curves.png goes only into a vtn run
     records = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
     if not records:
         raise UserError(f"{path}: no epoch has finished yet")
     png = curves_png(records, Path(args.run) / "curves.png")
-    best = max(records, key=lambda r: (r["val_top1"], -r["val_loss"]))
+    best = max(records, key=rank)
     print(f"{args.run}: {len(records)} epochs, {records[-1]['step']} steps; best val top-1 {best['val_top1']:.1%} at "
           f"epoch {best['epoch']}; last {records[-1]['val_top1']:.1%}; curves: {png}")
     return 0

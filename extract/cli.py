@@ -1,4 +1,4 @@
-"""`vtn extract` and `vtn bench extract`. Only argparse at module level, so `vtn --help` stays instant."""
+"""`vtn extract`. Only argparse at module level, so `vtn --help` stays instant."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import argparse
 import sys
 
 
-def register(sub, bench_sub) -> None:
-    """Add this stage's subcommands to `vtn` and its benchmarks to `vtn bench`."""
+def register(sub) -> None:
+    """Add `vtn extract` to `vtn`."""
     from vtn.config import add_config_args
 
     p = sub.add_parser(
@@ -52,24 +52,6 @@ def register(sub, bench_sub) -> None:
                    "sweep and demo; --no-progress is the older spelling)")
     add_config_args(p, "runtime.decode_threads=2")
     p.set_defaults(func=_extract)
-
-    b = bench_sub.add_parser(
-        "extract",
-        help="decode-only, model-only, pipeline and sequential-loop frames/s; peak memory on a long 1080p file",
-        description="Benchmarks the extraction pipeline on generated videos with a small timm CNN.",
-    )
-    b.add_argument("--backbone", default="resnet18", help="timm model (random init)")
-    b.add_argument("--image-size", type=int, default=112, help="backbone input size")
-    b.add_argument("--videos", type=int, default=24, help="generated videos")
-    b.add_argument("--batch-size", type=int, default=32)
-    b.add_argument("--workers", type=int, help="decode processes (default: as vtn extract)")
-    b.add_argument("--compile", action="store_true", help="compile the model for model-only and the pipeline "
-                   "(the sequential loop stays eager, as common scripts run)")
-    b.add_argument("--device", default="auto", help="where the model runs: auto (cuda when present), cpu, cuda, cuda:N")
-    b.add_argument("--long-seconds", type=float, default=180.0, help="length of the 1080p and 720p memory test files")
-    b.add_argument("--skip-memory", action="store_true", help="skip the long 1080p memory test")
-    b.add_argument("--workdir", help="where generated videos are kept between runs (default: a temporary folder)")
-    b.set_defaults(func=_bench)
 
 
 def _flags(args: argparse.Namespace) -> dict:
@@ -158,8 +140,3 @@ def _report(summary, rank: int) -> int:
             print(f"  ... and {len(summary.failures) - 20} more (vtn store info lists them all)", file=sys.stderr)
     return 3 if summary.failures else 0
 
-
-def _bench(args: argparse.Namespace) -> int:
-    from vtn.extract.bench import main
-
-    return main(args)

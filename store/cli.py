@@ -1,19 +1,25 @@
-"""`vtn store ...` subcommands and `vtn bench store`."""
+"""`vtn store ...` subcommands. Only argparse at module level, so `vtn --help` stays instant."""
 
 from __future__ import annotations
 
 
-def register(sub, bench_sub) -> None:
-    """Add `vtn store` (info, verify, import, export) and `vtn bench store`."""
+def register(sub) -> None:
+    """Add `vtn store` (info, verify, import, export) to `vtn`."""
     p = sub.add_parser("store", help="inspect, verify, import and export feature caches",
                        description="Work with a vtn feature cache (a Zarr v3 group; local path or fsspec URL).")
     store_sub = p.add_subparsers(dest="store_command", metavar="ACTION", required=True)
+    for add in (_add_info, _add_verify, _add_import, _add_export):
+        add(store_sub)
 
+
+def _add_info(store_sub) -> None:
     q = store_sub.add_parser("info", help="videos per split, classes, frames, size on disk, backbone, failures")
     q.add_argument("cache")
     q.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     q.set_defaults(func=_info)
 
+
+def _add_verify(store_sub) -> None:
     q = store_sub.add_parser("verify", help="read everything; exit 0 only when the cache is clean",
                              description="Checks every shard and chunk checksum, NaN/inf, missing chunks, "
                              "duplicate ids and that the consolidated index agrees with the parts.")
@@ -21,6 +27,8 @@ def register(sub, bench_sub) -> None:
     q.add_argument("--quiet", action="store_true", help="no progress bar")
     q.set_defaults(func=_verify)
 
+
+def _add_import(store_sub) -> None:
     q = store_sub.add_parser("import", help="build a cache from an HDF5 file or a folder of .npy files",
                              description="SRC is an HDF5 file with one [T, D] dataset per video id, or a folder of "
                              "per-video .npy files (the id is the relative path without .npy). Re-running resumes.")
@@ -32,56 +40,16 @@ def register(sub, bench_sub) -> None:
     q.add_argument("--overwrite", action="store_true", help="replace an existing vtn cache at --out (never anything else)")
     q.set_defaults(func=_import)
 
+
+def _add_export(store_sub) -> None:
     q = store_sub.add_parser("export", help="write a cache to HDF5: one dataset per video id")
     q.add_argument("cache")
     q.add_argument("--out", required=True, help="the .h5 file to write")
     q.add_argument("--overwrite", action="store_true", help="replace an existing --out that vtn store export wrote")
     q.set_defaults(func=_export)
 
-    q = bench_sub.add_parser("store", help="files, bytes, open/index time, random reads, split loading and streaming "
-                             "vs plain zarr; or a Kinetics-shaped cache (--kinetics)",
-                             description="Builds a synthetic cache and measures it next to plain zarr reading the same "
-                             "arrays, and training clips/s streamed from it against from memory. With --kinetics, builds "
-                             "a cache shaped like Kinetics-400's ViT-B/16 features (250 frames x 768 float16 a video) "
-                             "and extrapolates each figure to the 240,000 videos.")
-    q.add_argument("--videos", type=int, default=100_000)
-    q.add_argument("--frames", type=int, default=64)
-    q.add_argument("--dim", type=int, default=64)
-    q.add_argument("--reads", type=int, default=5000, help="random single-video reads to time")
-    q.add_argument("--path", help="where to build the cache (default: a temporary folder, removed afterwards)")
-    q.add_argument("--batches", type=int, default=100,
-                   help="training batches (32 clips) to time from memory and streamed")
-    q.add_argument("--kinetics", type=_fraction, nargs="?", const=1 / 16, metavar="FRACTION",
-                   help="a Kinetics-shaped cache of this share of its 240,000 videos, e.g. 0.01 or 1/16 (with no value: "
-                   "1/16, about 5.8 GB); --videos, --frames, --dim, --reads are then unused")
-    q.set_defaults(func=_bench)
 
-
-def _fraction(text: str) -> float:
-    """A share in (0, 1], written as a decimal or a fraction (1/16)."""
-    import argparse
-    from fractions import Fraction
-
-    try:
-        value = float(Fraction(text))
-    except (ValueError, ZeroDivisionError):
-        value = None
-    if value is None or not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a share of the videos in (0, 1], e.g. 1/16 or 0.0625")
-    return value
-
-
-def _bench(args) -> int:
-    from vtn.store.bench import kinetics, run
-
-    if args.kinetics is not None:
-        kinetics(args.kinetics, args.path, args.batches)
-    else:
-        run(args.videos, args.frames, args.dim, args.reads, args.path, args.batches)
-    return 0
-
-
-def _disk_usage(url: str) -> tuple[int, int] | None:
+def disk_usage(url: str) -> tuple[int, int] | None:
     import os
 
     if "://" in url:
@@ -104,7 +72,7 @@ def cache_info(url: str) -> dict:
     for s, n in zip(c.splits, c.lengths):
         frames[s] += int(n)
     per_class = Counter(int(x) for x in c.labels)
-    usage = _disk_usage(url)
+    usage = disk_usage(url)
     return {
         "cache": url,
         "videos": len(c),

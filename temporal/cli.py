@@ -6,51 +6,13 @@ Only argparse and the standard library at module level, so `vtn --help` stays in
 from __future__ import annotations
 
 
-def register(sub, bench_sub) -> None:
-    """Add this stage's subcommands to `vtn` and its benchmarks to `vtn bench`."""
-    bench = bench_sub.add_parser(
-        "temporal",
-        help="hf vs fast encoder time and memory; training clips/s from a cache vs the backbone's cost",
-        description="Times forward+backward of the VTN encoder with the hf (transformers Longformer) and fast "
-        "backends for windows [16, 32, 64] and [256] over several sequence lengths, with peak memory "
-        "(each measurement in a fresh process). CPU always; CUDA as well where present. Then measures training "
-        "throughput from a cache (clips/s) next to what the same clips would cost in the backbone.",
-    )
-    bench.add_argument("--lengths", type=int, nargs="+", metavar="T", help="sequence lengths (default 16 64 256 1024 4096)")
-    bench.add_argument("--batch", type=int, help="clips per step (default: about 512 frames per step, max(1, 512 / T) clips)")
-    bench.add_argument("--hidden", type=int, help="hidden size; FFN is 4x (default 256)")
-    bench.add_argument("--heads", type=int, help="attention heads (default 4)")
-    bench.add_argument("--repeats", type=int, help="timed steps after one warm-up (default 3)")
-    bench.add_argument("--threads", type=int, help="CPU threads per measurement (default 1: stable on a shared machine)")
-    bench.add_argument("--device", choices=["all", "cpu", "cuda"], default="all",
-                       help="where to measure (default: the CPU, and CUDA where present)")
-    bench.add_argument("--cache", help="cache for the throughput part (default: a synthetic ViT-B-sized one, removed after)")
-    bench.add_argument("--backbone", help="backbone to compare with (default: the cache's, else vit_base_patch16_224)")
-    bench.set_defaults(func=_bench_temporal)
+def register(sub) -> None:
+    """Add `vtn train`, `vtn sweep`, `vtn probe` and `vtn finetune` to `vtn`."""
+    for add in (_add_train, _add_sweep, _add_probe, _add_finetune):
+        add(sub)
 
-    bench = bench_sub.add_parser(
-        "finetune",
-        help="end-to-end fine-tuning: peak memory and time per step under each memory control; vs stage two",
-        description="On frames decoded from a generated video, through small random-init timm backbones (ViT-Tiny "
-        "and ResNet-18 at 112 px) and a small VTN: peak memory and seconds per optimiser step for 16- and 64-frame "
-        "clips, plain end to end against each memory control alone (micro-batch, grad checkpointing, chunked "
-        "backprop, memory bank) and the default combination, each in a fresh process; whether chunked backprop's "
-        "gradients equal plain ones; and seconds per clip of stage-two training on the cache against end-to-end "
-        "fine-tuning. A few minutes on 2 CPU cores.",
-    )
-    bench.add_argument("--lengths", type=int, nargs="+", metavar="T", help="frames per clip (default 16 64)")
-    bench.add_argument("--backbones", nargs="+", metavar="NAME", help="timm backbones (default vit_tiny_patch16_224 resnet18)")
-    bench.add_argument("--image-size", type=int, help="input size in px (default 112)")
-    bench.add_argument("--clips", type=int, help="clips per step (default 1)")
-    bench.add_argument("--micro-batch", type=int, help="frames per backbone call of the micro-batch, chunked and "
-                       "default rows (default: finetune.micro_batch's default, 8)")
-    bench.add_argument("--bank-frames", type=int, help="fresh frames per clip of the memory-bank row (default 16)")
-    bench.add_argument("--repeats", type=int, help="timed steps after one warm-up (default 2)")
-    bench.add_argument("--threads", type=int, help="CPU threads per measurement (default 1)")
-    bench.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
-                       help="where to measure (default: CUDA where present, else the CPU)")
-    bench.set_defaults(func=_bench_finetune)
 
+def _add_train(sub) -> None:
     from vtn.config import add_config_args  # light (yaml only), unlike the job it configures
 
     p = sub.add_parser(
@@ -85,6 +47,10 @@ def register(sub, bench_sub) -> None:
     p.set_defaults(func=_train, interrupted="the last checkpoint is kept; add --resume to the same command to "
                    "continue exactly where it stopped")
 
+
+def _add_sweep(sub) -> None:
+    from vtn.config import add_config_args
+
     p = sub.add_parser(
         "sweep", help="many stage-two runs on one cache (a grid of config values), compared in one table",
         description="Trains one `vtn train` run per combination of the --grid values (and seed) into DIR/<name>/, "
@@ -114,6 +80,10 @@ def register(sub, bench_sub) -> None:
     p.set_defaults(func=_sweep, interrupted="finished runs and the last checkpoints are kept; run the same command "
                    "again to skip the finished runs and resume the others")
 
+
+def _add_probe(sub) -> None:
+    from vtn.config import add_config_args
+
     p = sub.add_parser(
         "probe", help="order-blind and single-frame baselines on a cache (scikit-learn), in vtn sweep's table",
         description="Logistic regression on mean-pooled features, an MLP on mean + max pooling, and logistic "
@@ -126,15 +96,9 @@ def register(sub, bench_sub) -> None:
     add_config_args(p, "data.holdout=0.2")
     p.set_defaults(func=_probe)
 
-    bench = bench_sub.add_parser(
-        "sweep", help="batched vs separate vtn train runs; a mixed grid with --jobs 2 vs separate commands",
-        description="On a small generated cache: 8 runs of one tiny architecture differing in seed and learning "
-        "rate as one batched vtn sweep against 8 vtn train commands one after another; then a 12-run mixed grid "
-        "with --jobs 2 against the same 12 commands. Prints the wall times and ratios.",
-    )
-    bench.add_argument("--steps", type=int, default=60, help="optimiser steps per run (default 60)")
-    bench.add_argument("--jobs", type=int, default=2, help="processes for the mixed grid (default 2)")
-    bench.set_defaults(func=_bench_sweep)
+
+def _add_finetune(sub) -> None:
+    from vtn.config import add_config_args
 
     f = sub.add_parser(
         "finetune", help="fine-tune backbone + encoder + head end to end from raw video, from a stage-two run",
@@ -175,30 +139,6 @@ def register(sub, bench_sub) -> None:
                    "continue exactly where it stopped")
 
 
-def _bench_temporal(args) -> int:
-    import dataclasses
-
-    from vtn.temporal.bench import BenchConfig, run
-
-    given = {k: getattr(args, k) for k in ("batch", "hidden", "heads", "repeats", "threads") if getattr(args, k) is not None}
-    if args.lengths:
-        given["lengths"] = tuple(args.lengths)
-    if args.device != "all":
-        given["devices"] = (args.device,)
-    run(dataclasses.replace(BenchConfig(), **given))
-    print()
-    from vtn.temporal import throughput
-
-    throughput.bench(args.cache, args.backbone, None if args.device == "all" else args.device)
-    return 0
-
-
-def _bench_finetune(args) -> int:
-    from vtn.temporal.finetune_bench import main
-
-    return main(args)
-
-
 def _out(args, kind: str = "run") -> None:
     """The --out rule (vtn/paths.py) at the door, before torch loads: a wrong folder is refused at once. The jobs
     check again themselves (they are called from Python too)."""
@@ -228,12 +168,6 @@ def _probe(args) -> int:
 
     return main(args)
 
-
-def _bench_sweep(args) -> int:
-    from vtn.temporal.sweep import bench
-
-    bench(args.steps, args.jobs)
-    return 0
 
 def _finetune(args) -> int:
     _out(args)

@@ -68,7 +68,7 @@ def listing(root: Path) -> str:
 
 @pytest.mark.slow
 def test_files_each_job_writes_are_unchanged(tmp_path):
-    from vtn.extract import synth
+    from vtn import synth
 
     videos = tmp_path / "videos"
     synth.make_dataset(videos, per_split={"train": 2, "val": 1}, classes=synth.CLASSES[:2], seconds=(1.0, 2.0), seed=3)

@@ -7,7 +7,7 @@ import pytest
 
 from vtn import demo
 from vtn.cli import main
-from vtn.extract import synth
+from vtn import synth
 
 
 def test_layout_classes_show_the_same_pixels_in_different_places():

@@ -1,7 +1,7 @@
-"""`vtn`: one console command; each stage registers its own subcommands.
+"""`vtn`: one console command; each stage registers its own subcommands, and vtn/bench/cli.py the benchmarks.
 
-Stage modules (`<stage>/cli.py`) import only argparse at module level, so `vtn --help` is instant;
-the heavy imports (torch, timm, zarr) happen inside the command that needs them.
+Those modules (`<stage>/cli.py`, vtn/bench/cli.py, vtn/demo.py) import only argparse at module level, so
+`vtn --help` is instant; the heavy imports (torch, timm, zarr) happen inside the command that needs them.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ import sys
 from vtn import __version__
 from vtn.errors import UserError
 
-STAGES = ("vtn.store.cli", "vtn.extract.cli", "vtn.temporal.cli", "vtn.evaluate.cli", "vtn.demo")
+# In this order in `vtn --help`; vtn.bench.cli adds `vtn bench` and every benchmark under it.
+COMMANDS = ("vtn.bench.cli", "vtn.store.cli", "vtn.extract.cli", "vtn.temporal.cli", "vtn.evaluate.cli", "vtn.demo")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,10 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"vtn {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    bench = sub.add_parser("bench", help="benchmarks that print figures (store, extract, temporal)")
-    bench_sub = bench.add_subparsers(dest="bench", metavar="WHAT", required=True)
-    for name in STAGES:
-        importlib.import_module(name).register(sub, bench_sub)
+    for name in COMMANDS:
+        importlib.import_module(name).register(sub)
     return parser
 
 

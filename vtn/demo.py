@@ -1,6 +1,6 @@
 """`vtn demo`: the whole pipeline on generated videos, in a few minutes on a laptop CPU.
 
-1. Generate labelled videos (extract/synth.py) whose classes differ only in the temporal order of events:
+1. Generate labelled videos (vtn/synth.py) whose classes differ only in the temporal order of events:
    a blob crossing left-to-right or right-to-left, then a red flash and a green one in either order.
 2. Extract one feature per sampled frame with a small random-init timm ViT (nothing is downloaded).
 3. Train VTN's temporal encoder on the cache, then evaluate it on whole val videos.
@@ -9,7 +9,7 @@
    order, should be near 100 %.
 
 `vtn demo --finetune` then shows what end-to-end fine-tuning adds (`finetune_stage`): on generated videos whose
-classes differ only in where two identical striped squares sit relative to each other (extract/synth.py's layout
+classes differ only in where two identical striped squares sit relative to each other (vtn/synth.py's layout
 kind), a random-init ResNet's pooled per-frame features are the same for every class, so stage two on the frozen
 cache stays near chance; `vtn finetune` from that run trains the backbone too and learns the layout.
 """
@@ -19,14 +19,14 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-# Sized so the demo finishes well within 5 minutes on 2 shared CPU cores (about 40 s when they are idle):
-# 160 train and 60 val videos, frames sampled at 12 fps, a 64 px ViT-Tiny, a small encoder, 1500 steps.
+# Sized so the demo finishes in minutes on a laptop CPU: 160 train and 60 val videos, frames sampled at 12 fps,
+# a 64 px ViT-Tiny, a small encoder, 1500 steps.
 VIDEOS = {"train": 40, "val": 15}  # per class
 BACKBONE = {"name": "vit_tiny_patch16_224", "weights": "random", "image_size": 64}
 SAMPLING = {"mode": "fps", "fps": 12.0}
 # Positions from time at the sampling rate: consecutive samples get consecutive positions whatever the source's
 # frame rate (15-30 fps here), which frame indices would not. No dropout: on 160 videos it mostly delays the
-# moment the encoder starts to use the frames' order (seen at 50 % val top-1 after 1000 steps on some seeds).
+# moment the encoder starts to use the frames' order.
 def small_encoder(fps: float) -> list[str]:
     """The demo's encoder settings, for features sampled at `fps`."""
     return ["model.hidden_size=64", "model.num_layers=2", "model.num_heads=4", "model.intermediate_size=128",
@@ -47,15 +47,13 @@ FT_TRAIN_SETS = [*small_encoder(FT_SAMPLING["fps"]), "data.clip_frames=8", "data
                  "optim.lr=0.001", "optim.steps=60", "run.eval_every=1"]
 # Fine-tuning a random-init backbone, not a pretrained one: the backbone learns at the encoder's rate (not a tenth
 # of it) and its BatchNorm uses batch statistics (its running ones are still the init's). Short clips in small
-# batches keep a step cheap on a CPU; two whole-video evaluations (epochs 5 and 10). The rate is the one that
-# learned: at 3e-3 the train loss stayed at ln 4 for 60 steps; at 1e-3 it leaves it after about 30 steps
-# (the encoder and head start from a run that had nothing to learn from the frozen features).
+# batches keep a step cheap on a CPU; two whole-video evaluations (epochs 5 and 10).
 FINETUNE_SETS = ["optim.lr=0.001", "optim.batch_size=16", "optim.epochs=10", "optim.warmup=0.1", "run.eval_every=5",
                  "data.clip_frames=4", "data.stride=2", "finetune.backbone_lr=1.0", "finetune.freeze_bn=false",
                  "finetune.frozen_steps=0", "finetune.workers=0"]
 
 
-def register(sub, bench_sub) -> None:
+def register(sub) -> None:
     """Add `vtn demo` to `vtn`."""
     p = sub.add_parser(
         "demo", help="generate videos, extract, train and evaluate VTN against an order-blind baseline",
@@ -122,7 +120,7 @@ def demo(out: str | Path | None = None, progress: bool = True) -> dict:
 
     from vtn.config import merge, resolve
     from vtn.evaluate.run import evaluate
-    from vtn.extract.synth import CLASSES, make_dataset
+    from vtn.synth import CLASSES, make_dataset
     from vtn.temporal.train import TrainConfig, train
 
     out = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="vtn-demo-"))
@@ -171,7 +169,7 @@ def finetune_stage(out: str | Path | None = None, progress: bool = True) -> dict
 
     from vtn.config import merge, resolve
     from vtn.evaluate.run import evaluate
-    from vtn.extract.synth import LAYOUT_CLASSES, make_layout_dataset
+    from vtn.synth import LAYOUT_CLASSES, make_layout_dataset
     from vtn.temporal.finetune import FinetuneConfig, default_config, finetune
     from vtn.temporal.train import TrainConfig, train
 

@@ -236,7 +236,7 @@ def test_attention_of_real_videos_sums_to_one_and_equals_the_model(tmp_path, cap
     import torch
     from PIL import Image
 
-    from vtn.extract import synth
+    from vtn import synth
     from vtn.store import ClipDataset, collate_clips
     from vtn.temporal import VTN
     from vtn.temporal.data import model_inputs

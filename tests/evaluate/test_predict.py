@@ -9,7 +9,7 @@ import torch
 
 from vtn.cli import main
 from vtn.evaluate.predict import Predictor
-from vtn.extract import synth
+from vtn import synth
 from vtn.extract.backbone import Preprocess
 from vtn.extract.sampling import SamplingConfig, sample
 

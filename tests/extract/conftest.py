@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from vtn.extract import synth
+from vtn import synth
 
 @pytest.fixture(scope="session")
 def videos(tmp_path_factory):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import vtn.extract.decode as decode
-from vtn.extract import synth
+from vtn import synth
 from vtn.extract.sampling import SamplingConfig
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from vtn.extract import synth
+from vtn import synth
 from vtn.extract.backbone import Preprocess, create_backbone
 from vtn.extract.sampling import SamplingConfig, sample
 from vtn.store import open_cache

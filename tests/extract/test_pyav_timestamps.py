@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import vtn.extract.decode as decode
-from vtn.extract import synth
+from vtn import synth
 from vtn.extract.sampling import SamplingConfig
 
 FRAMES = 40

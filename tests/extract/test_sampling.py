@@ -56,7 +56,7 @@ def test_stored_timestamps_match_the_container(videos, tmp_path, flags, vtn):
 
 def test_containers_without_a_frame_count_get_real_counts_and_times(tmp_path, vtn):
     """Matroska and MPEG-TS headers carry no frame count (PyAV reads 0); counts and times come from the packets."""
-    from vtn.extract import synth
+    from vtn import synth
 
     rng = np.random.default_rng(3)
     frames = [np.full((48, 64, 3), 4 * i, np.uint8) for i in range(64)]

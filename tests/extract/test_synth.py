@@ -2,7 +2,7 @@ import av
 import decord
 import numpy as np
 
-from vtn.extract import synth
+from vtn import synth
 
 
 def _frames(cls, n=16, duration=1.6):

@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 
-from vtn.extract import synth
+from vtn import synth
 from vtn.extract.sampling import SamplingConfig
 from vtn.extract.workers import DecodePool
 

@@ -74,7 +74,7 @@ def test_job_array_shards_started_together_equal_one_process(videos, tmp_path, v
 
 @pytest.mark.slow
 def test_ranks_that_finish_long_before_the_others_do_not_time_out(tmp_path):
-    from vtn.extract import synth
+    from vtn import synth
 
     videos = tmp_path / "videos"
     synth.make_video(videos / "a" / "long.mp4", synth.CLASSES[0], seconds=90, fps=25, size=(64, 64))

@@ -112,7 +112,7 @@ def test_extract_kill_resume_train_evaluate_export_on_s3(s3, tmp_path):
     train, evaluate, export."""
     import h5py
 
-    from vtn.extract import synth
+    from vtn import synth
 
     videos = tmp_path / "videos"
     synth.make_dataset(videos, per_split={"train": 2, "val": 1}, classes=synth.CLASSES[:2], seconds=(1.0, 1.5), seed=1)

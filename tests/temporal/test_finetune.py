@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from vtn.cli import main
-from vtn.extract import synth
+from vtn import synth
 from vtn.extract.decode import decode_video
 from vtn.store import open_cache
 from vtn.temporal.checkpoint import read_inputs

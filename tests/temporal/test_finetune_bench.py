@@ -2,10 +2,10 @@
 
 import pytest
 
-from vtn.temporal.finetune_bench import CONTROLS, FinetuneBenchConfig, run
+from vtn.bench.finetune import CONTROLS, FinetuneBenchConfig, run
 
 
-@pytest.mark.slow  # 8 fresh processes: 153 s measured on the shared, loaded 2-core machine
+@pytest.mark.slow  # 8 fresh processes, each importing torch and timm
 def test_bench_finetune_core_measures_every_control_and_the_default_saves_memory(capsys):
     cfg = FinetuneBenchConfig(backbones=(("vit_tiny_patch16_224", 112),), lengths=(8,), clips=1, micro_batch=2,
                               bank_frames=2, repeats=1, stage_two_steps=1, threads=1, device="cpu")

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from vtn.cli import main
-from vtn.extract import synth
+from vtn import synth
 from vtn.store import open_cache
 from vtn.temporal.checkpoint import read_inputs
 from vtn.temporal.e2e import BACKBONE_FILE, VideoVTN, reextract_command

@@ -1,14 +1,14 @@
 """`vtn bench finetune`: peak memory and time per optimiser step of end-to-end fine-tuning under each memory
 control, and what a clip costs end to end against stage two on the cache.
 
-The frames are decoded from a generated video (extract/synth.py); the model is a `VideoVTN` (temporal/e2e.py) of a
+The frames are decoded from a generated video (vtn/synth.py); the model is a `VideoVTN` (temporal/e2e.py) of a
 small timm backbone with random weights (nothing is downloaded) and a small VTN encoder (2 layers, d=128). One
 step is what `vtn finetune` does per batch: preprocess, forward, cross-entropy, backward, AdamW step, fp32, train
 mode with BatchNorm frozen (finetune's default). Each measurement runs in a fresh process (forked from a server
 that has imported torch and timm but run nothing, so no measurement inherits another's allocations): one warm-up
 step, the median of `repeats` timed steps, then one more step for peak memory, the growth over the footprint
 before it (activations, gradients, temporaries; the model and the optimiser state are there before), measured as
-`vtn bench temporal` measures it (temporal/bench.py: CUDA max_memory_allocated; on the CPU the resident-set
+`vtn bench temporal` measures it (vtn/bench/common.py: CUDA max_memory_allocated; on the CPU the resident-set
 high-water mark, reset just before the step, with glibc made to return freed buffers to the OS).
 
 Controls, each alone, then the default (FinetuneSection's defaults):
@@ -33,6 +33,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+
+from vtn.bench import common
 
 CONTROLS = ("plain", "micro-batch", "grad checkpointing", "chunked", "memory bank", "default")
 
@@ -84,20 +86,12 @@ def _model(backbone: str, image_size: int, T: int, device):
     return model.to(device).train()
 
 
-def _device(spec: str):
-    import torch
-
-    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if spec == "auto" else spec)
-
-
 def measure(spec: dict) -> dict:
     """One (backbone, T, control) measurement in this process: median seconds per step and peak bytes."""
     import torch
 
-    from vtn.temporal.bench import _cpu_peak_bytes, _cuda_peak_bytes
-
     torch.set_num_threads(spec["threads"])
-    device = _device(spec["device"])
+    device = common.device(spec["device"])
     T, clips = spec["T"], spec["clips"]
     s = settings(spec["control"], spec["micro_batch"], spec["bank_frames"])
     model = _model(spec["backbone"], spec["image_size"], T, device)
@@ -132,7 +126,7 @@ def measure(spec: dict) -> dict:
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
-    peak = _cuda_peak_bytes(step) if device.type == "cuda" else _cpu_peak_bytes(step)
+    peak = common.cuda_peak_bytes(step) if device.type == "cuda" else common.cpu_peak_bytes(step)
     return {"seconds": statistics.median(times), "peak_bytes": peak}
 
 
@@ -142,7 +136,7 @@ def gradient_difference(spec: dict) -> dict:
     import torch
 
     torch.set_num_threads(spec["threads"])
-    device = _device(spec["device"])
+    device = common.device(spec["device"])
     T = spec["T"]
     model = _model(spec["backbone"], spec["image_size"], T, device)
     x = model.preprocess(torch.from_numpy(np.load(spec["frames"])[:T]).to(device))[None]  # [1, T, 3, h, w]
@@ -166,11 +160,11 @@ def stage_two_seconds_per_clip(spec: dict) -> float:
     frames (eval mode, no gradients) written to a cache of 8 videos, trained on with stage two's pipeline."""
     import torch
 
+    from vtn.bench.encoder import encoder_clips_per_second
     from vtn.store import CacheWriter
-    from vtn.temporal.throughput import encoder_clips_per_second
 
     torch.set_num_threads(spec["threads"])
-    device = _device(spec["device"])
+    device = common.device(spec["device"])
     T = spec["T"]
     model = _model(spec["backbone"], spec["image_size"], T, device).eval()
     with torch.no_grad():
@@ -193,7 +187,7 @@ def generated_frames(path: Path, frames: int) -> Path:
     """`frames` RGB frames decoded from a generated video (112x80 px, 25 fps), saved as one .npy file."""
     import av
 
-    from vtn.extract import synth
+    from vtn import synth
 
     video = synth.make_video(path.with_suffix(".mp4"), synth.CLASSES[0], seconds=frames / 25 + 0.5, fps=25,
                              size=(112, 80), seed=0)
@@ -211,7 +205,7 @@ def run(cfg: FinetuneBenchConfig = FinetuneBenchConfig()) -> dict:
     micro = cfg.micro_batch or FinetuneSection().micro_batch
     ctx = multiprocessing.get_context("forkserver")
     # The server imports torch and timm once; each measurement is a fresh process forked from it.
-    ctx.set_forkserver_preload(["torch", "timm", "vtn.temporal.e2e", "vtn.temporal.finetune_bench"])
+    ctx.set_forkserver_preload(["torch", "timm", "vtn.temporal.e2e", "vtn.bench.finetune"])
     rows, gradients, speed = [], [], []
     with tempfile.TemporaryDirectory(prefix="vtn-bench-finetune-") as tmp, \
             ProcessPoolExecutor(1, mp_context=ctx, max_tasks_per_child=1) as pool:
@@ -265,7 +259,7 @@ def run(cfg: FinetuneBenchConfig = FinetuneBenchConfig()) -> dict:
 
 
 def _call_device() -> str:
-    return str(_device("auto"))
+    return str(common.device("auto"))
 
 
 def main(args) -> int:

@@ -16,18 +16,10 @@ import torch
 import zarr
 
 from vtn.store import CacheWriter, open_cache
+from vtn.store.cli import disk_usage
 from vtn.store.dataset import ClipDataset, LengthBucketSampler, collate_clips, loader_workers
 from vtn.store.layout import ROW_ARRAYS
 from vtn.store.rows import OPEN_FILES
-
-
-def _disk(path: Path) -> tuple[int, int]:
-    files = size = 0
-    for dirpath, _, names in os.walk(path):
-        for n in names:
-            files += 1
-            size += os.path.getsize(os.path.join(dirpath, n))
-    return files, size
 
 
 def build(path: Path, videos: int, frames: int, dim: int, seed: int = 0, blocks: int = 4096) -> None:
@@ -58,7 +50,7 @@ def run(videos: int, frames: int, dim: int, reads: int, path: str | None, batche
         rows = []
 
         # files and bytes: against one float32 .npy file per video
-        files, size = _disk(cache_path)
+        files, size = disk_usage(str(cache_path))
         one = io.BytesIO()
         np.save(one, np.zeros((frames, dim), np.float32))
         npy = videos * one.tell()
@@ -214,8 +206,8 @@ def kinetics(fraction: float, path: str | None, batches: int) -> None:
             tracemalloc.stop()
             rows.append(("open + index", f"{o:.3f} s", f"<= {o * scale:.1f} s (part of it is a fixed cost)"))
             rows.append(("index memory", f"{mem / 2**20:.2f} MiB", f"{mem * scale / 2**20:,.0f} MiB"))
-            files, size = _disk(Path(path))
-            shards = sum(_disk(Path(path, "parts", part, name))[0] for part in os.listdir(Path(path, "parts"))
+            files, size = disk_usage(path)
+            shards = sum(disk_usage(str(Path(path, "parts", part, name)))[0] for part in os.listdir(Path(path, "parts"))
                          for name in ROW_ARRAYS)  # grow with the rows; the rest (metadata, tables) barely
             rows.append(("files", f"{files:,} ({shards:,} shards)", f"{files - shards + shards * scale:,.0f}"))
 

@@ -22,7 +22,7 @@ def run(videos_per_class: int = 6, views: tuple[str, ...] = ("full", "10x3"), wo
     from vtn.demo import BACKBONE, SAMPLING, TRAIN_SETS
     from vtn.evaluate.predict import Predictor, entries_of
     from vtn.extract import job as extract_job
-    from vtn.extract import synth
+    from vtn import synth
     from vtn.extract.config import ExtractConfig, RuntimeConfig
     from vtn.temporal.train import TrainConfig, train
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,7 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vtn.extract import synth
+from vtn import synth
+from vtn.bench import common
 from vtn.extract.backbone import Preprocess, compile_backbone, create_backbone
 from vtn.runtime import resolve_device
 from vtn.extract.config import BackboneConfig, ExtractConfig, RuntimeConfig
@@ -47,18 +47,13 @@ def _model_only(model, size: int, batch_size: int, frames: int, device: torch.de
     x = torch.randn(batch_size, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
         model(x)  # warm-up: first-call allocations and kernel selection
-        _sync(device)
+        common.sync(device)
         t0, done = time.perf_counter(), 0
         while done < frames:
             model(x)
             done += batch_size
-        _sync(device)
+        common.sync(device)
     return done / (time.perf_counter() - t0)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _sequential(entries, classes, model, preprocess, sampling, batch_size: int, out: str,
@@ -82,44 +77,6 @@ def _sequential(entries, classes, model, preprocess, sampling, batch_size: int, 
         total += len(idx)
     writer.close()
     return total, time.perf_counter() - t0
-
-
-def _peak_rss(cmd: list[str]) -> tuple[int, float, float]:
-    """Run `cmd`; returns (exit status, peak MiB of the summed RSS of its process tree, peak MiB of its largest
-    process), sampled from /proc every 50 ms."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    peak = single = 0
-    while proc.poll() is None:
-        total, largest = _tree_rss(proc.pid)
-        peak, single = max(peak, total), max(single, largest)
-        time.sleep(0.05)
-    err = proc.stderr.read().decode(errors="replace")
-    if proc.returncode != 0:
-        print(err[-2000:], file=sys.stderr)
-    return proc.returncode, peak / (1 << 20), single / (1 << 20)
-
-
-def _tree_rss(pid: int) -> tuple[int, int]:
-    """Bytes resident in `pid` and all its descendants, from /proc: (their sum, the largest one)."""
-    children: dict[int, list[int]] = {}
-    rss: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(entry))
-        rss[int(entry)] = int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
-    total, largest, stack = 0, 0, [pid]
-    while stack:
-        p = stack.pop()
-        total += rss.get(p, 0)
-        largest = max(largest, rss.get(p, 0))
-        stack.extend(children.get(p, []))
-    return total, largest
 
 
 def main(args) -> int:
@@ -208,7 +165,7 @@ def main(args) -> int:
                    "--backbone", args.backbone, "--random-init", "--image-size", str(args.image_size), "--fps", "2",
                    "--device", "cpu", "--batch-size", str(args.batch_size), "--workers", "1", "--quiet"]
             t0 = time.perf_counter()
-            rc, peak, single = _peak_rss(vtn)
+            rc, peak, single = common.peak_rss(vtn)
             print(f"peak memory      {peak:8.0f} MiB  all processes together (largest single {single:.0f} MiB), "
                   f"extracting {args.long_seconds:g} s of {name} at 2 fps in {time.perf_counter() - t0:.0f} s "
                   f"(target < 2048 MiB){'' if rc == 0 else f'; vtn extract exited {rc}'}")
