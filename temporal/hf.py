@@ -34,15 +34,8 @@ class HFLongformer(LongformerModel):
     # Driven with embedded tokens, so gradient checkpointing has no input embeddings to hook.
     main_input_name = "inputs_embeds"
 
-    def __init__(
-        self,
-        hidden_size: int,
-        num_heads: int,
-        intermediate_size: int,
-        windows: tuple[int, ...],
-        dropout: float,
-        attention_dropout: float,
-    ):
+    def __init__(self, hidden_size: int, num_heads: int, intermediate_size: int, windows: tuple[int, ...],
+                 dropout: float, attention_dropout: float):
         config = LongformerConfig(
             hidden_size=hidden_size,
             num_hidden_layers=len(windows),

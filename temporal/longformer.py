@@ -218,15 +218,8 @@ class FastLongformer(nn.Module):
     """The `fast` backend (temporal/attention.py): the layer stack, named like `LongformerModel`
     (`encoder.layer.{i}...`) so state dicts are shared."""
 
-    def __init__(
-        self,
-        hidden_size: int,
-        num_heads: int,
-        intermediate_size: int,
-        windows: tuple[int, ...],
-        dropout: float,
-        attention_dropout: float,
-    ):
+    def __init__(self, hidden_size: int, num_heads: int, intermediate_size: int, windows: tuple[int, ...],
+                 dropout: float, attention_dropout: float):
         super().__init__()
         self.encoder = LongformerEncoder(
             [LongformerLayer(hidden_size, num_heads, intermediate_size, w, dropout, attention_dropout) for w in windows]
