@@ -1,7 +1,7 @@
 """Batched stage-two runs: members that differ only in seed, learning rate and weight decay, trained as one model.
 
 The members' weights are stacked (one [members, ...] tensor per parameter) and `members_forward`, VTN.forward
-written for M members at once, computes every member's logits in one pass; each member's loss is
+vmapped over the members' weights, computes every member's logits in one pass; each member's loss is
 weighted exactly as its own `vtn train` run weights it, and the summed loss's backward gives every member its
 own gradient. Each member keeps its own VTN module, AdamW/SGD optimiser (its lr and weight decay), schedule,
 counters and run directory, all through temporal/train.py's pieces (`start_run`, `set_lr`, `finish_step`,
@@ -22,15 +22,17 @@ run trains on its own (`batch_key` says which). tests/temporal/test_sweep.py pro
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
-import math
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.func import functional_call, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from vtn.config import to_dict
 from vtn.errors import UserError
@@ -38,7 +40,6 @@ from vtn.progress import progress_bar
 from vtn.runtime import autocast, setup_processes
 from vtn.store.dataset import ClipDataset, LengthBucketSampler, collate_clips
 from vtn.temporal.data import model_inputs
-from vtn.temporal.longformer import LAYER_NORM_EPS, LongformerLayer, banded_attention, global_attention
 from vtn.temporal.model import VTN
 from vtn.paths import check_run_dir
 from vtn.temporal.train import (TrainConfig, close_epoch, epoch_batches, eval_interval, finish_run, finish_step,
@@ -78,82 +79,23 @@ def _pad(inputs: list[tuple], labels: list[torch.Tensor], weights: list[float], 
     return torch.stack(xs), torch.stack(ms), torch.stack(ps) if ps else None, torch.stack(ys), torch.stack(ws)
 
 
-# -- the members' forward pass ------------------------------------------------------------------------------------
-# VTN.forward (temporal/model.py, the `fast` backend) for M members at once: weights are stacked [M, ...] and
-# activations carry the member dimension first, [M, B, ...]. Linear layers are one batched matmul over the
-# members (baddbmm: [M, rows, in] @ [M, in, out]); the parameter-free attention runs on the members folded into
-# the batch, [M * B, ...], through the same functions as VTN (banded_attention, global_attention). A plain
-# `torch.func.vmap` of VTN.forward computed the same but ran slower than the members one after another on the
-# CPU: scaled_dot_product_attention has no batching rule (member-by-member fallback), and a linear layer on a
-# sliced (non-contiguous) input became a per-clip matmul against a copy of the weight expanded over the batch.
-
-
-def _linear(x: torch.Tensor, w: dict, name: str) -> torch.Tensor:
-    """nn.Linear `name` of every member: x [M, ..., in] -> [M, ..., out]."""
-    weight, bias = w[name + ".weight"], w[name + ".bias"]  # [M, out, in], [M, out]
-    rows = x.reshape(x.shape[0], -1, x.shape[-1])  # [M, rows, in]
-    return torch.baddbmm(bias.unsqueeze(1), rows, weight.transpose(1, 2)).view(*x.shape[:-1], weight.shape[1])
-
-
-def _layer_norm(x: torch.Tensor, w: dict, name: str, eps: float) -> torch.Tensor:
-    """nn.LayerNorm `name` of every member: x [M, ..., d]."""
-    shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (x.shape[-1],)
-    return F.layer_norm(x, x.shape[-1:], eps=eps) * w[name + ".weight"].view(shape) + w[name + ".bias"].view(shape)
-
-
-def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
-    """[M, B, N, d] -> [M * B, H, N, dh]: the members folded into the batch, as the attention functions take it."""
-    M, B, N, d = x.shape
-    return x.reshape(M * B, N, heads, d // heads).transpose(1, 2)
-
-
-def _layer(h: torch.Tensor, valid: torch.Tensor, w: dict, name: str, layer: LongformerLayer) -> torch.Tensor:
-    """LongformerLayer `name` (module `layer`, for its sizes) of every member: h [M, B, N, d], valid [M * B, N]."""
-    M, B, N, d = h.shape
-    att, heads = f"{name}.attention.self", layer.attention.self.num_heads
-    scale = math.sqrt(d // heads)
-    # As LongformerSelfAttention.forward: frames through the banded attention, [CLS] through the global one.
-    q = _heads(_linear(h[:, :, 1:], w, f"{att}.query") / scale, heads)
-    k, v = _heads(_linear(h, w, f"{att}.key"), heads), _heads(_linear(h, w, f"{att}.value"), heads)
-    frames = banded_attention(q, k, v, valid[:, 1:], layer.attention.self.radius, 0.0)  # [M*B, H, T, dh]
-    qg = _heads(_linear(h[:, :, :1], w, f"{att}.query_global") / scale, heads)
-    kg, vg = _heads(_linear(h, w, f"{att}.key_global"), heads), _heads(_linear(h, w, f"{att}.value_global"), heads)
-    cls, _ = global_attention(qg, kg, vg, valid, 0.0)
-    a = torch.cat([cls, frames], dim=2).transpose(1, 2).reshape(M, B, N, d)
-    # Post-LayerNorm residual blocks, as LongformerSelfOutput / LongformerIntermediate / LongformerOutput.
-    a = _layer_norm(_linear(a, w, f"{name}.attention.output.dense") + h, w, f"{name}.attention.output.LayerNorm",
-                    LAYER_NORM_EPS)
-    f = F.gelu(_linear(a, w, f"{name}.intermediate.dense"))
-    return _layer_norm(_linear(f, w, f"{name}.output.dense") + a, w, f"{name}.output.LayerNorm", LAYER_NORM_EPS)
-
-
 def members_forward(template: VTN, w: dict, features: torch.Tensor, mask: torch.Tensor,
                     positions: torch.Tensor | None) -> torch.Tensor:
-    """Logits [M, B, classes] of M members of `template`'s architecture (a VTN without dropout, `fast` backend)
-    whose parameters and buffers, by VTN's state-dict names, are stacked in `w` ([M, ...] each).
+    """Logits [M, B, classes] of M members of `template`'s architecture (a VTN without dropout) whose parameters
+    and buffers, by VTN's state-dict names, are stacked in `w` ([M, ...] each): VTN.forward itself, run on every
+    member's weights at once (torch.func.vmap of torch.func.functional_call), so the weighted layers run as one
+    batched matmul over the members.
 
     features [M, B, T, D]; mask [M, B, T] bool; positions [M, B, T] long (checked by each member's own
-    VTN._frame_positions beforehand), or None with positions="none". The same function as VTN.forward.
+    VTN._frame_positions beforehand), or None with positions="none".
     """
-    cfg = template.config
-    M, B, T, _ = features.shape
-    shape = (M, 1, 1, -1)
-    x = (features - w["feature_mean"].view(shape)) / w["feature_scale"].view(shape)
-    if cfg.feature_dim != cfg.hidden_size:
-        x = _linear(x, w, "input_proj")  # [M, B, T, d]
-    cls = w["cls_token"].view(M, 1, 1, -1).expand(M, B, 1, -1)
-    if cfg.positions != "none":
-        table = w["position_embeddings.weight"]  # [M, max_positions + 1, d]
-        rows = torch.where(mask, positions, 0)
-        x = x + table[torch.arange(M, device=x.device).view(M, 1, 1), rows]
-        cls = cls + table[:, -1].view(M, 1, 1, -1)
-    h = _layer_norm(torch.cat([cls, x], dim=2), w, "embed_norm", LAYER_NORM_EPS)  # [M, B, 1 + T, d]
-    valid = F.pad(mask, (1, 0), value=True).reshape(M * B, 1 + T)
-    for i, layer in enumerate(template.longformer.encoder.layer):
-        h = _layer(h, valid, w, f"longformer.encoder.layer.{i}", layer)
-    # The head: LayerNorm, Linear, GELU, (dropout 0), Linear; its LayerNorm has nn.LayerNorm's default eps.
-    z = _layer_norm(h[:, :, 0], w, "head.0", template.head[0].eps)
-    return _linear(F.gelu(_linear(z, w, "head.1")), w, "head.4")
+    def member(weights: dict, x: torch.Tensor, m: torch.Tensor, p: torch.Tensor | None) -> torch.Tensor:
+        return functional_call(template, weights, (x, m, p), {"positions_checked": True})
+
+    # The CPU's fused attention kernel has no vmap batching rule (vmap would call it once per member); its math
+    # form batches. CUDA's fused kernels have one.
+    with sdpa_kernel(SDPBackend.MATH) if features.device.type == "cpu" else contextlib.nullcontext():
+        return vmap(member, in_dims=(0, 0, 0, None if positions is None else 0))(w, features, mask, positions)
 
 
 def stacked(models: list[VTN]) -> dict:

@@ -126,12 +126,7 @@ class VideoVTN(VTN):
             raise UserError(f"{type(self.backbone).__name__} has no set_grad_checkpointing (timm models do)")
         if hasattr(self.backbone, "set_grad_checkpointing"):
             self.backbone.set_grad_checkpointing(grad_checkpointing)
-        if self.config.backend == "fast":
-            self.longformer.grad_checkpointing = grad_checkpointing
-        elif grad_checkpointing:
-            self.longformer.gradient_checkpointing_enable({"use_reentrant": False})
-        else:
-            self.longformer.gradient_checkpointing_disable()
+        self.longformer.set_grad_checkpointing(grad_checkpointing)
 
     def train(self, mode: bool = True) -> "VideoVTN":
         super().train(mode)

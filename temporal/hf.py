@@ -27,63 +27,67 @@ class PassThroughEmbeddings(nn.Module):
         return inputs_embeds
 
 
-def build(
-    hidden_size: int,
-    num_heads: int,
-    intermediate_size: int,
-    windows: tuple[int, ...],
-    dropout: float,
-    attention_dropout: float,
-) -> LongformerModel:
-    """A LongformerModel with one layer per window, no pooler and pass-through embeddings."""
-    config = LongformerConfig(
-        hidden_size=hidden_size,
-        num_hidden_layers=len(windows),
-        num_attention_heads=num_heads,
-        intermediate_size=intermediate_size,
-        attention_window=list(windows),
-        hidden_dropout_prob=dropout,
-        attention_probs_dropout_prob=attention_dropout,
-        layer_norm_eps=LAYER_NORM_EPS,
-        hidden_act="gelu",
-        # The token tables are discarded below; keep them tiny while they exist.
-        vocab_size=1,
-        pad_token_id=0,
-        bos_token_id=None,
-        eos_token_id=None,
-        sep_token_id=None,
-        max_position_embeddings=1,
-        type_vocab_size=1,
-    )
-    model = LongformerModel(config, add_pooling_layer=False)
-    model.embeddings = PassThroughEmbeddings()
-    return model
+class HFLongformer(LongformerModel):
+    """A LongformerModel with one layer per window, no pooler and pass-through embeddings, called as every
+    backend is (temporal/attention.py)."""
 
+    # Driven with embedded tokens, so gradient checkpointing has no input embeddings to hook.
+    main_input_name = "inputs_embeds"
 
-def encode(
-    model: LongformerModel, h: torch.Tensor, valid: torch.Tensor, output_attentions: bool
-) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
-    """Run LongformerModel on embedded tokens h [B, 1 + T, d] ([CLS] first, global) with valid [B, 1 + T].
+    def __init__(self, hidden_size: int, num_heads: int, intermediate_size: int, windows: tuple[int, ...],
+                 dropout: float, attention_dropout: float):
+        config = LongformerConfig(
+            hidden_size=hidden_size,
+            num_hidden_layers=len(windows),
+            num_attention_heads=num_heads,
+            intermediate_size=intermediate_size,
+            attention_window=list(windows),
+            hidden_dropout_prob=dropout,
+            attention_probs_dropout_prob=attention_dropout,
+            layer_norm_eps=LAYER_NORM_EPS,
+            hidden_act="gelu",
+            # The token tables are discarded below; keep them tiny while they exist.
+            vocab_size=1,
+            pad_token_id=0,
+            bos_token_id=None,
+            eos_token_id=None,
+            sep_token_id=None,
+            max_position_embeddings=1,
+            type_vocab_size=1,
+        )
+        super().__init__(config, add_pooling_layer=False)
+        self.embeddings = PassThroughEmbeddings()
 
-    We pad to a multiple of every layer's window ourselves (HF pads to the largest window only, which breaks
-    when the windows do not divide each other, and would build the padding through its embeddings).
-    Returns the hidden states [B, 1 + T, d] and, if asked, [CLS]'s attention per layer [B, H, 1 + T].
-    """
-    B, N, _ = h.shape
-    multiple = math.lcm(*model.config.attention_window)
-    pad = -N % multiple
-    h = F.pad(h, (0, 0, 0, pad))  # [B, N + pad, d]
-    attention_mask = F.pad(valid.long(), (0, pad))  # [B, N + pad]: 1 attend, 0 padding
-    global_attention_mask = torch.zeros_like(attention_mask)
-    global_attention_mask[:, 0] = 1  # [CLS]
-    out = model(
-        inputs_embeds=h,
-        attention_mask=attention_mask,
-        global_attention_mask=global_attention_mask,
-        output_attentions=output_attentions,
-    )
-    hidden = out.last_hidden_state[:, :N]
-    if not output_attentions:
-        return hidden, None
-    # global_attentions: per layer [B, H, N + pad, num_global=1]
-    return hidden, [a[:, :, :N, 0] for a in out.global_attentions]
+    def forward(
+        self, h: torch.Tensor, valid: torch.Tensor, return_attention: bool = False
+    ) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+        """Run LongformerModel on embedded tokens h [B, 1 + T, d] ([CLS] first, global) with valid [B, 1 + T].
+
+        We pad to a multiple of every layer's window ourselves (HF pads to the largest window only, which breaks
+        when the windows do not divide each other, and would build the padding through its embeddings).
+        Returns the hidden states [B, 1 + T, d] and, if asked, [CLS]'s attention per layer [B, H, 1 + T].
+        """
+        B, N, _ = h.shape
+        multiple = math.lcm(*self.config.attention_window)
+        pad = -N % multiple
+        h = F.pad(h, (0, 0, 0, pad))  # [B, N + pad, d]
+        attention_mask = F.pad(valid.long(), (0, pad))  # [B, N + pad]: 1 attend, 0 padding
+        global_attention_mask = torch.zeros_like(attention_mask)
+        global_attention_mask[:, 0] = 1  # [CLS]
+        out = super().forward(
+            inputs_embeds=h,
+            attention_mask=attention_mask,
+            global_attention_mask=global_attention_mask,
+            output_attentions=return_attention,
+        )
+        hidden = out.last_hidden_state[:, :N]
+        if not return_attention:
+            return hidden, None
+        # global_attentions: per layer [B, H, N + pad, num_global=1]
+        return hidden, [a[:, :, :N, 0] for a in out.global_attentions]
+
+    def set_grad_checkpointing(self, on: bool = True) -> None:
+        if on:
+            self.gradient_checkpointing_enable({"use_reentrant": False})
+        else:
+            self.gradient_checkpointing_disable()

@@ -215,17 +215,11 @@ class LongformerEncoder(nn.Module):
 
 
 class FastLongformer(nn.Module):
-    """The layer stack, named like `LongformerModel` (`encoder.layer.{i}...`) so state dicts are shared."""
+    """The `fast` backend (temporal/attention.py): the layer stack, named like `LongformerModel`
+    (`encoder.layer.{i}...`) so state dicts are shared."""
 
-    def __init__(
-        self,
-        hidden_size: int,
-        num_heads: int,
-        intermediate_size: int,
-        windows: tuple[int, ...],
-        dropout: float,
-        attention_dropout: float,
-    ):
+    def __init__(self, hidden_size: int, num_heads: int, intermediate_size: int, windows: tuple[int, ...],
+                 dropout: float, attention_dropout: float):
         super().__init__()
         self.encoder = LongformerEncoder(
             [LongformerLayer(hidden_size, num_heads, intermediate_size, w, dropout, attention_dropout) for w in windows]
@@ -234,10 +228,13 @@ class FastLongformer(nn.Module):
         # pass, dropout replayed, instead of kept.
         self.grad_checkpointing = False
 
-    def forward(self, h: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def forward(
+        self, h: torch.Tensor, valid: torch.Tensor, return_attention: bool = False
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """h: [B, 1 + T, d] embedded tokens, [CLS] first; valid: [B, 1 + T] bool.
 
-        Returns the last hidden states [B, 1 + T, d] and, per layer, [CLS]'s attention [B, H, 1 + T].
+        Returns the last hidden states [B, 1 + T, d] and, per layer, [CLS]'s attention [B, H, 1 + T] (computed
+        whether asked for or not: it is a by-product of [CLS]'s global attention).
         """
         attentions = []
         for layer in self.encoder.layer:
@@ -247,3 +244,6 @@ class FastLongformer(nn.Module):
                 h, probs = layer(h, valid)
             attentions.append(probs)
         return h, attentions
+
+    def set_grad_checkpointing(self, on: bool = True) -> None:
+        self.grad_checkpointing = on

@@ -26,8 +26,9 @@ from torch import nn
 
 from vtn.config import ConfigError, to_dict
 from vtn.errors import UserError
+from vtn.temporal.attention import backend_class, check_backend
 from vtn.temporal.checkpoint import CONFIG_NAME, WEIGHTS_NAME, load_model
-from vtn.temporal.longformer import LAYER_NORM_EPS, FastLongformer
+from vtn.temporal.longformer import LAYER_NORM_EPS
 
 
 
@@ -50,7 +51,7 @@ class VTNConfig:
     head_dropout: float = 0.5
     num_classes: int = 400
     class_names: tuple[str, ...] = ()  # empty, or one name per class
-    backend: Literal["hf", "fast"] = "fast"
+    backend: str = "fast"  # a name in temporal/attention.py's BACKENDS
 
     def __post_init__(self):
         if isinstance(self.attention_window, list):  # a list given in code; configs from files arrive as tuples
@@ -69,6 +70,7 @@ class VTNConfig:
             raise ConfigError(f"{len(self.class_names)} class_names for num_classes={self.num_classes}")
         if self.positions == "time" and self.position_rate <= 0:
             raise ConfigError(f"position_rate must be positive, got {self.position_rate}")
+        check_backend(self.backend)
 
     @property
     def windows(self) -> tuple[int, ...]:
@@ -139,8 +141,8 @@ def frame_positions(
 
 
 class VTN(nn.Module):
-    """Temporal encoder + head over per-frame features. `config.backend` picks the attention implementation;
-    both have the same parameters, so a state dict of one loads into the other."""
+    """Temporal encoder + head over per-frame features. `config.backend` picks the attention implementation
+    (temporal/attention.py); all have the same parameters, so a state dict of one loads into another."""
 
     def __init__(self, config: VTNConfig):
         super().__init__()
@@ -158,14 +160,9 @@ class VTN(nn.Module):
         )
         self.embed_norm = nn.LayerNorm(d, eps=LAYER_NORM_EPS)  # as LongformerEmbeddings, which we bypass
         self.embed_dropout = nn.Dropout(config.dropout)
-        args = (d, config.num_heads, config.intermediate_size, config.windows, config.dropout,
-                config.attention_dropout)
-        if config.backend == "hf":
-            from vtn.temporal import hf  # transformers is slow to import; only this backend needs it
-
-            self.longformer = hf.build(*args)
-        else:
-            self.longformer = FastLongformer(*args)
+        self.longformer = backend_class(config.backend)(
+            d, config.num_heads, config.intermediate_size, config.windows, config.dropout, config.attention_dropout
+        )
         self.head = nn.Sequential(
             nn.LayerNorm(d),
             nn.Linear(d, d),
@@ -178,7 +175,7 @@ class VTN(nn.Module):
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
-        """BERT/Longformer's initialisation, the same for both backends."""
+        """BERT/Longformer's initialisation, the same for every backend."""
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, std=0.02)
         if isinstance(module, nn.Linear) and module.bias is not None:
@@ -193,9 +190,11 @@ class VTN(nn.Module):
         mask: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
         return_attention: bool = False,
+        positions_checked: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         """features [B, T, D]; mask [B, T] bool (True = a real frame; None = all real); positions [B, T] long
-        (ignored where mask is False; None only with positions="none").
+        (ignored where mask is False; None only with positions="none"). `positions_checked`: the caller has
+        checked that they lie in the table (temporal/batched.py, whose vmap cannot run a check that reads values).
 
         Returns logits [B, num_classes], and with return_attention also [CLS]'s global attention of each layer,
         one [B, heads, 1 + T] tensor per layer (index 0 is [CLS] itself, then the frames; padding gets 0).
@@ -214,22 +213,19 @@ class VTN(nn.Module):
         x = self.input_proj((features - self.feature_mean) / self.feature_scale)  # [B, T, d]
         cls = self.cls_token.expand(B, 1, -1)  # [B, 1, d]
         if self.position_embeddings is not None:
-            x = x + self.position_embeddings(self._frame_positions(positions, mask))
+            x = x + self.position_embeddings(self._frame_positions(positions, mask, positions_checked))
             cls = cls + self.position_embeddings.weight[-1]
         h = self.embed_dropout(self.embed_norm(torch.cat([cls, x], dim=1)))  # [B, 1 + T, d]
         valid = F.pad(mask, (1, 0), value=True)  # [B, 1 + T]; [CLS] is always valid
 
-        if cfg.backend == "hf":
-            from vtn.temporal import hf
-
-            h, attentions = hf.encode(self.longformer, h, valid, return_attention)
-        else:
-            h, attentions = self.longformer(h, valid)
+        h, attentions = self.longformer(h, valid, return_attention)
         logits = self.head(h[:, 0])  # [B, num_classes]
         return (logits, tuple(attentions)) if return_attention else logits
 
-    def _frame_positions(self, positions: torch.Tensor | None, mask: torch.Tensor) -> torch.Tensor:
-        """Checked position indices [B, T]; padding frames get position 0 (they are never attended to)."""
+    def _frame_positions(self, positions: torch.Tensor | None, mask: torch.Tensor, checked: bool = False
+                         ) -> torch.Tensor:
+        """Checked position indices [B, T] (`checked`: their range already); padding frames get position 0 (they
+        are never attended to)."""
         limit = self.config.max_positions
         if positions is None or positions.shape != mask.shape or positions.is_floating_point():
             got = None if positions is None else f"{positions.dtype} {list(positions.shape)}"
@@ -238,7 +234,7 @@ class VTN(nn.Module):
                 f"(see frame_positions), got {got}"
             )
         positions = torch.where(mask, positions, 0)
-        if not torch.compiler.is_compiling() and ((positions < 0) | (positions >= limit)).any():
+        if not (checked or torch.compiler.is_compiling()) and ((positions < 0) | (positions >= limit)).any():
             raise UserError(
                 f"frame positions must lie in [0, {limit}) (config.max_positions), got "
                 f"{int(positions.min())}..{int(positions.max())}; shorten or subsample the clip, or raise "

@@ -24,6 +24,21 @@ def test_fast_equals_hf_on_cuda(T):
     assert_same(fast.cuda(), hf.cuda(), *cuda, atol=1e-3)
 
 
+def test_members_forward_equals_each_members_own_forward_on_cuda():
+    """The batched sweep's vmap over members runs CUDA's fused attention through its batching rule."""
+    from vtn.temporal.batched import members_forward, stacked
+    from vtn.temporal.model import VTN
+
+    torch.manual_seed(0)
+    models = [VTN(tiny(attention_window=(4, 16), dropout=0, attention_dropout=0, head_dropout=0)).cuda()
+              for _ in range(3)]
+    features, mask, positions = (t.cuda() for t in batch(100))
+    x, m, p = (t.expand(3, *t.shape) for t in (features, mask, positions))
+    logits = members_forward(models[0], stacked(models), x, m, p)
+    for i, model in enumerate(models):
+        torch.testing.assert_close(logits[i], model(features, mask, positions), atol=1e-4, rtol=0)
+
+
 def test_fast_bf16_autocast_is_close_to_fp32_on_cuda():
     fast, _ = pair(tiny(attention_window=16))
     features, mask, positions = (t.cuda() for t in batch(300))

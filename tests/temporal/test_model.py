@@ -1,4 +1,5 @@
-"""VTN: the fast backend equals transformers' Longformer (outputs and gradients), checkpoints, errors, export."""
+"""VTN: every attention backend equals transformers' Longformer (outputs and gradients), checkpoints, errors,
+export."""
 
 import dataclasses
 import subprocess
@@ -10,6 +11,7 @@ import torch
 from vtn.config import ConfigError
 from vtn.errors import UserError
 from vtn.temporal import VTN, VTNConfig, frame_positions, preset
+from vtn.temporal.attention import BACKENDS
 
 D = 24  # feature dim != hidden size, so the input projection is exercised
 
@@ -20,10 +22,14 @@ def tiny(**kw) -> VTNConfig:
     return VTNConfig(**{**base, **kw})
 
 
-def pair(config: VTNConfig) -> tuple[VTN, VTN]:
-    """(fast, hf) models with the same weights, perturbed away from the init so no term is trivially 0 or 1."""
+# The backends held to the reference `hf`: every registered one, so a new backend is tested by registering it.
+BACKENDS_UNDER_TEST = [b for b in BACKENDS if b != "hf"]
+
+
+def pair(config: VTNConfig, backend: str = "fast") -> tuple[VTN, VTN]:
+    """(backend, hf) models with the same weights, perturbed away from the init so no term is trivially 0 or 1."""
     torch.manual_seed(0)
-    fast = VTN(dataclasses.replace(config, backend="fast"))
+    fast = VTN(dataclasses.replace(config, backend=backend))
     with torch.no_grad():
         for p in fast.parameters():
             p.add_(0.1 * torch.randn_like(p))
@@ -72,9 +78,23 @@ LENGTHS = [1, 2, W // 2 - 1, W // 2 + 1, W - 1, W + 1, 100, 1000]
 
 @pytest.mark.parametrize("T", LENGTHS)
 @pytest.mark.parametrize("windows", [(W, W), (4, W, 8)], ids=["equal", "unequal"])
-def test_fast_equals_hf(T, windows):
-    fast, hf = pair(tiny(num_layers=len(windows), attention_window=windows))
+@pytest.mark.parametrize("backend", BACKENDS_UNDER_TEST)
+def test_fast_equals_hf(T, windows, backend):
+    fast, hf = pair(tiny(num_layers=len(windows), attention_window=windows), backend)
     assert_same(fast, hf, *batch(T))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_grad_checkpointing_gives_the_same_gradients(backend):
+    """Every backend's `set_grad_checkpointing` recomputes its layers in the backward pass, changing nothing."""
+    model = VTN(tiny(dropout=0.0, attention_dropout=0.0, head_dropout=0.0, backend=backend)).train()
+    features, mask, positions = batch(40)
+    plain = run(model, features, mask, positions)
+    model.longformer.set_grad_checkpointing(True)
+    again = run(model, features, mask, positions)
+    torch.testing.assert_close(again[2], plain[2])
+    for name in plain[3]:
+        torch.testing.assert_close(again[3][name], plain[3][name], msg=lambda m: f"{name}: {m}")
 
 
 def test_fast_equals_hf_in_train_mode_without_dropout():
@@ -199,6 +219,8 @@ def test_config_validation():
         tiny(class_names=("a", "b"))
     with pytest.raises(ConfigError, match="unknown VTN preset"):
         preset("vit_z")
+    with pytest.raises(ConfigError, match=r"backend: 'flash' is not one of \['fast', 'hf'\]"):
+        tiny(backend="flash")
 
 
 def test_vit_b_vtn_preset_size():
@@ -245,4 +267,11 @@ def test_model_code_imports_no_training_or_data_code():
     code = ("import sys, vtn.temporal.model, vtn.temporal.hf; "
             "bad = [m for m in sys.modules if m.startswith(('vtn.store', 'vtn.extract', 'vtn.evaluate'))]; "
             "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_only_the_hf_backend_imports_transformers():
+    code = ("import sys; from vtn.temporal.model import VTN, VTNConfig; VTN(VTNConfig(num_layers=1)); "
+            "assert 'transformers' not in sys.modules; VTN(VTNConfig(num_layers=1, backend='hf')); "
+            "assert 'transformers' in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
