@@ -23,8 +23,8 @@ import torch
 
 from vtn.errors import UserError
 from vtn.extract.config import ExtractConfig, RuntimeConfig
-from vtn.extract.inputs import VideoEntry, discover
-from vtn.extract.job import check_runtime, extract_features
+from vtn.extract.inputs import InputEntry, discover
+from vtn.extract.pipeline import check_runtime, extract_features
 from vtn.extract.sampling import sample
 from vtn.evaluate.attention import attention_figure
 from vtn.evaluate.settings import PredictConfig, parse_views
@@ -38,11 +38,11 @@ from vtn.temporal.metrics import mean_softmax
 from vtn.temporal.model import VTN
 
 
-def entries_of(source: str | Path) -> tuple[list[VideoEntry], list[str]]:
+def entries_of(source: str | Path) -> tuple[list[InputEntry], list[str]]:
     """A video file, a folder of videos or a CSV manifest as entries (labels where the folder or manifest gives them)."""
     path = Path(source)
     if path.is_file() and path.suffix.lower() != ".csv":
-        return [VideoEntry(path.name, path, -1, "predict")], []
+        return [InputEntry(path.name, path, -1, "predict")], []
     entries, classes, _ = discover(path)
     return entries, classes
 
@@ -107,13 +107,13 @@ class Predictor:
         cfg = self.model.config
         return list(cfg.class_names) or [str(i) for i in range(cfg.num_classes)]
 
-    def predict(self, entries: list[VideoEntry], on_video=None, on_failure=None) -> list[dict]:
+    def predict(self, entries: list[InputEntry], on_video=None, on_failure=None) -> list[dict]:
         """Predict each video; returns one dict per video (id, path, label, logits, probabilities, frames through
         the backbone, views), in the order they finish. `on_video(result, video)` (video: features, timestamps,
         frame indices) and `on_failure(id, error class, message)` are called as it goes."""
         results = []
 
-        def store(entry: VideoEntry, info, features, timestamps, indices) -> None:
+        def store(entry: InputEntry, info, features, timestamps, indices) -> None:
             logp, n_views = self.view_logits(features, timestamps, indices, info)
             result = {"id": entry.id, "path": str(entry.path), "label": entry.label, "logits": logp,
                       "probabilities": dict(zip(self.class_names, np.exp(logp).tolist())),
@@ -132,7 +132,7 @@ class Predictor:
         if isinstance(paths, (str, Path)):
             entries = entries_of(paths)[0]
         else:
-            entries = [VideoEntry(str(p), Path(p), -1, "predict") for p in paths]
+            entries = [InputEntry(str(p), Path(p), -1, "predict") for p in paths]
         return self.predict(entries)
 
 

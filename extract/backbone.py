@@ -331,7 +331,7 @@ class Preprocess(torch.nn.Module):
             antialias = self.interpolation != "nearest"
             align = None if self.interpolation == "nearest" else False
             if x.device.type == "cpu":
-                # The CPU resamples uint8 directly, in fixed point as PIL does: 6-8x faster than in float.
+                # The CPU resamples uint8 directly, in fixed point as PIL does: several times faster than in float.
                 x = F.interpolate(x, size=(rh, rw), mode=self.interpolation, antialias=antialias, align_corners=align)
             else:
                 x = F.interpolate(x.float(), size=(rh, rw), mode=self.interpolation, antialias=antialias,

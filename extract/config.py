@@ -46,8 +46,8 @@ class RuntimeConfig:
     timeout: float = ranged(120.0, gt=0, flag="--timeout")
     chunk_mb: int = ranged(32, ge=1)  # decoded frames travel in chunks of at most this many MiB
     decode_threads: int = ranged(1, ge=1)  # decoder threads per worker
-    # torch threads on the CPU; default: every core. Decode workers block once they are ahead, so they leave
-    # the cores to the model (measured on 2 idle cores: 207 frames/s against 112 with one thread per leftover core).
+    # torch threads of the process (vtn.runtime.size_threads); default: every core it may use beside a CPU model
+    # (its decode workers block once they are ahead of the model), the cores its decode workers leave beside a GPU.
     threads: int | None = ranged(None, ge=1)
     # Seconds a collective between torchrun ranks may wait before the job fails (torch's default). Ranks that
     # finished their share wait for the others without this limit.
@@ -55,8 +55,8 @@ class RuntimeConfig:
     commit_every: float = ranged(30.0, ge=0)  # seconds between commits: the most work a kill can lose
     feature_dtype: Literal["float16", "float32"] = "float16"
     channels_last: bool = True
-    # torch.compile the backbone (frozen weights, one fixed batch shape): faster once compiled (resnet18 on
-    # 2 CPU cores: about 1.2x), at a one-off compile cost; features equal eager mode up to float rounding.
+    # torch.compile the backbone (frozen weights, one fixed batch shape): faster once compiled, at a one-off
+    # compile cost; features equal eager mode up to float rounding.
     compile: bool = False
     progress: bool = True
 

@@ -28,10 +28,9 @@ from vtn.extract.sampling import SamplingConfig, sample, video_duration
 DEFAULT_CHUNK_BYTES = 64 << 20
 # decord's reader keeps pushing packets to its decoder thread whenever a frame is not ready yet (its pop does
 # not wait), and that thread decodes every pushed packet into an RGB frame in the background: behind a slow
-# consumer (a busy model) a whole video can pile up in memory (measured: 6.2 GB for 10 minutes of 720p,
-# 3.2 GB for 3 minutes of 1080p). decord therefore reads only videos whose every frame together fits in
-# this many bytes; longer or larger ones go to PyAV, whose memory stays flat and which decodes them as fast
-# (720p here: 364 frames/s against decord's 327).
+# consumer (a busy model) a whole video can pile up in memory (README, Benchmarks). decord therefore reads only
+# videos whose every frame together fits in this many bytes; longer or larger ones go to PyAV, whose memory stays
+# flat and which decodes them as fast.
 DECORD_MAX_BYTES = 256 << 20
 # decord's C++ logger writes "[hh:mm:ss] file.cc:NN: ERROR opening: FILE, REASON" straight to file descriptor 2, and
 # no log level turns it off (decord's level is its FFmpeg's). A decode worker process, where nothing else writes
@@ -75,7 +74,7 @@ class WorkerCrashed(VideoError):
 
 
 @dataclass
-class VideoInfo:
+class StreamInfo:
     """What the decoder learnt about a video before reading frames."""
 
     timestamps: np.ndarray  # [n] float64 seconds from the first frame, every frame in presentation order
@@ -91,12 +90,12 @@ class VideoInfo:
 class Chunk:
     """Consecutive sampled frames of one video."""
 
-    frame_indices: np.ndarray  # [n] int64 source frame indices
+    frame_indices: np.ndarray  # [n] int64 indices of the frames in the video
     timestamps: np.ndarray  # [n] float64 seconds
     frames: np.ndarray  # [n, H, W, 3] uint8 RGB
 
 
-def _info(timestamps, width: int, height: int, backend: str, rate: float) -> VideoInfo:
+def _info(timestamps, width: int, height: int, backend: str, rate: float) -> StreamInfo:
     """`rate` is the container's average frame rate (frames per second; 0 when it gives none)."""
     t = np.asarray(timestamps, dtype=np.float64)
     # Seconds from the first frame, to the microsecond: decord reports float32 seconds, PyAV exact
@@ -106,7 +105,7 @@ def _info(timestamps, width: int, height: int, backend: str, rate: float) -> Vid
     if len(t) == 1 and rate > 0:  # no second frame to time the first by: it lasts one frame at the container's rate
         duration = round(1 / rate, 6)
     fps = round(len(t) / duration, 3) if duration > 0 else 0.0
-    return VideoInfo(t, fps, duration, len(t), width, height, backend)
+    return StreamInfo(t, fps, duration, len(t), width, height, backend)
 
 
 def _chunk_frames(width: int, height: int, chunk_bytes: int) -> int:
@@ -325,7 +324,7 @@ def _first_line(e: Exception) -> str:
 
 def decode_video(path: str | Path, cfg: SamplingConfig, chunk_bytes: int = DEFAULT_CHUNK_BYTES, threads: int = 1,
                  alive=None):
-    """Decode the sampled frames of one video: yields the `VideoInfo` first, then `Chunk`s.
+    """Decode the sampled frames of one video: yields the `StreamInfo` first, then `Chunk`s.
 
     `alive()`, if given, is called often while the decoders make progress (every packet demuxed, frame decoded
     or small batch read), so a caller can tell a slow decode (an hour-long file sampled sparsely sends its first
@@ -333,7 +332,7 @@ def decode_video(path: str | Path, cfg: SamplingConfig, chunk_bytes: int = DEFAU
 
     decord first; if it cannot open or read the file (or all its frames exceed `DECORD_MAX_BYTES`), PyAV from
     the start. When decord fails after some chunks were yielded, a `None` is yielded before PyAV's own
-    `VideoInfo`, telling the consumer to drop what it got for this video (the two decoders may disagree on
+    `StreamInfo`, telling the consumer to drop what it got for this video (the two decoders may disagree on
     frames, and nothing is mixed or substituted). Raises a `VideoError` when neither decoder can produce every
     sampled frame.
     """

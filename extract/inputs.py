@@ -47,7 +47,7 @@ class InputError(UserError):
 
 
 @dataclass(frozen=True)
-class VideoEntry:
+class InputEntry:
     """One video to extract."""
 
     id: str  # relative POSIX path from the input root
@@ -56,7 +56,7 @@ class VideoEntry:
     split: str
 
 
-def discover(source: str | Path, root: str | Path | None = None) -> tuple[list[VideoEntry], list[str], Path]:
+def discover(source: str | Path, root: str | Path | None = None) -> tuple[list[InputEntry], list[str], Path]:
     """The videos under a folder or listed in a CSV manifest, sorted by id; the sorted class names; and the
     root folder the ids are relative to. `root` (a manifest only) fixes that folder."""
     source = Path(source)
@@ -80,7 +80,7 @@ def discover(source: str | Path, root: str | Path | None = None) -> tuple[list[V
         if vid in seen:
             raise InputError(f"{source}: video '{vid}' is listed twice")
         seen.add(vid)
-        entries.append(VideoEntry(vid, path, lookup[cls] if cls else -1, split))
+        entries.append(InputEntry(vid, path, lookup[cls] if cls else -1, split))
     return entries, class_names, base
 
 

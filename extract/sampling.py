@@ -1,4 +1,4 @@
-"""Frame sampling by time: which source frames to run the backbone on.
+"""Frame sampling by time: which of a video's frames to run the backbone on.
 
 Sampling maps target times to frame indices through the frames' real timestamps (from the container's
 presentation times), never through an assumed constant frame rate, so variable-frame-rate files and files
@@ -9,7 +9,7 @@ Modes:
 - `every`: every k-th decoded frame (0, k, 2k, ...), whatever the frame rate;
 - `num_frames`: N frames spread evenly over the video — the frames on screen at the centres of N
   equal time segments.
-`max_seconds` keeps only the first S seconds (in every mode). A source frame is never taken twice: asking
+`max_seconds` keeps only the first S seconds (in every mode). A video frame is never taken twice: asking
 for more frames than the video has (fps above the native rate, N above the frame count) gives each frame
 once, so the cache holds only real, distinct frames with their real timestamps.
 """

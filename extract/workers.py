@@ -11,7 +11,7 @@ releases the GIL), decoded chunks keep arriving, and when the queue is full the 
 pipes, so memory stays bounded by `prefetch` chunks plus one chunk per worker.
 
 Events, each a tuple (kind, key, payload):
-- ("info", key, VideoInfo): decoding started; timestamps of every frame are known;
+- ("info", key, StreamInfo): decoding started; timestamps of every frame are known;
 - ("chunk", key, Chunk): consecutive sampled frames;
 - ("reset", key, None): drop what arrived for this video, it restarts with another decoder;
 - ("done", key, None): every sampled frame was sent;
@@ -49,7 +49,7 @@ from multiprocessing.connection import wait
 import numpy as np
 
 from vtn.extract import decode
-from vtn.extract.decode import Chunk, VideoError, VideoInfo, decode_video
+from vtn.extract.decode import Chunk, StreamInfo, VideoError, decode_video
 from vtn.extract.sampling import SamplingConfig
 
 _END = object()
@@ -87,7 +87,7 @@ def _send_video(send, key, path, cfg: SamplingConfig, chunk_bytes: int, threads:
         for item in decode_video(path, cfg, chunk_bytes, threads, alive):
             if item is None:
                 send("reset", key, None)
-            elif isinstance(item, VideoInfo):
+            elif isinstance(item, StreamInfo):
                 send("info", key, item)
             else:
                 send("chunk", key, item)
@@ -250,7 +250,7 @@ class DecodePool:
             if not sent:
                 raise _Abandoned  # the pool is closing
 
-        def run() -> None:
+        def decode_in_thread() -> None:
             try:
                 _send_video(send, key, path, sampling, self.chunk_bytes, self.threads, alive)
             except _Abandoned:
@@ -258,7 +258,7 @@ class DecodePool:
             except BaseException as e:  # a bug: raised to the consumer with its traceback
                 bugs.append(e)
 
-        thread = threading.Thread(target=run, name=f"vtn-decode-{key}", daemon=True)
+        thread = threading.Thread(target=decode_in_thread, name=f"vtn-decode-{key}", daemon=True)
         thread.start()
         while True:
             thread.join(min(1.0, self.timeout / 4))

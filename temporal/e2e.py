@@ -60,7 +60,7 @@ def rebuild_backbone(inputs: dict | None, where: Path, device: torch.device, wei
     or the recorded weights file (`weights` gives another path to the same file). Returns (backbone, preprocess,
     BackboneConfig, identity). Refused, naming what it looked for, when they cannot be found, and naming both
     hashes when the weights built are not the recorded ones."""
-    from vtn.extract.job import build_backbone  # the library part of stage one's job module
+    from vtn.extract.pipeline import build_backbone
 
     if not inputs or not inputs.get("backbone") or not inputs.get("backbone_config"):
         raise UserError(f"{where}: the checkpoint does not record the backbone its features came from (trained on "

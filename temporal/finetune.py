@@ -38,10 +38,10 @@ from vtn.errors import UserError
 from vtn.paths import canonical_cache, check_run_dir
 from vtn.extract.config import ExtractConfig, RuntimeConfig
 from vtn.extract.inputs import discover
-from vtn.extract.job import extract_features, on_rank0
+from vtn.extract.pipeline import extract_features
 from vtn.extract.workers import DecodePool
 from vtn.progress import progress_bar
-from vtn.runtime import Processes, autocast, setup_processes
+from vtn.runtime import Processes, autocast, on_rank0, setup_processes
 from vtn.store import collate_clips, open_cache
 from vtn.store.clips import clip_rows
 from vtn.temporal import checkpoint
@@ -318,10 +318,10 @@ def evaluate_videos(model: VideoVTN, dataset, paths: dict, cfg: ExtractConfig, d
                     procs: Processes, failures: Failures) -> dict:
     """Metrics of the composed model over whole val videos (this process's share, gathered): frames through the
     backbone in stage one's pipeline, then the model's encoder and head."""
-    from vtn.extract.inputs import VideoEntry
+    from vtn.extract.inputs import InputEntry
 
     label = dict(zip(dataset.ids, dataset.labels.tolist()))
-    mine = [VideoEntry(v, Path(paths[v]), label[v], "val") for v in dataset.ids[procs.rank::procs.world]
+    mine = [InputEntry(v, Path(paths[v]), label[v], "val") for v in dataset.ids[procs.rank::procs.world]
             if v not in failures.ids]
     logits, labels = [], []
 
@@ -457,9 +457,9 @@ def finetune(stage_two: str | Path, out: str | Path, videos: str | None = None, 
         sampling = sampling_of(inputs)
         rt = RuntimeConfig(device=str(device), batch_size=ft.eval_frames, amp=cfg.run.amp, workers=ft.workers,
                            timeout=ft.timeout, progress=False)
-        from vtn.extract.job import decode_workers
+        from vtn.extract.pipeline import decode_workers
 
-        workers = decode_workers(rt, device)
+        workers = decode_workers(rt, device, procs.local_world)
         eval_cfg = ExtractConfig(replace(sampling, view_frames=vtn.config.max_positions), bc, rt)
 
         def loss_fn(batch: dict, weight: float) -> torch.Tensor:

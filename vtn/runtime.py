@@ -1,4 +1,4 @@
-"""Where a job runs: the one "auto" device rule, autocast, and the torchrun environment.
+"""Where a job runs: the one "auto" device rule, autocast, torch's threads, and the torchrun environment.
 
 Read once at the top of a job and passed down; library code never reads RANK or picks a device itself.
 """
@@ -11,6 +11,7 @@ import os
 import time
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Callable
 
 import torch
 
@@ -66,6 +67,15 @@ def setup_processes(device_spec: str, timeout: float | None = None) -> tuple[Pro
     return procs, device, own_group
 
 
+def size_threads(workers: int = 0, threads: int | None = None) -> int:
+    """Size this process's torch threads, once at the top of a job: `threads`, or the cores this process may use
+    (its CPU affinity, which torch's default ignores) less the `workers` busy worker processes beside it, at least
+    one. Oversubscribed cores make torch's threads spin against the workers. Returns the count."""
+    n = threads or max(1, len(os.sched_getaffinity(0)) - workers)
+    torch.set_num_threads(n)
+    return n
+
+
 def autocast(device: torch.device, amp: str):
     """The autocast context for an amp setting ("none", "bf16", "fp16") on `device`."""
     dtype = AMP_DTYPES[amp]
@@ -84,6 +94,29 @@ LINGER = 10.0  # seconds rank 0 stays for the others to read the message (withou
 
 class RankFailed(RuntimeError):
     """Another rank's failure, raised here: that rank reports it, this one only stops."""
+
+
+def on_rank0(fn: Callable, rank: int, world_size: int):
+    """`fn()` on rank 0 only; whatever it raises stops every rank at once with rank 0's message (the others would
+    otherwise wait in their next collective for the job's timeout). Rank 0 raises its own exception; the others a
+    UserError for a UserError (one line, exit 2), else a RankFailed naming rank 0's exception."""
+    import torch.distributed as dist
+
+    error, result = [None], None
+    if rank == 0:
+        try:
+            result = fn()
+        except Exception as e:
+            error = [(isinstance(e, UserError), type(e).__name__, str(e))]
+            if world_size > 1:
+                dist.broadcast_object_list(error, src=0)
+            raise
+    if world_size > 1:
+        dist.broadcast_object_list(error, src=0)
+    if error[0] is not None:
+        user, kind, message = error[0]
+        raise UserError(message) if user else RankFailed(f"rank 0 failed: {kind}: {message}")
+    return result
 
 
 def _store():

@@ -6,10 +6,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import vtn.extract.job as job
+import vtn.extract.pipeline as pipeline
 from vtn.extract.config import ExtractConfig, RuntimeConfig
-from vtn.extract.decode import Chunk, VideoInfo
-from vtn.extract.inputs import VideoEntry
+from vtn.extract.decode import Chunk, StreamInfo
+from vtn.extract.inputs import InputEntry
 
 
 class ScriptedPool:
@@ -39,7 +39,7 @@ class Writer:
 
 
 def info(n):
-    return ("info", VideoInfo(np.arange(n) / 10.0, 10.0, n / 10.0, n, 2, 2, "decord"))
+    return ("info", StreamInfo(np.arange(n) / 10.0, 10.0, n / 10.0, n, 2, 2, "decord"))
 
 
 def chunk(first, n, value):
@@ -51,15 +51,15 @@ def chunk(first, n, value):
 
 def run(monkeypatch, events, batch_size=2):
     ScriptedPool.events = [(kind, vid, payload) for vid, (kind, payload) in events]
-    monkeypatch.setattr(job, "DecodePool", ScriptedPool)
-    entries = [VideoEntry(v, Path(v), 0, "train") for v in ("a", "b", "c")]
+    monkeypatch.setattr(pipeline, "DecodePool", ScriptedPool)
+    entries = [InputEntry(v, Path(v), 0, "train") for v in ("a", "b", "c")]
     writer = Writer()
     # The "model" returns each frame's mean pixel value: the rows stored for a video show which frames they came from.
     model = lambda x: x.mean(dim=(1, 2, 3), keepdim=False)[:, None]  # noqa: E731  [N, 1]
     preprocess = lambda f: f.permute(0, 3, 1, 2).float()  # noqa: E731  [N, 3, 2, 2]
     cfg = ExtractConfig(runtime=RuntimeConfig(batch_size=batch_size, channels_last=False))
-    job.extract_features(entries, model, preprocess, torch.device("cpu"), cfg,
-                         lambda e, info, feats, times, idx: writer.add(e.id, feats, times, idx), writer.add_failure)
+    pipeline.extract_features(entries, model, preprocess, torch.device("cpu"), cfg,
+                              lambda e, info, feats, times, idx: writer.add(e.id, feats, times, idx), writer.add_failure)
     return writer
 
 
