@@ -80,7 +80,7 @@ def _sequential(entries, classes, model, preprocess, sampling, batch_size: int, 
 
 
 def main(args) -> int:
-    from vtn.extract.job import decode_workers, extract_features
+    from vtn.extract.pipeline import decode_workers, extract_features
     from vtn.store import CacheWriter
 
     own_tmp = args.workdir is None
