@@ -78,25 +78,13 @@ def _demo(args) -> int:
 
 
 def baseline_top1(cache_url: str) -> float:
-    """Val top-1 of a logistic regression on standardised mean-pooled features (train split -> val split)."""
-    import numpy as np
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    from vtn.store import open_cache
+    """Val top-1 of `vtn probe`'s order-blind baseline: logistic regression on mean-pooled features."""
+    from vtn.store import ClipDataset, open_cache
+    from vtn.temporal.baselines import logistic, pooled
 
     cache = open_cache(cache_url)
-
-    def pooled(split):
-        s = cache.load_split(split)
-        x = np.stack([s.features[s.video_rows(v)].astype(np.float64).mean(0) for v in range(len(s.ids))])
-        return x, s.labels
-
-    x, y = pooled("train")
-    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000)).fit(x, y)
-    xv, yv = pooled("val")
-    return float(clf.score(xv, yv))
+    train, val = (pooled(ClipDataset(cache, split=s, train=False)) for s in ("train", "val"))
+    return float(logistic().fit(train["mean"], train["labels"]).score(val["mean"], val["labels"]))
 
 
 def extract(videos: Path, cache: str, backbone: dict, sampling: dict, progress: bool):
