@@ -108,7 +108,8 @@ def probe_rows(cache_url: str, cfg) -> list[dict]:
     """The probes on the train and val videos a `vtn train` run with config `cfg` would use."""
     from vtn.runtime import Processes
     from vtn.store import open_cache
-    from vtn.temporal.train import load_data, model_config
+    from vtn.temporal.settings import model_config
+    from vtn.temporal.splits import load_data
 
     cache = open_cache(cache_url)
     data = load_data(cache, cfg, model_config(cfg, cache), Processes())
@@ -122,7 +123,7 @@ def main(args) -> int:
     from vtn.config import resolve
     from vtn.paths import check_run_dir
     from vtn.temporal.sweep import markdown, write_results
-    from vtn.temporal.train import TrainConfig
+    from vtn.temporal.settings import TrainConfig
 
     out = check_run_dir(args.out, "probes") if args.out else None  # before the probes spend their time
     cfg = resolve(TrainConfig, args.config, args.sets)

@@ -238,15 +238,15 @@ def record(run_dir: Path, run: Run, summary: dict, members: int) -> dict:
 def train_unit(cache_url: str, out: str, unit: list[Run], progress: bool) -> list[dict]:
     """Train one unit of work (one run, or runs to batch) into `out`; returns their metrics.json records."""
     from vtn.temporal.batched import train_batched
-    from vtn.temporal.train import train
+    from vtn.temporal.loop import fit
 
     cache, sources = _shared(cache_url)
     dirs = [Path(out) / r.name for r in unit]
     if len(unit) > 1:
         summaries = train_batched(cache, [(d, r.cfg) for d, r in zip(dirs, unit)], sources, progress)
     else:
-        summaries = [train(cache_url, dirs[0], unit[0].cfg, resume=True, progress=progress, cache=cache,
-                           sources=sources)]
+        summaries = [fit(cache_url, dirs[0], unit[0].cfg, resume=True, progress=progress, cache=cache,
+                         sources=sources)]
     return [record(d, r, s, len(unit)) for d, r, s in zip(dirs, unit, summaries)]
 
 
@@ -256,7 +256,8 @@ def plan(runs: list[Run], out: Path, batch: bool) -> tuple[list[Run], list[list[
     the sweep's is refused."""
     from vtn.temporal import checkpoint
     from vtn.temporal.batched import batch_key
-    from vtn.temporal.train import TrainConfig, resume_config
+    from vtn.temporal.loop import resume_config
+    from vtn.temporal.settings import TrainConfig
 
     done, alone, groups = [], [], {}
     for r in runs:
@@ -306,7 +307,8 @@ def sweep(cache_url: str, out: str | Path, runs: list[Run], jobs: int | None = N
     import torch
 
     from vtn.runtime import Processes, processes
-    from vtn.temporal.train import load_data, model_config
+    from vtn.temporal.settings import model_config
+    from vtn.temporal.splits import load_data
 
     if processes().world > 1:
         raise UserError("vtn sweep starts its own processes (--jobs); run it without torchrun")
@@ -485,12 +487,11 @@ def plot(rows: list[dict], keys: list[str], path: Path, base=None) -> None:
 # -- the command ------------------------------------------------------------------------------------------------
 
 def base_config(args):
-    from vtn.temporal.train import MODEL_SIZES, RECIPES, TrainConfig
+    from vtn.config import job_config
+    from vtn.temporal.model import SIZES
+    from vtn.temporal.settings import RECIPES, TrainConfig
 
-    base = RECIPES[args.recipe or "default"]
-    if args.model:
-        base = dataclasses.replace(base, model=MODEL_SIZES[args.model])
-    return resolve(TrainConfig, args.config, args.sets, base=base)
+    return job_config(TrainConfig, args, {}, recipes=RECIPES, sizes=SIZES)
 
 
 def main(args) -> int:
