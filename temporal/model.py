@@ -58,14 +58,6 @@ class VTNConfig:
         if isinstance(self.attention_window, list):  # a list given in code; configs from files arrive as tuples
             object.__setattr__(self, "attention_window", tuple(self.attention_window))
         check_ranges(self, "model")
-        if self.hidden_size % self.num_heads:
-            raise ConfigError(f"hidden_size {self.hidden_size} is not a multiple of num_heads {self.num_heads}")
-        if len(self.windows) != self.num_layers:
-            raise ConfigError(f"attention_window has {len(self.windows)} values for {self.num_layers} layers")
-        if any(w < 2 or w % 2 for w in self.windows):
-            raise ConfigError(f"attention_window values must be even and >= 2, got {self.attention_window}")
-        if self.class_names and self.num_classes is not None and len(self.class_names) != self.num_classes:
-            raise ConfigError(f"{len(self.class_names)} class_names for num_classes={self.num_classes}")
 
     @property
     def windows(self) -> tuple[int, ...]:
@@ -73,12 +65,22 @@ class VTNConfig:
         w = self.attention_window
         return (w,) * self.num_layers if isinstance(w, int) else tuple(w)
 
-    def check_complete(self) -> None:
-        """Refuse to build a model whose feature_dim or num_classes is still "from the cache" (None)."""
+    def check(self) -> None:
+        """Refuse a config no model can be built from. Not at construction: as a config section its fields are set
+        one at a time (`--set model.hidden_size=64 --set model.num_heads=4`, a sweep's grid), and feature_dim and
+        num_classes may still be "from the cache" (None)."""
         unset = [name for name in ("feature_dim", "num_classes") if getattr(self, name) is None]
         if unset:
             raise ConfigError(f"the VTN config leaves {' and '.join(unset)} unset (None: taken from the cache); "
                               "set them to build a model outside a training run")
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(f"hidden_size {self.hidden_size} is not a multiple of num_heads {self.num_heads}")
+        if len(self.windows) != self.num_layers:
+            raise ConfigError(f"attention_window has {len(self.windows)} values for {self.num_layers} layers")
+        if any(w < 2 or w % 2 for w in self.windows):
+            raise ConfigError(f"attention_window values must be even and >= 2, got {self.attention_window}")
+        if self.class_names and len(self.class_names) != self.num_classes:
+            raise ConfigError(f"{len(self.class_names)} class_names for num_classes={self.num_classes}")
 
 
 # `--model SIZE`: named encoder sizes, registered once (as timm registers its variants). base is the paper's

@@ -116,5 +116,7 @@ def model_config(cfg: TrainConfig, cache) -> VTNConfig:
     if m.class_names and list(m.class_names) != list(cache.class_names):
         raise UserError(f"{cache.url}: the cache's classes {list(cache.class_names)} are not the model config's "
                         f"class_names {list(m.class_names)}")
-    return dataclasses.replace(m, feature_dim=cache.feature_dim, num_classes=len(cache.class_names),
-                               class_names=tuple(cache.class_names))
+    model = dataclasses.replace(m, feature_dim=cache.feature_dim, num_classes=len(cache.class_names),
+                                class_names=tuple(cache.class_names))
+    model.check()
+    return model

@@ -295,4 +295,4 @@ def test_model_sizes_and_recipes_are_registered_once():
     assert TrainConfig().model == SIZES["base"] == VTNConfig()
     assert PRESETS["vit_b_vtn"] == VTNConfig(feature_dim=768, num_classes=400)
     with pytest.raises(ConfigError, match="feature_dim and num_classes"):
-        VTNConfig().check_complete()
+        VTNConfig().check()
