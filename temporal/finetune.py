@@ -48,8 +48,9 @@ from vtn.temporal import checkpoint
 from vtn.temporal.data import check_inputs, model_inputs
 from vtn.temporal.e2e import VideoVTN, rebuild_backbone, sampling_of
 from vtn.temporal.model import VTN, frame_positions
-from vtn.temporal.loop import (Loop, build_optimizer, check_resume, clip_loss, diverged_warning, epoch_shares,
-                               gathered_metrics, new_state, resume_config, run_epochs, schedule, start_metrics)
+from vtn.temporal.loop import (Loop, build_optimizer, clip_loss, diverged_warning, epoch_shares, gathered_metrics,
+                               new_state, resume_state, run_config, run_epochs, schedule, schedule_text, start_metrics,
+                               wrap_ddp)
 from vtn.temporal.settings import FLAGS, DataSection, OptimSection, RunSection, TrainConfig
 from vtn.temporal.splits import Data, data_fingerprint, load_data
 
@@ -420,14 +421,8 @@ def start_finetune(run: Path, best: Path, videos: str | None, cfg: FinetuneConfi
     """Everything before the first step: the stage-two run's cache and videos, the config (the saved one when
     resuming), the composed model, data, schedule, optimiser, state, the run directory and its failures."""
     inputs, cache, paths, source = open_stage_two(best, cache_url, videos)
-    last = checkpoint.find(run, "last")
-    if last is not None and not resume:
-        raise UserError(f"{run} already holds a run; pass --resume to continue it, or choose another --out")
-    resuming = resume and last is not None
-    cfg = resume_config(FinetuneConfig, run, cfg) if resuming else (cfg or default_config(best.parent))
-    ft = cfg.finetune
-    if cfg.optim.batch_size % procs.world:
-        raise UserError(f"optim.batch_size {cfg.optim.batch_size} is not divisible by the {procs.world} processes")
+    cfg, last = run_config(run, FinetuneConfig, cfg, resume, lambda: default_config(best.parent), procs)
+    resuming, ft = last is not None, cfg.finetune
 
     # The backbone first: timm's random init seeds the global RNG, which the run then reseeds.
     backbone, preprocess, bc, identity = rebuild_backbone(inputs, best, device)
@@ -450,13 +445,9 @@ def start_finetune(run: Path, best: Path, videos: str | None, cfg: FinetuneConfi
     state = new_state(procs.world, epochs, steps_per_epoch, total_steps, data_fingerprint(data, cache))
     ckpt_inputs = {**inputs, "cache": canonical_cache(cache.url), "finetuned_from": str(best)}  # where it is now
     if resuming:
-        saved_state = checkpoint.load_last(last, model, opt, scaler, procs.rank, device)
-        check_resume(saved_state, state, last)
-        state.update(saved_state)
+        resume_state(last, state, model, opt, scaler, procs, device)
     # A frozen warm-up leaves the backbone without gradients for a while, which DDP must be told.
-    ddp = torch.nn.parallel.DistributedDataParallel(
-        model, device_ids=[device.index] if device.type == "cuda" else None,
-        find_unused_parameters=ft.frozen_steps > 0) if procs.world > 1 else model
+    ddp = wrap_ddp(model, procs, device, find_unused_parameters=ft.frozen_steps > 0)
     loop = Loop(run, procs, device, model, ddp, opt, scaler, cfg.optim, cfg.run.amp, state, ckpt_inputs)
 
     def start_run_dir() -> None:
@@ -474,9 +465,7 @@ def start_finetune(run: Path, best: Path, videos: str | None, cfg: FinetuneConfi
         print(f"vtn finetune: {bc.name} ({n_backbone / 1e6:.2f} M) + VTN ({sum(p.numel() for p in temporal) / 1e6:.2f}"
               f" M) from {best}; {len(data.train)} train and {len(data.val)} val videos from {source} on {device}"
               + (f" x {procs.world} processes" if procs.world > 1 else "")
-              + f"\n  schedule: {total_steps} steps ({epochs} epochs x {steps_per_epoch} steps of "
-              f"{cfg.optim.batch_size} clips), set by {why}" + (f"; resuming at step {state['step']}" if resuming else ""),
-              flush=True)
+              + schedule_text(state, cfg.optim.batch_size, why, resuming), flush=True)
 
     sampling = sampling_of(inputs)
     rt = RuntimeConfig(device=str(device), batch_size=ft.eval_frames, amp=cfg.run.amp, workers=ft.workers,

@@ -27,7 +27,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -334,6 +334,41 @@ def resume_config(cls, run: Path, given):
     return saved
 
 
+def run_config(run: Path, cls, cfg, resume: bool, default: Callable[[], Any], procs: Processes) -> tuple[Any, Path | None]:
+    """(the config of the run in `run`, the last/ checkpoint it resumes from or None): `cfg`, or `default()` when
+    None, or when resuming the run's saved config. Refuses a folder holding a run without --resume, and a batch
+    that does not split over the processes."""
+    last = checkpoint.find(run, "last")
+    if last is not None and not resume:
+        raise UserError(f"{run} already holds a run; pass --resume to continue it, or choose another --out")
+    resuming = resume and last is not None
+    cfg = resume_config(cls, run, cfg) if resuming else (cfg or default())
+    if cfg.optim.batch_size % procs.world:
+        raise UserError(f"optim.batch_size {cfg.optim.batch_size} is not divisible by the {procs.world} processes")
+    return cfg, last if resuming else None
+
+
+def resume_state(last: Path, state: dict, model: torch.nn.Module, opt: torch.optim.Optimizer,
+                 scaler: torch.amp.GradScaler, procs: Processes, device: torch.device) -> None:
+    """Load last/ into the model, optimiser, scaler and `state`, refusing a run that would not take the same steps."""
+    saved_state = checkpoint.load_last(last, model, opt, scaler, procs.rank, device)
+    check_resume(saved_state, state, last)
+    state.update(saved_state)
+
+
+def wrap_ddp(model: torch.nn.Module, procs: Processes, device: torch.device, **kw) -> torch.nn.Module:
+    """What a run calls: the model, wrapped for DDP under torchrun."""
+    if procs.world == 1:
+        return model
+    return torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None, **kw)
+
+
+def schedule_text(state: dict, batch_size: int, why: str, resuming: bool) -> str:
+    return (f"\n  schedule: {state['total_steps']} steps ({state['epochs']} epochs x {state['steps_per_epoch']} steps "
+            f"of {batch_size} clips), set by {why}" + (f"; resuming at step {state['step']}" if resuming else ""))
+
+
 # -- a run -----------------------------------------------------------------------------------------------------
 
 @dataclass
@@ -353,14 +388,9 @@ def start_run(run: Path, cache, cfg: TrainConfig | None, resume: bool, procs: Pr
     one when resuming), data, schedule, model (seeded by run.seed), optimiser, state (a resumed run's from
     last/), config.yaml and the start of metrics.jsonl. `sources`: loaded splits to share with other runs of
     this process (see `shared_source`)."""
-    last = checkpoint.find(run, "last")
-    if last is not None and not resume:
-        raise UserError(f"{run} already holds a run; pass --resume to continue it, or choose another --out")
-    resuming = resume and last is not None
-    cfg = resume_config(TrainConfig, run, cfg) if resuming else (cfg or TrainConfig())
+    cfg, last = run_config(run, TrainConfig, cfg, resume, TrainConfig, procs)
+    resuming = last is not None
     model_cfg = model_config(cfg, cache)
-    if cfg.optim.batch_size % procs.world:
-        raise UserError(f"optim.batch_size {cfg.optim.batch_size} is not divisible by the {procs.world} processes")
     data = load_data(cache, cfg, model_cfg, procs, sources)
     steps_per_epoch = len(data.sampler)
     epochs, total_steps, why = schedule(cfg.optim, steps_per_epoch)
@@ -379,15 +409,12 @@ def start_run(run: Path, cache, cfg: TrainConfig | None, resume: bool, procs: Pr
                             f"{saved.feature_dim} dimensions and classes {list(saved.class_names)}; this cache "
                             f"has {model_cfg.feature_dim} and {list(model_cfg.class_names)}")
         check_inputs(checkpoint.read_inputs(last), cache, last)
-        saved_state = checkpoint.load_last(last, model, opt, scaler, procs.rank, device)
-        check_resume(saved_state, state, last)
-        state.update(saved_state)
+        resume_state(last, state, model, opt, scaler, procs, device)
     else:  # the statistics of the training videos only; they also refuse a video with NaN features, normalised or not
         stats = feature_stats(data.train, cache.url)
         if cfg.data.normalize:
             model.set_feature_stats(*stats)
-    ddp = torch.nn.parallel.DistributedDataParallel(
-        model, device_ids=[device.index] if device.type == "cuda" else None) if procs.world > 1 else model
+    ddp = wrap_ddp(model, procs, device)
     loop = Loop(run, procs, device, model, ddp, opt, scaler, cfg.optim, cfg.run.amp, state, inputs)
 
     if procs.rank == 0:
@@ -406,9 +433,7 @@ def start_run(run: Path, cache, cfg: TrainConfig | None, resume: bool, procs: Pr
         print(f"vtn train: {len(data.train)} train videos and {val_from} from {cache.url} "
               f"({'streamed' if data.streaming else 'memory'}), {n_params / 1e6:.2f} M parameters on {device}"
               + (f" x {procs.world} processes" if procs.world > 1 else "")
-              + f"\n  schedule: {total_steps} steps ({epochs} epochs x {steps_per_epoch} steps of "
-              f"{cfg.optim.batch_size} clips), set by {why}"
-              + (f"; resuming at step {state['step']}" if resuming else ""), flush=True)
+              + schedule_text(state, cfg.optim.batch_size, why, resuming), flush=True)
         if data.left_out:
             print(data.left_out, file=sys.stderr, flush=True)
         if len(cache.class_names) == 1:

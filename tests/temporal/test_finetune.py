@@ -336,7 +336,7 @@ def test_finetune_progress_bar_shows_clips_per_second_and_peak_memory():
     out = io.StringIO()
     low = peak_memory(cpu)
     bar = MemoryBar(progress_bar(total=2, file=out, unit="step"), cpu)
-    bar.set_postfix(loss="0.693", clips_s="12", refresh=False)  # as train.py's loop sets it
+    bar.set_postfix(loss="0.693", clips_s="12", refresh=False)  # as loop.py's loop sets it
     bar.update()
     bar.close()
     high = peak_memory(cpu)
