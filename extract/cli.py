@@ -54,42 +54,32 @@ def register(sub) -> None:
     p.set_defaults(func=_extract)
 
 
-def _flags(args: argparse.Namespace) -> dict:
-    """The explicit command-line flags as config updates (they override --config and --set)."""
-    sampling, backbone, runtime = {}, {}, {}
-    if args.fps is not None:
-        sampling.update(mode="fps", fps=args.fps)
-    if args.every is not None:
-        sampling.update(mode="every", every=args.every)
-    if args.num_frames is not None:
-        sampling.update(mode="num_frames", num_frames=args.num_frames)
-    if args.max_seconds is not None:
-        sampling["max_seconds"] = args.max_seconds
-    if args.backbone is not None:
-        backbone["name"] = args.backbone
-    if args.weights is not None:
-        backbone["weights"] = args.weights
-    if args.pretrained:
-        backbone["weights"] = "pretrained"
-    if args.random_init:
-        backbone["weights"] = "random"
-    if args.image_size is not None:
-        backbone["image_size"] = args.image_size
-    for key in ("device", "batch_size", "amp", "workers", "timeout"):
-        if getattr(args, key) is not None:
-            runtime[key] = getattr(args, key)
-    if args.quiet:
-        runtime["progress"] = False
-    if args.compile:
-        runtime["compile"] = True
-    return {k: v for k, v in (("sampling", sampling), ("backbone", backbone), ("runtime", runtime)) if v}
+def _flags() -> dict:
+    """`vtn extract`'s flags (argparse dest) -> config keys (see vtn.config.flag_updates); they override --config
+    and --set, later entries over earlier ones."""
+    from vtn.config import VALUE
+
+    return {
+        "fps": {"sampling.mode": "fps", "sampling.fps": VALUE},
+        "every": {"sampling.mode": "every", "sampling.every": VALUE},
+        "num_frames": {"sampling.mode": "num_frames", "sampling.num_frames": VALUE},
+        "max_seconds": "sampling.max_seconds",
+        "backbone": "backbone.name",
+        "weights": "backbone.weights",
+        "pretrained": {"backbone.weights": "pretrained"},
+        "random_init": {"backbone.weights": "random"},
+        "image_size": "backbone.image_size",
+        **{key: f"runtime.{key}" for key in ("device", "batch_size", "amp", "workers", "timeout")},
+        "quiet": {"runtime.progress": False},
+        "compile": {"runtime.compile": True},
+    }
 
 
 def _extract(args: argparse.Namespace) -> int:
-    from vtn.config import merge, resolve
+    from vtn.config import job_config
     from vtn.extract.config import ExtractConfig
 
-    cfg = merge(resolve(ExtractConfig, args.config, args.sets), _flags(args))
+    cfg = job_config(ExtractConfig, args, _flags())
     from vtn.runtime import processes, setup_processes
 
     if processes().world == 1:

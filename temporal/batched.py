@@ -4,7 +4,7 @@ The members' weights are stacked (one [members, ...] tensor per parameter) and `
 vmapped over the members' weights, computes every member's logits in one pass; each member's loss is
 weighted exactly as its own `vtn train` run weights it, and the summed loss's backward gives every member its
 own gradient. Each member keeps its own VTN module, AdamW/SGD optimiser (its lr and weight decay), schedule,
-counters and run directory, all through temporal/train.py's pieces (`start_run`, `set_lr`, `finish_step`,
+counters and run directory, all through temporal/loop.py's pieces (`start_run`, `set_lr`, `finish_step`,
 `step_checkpoint`, `close_epoch`, `gathered_metrics`, `finish_run`), so every member is a normal `vtn train` run:
 config.yaml, metrics.jsonl, best/, last/, and `vtn evaluate` and `vtn train --resume` work on it. Evaluation is
 batched too: one pass over the val videos gives every member's logits (`members_predict`).
@@ -42,8 +42,9 @@ from vtn.store.dataset import ClipDataset, LengthBucketSampler, collate_clips
 from vtn.temporal.data import model_inputs
 from vtn.temporal.model import VTN
 from vtn.paths import check_run_dir
-from vtn.temporal.train import (TrainConfig, close_epoch, epoch_batches, eval_interval, finish_run, finish_step,
-                                gathered_metrics, set_lr, start_run, step_checkpoint)
+from vtn.temporal.loop import (close_epoch, epoch_batches, eval_interval, finish_run, finish_step, gathered_metrics,
+                               set_lr, start_run, step_checkpoint)
+from vtn.temporal.settings import TrainConfig
 
 # What batched members may differ in; everything else of their configs must be equal.
 MEMBER_KEYS = (("run", "seed"), ("optim", "lr"), ("optim", "weight_decay"))

@@ -5,7 +5,7 @@ it, the backbone rebuilt from the identity recorded with it (timm name, weights 
 preprocessing; a mismatch is refused naming both hashes), composed as one `VideoVTN` (temporal/e2e.py). The
 videos are INPUT, by default the folder or CSV the cache was extracted from (recorded in the cache).
 
-Training clips are the ones stage two draws from the cache, from (seed, epoch, item) (train.py's `load_data`:
+Training clips are the ones stage two draws from the cache, from (seed, epoch, item) (splits.py's `load_data`:
 the same split, held-out share and length buckets): `clip_rows` over the video's sampled frames, sampled as
 the cache was. Only those frames are decoded, in stage one's decode workers (`DecodePool`); the decoded frame
 indices must be the cache's, else the video is not the one the cache was made from. A video that fails is
@@ -16,7 +16,7 @@ are augmented, one random crop per clip (see FinetuneSection.augment). Evaluatio
 max_positions frames spread over each, as in stage two) through stage one's pipeline (`extract_features`) and the
 same model.
 
-The steps, schedule, metrics.jsonl, best/ and last/ checkpoints and exact --resume are train.py's pieces
+The steps, schedule, metrics.jsonl, best/ and last/ checkpoints and exact --resume are loop.py's pieces
 (`Loop`, `run_epochs`, `end_epoch`, temporal/checkpoint.py), so a run resumed after an interruption ends with the
 weights of an uninterrupted one (on the CPU).
 """
@@ -33,25 +33,26 @@ import numpy as np
 import torch
 import yaml
 
-from vtn.config import merge, ranged, resolve, to_dict
+from vtn.config import job_config, ranged, resolve, to_dict
 from vtn.errors import UserError
 from vtn.paths import canonical_cache, check_run_dir
 from vtn.extract.config import ExtractConfig, RuntimeConfig
 from vtn.extract.inputs import discover
-from vtn.extract.pipeline import extract_features
+from vtn.extract.pipeline import decode_workers, extract_features
 from vtn.extract.workers import DecodePool
 from vtn.progress import progress_bar
-from vtn.runtime import Processes, autocast, on_rank0, setup_processes
+from vtn.runtime import Processes, autocast, on_rank0, setup_processes, size_threads
 from vtn.store import collate_clips, open_cache
 from vtn.store.clips import clip_rows
 from vtn.temporal import checkpoint
-from vtn.temporal.data import check_inputs, model_inputs
+from vtn.temporal.data import check_inputs, model_inputs, whole_video_sampling
 from vtn.temporal.e2e import VideoVTN, rebuild_backbone, sampling_of
 from vtn.temporal.model import VTN, frame_positions
-from vtn.temporal.train import (FLAGS, DataSection, Loop, OptimSection, RunSection, TrainConfig, build_optimizer,
-                                check_resume, clip_loss, data_fingerprint, diverged_warning, epoch_shares, flag_updates,
-                                gathered_metrics, load_data, new_state, resume_config, run_epochs, schedule,
-                                start_metrics)
+from vtn.temporal.loop import (Loop, build_optimizer, clip_loss, diverged_warning, epoch_shares, gathered_metrics,
+                               new_state, resume_state, run_config, run_epochs, schedule, schedule_text, start_metrics,
+                               wrap_ddp)
+from vtn.temporal.settings import FLAGS, DataSection, OptimSection, RunSection, TrainConfig
+from vtn.temporal.splits import Data, data_fingerprint, load_data
 
 
 @dataclass(frozen=True)
@@ -72,10 +73,9 @@ class FinetuneSection:
     # (None: all in one call), and exact chunked backprop (each micro-batch's activations dropped after its forward
     # and recomputed in the backward pass) is on whenever a step has more frames than one micro-batch (chunked
     # null: that rule; true/false: always/never). So the backbone holds one micro-batch's activations, not the
-    # step's, for one more backbone forward per step (`vtn bench finetune` measures both: on a 64-frame clip at
-    # 112 px the default kept 0.26x plain's peak for ViT-Tiny and 0.33x for ResNet-18; with 16-frame micro-batches
-    # ViT-Tiny kept 0.42x). timm's activation checkpointing (backbone, and each encoder layer) is off: alone it
-    # kept 0.54x and 0.80x there, and inside chunked micro-batches it would cost a third forward.
+    # step's, for one more backbone forward per step (`vtn bench finetune` measures both; README, Benchmarks).
+    # timm's activation checkpointing (backbone, and each encoder layer) is off: alone it saves less, and inside
+    # chunked micro-batches it would cost a third forward.
     micro_batch: int | None = ranged(8, ge=1)
     grad_checkpointing: bool = False
     chunked: bool | None = None
@@ -111,16 +111,6 @@ def default_config(stage_two: Path) -> FinetuneConfig:
         return FinetuneConfig()
     saved = resolve(TrainConfig, path)
     return FinetuneConfig(data=saved.data, run=replace(RunSection(), seed=saved.run.seed))
-
-
-def best_of(run: Path) -> Path:
-    """The best/ checkpoint of a stage-two run (or RUN itself when it is one)."""
-    if (run / "state.json").is_file() and (run / checkpoint.INPUTS_NAME).is_file():
-        return run
-    best = checkpoint.find(run, "best")
-    if best is None:
-        raise UserError(f"{run}: not a stage-two run with a best/ checkpoint (run `vtn train CACHE --out {run}` first)")
-    return best
 
 
 class Failures:
@@ -194,11 +184,11 @@ class ClipFrames:
         """The rows of item i's clip among its video's sampled frames (the very clip ClipDataset draws, see
         store/dataset.py), and which of the clip's frames are fresh (all, or `bank_frames` contiguous ones)."""
         ds = self.dataset
-        rows = clip_rows(int(ds.lengths[i]), ds.clip_frames, ds.stride, None, np.random.default_rng((ds.seed, self.epoch, i)))
+        rows = clip_rows(int(ds.lengths[i]), ds.clip_frames, ds.stride, None, ds.rng(i))
         k = self.bank_frames
         if k is None or k >= len(rows):
             return rows, slice(0, len(rows))
-        start = int(np.random.default_rng((ds.seed, self.epoch, i, 1)).integers(0, len(rows) - k + 1))
+        start = int(ds.rng(i, 1).integers(0, len(rows) - k + 1))
         return rows, slice(start, start + k)
 
     def __iter__(self):
@@ -235,7 +225,7 @@ class ClipFrames:
                     at = ds.source.video_rows(int(ds.rows[i])).start + rows[part] if self.bank_frames else None
                     frames = np.concatenate(v["frames"])  # [t, H, W, 3] uint8
                     if self.augment is not None:
-                        frames = augment_clip(frames, np.random.default_rng((ds.seed, self.epoch, i, 2)),
+                        frames = augment_clip(frames, ds.rng(i, 2),
                                               self.augment.augment_scale, self.augment.augment_flip)
                     items.append({**item, "frames": torch.from_numpy(frames), "part": part, "bank_rows": at})
                 if not items:
@@ -273,7 +263,7 @@ def peak_memory(device: torch.device) -> int:
 
 
 class MemoryBar:
-    """The progress bar with the peak memory added to every postfix train.py's loop sets (loss, clips/s; after an
+    """The progress bar with the peak memory added to every postfix loop.py's loop sets (loss, clips/s; after an
     evaluation loss, val top-1): memory is what fine-tuning runs out of first, so it is in view while it runs."""
 
     def __init__(self, bar, device: torch.device):
@@ -360,6 +350,185 @@ def video_paths(cache, videos: str | None) -> tuple[dict[str, Path], str]:
     return {vid: Path(where) / vid for vid in cache.ids}, where
 
 
+@dataclass
+class Tuning:
+    """A fine-tuning run set up to train: its loop, composed model, data, config and what its clips and
+    evaluations are read with."""
+
+    loop: Loop
+    model: VideoVTN
+    data: Data
+    cfg: FinetuneConfig
+    epochs: int
+    paths: dict
+    failures: Failures
+    sampling: object  # the cache's frame sampling (stage one's SamplingConfig)
+    rt: RuntimeConfig
+    workers: int
+    eval_cfg: ExtractConfig
+
+
+def open_stage_two(best: Path, cache_url: str | None, videos: str | None) -> tuple[dict, object, dict, str]:
+    """(inputs.json of the stage-two checkpoint `best`, its cache, where each video is, the folder or manifest
+    that says so)."""
+    inputs = checkpoint.read_inputs(best)
+    if not inputs or not inputs.get("cache"):
+        raise UserError(f"{best}: the checkpoint does not record the cache it was trained on; fine-tuning needs a "
+                        "stage-two run of this vtn")
+    try:
+        cache = open_cache(cache_url or inputs["cache"])
+    except UserError as e:
+        if cache_url:
+            raise
+        raise UserError(f"{e}; {best} was trained on it: if it moved, give its new place with --cache") from None
+    check_inputs(inputs, cache, best)
+    paths, source = video_paths(cache, videos)
+    return inputs, cache, paths, source
+
+
+def check_videos(data: Data, cache, paths: dict, source: str, cfg: FinetuneConfig) -> set[str]:
+    """The run's videos that are not there (each split must keep some); refuses settings its data cannot take."""
+    ft = cfg.finetune
+    missing = {v for v in [*data.train.ids, *data.val.ids] if v not in paths or not paths[v].is_file()}
+    for what, ids in (("train", data.train.ids), ("val", data.val.ids)):
+        if all(v in missing for v in ids):  # nothing to train or score: refused before anything is written
+            made_from = cache.attrs.get("source")
+            raise UserError(f"{source}: none of the {len(ids)} {what} videos of {cache.url} is there (e.g. "
+                            f"{paths.get(ids[0], ids[0])})" + (f"; the cache was made from {made_from}" if made_from
+                                                              else "") + ": give the videos with --videos")
+    if ft.bank_frames is not None and data.streaming:
+        raise UserError(f"finetune.bank_frames={ft.bank_frames}: needs the train split in memory "
+                        f"(data.load is {cfg.data.load}; the split was {'streamed' if data.streaming else 'loaded'})")
+    lo, hi = ft.augment_scale
+    if lo > hi:  # each in (0, 1] by its range
+        raise UserError(f"finetune.augment_scale={list(ft.augment_scale)}: needs low <= high (shares of the "
+                        "frame's area)")
+    return missing
+
+
+def start_finetune(run: Path, best: Path, videos: str | None, cfg: FinetuneConfig | None, resume: bool,
+                   procs: Processes, device: torch.device, cache_url: str | None) -> Tuning:
+    """Everything before the first step: the stage-two run's cache and videos, the config (the saved one when
+    resuming), the composed model, data, schedule, optimiser, state, the run directory and its failures."""
+    inputs, cache, paths, source = open_stage_two(best, cache_url, videos)
+    cfg, last = run_config(run, FinetuneConfig, cfg, resume, lambda: default_config(best.parent), procs)
+    resuming, ft = last is not None, cfg.finetune
+
+    # The backbone first: timm's random init seeds the global RNG, which the run then reseeds.
+    backbone, preprocess, bc, identity = rebuild_backbone(inputs, best, device)
+    vtn = VTN.from_pretrained(best)
+    video = {"backbone": identity, "backbone_config": to_dict(bc), "sampling": inputs["sampling"],
+             "finetuned_from": str(best)}
+    model = VideoVTN.compose(vtn, backbone, preprocess, video)
+    model.set_memory(ft.micro_batch, ft.chunked, ft.grad_checkpointing)
+    model.freeze_bn = ft.freeze_bn
+    data = load_data(cache, cfg, vtn.config, procs)
+    missing = check_videos(data, cache, paths, source, cfg)
+    steps_per_epoch = len(data.sampler)
+    epochs, total_steps, why = schedule(cfg.optim, steps_per_epoch)
+
+    torch.manual_seed(cfg.run.seed + procs.rank)  # dropout differs between processes, as their data does
+    temporal = [p for n, p in model.named_parameters() if not n.startswith("backbone.")]
+    opt = build_optimizer([*backbone_groups(model.backbone, cfg.optim.lr * ft.backbone_lr, ft.layer_decay),
+                           (temporal, cfg.optim.lr)], cfg.optim)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.run.amp == "fp16")
+    state = new_state(procs.world, epochs, steps_per_epoch, total_steps, data_fingerprint(data, cache))
+    ckpt_inputs = {**inputs, "cache": canonical_cache(cache.url), "finetuned_from": str(best)}  # where it is now
+    if resuming:
+        resume_state(last, state, model, opt, scaler, procs, device)
+    # A frozen warm-up leaves the backbone without gradients for a while, which DDP must be told.
+    ddp = wrap_ddp(model, procs, device, find_unused_parameters=ft.frozen_steps > 0)
+    loop = Loop(run, procs, device, model, ddp, opt, scaler, cfg.optim, cfg.run.amp, state, ckpt_inputs)
+
+    def start_run_dir() -> None:
+        run.mkdir(parents=True, exist_ok=True)
+        (run / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        start_metrics(run, state["step"] if resuming else 0)
+
+    # Before any process records a failure there; an error in it stops every process with its message.
+    on_rank0(start_run_dir, procs.rank, procs.world)
+    failures = Failures(run, procs)
+    for v in sorted(missing) if procs.rank == 0 else []:  # every process knows them; one records them
+        failures.record(v, "NotAVideo", f"{v} is in {cache.url} but not in {source}", "train")
+    if procs.rank == 0:
+        n_backbone = sum(p.numel() for p in model.backbone.parameters())
+        print(f"vtn finetune: {bc.name} ({n_backbone / 1e6:.2f} M) + VTN ({sum(p.numel() for p in temporal) / 1e6:.2f}"
+              f" M) from {best}; {len(data.train)} train and {len(data.val)} val videos from {source} on {device}"
+              + (f" x {procs.world} processes" if procs.world > 1 else "")
+              + schedule_text(state, cfg.optim.batch_size, why, resuming), flush=True)
+
+    sampling = sampling_of(inputs)
+    rt = RuntimeConfig(device=str(device), batch_size=ft.eval_frames, amp=cfg.run.amp, workers=ft.workers,
+                       timeout=ft.timeout, progress=False)
+    workers = decode_workers(rt, device, procs.local_world)
+    size_threads(workers)
+    rt = replace(rt, workers=workers)
+    eval_cfg = ExtractConfig(whole_video_sampling(sampling, vtn.config), bc, rt)
+    return Tuning(loop, model, data, cfg, epochs, paths, failures, sampling, rt, workers, eval_cfg)
+
+
+def run_finetune(job: Tuning, progress: bool) -> None:
+    """The steps and evaluations of the run, from its state on."""
+    loop, model, data, cfg, failures = job.loop, job.model, job.data, job.cfg, job.failures
+    ft, state, device, procs, ddp = cfg.finetune, loop.state, loop.device, loop.procs, loop.ddp
+
+    def loss_fn(batch: dict, weight: float) -> torch.Tensor:
+        model.backbone_frozen = state["step"] < ft.frozen_steps
+        if not batch["frames"]:  # every clip of this process failed: it still takes part in the step (under
+            # DDP every process's backward all-reduces the gradients, paired step by step), with one black
+            # frame through the model whose loss counts 0: an all-zero gradient, so the optimiser and fp16's
+            # scaler step as the others do and this process adds nothing.
+            x = torch.zeros(1, 1, 3, *model.preprocess.size, device=device)  # [1, 1, 3, h, w], preprocessed
+            one = torch.ones(1, 1, dtype=torch.long, device=device)
+            positions = frame_positions(model.config, one - 1, one.float() - 1, one.bool())
+            with autocast(device, cfg.run.amp):
+                logits = ddp(x, one.bool(), None if positions is None else positions.to(device))
+            return logits.float().sum() * 0.0
+        stored, mask, positions = model_inputs(batch, model.config, device)
+        if ft.bank_frames:
+            with torch.no_grad():
+                x = torch.cat([model.preprocess(f.to(device)) for f in batch["frames"]])  # [N fresh, 3, h, w]
+            with autocast(device, cfg.run.amp):
+                logits = ddp(x, mask, positions, bank=stored, fresh=batch["fresh"].to(device))
+            bank = data.train.source.features  # this process's copy of the split: the fresh features go back
+            bank[np.concatenate(batch["bank_rows"])] = model.fresh_features.float().cpu().numpy().astype(bank.dtype)
+        else:
+            x = clip_tensor(model, batch["frames"], device)  # [B, T, 3, h, w]
+            with autocast(device, cfg.run.amp):
+                logits = ddp(x, mask, positions)
+        return clip_loss(logits, batch["labels"].to(device), cfg.optim, weight)
+
+    def batches(epoch: int):
+        failures.sync()  # at each epoch's start, before its clips are queued for decoding
+        shares = epoch_shares(data.sampler, epoch, state)
+        return (ClipFrames(data.train, [b for b, _ in shares], epoch, job.paths, job.sampling, job.rt, job.workers,
+                           failures, ft.bank_frames, ft if ft.augment else None),
+                [w for _, w in shares])
+
+    bar = MemoryBar(progress_bar(total=state["total_steps"], initial=state["step"],
+                                 disable=not progress or procs.rank != 0, unit="step"), device)
+    loop.started = time.perf_counter() - state["elapsed"]
+    model.train()
+    run_epochs(loop, job.epochs, cfg.run.eval_every, cfg.run.checkpoint_every, batches, loss_fn,
+               lambda: evaluate_videos(model, data.val, job.paths, job.eval_cfg, device, procs, failures), bar)
+    bar.close()
+
+
+def finish_finetune(job: Tuning) -> dict:
+    """The summary of a run whose steps are done; rank 0 reports."""
+    loop, failures = job.loop, job.failures
+    state, run = loop.state, loop.dir
+    failures.sync()  # the summary (and exit status) of every process counts every process's failures
+    best_record = state["best"]
+    if loop.procs.rank == 0:
+        print(f"vtn finetune: {state['step']} steps in {state['elapsed']:.0f} s; best val top-1 "
+              f"{best_record['val_top1']:.1%} at epoch {best_record['epoch']}\n  checkpoints: {run / 'best'}, "
+              f"{run / 'last'}; metrics: {run / 'metrics.jsonl'}; failures: {len(failures.ids)}", flush=True)
+    diverged_warning(loop)
+    return {"run": str(run), "epochs": job.epochs, "steps": state["step"], "best": best_record,
+            "failures": sorted(failures.ids)}
+
+
 def finetune(stage_two: str | Path, out: str | Path, videos: str | None = None, cfg: FinetuneConfig | None = None,
              resume: bool = False, progress: bool = True, cache_url: str | None = None) -> dict:
     """Fine-tune the stage-two run `stage_two` end to end on the videos of `videos` (default: the cache's root)
@@ -367,169 +536,25 @@ def finetune(stage_two: str | Path, out: str | Path, videos: str | None = None, 
     saved config. `cache_url`: the stage-two cache where it is now (default: where the run recorded it)."""
 
     run = check_run_dir(out)  # never over a file or a folder that is not a run, before anything is read or written
-    stage_two = Path(stage_two)
-    best = best_of(stage_two)
+    best = checkpoint.locate(stage_two)
     procs, device, own_group = setup_processes((cfg or FinetuneConfig()).run.device)
     try:
-        inputs = checkpoint.read_inputs(best)
-        if not inputs or not inputs.get("cache"):
-            raise UserError(f"{best}: the checkpoint does not record the cache it was trained on; fine-tuning needs a "
-                            "stage-two run of this vtn")
-        try:
-            cache = open_cache(cache_url or inputs["cache"])
-        except UserError as e:
-            if cache_url:
-                raise
-            raise UserError(f"{e}; {best} was trained on it: if it moved, give its new place with --cache") from None
-        check_inputs(inputs, cache, best)
-        paths, source = video_paths(cache, videos)
-        last = checkpoint.find(run, "last")
-        if last is not None and not resume:
-            raise UserError(f"{run} already holds a run; pass --resume to continue it, or choose another --out")
-        resuming = resume and last is not None
-        cfg = resume_config(FinetuneConfig, run, cfg) if resuming else (cfg or default_config(best.parent))
-        ft = cfg.finetune
-        if cfg.optim.batch_size % procs.world:
-            raise UserError(f"optim.batch_size {cfg.optim.batch_size} is not divisible by the {procs.world} processes")
-
-        # The backbone first: timm's random init seeds the global RNG, which the run then reseeds.
-        backbone, preprocess, bc, identity = rebuild_backbone(inputs, best, device)
-        vtn = VTN.from_pretrained(best)
-        video = {"backbone": identity, "backbone_config": to_dict(bc), "sampling": inputs["sampling"],
-                 "finetuned_from": str(best)}
-        model = VideoVTN.compose(vtn, backbone, preprocess, video)
-        model.set_memory(ft.micro_batch, ft.chunked, ft.grad_checkpointing)
-        model.freeze_bn = ft.freeze_bn
-        data = load_data(cache, cfg, vtn.config, procs)
-        missing = {v for v in [*data.train.ids, *data.val.ids] if v not in paths or not paths[v].is_file()}
-        for what, ids in (("train", data.train.ids), ("val", data.val.ids)):
-            if all(v in missing for v in ids):  # nothing to train or score: refused before anything is written
-                made_from = cache.attrs.get("source")
-                raise UserError(f"{source}: none of the {len(ids)} {what} videos of {cache.url} is there (e.g. "
-                                f"{paths.get(ids[0], ids[0])})" + (f"; the cache was made from {made_from}" if made_from
-                                                                  else "") + ": give the videos with --videos")
-        if ft.bank_frames is not None and data.streaming:
-            raise UserError(f"finetune.bank_frames={ft.bank_frames}: needs the train split in memory "
-                            f"(data.load is {cfg.data.load}; the split was {'streamed' if data.streaming else 'loaded'})")
-        lo, hi = ft.augment_scale
-        if lo > hi:  # each in (0, 1] by its range
-            raise UserError(f"finetune.augment_scale={list(ft.augment_scale)}: needs low <= high (shares of the "
-                            "frame's area)")
-        steps_per_epoch = len(data.sampler)
-        epochs, total_steps, why = schedule(cfg.optim, steps_per_epoch)
-
-        torch.manual_seed(cfg.run.seed + procs.rank)  # dropout differs between processes, as their data does
-        temporal = [p for n, p in model.named_parameters() if not n.startswith("backbone.")]
-        opt = build_optimizer([*backbone_groups(model.backbone, cfg.optim.lr * ft.backbone_lr, ft.layer_decay),
-                               (temporal, cfg.optim.lr)], cfg.optim)
-        scaler = torch.amp.GradScaler(device.type, enabled=cfg.run.amp == "fp16")
-        state = new_state(procs.world, epochs, steps_per_epoch, total_steps, data_fingerprint(data, cache))
-        ckpt_inputs = {**inputs, "cache": canonical_cache(cache.url), "finetuned_from": str(best)}  # where it is now
-        if resuming:
-            saved_state = checkpoint.load_last(last, model, opt, scaler, procs.rank, device)
-            check_resume(saved_state, state, last)
-            state.update(saved_state)
-        # A frozen warm-up leaves the backbone without gradients for a while, which DDP must be told.
-        ddp = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=ft.frozen_steps > 0) if procs.world > 1 else model
-        loop = Loop(run, procs, device, model, ddp, opt, scaler, cfg.optim, cfg.run.amp, state, ckpt_inputs)
-
-        def start_run_dir() -> None:
-            run.mkdir(parents=True, exist_ok=True)
-            (run / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-            start_metrics(run, state["step"] if resuming else 0)
-
-        # Before any process records a failure there; an error in it stops every process with its message.
-        on_rank0(start_run_dir, procs.rank, procs.world)
-        failures = Failures(run, procs)
-        for v in sorted(missing) if procs.rank == 0 else []:  # every process knows them; one records them
-            failures.record(v, "NotAVideo", f"{v} is in {cache.url} but not in {source}", "train")
-        if procs.rank == 0:
-            n_backbone = sum(p.numel() for p in model.backbone.parameters())
-            print(f"vtn finetune: {bc.name} ({n_backbone / 1e6:.2f} M) + VTN ({sum(p.numel() for p in temporal) / 1e6:.2f}"
-                  f" M) from {best}; {len(data.train)} train and {len(data.val)} val videos from {source} on {device}"
-                  + (f" x {procs.world} processes" if procs.world > 1 else "")
-                  + f"\n  schedule: {total_steps} steps ({epochs} epochs x {steps_per_epoch} steps of "
-                  f"{cfg.optim.batch_size} clips), set by {why}" + (f"; resuming at step {state['step']}" if resuming else ""),
-                  flush=True)
-
-        sampling = sampling_of(inputs)
-        rt = RuntimeConfig(device=str(device), batch_size=ft.eval_frames, amp=cfg.run.amp, workers=ft.workers,
-                           timeout=ft.timeout, progress=False)
-        from vtn.extract.pipeline import decode_workers
-
-        workers = decode_workers(rt, device, procs.local_world)
-        eval_cfg = ExtractConfig(replace(sampling, view_frames=vtn.config.max_positions), bc, rt)
-
-        def loss_fn(batch: dict, weight: float) -> torch.Tensor:
-            model.backbone_frozen = state["step"] < ft.frozen_steps
-            if not batch["frames"]:  # every clip of this process failed: it still takes part in the step (under
-                # DDP every process's backward all-reduces the gradients, paired step by step), with one black
-                # frame through the model whose loss counts 0: an all-zero gradient, so the optimiser and fp16's
-                # scaler step as the others do and this process adds nothing.
-                x = torch.zeros(1, 1, 3, *model.preprocess.size, device=device)  # [1, 1, 3, h, w], preprocessed
-                one = torch.ones(1, 1, dtype=torch.long, device=device)
-                positions = frame_positions(vtn.config, one - 1, one.float() - 1, one.bool())
-                with autocast(device, cfg.run.amp):
-                    logits = ddp(x, one.bool(), None if positions is None else positions.to(device))
-                return logits.float().sum() * 0.0
-            stored, mask, positions = model_inputs(batch, vtn.config, device)
-            if ft.bank_frames:
-                with torch.no_grad():
-                    x = torch.cat([model.preprocess(f.to(device)) for f in batch["frames"]])  # [N fresh, 3, h, w]
-                with autocast(device, cfg.run.amp):
-                    logits = ddp(x, mask, positions, bank=stored, fresh=batch["fresh"].to(device))
-                bank = data.train.source.features  # this process's copy of the split: the fresh features go back
-                bank[np.concatenate(batch["bank_rows"])] = model.fresh_features.float().cpu().numpy().astype(bank.dtype)
-            else:
-                x = clip_tensor(model, batch["frames"], device)  # [B, T, 3, h, w]
-                with autocast(device, cfg.run.amp):
-                    logits = ddp(x, mask, positions)
-            return clip_loss(logits, batch["labels"].to(device), cfg.optim, weight)
-
-        def batches(epoch: int):
-            failures.sync()  # at each epoch's start, before its clips are queued for decoding
-            shares = epoch_shares(data.sampler, epoch, state)
-            return (ClipFrames(data.train, [b for b, _ in shares], epoch, paths, sampling, rt, workers, failures,
-                               ft.bank_frames, ft if ft.augment else None),
-                    [w for _, w in shares])
-
-        bar = MemoryBar(progress_bar(total=total_steps, initial=state["step"], disable=not progress or procs.rank != 0,
-                                     unit="step"), device)
-        loop.started = time.perf_counter() - state["elapsed"]
-        model.train()
-        run_epochs(loop, epochs, cfg.run.eval_every, cfg.run.checkpoint_every, batches, loss_fn,
-                   lambda: evaluate_videos(model, data.val, paths, eval_cfg, device, procs, failures), bar)
-        bar.close()
-        failures.sync()  # the summary (and exit status) of every process counts every process's failures
-        best_record = state["best"]
-        if procs.rank == 0:
-            print(f"vtn finetune: {state['step']} steps in {state['elapsed']:.0f} s; best val top-1 "
-                  f"{best_record['val_top1']:.1%} at epoch {best_record['epoch']}\n  checkpoints: {run / 'best'}, "
-                  f"{run / 'last'}; metrics: {run / 'metrics.jsonl'}; failures: {len(failures.ids)}", flush=True)
-        diverged_warning(loop)
-        return {"run": str(run), "epochs": epochs, "steps": state["step"], "best": best_record,
-                "failures": sorted(failures.ids)}
+        job = start_finetune(run, best, videos, cfg, resume, procs, device, cache_url)
+        run_finetune(job, progress)
+        return finish_finetune(job)
     finally:
         if own_group:
             torch.distributed.destroy_process_group()
 
 
-FINETUNE_FLAGS = {**FLAGS, "micro_batch": ("finetune", "micro_batch"), "workers": ("finetune", "workers")}
+FINETUNE_FLAGS = {**FLAGS, "micro_batch": "finetune.micro_batch", "workers": "finetune.workers",
+                  "chunked": {"finetune.chunked": True}}
 
 
 def main(args) -> int:
     """`vtn finetune`: the stage-two run's data settings, then --config, then --set, then the explicit flags;
     none of them with --resume means "the run's saved config"."""
-    updates = flag_updates(args, FINETUNE_FLAGS)
-    if args.chunked:
-        updates.setdefault("finetune", {})["chunked"] = True
-    cfg = None
-    if args.config or args.sets or updates or not args.resume:
-        cfg = merge(resolve(FinetuneConfig, args.config, args.sets, base=default_config(best_of(Path(args.run)).parent)),
-                    updates)
+    cfg = job_config(FinetuneConfig, args, FINETUNE_FLAGS, base=default_config(checkpoint.locate(args.run).parent))
     summary = finetune(args.run, args.out, args.videos, cfg, resume=args.resume, progress=not args.quiet,
                        cache_url=args.cache)
     return 3 if summary["failures"] else 0  # as vtn extract: some videos failed (recorded), the rest trained
-

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
-from vtn.config import ConfigError, to_dict
+from vtn.config import ConfigError, check_ranges, ranged, to_dict
 from vtn.errors import UserError
 from vtn.temporal.attention import backend_class, check_backend
 from vtn.temporal.checkpoint import CONFIG_NAME, WEIGHTS_NAME, load_model
@@ -34,42 +34,31 @@ from vtn.temporal.longformer import LAYER_NORM_EPS
 
 @dataclass(frozen=True)
 class VTNConfig:
-    """The temporal encoder and head. Defaults are the paper's `vit_b_vtn` model on Kinetics-400."""
+    """The temporal encoder and head. Defaults are the paper's encoder (`base`); feature_dim and num_classes are
+    None until a cache decides them (stage two's `model_config`), or set to pin a config to a kind of cache (a
+    768-D model refuses a 512-D cache). `preset("vit_b_vtn")` is the paper's model on Kinetics-400."""
 
-    feature_dim: int = 768  # D of the cached features (the backbone's output)
-    hidden_size: int = 768  # d of the encoder; a linear projection maps D -> d when they differ
-    num_layers: int = 3
-    num_heads: int = 12
-    intermediate_size: int = 3072
+    feature_dim: int | None = ranged(None, ge=1)  # D of the cached features (the backbone's output)
+    hidden_size: int = ranged(768, ge=1)  # d of the encoder; a linear projection maps D -> d when they differ
+    num_layers: int = ranged(3, ge=1)
+    num_heads: int = ranged(12, ge=1)
+    intermediate_size: int = ranged(3072, ge=1)
     # Window per layer, Hugging Face meaning: a frame sees w/2 frames on each side. One int for all layers.
-    attention_window: int | tuple[int, ...] = 18
-    max_positions: int = 288  # frame positions 0..max_positions-1
+    attention_window: int | tuple[int, ...] = ranged(18, ge=1)
+    max_positions: int = ranged(288, ge=1)  # frame positions 0..max_positions-1
     positions: Literal["index", "time", "none"] = "index"
-    position_rate: float = 25.0  # positions per second, for positions="time"
-    dropout: float = 0.1
-    attention_dropout: float = 0.1
-    head_dropout: float = 0.5
-    num_classes: int = 400
+    position_rate: float = ranged(25.0, gt=0)  # positions per second, for positions="time"
+    dropout: float = ranged(0.1, ge=0, lt=1)
+    attention_dropout: float = ranged(0.1, ge=0, lt=1)
+    head_dropout: float = ranged(0.5, ge=0, lt=1)
+    num_classes: int | None = ranged(None, ge=1)
     class_names: tuple[str, ...] = ()  # empty, or one name per class
     backend: str = "fast"  # a name in temporal/attention.py's BACKENDS
 
     def __post_init__(self):
         if isinstance(self.attention_window, list):  # a list given in code; configs from files arrive as tuples
             object.__setattr__(self, "attention_window", tuple(self.attention_window))
-        for name in ("feature_dim", "hidden_size", "num_layers", "num_heads", "intermediate_size", "max_positions",
-                     "num_classes"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.hidden_size % self.num_heads:
-            raise ConfigError(f"hidden_size {self.hidden_size} is not a multiple of num_heads {self.num_heads}")
-        if len(self.windows) != self.num_layers:
-            raise ConfigError(f"attention_window has {len(self.windows)} values for {self.num_layers} layers")
-        if any(w < 2 or w % 2 for w in self.windows):
-            raise ConfigError(f"attention_window values must be even and >= 2, got {self.attention_window}")
-        if self.class_names and len(self.class_names) != self.num_classes:
-            raise ConfigError(f"{len(self.class_names)} class_names for num_classes={self.num_classes}")
-        if self.positions == "time" and self.position_rate <= 0:
-            raise ConfigError(f"position_rate must be positive, got {self.position_rate}")
+        check_ranges(self, "model")
         check_backend(self.backend)
 
     @property
@@ -78,16 +67,40 @@ class VTNConfig:
         w = self.attention_window
         return (w,) * self.num_layers if isinstance(w, int) else tuple(w)
 
+    def check(self) -> None:
+        """Refuse a config no model can be built from. Not at construction: as a config section its fields are set
+        one at a time (`--set model.hidden_size=64 --set model.num_heads=4`, a sweep's grid), and feature_dim and
+        num_classes may still be "from the cache" (None)."""
+        unset = [name for name in ("feature_dim", "num_classes") if getattr(self, name) is None]
+        if unset:
+            raise ConfigError(f"the VTN config leaves {' and '.join(unset)} unset (None: taken from the cache); "
+                              "set them to build a model outside a training run")
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(f"hidden_size {self.hidden_size} is not a multiple of num_heads {self.num_heads}")
+        if len(self.windows) != self.num_layers:
+            raise ConfigError(f"attention_window has {len(self.windows)} values for {self.num_layers} layers")
+        if any(w < 2 or w % 2 for w in self.windows):
+            raise ConfigError(f"attention_window values must be even and >= 2, got {self.attention_window}")
+        if self.class_names and len(self.class_names) != self.num_classes:
+            raise ConfigError(f"{len(self.class_names)} class_names for num_classes={self.num_classes}")
 
-PRESETS = {
-    # The paper's model (ViT-B/16 features): the reference code's window 18 (its "32" is another library's
-    # meaning), 288 positions, dropout 0.1 and 0.5 before the last head layer.
-    "vit_b_vtn": VTNConfig(
-        feature_dim=768, hidden_size=768, num_layers=3, num_heads=12, intermediate_size=3072,
-        attention_window=18, max_positions=288, positions="index", dropout=0.1, attention_dropout=0.1,
-        head_dropout=0.5, num_classes=400,
-    ),
-}
+
+# `--model SIZE`: named encoder sizes, registered once (as timm registers its variants). base is the paper's
+# encoder (27.8 M parameters with its head on 768-D features); tiny trains in seconds on a CPU.
+SIZES: dict[str, VTNConfig] = {}
+
+
+def register_size(name: str, **fields) -> None:
+    SIZES[name] = VTNConfig(**fields)
+
+
+register_size("tiny", hidden_size=128, num_layers=2, num_heads=4, intermediate_size=512, attention_window=16)
+register_size("small", hidden_size=384, num_layers=3, num_heads=6, intermediate_size=1536)
+register_size("base")
+
+# The paper's model: base on ViT-B/16 features and Kinetics-400. base keeps the reference code's window 18 (its
+# "32" is another library's meaning), 288 positions, dropout 0.1 and 0.5 before the last head layer.
+PRESETS = {"vit_b_vtn": dataclasses.replace(SIZES["base"], feature_dim=768, num_classes=400)}
 
 
 def preset(name: str, **overrides) -> VTNConfig:
@@ -146,6 +159,7 @@ class VTN(nn.Module):
 
     def __init__(self, config: VTNConfig):
         super().__init__()
+        config.check()
         self.config = config
         d = config.hidden_size
         # Input normalisation x -> (x - feature_mean) / feature_scale: `vtn train` sets it from the train split and

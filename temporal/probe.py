@@ -18,7 +18,8 @@ def main(args) -> int:
     from vtn.store import open_cache
     from vtn.temporal.baselines import probe_rows
     from vtn.temporal.results import markdown, write_results
-    from vtn.temporal.train import TrainConfig, load_data, model_config
+    from vtn.temporal.settings import TrainConfig, model_config
+    from vtn.temporal.splits import load_data
 
     out = check_run_dir(args.out, "probes") if args.out else None  # before the probes spend their time
     cfg = resolve(TrainConfig, args.config, args.sets)

@@ -32,7 +32,6 @@ whose other varied keys are at the base config's values, else the mean over the 
 from __future__ import annotations
 
 import concurrent.futures
-import dataclasses
 import itertools
 import json
 import math
@@ -42,7 +41,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from vtn.config import ConfigError, merge, parse_set, resolve
+from vtn.config import ConfigError, merge, parse_set
 from vtn.errors import UserError
 from vtn.paths import check_run_dir
 from vtn.temporal.baselines import probe_rows
@@ -186,14 +185,14 @@ def _shared(cache_url: str):
     return _WORKER["cache"], _WORKER["sources"]
 
 
-def _init_worker(slots, threads: int, gpus: int) -> None:
-    """A --jobs process: its share of the cores, and its own GPU where there are several."""
+def _init_worker(slots, jobs: int, gpus: int) -> None:
+    """A --jobs process: its share of the cores (its CPU affinity, from which each run sizes its threads), and its
+    own GPU where there are several."""
     slot = slots.get()
     if gpus > 1:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(slot % gpus)
-    import torch
-
-    torch.set_num_threads(threads)
+    cores = sorted(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, cores[slot % len(cores)::jobs] or cores)
 
 
 def record(run_dir: Path, run: Run, summary: dict, members: int) -> dict:
@@ -214,15 +213,15 @@ def record(run_dir: Path, run: Run, summary: dict, members: int) -> dict:
 def train_unit(cache_url: str, out: str, unit: list[Run], progress: bool) -> list[dict]:
     """Train one unit of work (one run, or runs to batch) into `out`; returns their metrics.json records."""
     from vtn.temporal.batched import train_batched
-    from vtn.temporal.train import train
+    from vtn.temporal.loop import fit
 
     cache, sources = _shared(cache_url)
     dirs = [Path(out) / r.name for r in unit]
     if len(unit) > 1:
         summaries = train_batched(cache, [(d, r.cfg) for d, r in zip(dirs, unit)], sources, progress)
     else:
-        summaries = [train(cache_url, dirs[0], unit[0].cfg, resume=True, progress=progress, cache=cache,
-                           sources=sources)]
+        summaries = [fit(cache_url, dirs[0], unit[0].cfg, resume=True, progress=progress, cache=cache,
+                         sources=sources)]
     return [record(d, r, s, len(unit)) for d, r, s in zip(dirs, unit, summaries)]
 
 
@@ -232,7 +231,8 @@ def plan(runs: list[Run], out: Path, batch: bool) -> tuple[list[Run], list[list[
     the sweep's is refused."""
     from vtn.temporal import checkpoint
     from vtn.temporal.batched import batch_key
-    from vtn.temporal.train import TrainConfig, resume_config
+    from vtn.temporal.loop import resume_config
+    from vtn.temporal.settings import TrainConfig
 
     done, alone, groups = [], [], {}
     for r in runs:
@@ -266,9 +266,8 @@ def train_units(cache_url: str, out: Path, units: list[list[Run]], jobs: int, gp
     slots = ctx.Manager().Queue()
     for i in range(jobs):
         slots.put(i)
-    threads = max(1, (os.cpu_count() or 1) // jobs)
     with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init_worker,
-                                                initargs=(slots, threads, gpus)) as pool:
+                                                initargs=(slots, jobs, gpus)) as pool:
         futures = {pool.submit(train_unit, cache_url, str(out), unit, False): unit for unit in units}
         for f in concurrent.futures.as_completed(futures):
             yield futures[f], f.exception()
@@ -282,7 +281,8 @@ def sweep(cache_url: str, out: str | Path, runs: list[Run], jobs: int | None = N
     import torch
 
     from vtn.runtime import Processes, processes
-    from vtn.temporal.train import load_data, model_config
+    from vtn.temporal.settings import model_config
+    from vtn.temporal.splits import load_data
 
     if processes().world > 1:
         raise UserError("vtn sweep starts its own processes (--jobs); run it without torchrun")
@@ -348,12 +348,11 @@ def sweep(cache_url: str, out: str | Path, runs: list[Run], jobs: int | None = N
 # -- the command ------------------------------------------------------------------------------------------------
 
 def base_config(args):
-    from vtn.temporal.train import MODEL_SIZES, RECIPES, TrainConfig
+    from vtn.config import job_config
+    from vtn.temporal.model import SIZES
+    from vtn.temporal.settings import RECIPES, TrainConfig
 
-    base = RECIPES[args.recipe or "default"]
-    if args.model:
-        base = dataclasses.replace(base, model=MODEL_SIZES[args.model])
-    return resolve(TrainConfig, args.config, args.sets, base=base)
+    return job_config(TrainConfig, args, {}, recipes=RECIPES, sizes=SIZES)
 
 
 def main(args) -> int:

@@ -102,3 +102,46 @@ def test_ranged_fields_are_checked_wherever_a_value_is_set(tmp_path):
         resolve(Cfg, tmp_path / "c.yaml")
     with pytest.raises(ConfigError, match="s.limit"):
         merge(Cfg(), {"s": {"limit": -1}})
+
+
+def test_job_config_applies_recipe_size_file_sets_then_flags_by_one_table(tmp_path):
+    from argparse import Namespace
+
+    from vtn.config import VALUE, job_config
+
+    recipes = {"default": Job(), "long": Job(steps=1000)}
+    sizes = {"wide": Optim(lr=0.5)}  # "model" here is the optim section: any section can be sized
+    flags = {"lr": "optim.lr", "fast": {"steps": 1, "optim.name": "sgd"}, "windows": {"windows": VALUE}}
+    (tmp_path / "c.yaml").write_text("steps: 7\n")
+
+    def args(**kw):
+        return Namespace(**{"recipe": None, "model": None, "config": None, "sets": [], "lr": None, "fast": False,
+                            "windows": None, **kw})
+
+    @dataclass(frozen=True)
+    class Sized:
+        steps: int = 100
+        model: Optim = field(default_factory=Optim)
+
+    assert job_config(Job, args(), flags, recipes=recipes) == Job()
+    assert job_config(Job, args(recipe="long"), flags, recipes=recipes).steps == 1000
+    assert job_config(Sized, args(model="wide"), {}, sizes=sizes).model == Optim(lr=0.5)
+    got = job_config(Job, args(recipe="long", config=str(tmp_path / "c.yaml"), sets=["steps=9", "optim.lr=2"],
+                               lr=3.0, windows=[4, 8]), flags, recipes=recipes)
+    assert got == Job(windows=(4, 8), steps=9, optim=Optim(lr=3.0))  # the file, then --set, then the flags
+    assert job_config(Job, args(fast=True), flags) == Job(steps=1, optim=Optim(name="sgd"))  # a flag, two keys
+    # --resume with no settings: None (the run's saved config); with any, the resolved config.
+    assert job_config(Job, args(resume=True), flags) is None
+    assert job_config(Job, args(resume=True, lr=1.0), flags) == Job(optim=Optim(lr=1.0))
+    assert job_config(Job, args(), flags, base=Job(steps=3)).steps == 3
+
+
+def test_fields_checked_together_may_change_in_separate_sets():
+    """--set model.hidden_size=64 --set model.num_heads=4: each alone would not divide; together they do."""
+    from vtn.temporal.settings import TrainConfig
+
+    cfg = resolve(TrainConfig, None, ["model.hidden_size=64", "model.num_heads=4", "model.attention_window=[4, 8]",
+                                      "model.num_layers=2"])
+    assert (cfg.model.hidden_size, cfg.model.num_heads, cfg.model.windows) == (64, 4, (4, 8))
+    with pytest.raises(ConfigError, match="model.dropout"):
+        resolve(TrainConfig, None, ["model.dropout=1.5"])

@@ -266,7 +266,8 @@ def test_the_jobs_called_from_python_check_too(trained, tmp_path):
     from vtn.evaluate.run import evaluate
     from vtn.temporal.finetune import finetune
     from vtn.temporal.sweep import expand, sweep
-    from vtn.temporal.train import TrainConfig, train
+    from vtn.temporal.settings import TrainConfig
+    from vtn.temporal.train import train
 
     cache, run = trained
     notes, _ = users_folders(tmp_path)

@@ -182,9 +182,19 @@ def parse_set(item: str) -> dict:
     return out
 
 
-def resolve(cls: type, config_file: str | Path | None = None, sets: typing.Iterable[str] = (), base: Any = None) -> Any:
-    """Defaults (or `base`), then the YAML file, then each `--set` override, in that order."""
-    cfg = base if base is not None else cls()
+def _deep_merge(into: dict, updates: dict) -> dict:
+    for k, v in updates.items():
+        if isinstance(v, dict) and isinstance(into.get(k), dict):
+            _deep_merge(into[k], v)
+        else:
+            into[k] = v
+    return into
+
+
+def _file_and_sets(config_file: str | Path | None, sets: typing.Iterable[str]) -> dict:
+    """The YAML file's mapping with each `--set` merged over it in order. Applied to a config at once, so that
+    fields checked together (a model's hidden_size and num_heads) may be changed by separate items."""
+    updates: dict = {}
     if config_file:
         path = Path(config_file)
         if not path.is_file():
@@ -192,15 +202,60 @@ def resolve(cls: type, config_file: str | Path | None = None, sets: typing.Itera
         data = yaml.safe_load(path.read_text()) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level")
-        cfg = _apply(cfg, data)
+        updates = data
     for item in sets:
-        cfg = _apply(cfg, parse_set(item))
-    return cfg
+        _deep_merge(updates, parse_set(item))
+    return updates
+
+
+def resolve(cls: type, config_file: str | Path | None = None, sets: typing.Iterable[str] = (), base: Any = None) -> Any:
+    """Defaults (or `base`), then the YAML file, then each `--set` override, in that order."""
+    return _apply(base if base is not None else cls(), _file_and_sets(config_file, sets))
 
 
 def merge(cfg: Any, updates: dict) -> Any:
     """Apply a nested mapping of updates (e.g. from explicit CLI flags) with the same checks as `--set`."""
     return _apply(cfg, updates)
+
+
+VALUE = object()  # in a flag table: the flag's own value
+
+
+def flag_updates(args, flags: dict) -> dict:
+    """The command-line flags that were given (not None, not a store_true left False), as nested config updates.
+    `flags` maps an argparse dest to a key ("section.key": the flag's value goes there) or to {key: value}
+    (a flag setting several keys, or a constant; `VALUE` stands for the flag's value). Later entries win."""
+    updates: dict = {}
+    for dest, target in flags.items():
+        value = getattr(args, dest, None)
+        if value is None or value is False:
+            continue
+        for key, v in (target.items() if isinstance(target, dict) else ((target, VALUE),)):
+            node = updates
+            *sections, last = key.split(".")
+            for part in sections:
+                node = node.setdefault(part, {})
+            node[last] = value if v is VALUE else v
+    return updates
+
+
+def job_config(cls: type, args, flags: dict, base: Any = None, recipes: dict | None = None,
+               sizes: dict | None = None) -> Any:
+    """Every job's settings, one rule: the base (`base`, else `recipes[args.recipe or "default"]`, else the
+    defaults), with `sizes[args.model]` as its model section when --model is given, then --config, then each
+    --set, then the explicit flags (`flags`, see `flag_updates`). None when the job is resumed (--resume) and
+    none of them is given: the run's saved config is used."""
+    updates = _file_and_sets(getattr(args, "config", None), getattr(args, "sets", ()))
+    given = flag_updates(args, flags)
+    recipe, size = getattr(args, "recipe", None), getattr(args, "model", None)
+    if getattr(args, "resume", False) and not (recipe or size or updates or given or getattr(args, "config", None)):
+        return None
+    if base is None:
+        base = recipes[recipe or "default"] if recipes else cls()
+    if size:
+        base = dataclasses.replace(base, model=sizes[size])
+    # The flags apply after the rest, so a value out of range in --set is refused even when a flag replaces it.
+    return _apply(_apply(base, updates), given)
 
 
 def add_config_args(parser, example: str) -> None:

@@ -109,7 +109,8 @@ def demo(out: str | Path | None = None, progress: bool = True) -> dict:
     from vtn.config import merge, resolve
     from vtn.evaluate.run import evaluate
     from vtn.synth import CLASSES, make_dataset
-    from vtn.temporal.train import TrainConfig, train
+    from vtn.temporal.settings import TrainConfig
+    from vtn.temporal.train import train
 
     out = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="vtn-demo-"))
     out.mkdir(parents=True, exist_ok=True)
@@ -159,7 +160,8 @@ def finetune_stage(out: str | Path | None = None, progress: bool = True) -> dict
     from vtn.evaluate.run import evaluate
     from vtn.synth import LAYOUT_CLASSES, make_layout_dataset
     from vtn.temporal.finetune import FinetuneConfig, default_config, finetune
-    from vtn.temporal.train import TrainConfig, train
+    from vtn.temporal.settings import TrainConfig
+    from vtn.temporal.train import train
 
     out = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="vtn-demo-finetune-"))
     out.mkdir(parents=True, exist_ok=True)

@@ -149,7 +149,7 @@ def test_finetune_refuses_a_backbone_that_is_not_the_recorded_one(stage_two, tmp
 def test_finetune_resumed_after_an_interruption_equals_an_uninterrupted_run(stage_two, tmp_path, monkeypatch, capsys):
     from safetensors.torch import load_file
 
-    import vtn.temporal.train as train_job
+    import vtn.temporal.loop as loop_job
 
     _, _, run = stage_two
     # Step 0 with the backbone frozen, then all of it, BatchNorm updating its statistics.
@@ -157,17 +157,17 @@ def test_finetune_resumed_after_an_interruption_equals_an_uninterrupted_run(stag
             "--set", "finetune.frozen_steps=1", *FT]
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     assert main(["finetune", str(run), "--out", str(whole), *args]) == 0
-    real = train_job.lr_factor
+    real = loop_job.lr_factor
 
     def interrupt_at_step_1(step, total, optim):
         if step == 1:
             raise KeyboardInterrupt
         return real(step, total, optim)
 
-    monkeypatch.setattr(train_job, "lr_factor", interrupt_at_step_1)
+    monkeypatch.setattr(loop_job, "lr_factor", interrupt_at_step_1)
     assert main(["finetune", str(run), "--out", str(parts), *args]) == 130
     assert "add --resume" in capsys.readouterr().err
-    monkeypatch.setattr(train_job, "lr_factor", real)
+    monkeypatch.setattr(loop_job, "lr_factor", real)
     assert main(["finetune", str(run), "--out", str(parts), *args]) == 2  # a run is there
     assert main(["finetune", str(run), "--out", str(parts), "--resume", "--quiet"]) == 0
     a, b = load_file(str(whole / "last" / "model.safetensors")), load_file(str(parts / "last" / "model.safetensors"))
@@ -336,7 +336,7 @@ def test_finetune_progress_bar_shows_clips_per_second_and_peak_memory():
     out = io.StringIO()
     low = peak_memory(cpu)
     bar = MemoryBar(progress_bar(total=2, file=out, unit="step"), cpu)
-    bar.set_postfix(loss="0.693", clips_s="12", refresh=False)  # as train.py's loop sets it
+    bar.set_postfix(loss="0.693", clips_s="12", refresh=False)  # as loop.py's loop sets it
     bar.update()
     bar.close()
     high = peak_memory(cpu)

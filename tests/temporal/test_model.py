@@ -212,11 +212,15 @@ def test_positions_modes():
 def test_config_validation():
     assert tiny(attention_window=[4, 8]).windows == (4, 8)
     with pytest.raises(ConfigError, match="even"):
-        tiny(attention_window=5)
+        tiny(attention_window=5).check()
     with pytest.raises(ConfigError, match="3 values for 2 layers"):
-        tiny(attention_window=(4, 4, 4))
+        tiny(attention_window=(4, 4, 4)).check()
     with pytest.raises(ConfigError, match="class_names"):
-        tiny(class_names=("a", "b"))
+        tiny(class_names=("a", "b")).check()
+    with pytest.raises(ConfigError, match="not a multiple of num_heads"):
+        tiny(num_heads=3).check()
+    with pytest.raises(ConfigError, match=r"model.num_heads: 0 is out of range; it must be >= 1"):
+        tiny(num_heads=0)  # ranges are checked at construction, as for any config section
     with pytest.raises(ConfigError, match="unknown VTN preset"):
         preset("vit_z")
     with pytest.raises(ConfigError, match=r"backend: 'flash' is not one of \['fast', 'hf'\]"):

@@ -19,7 +19,8 @@ from vtn.runtime import Processes
 from vtn.store import CacheWriter, collate_clips, open_cache
 from vtn.temporal.data import model_inputs
 from vtn.temporal.model import VTNConfig, frame_positions
-from vtn.temporal.train import TrainConfig, load_data, model_config
+from vtn.temporal.settings import TrainConfig, model_config
+from vtn.temporal.splits import load_data
 
 BACKBONE = {"name": "vit_tiny_patch16_224", "weights_sha256": "aa11", "preprocessing": {"input_size": [64, 64]}}
 SAMPLING = {"mode": "every", "every": 1, "max_seconds": None}

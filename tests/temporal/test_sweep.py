@@ -10,12 +10,12 @@ import torch
 from safetensors.torch import load_file
 from test_train import make_cache, records
 
-import vtn.temporal.train as train_job
+import vtn.temporal.loop as loop_job
 from vtn.cli import main
 from vtn.config import resolve
 from vtn.store import open_cache
 from vtn.temporal.sweep import ablations, expand, parse_grid, variants_of
-from vtn.temporal.train import TrainConfig
+from vtn.temporal.settings import TrainConfig
 
 # A tiny encoder without dropout (so lr/seed runs are batched), 3 steps per epoch on the 48 train clips.
 SMALL = ["model.hidden_size=16", "model.num_layers=1", "model.num_heads=2", "model.intermediate_size=32",
@@ -134,20 +134,20 @@ def test_a_rerun_skips_finished_runs_and_resumes_an_interrupted_one(cache, tmp_p
     out = tmp_path / "sweep"
     argv = ["sweep", cache, "--out", str(out), "--grid", "optim.lr=1e-3,3e-3", *SETS, "--set", "optim.steps=6",
             "--set", "run.checkpoint_every=2", "--no-batch", "--quiet"]
-    checkpointed = train_job.step_checkpoint
+    checkpointed = loop_job.step_checkpoint
 
     def interrupted(loop, every):  # the second run stops after its checkpoint at step 4
         checkpointed(loop, every)
         if loop.dir.name == "lr-0.003_seed-0" and loop.state["step"] == 4:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(train_job, "step_checkpoint", interrupted)
+    monkeypatch.setattr(loop_job, "step_checkpoint", interrupted)
     assert main(argv) == 130
     first = out / "lr-0.001_seed-0" / "metrics.json"
     done = first.read_text()
     assert not (out / "lr-0.003_seed-0" / "metrics.json").exists()
     assert json.loads((out / "lr-0.003_seed-0" / "last" / "state.json").read_text())["step"] == 4
-    monkeypatch.setattr(train_job, "step_checkpoint", checkpointed)
+    monkeypatch.setattr(loop_job, "step_checkpoint", checkpointed)
     capsys.readouterr()
 
     assert main(argv) == 0
@@ -164,14 +164,14 @@ def test_a_failing_run_is_reported_and_the_others_finish(cache, tmp_path, capsys
     out = tmp_path / "sweep"
     argv = ["sweep", cache, "--out", str(out), "--grid", "optim.lr=1e-3,3e-3", *SETS, "--set", "optim.steps=3",
             "--no-batch", "--quiet"]
-    real_train = train_job.train
+    real_train = loop_job.fit
 
     def failing(cache_url, run, *args, **kw):  # the first run fails part-way (a bug, a lost disk ...)
         if Path(run).name == "lr-0.001_seed-0":
             raise RuntimeError("the disk went away")
         return real_train(cache_url, run, *args, **kw)
 
-    monkeypatch.setattr(train_job, "train", failing)
+    monkeypatch.setattr(loop_job, "fit", failing)
     assert main(argv) == 3
     err = capsys.readouterr().err
     assert "run lr-0.001_seed-0 failed: RuntimeError: the disk went away" in err
@@ -180,7 +180,7 @@ def test_a_failing_run_is_reported_and_the_others_finish(cache, tmp_path, capsys
     assert (out / "lr-0.003_seed-0" / "metrics.json").is_file()  # the run after the failed one trained
     assert [r["run"] for r in csv.DictReader((out / "results.csv").open())] == ["lr-0.003"]
 
-    monkeypatch.setattr(train_job, "train", real_train)
+    monkeypatch.setattr(loop_job, "fit", real_train)
     assert main(argv) == 0
     assert "1 finished, 1 to train" in capsys.readouterr().out
     assert not (out / "failures.log").exists()

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import vtn.temporal.train as train_job
+import vtn.temporal.loop as loop_job
 from vtn.cli import main
 from vtn.store import CacheWriter
 
@@ -93,19 +93,19 @@ def test_resume_mid_epoch_ends_bitwise_equal_to_an_uninterrupted_run(cache, tmp_
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     assert main(["train", cache, "--out", str(whole), *args]) == 0
 
-    real = train_job.lr_factor
+    real = loop_job.lr_factor
 
     def interrupt_at_step_8(step, total, optim):
         if step == 8:
             raise KeyboardInterrupt
         return real(step, total, optim)
 
-    monkeypatch.setattr(train_job, "lr_factor", interrupt_at_step_8)
+    monkeypatch.setattr(loop_job, "lr_factor", interrupt_at_step_8)
     assert main(["train", cache, "--out", str(parts), *args]) == 130
     assert "interrupted; the last checkpoint is kept; add --resume" in capsys.readouterr().err
     state = json.loads((parts / "last" / "state.json").read_text())
     assert (state["step"], state["epoch"], state["step_in_epoch"]) == (7, 2, 1)  # mid-epoch checkpoint
-    monkeypatch.setattr(train_job, "lr_factor", real)
+    monkeypatch.setattr(loop_job, "lr_factor", real)
 
     assert main(["train", cache, "--out", str(parts), *args]) == 2  # a run is there: --resume or another --out
     assert "--resume" in capsys.readouterr().err
@@ -275,3 +275,24 @@ def test_resume_takes_the_same_cache_by_another_spelling_of_its_path(tmp_path, c
     assert main(["train", "../c.zarr", "--out", "../run", "--resume", "--quiet"]) == 0, capsys.readouterr().err
     monkeypatch.chdir(tmp_path)
     assert main(["train", "./c.zarr", "--out", "run", "--resume", "--quiet"]) == 0, capsys.readouterr().err
+
+
+def test_model_sizes_and_recipes_are_registered_once():
+    """`--model` and `--recipe` of vtn train and vtn sweep offer the registries' names; the sizes are VTNConfigs,
+    the paper's preset is base with 768-D features and 400 classes, and a config left "from the cache" says so
+    when a model is built from it."""
+    import argparse
+
+    from vtn.cli import build_parser
+    from vtn.config import ConfigError
+    from vtn.temporal.model import PRESETS, SIZES, VTNConfig
+    from vtn.temporal.settings import RECIPES, TrainConfig
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for command in ("train", "sweep"):
+        options = {a.dest: a.choices for a in sub.choices[command]._actions}
+        assert list(options["model"]) == list(SIZES) and list(options["recipe"]) == list(RECIPES)
+    assert TrainConfig().model == SIZES["base"] == VTNConfig()
+    assert PRESETS["vit_b_vtn"] == VTNConfig(feature_dim=768, num_classes=400)
+    with pytest.raises(ConfigError, match="feature_dim and num_classes"):
+        VTNConfig().check()

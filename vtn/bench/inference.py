@@ -24,7 +24,8 @@ def run(videos_per_class: int = 6, views: tuple[str, ...] = ("full", "10x3"), wo
     from vtn.extract import job as extract_job
     from vtn import synth
     from vtn.extract.config import ExtractConfig, RuntimeConfig
-    from vtn.temporal.train import TrainConfig, train
+    from vtn.temporal.settings import TrainConfig
+    from vtn.temporal.train import train
 
     work = Path(workdir or tempfile.mkdtemp(prefix="vtn-bench-inference-"))
     try:

@@ -1,0 +1,112 @@
+"""Which videos a stage-two run trains and validates on: the splits, a held-out share when the cache has no val
+split, the videos left out (and why), and the fingerprint a resumed run must find unchanged."""
+
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+
+from vtn.errors import UserError
+from vtn.paths import canonical_cache
+from vtn.runtime import Processes
+from vtn.store.dataset import ClipDataset, LengthBucketSampler, loader_workers
+from vtn.temporal.data import split_source, whole_videos
+from vtn.temporal.model import VTNConfig
+from vtn.temporal.settings import DataSection, TrainConfig
+
+
+def held_out(ids: list[str], labels: np.ndarray, share: float) -> np.ndarray:
+    """Boolean mask of the videos to hold out: per class, ceil(share x its videos) of those with the smallest
+    crc32 of their id, leaving at least one video of the class for training."""
+    out = np.zeros(len(ids), dtype=bool)
+    keys = np.array([zlib.crc32(v.encode()) for v in ids], dtype=np.int64)
+    for c in np.unique(labels[labels >= 0]):
+        mine = np.flatnonzero(labels == c)
+        n = min(math.ceil(share * len(mine)), len(mine) - 1)
+        out[mine[np.argsort(keys[mine], kind="stable")[:n]]] = True
+    return out
+
+
+@dataclass
+class Data:
+    train: ClipDataset  # labelled training videos: random clips
+    val: ClipDataset  # whole videos
+    sampler: LengthBucketSampler
+    streaming: bool
+    workers: int
+    holdout: list[str] | None  # ids held out of the train split for validation, when the cache has no val split
+    left_out: str | None = None  # which of the cache's videos the run does not use, and why (a warning)
+
+
+def left_out(cache, d: DataSection, train_unlabelled: int, val_unlabelled: int) -> str | None:
+    """A warning naming how many of the cache's videos a run leaves out, and why; None when it uses them all."""
+    splits = np.asarray(cache.splits, dtype=object)
+    used = (d.train_split, d.val_split)
+    other = {s: int(n) for s, n in zip(*np.unique(splits[~np.isin(splits, used)], return_counts=True))}
+    reasons = []
+    if other:
+        counts = ", ".join(f"{s!r}: {n}" for s, n in other.items())
+        reasons.append(f"{sum(other.values())} in splits it does not use ({counts}; it trains on '{d.train_split}' "
+                       f"and validates on '{d.val_split}': set data.train_split / data.val_split)")
+    for n, split in ((train_unlabelled, d.train_split), (val_unlabelled, d.val_split)):
+        if n:
+            reasons.append(f"{n} unlabelled in '{split}'")
+    if not reasons:
+        return None
+    total = sum(other.values()) + train_unlabelled + val_unlabelled
+    return f"warning: {cache.url}: {total} of its {len(splits)} videos are left out: {'; '.join(reasons)}"
+
+
+def shared_source(cache, split: str, mode: str, procs: Processes, sources: dict | None):
+    """split_source, kept in `sources` when given: a sweep trains many runs in one process on one loaded split."""
+    if sources is None:
+        return split_source(cache, split, mode, procs)
+    if (split, mode) not in sources:
+        sources[split, mode] = split_source(cache, split, mode, procs)
+    return sources[split, mode]
+
+
+def load_data(cache, cfg: TrainConfig, model_cfg: VTNConfig, procs: Processes, sources: dict | None = None) -> Data:
+    d = cfg.data
+    for split, what in ((d.train_split, "train"), (d.val_split, "val")):
+        if not len(cache.split_ids(split)) and not (what == "val" and d.val_split == "val" and d.holdout > 0):
+            raise UserError(f"{cache.url}: no videos in the {what} split '{split}' (the cache has splits "
+                            f"{sorted(set(cache.splits))}); set data.{what}_split")
+    train_source = shared_source(cache, d.train_split, d.load, procs, sources)
+    streaming = train_source is cache
+    every = ClipDataset(train_source, split=d.train_split, train=False)
+    keep = every.labels >= 0  # unlabelled videos cannot teach a classifier
+    holdout = None
+    if len(cache.split_ids(d.val_split)):
+        val_source = shared_source(cache, d.val_split, d.load, procs, sources)
+        val = whole_videos(val_source, d.val_split, model_cfg)
+    else:
+        out = held_out(every.ids, every.labels, d.holdout)
+        holdout = [every.ids[i] for i in np.flatnonzero(out)]
+        if not holdout:
+            raise UserError(f"{cache.url}: no val split, and no class has two train videos to hold one out")
+        val = whole_videos(train_source, d.train_split, model_cfg, np.flatnonzero(out))
+        keep &= ~out
+    if not keep.any():
+        raise UserError(f"{cache.url}: the train split '{d.train_split}' has no labelled videos")
+    if not (val.labels >= 0).any():  # else every evaluation has nothing to score
+        raise UserError(f"{cache.url}: the val split '{d.val_split}' has no labelled videos ({len(val)} unlabelled), "
+                        "so nothing can be scored; label them, or set data.val_split to a labelled split")
+    train = ClipDataset(train_source, split=d.train_split, clip_frames=d.clip_frames, stride=d.stride, train=True,
+                        seed=cfg.run.seed, videos=np.flatnonzero(keep))
+    sampler = LengthBucketSampler(train.sample_lengths(), cfg.optim.batch_size, shuffle=True, seed=cfg.run.seed,
+                                  num_replicas=procs.world, rank=procs.rank)
+    workers = d.workers if d.workers is not None else loader_workers(streaming, procs.local_world)
+    warning = left_out(cache, d, int((every.labels < 0).sum()),
+                       int((val.labels < 0).sum()) if holdout is None else 0)
+    return Data(train, val, sampler, streaming, workers, holdout, warning)
+
+
+def data_fingerprint(data: Data, cache) -> dict:
+    """What a resumed run must find unchanged to take the same steps: the cache and its training videos."""
+    ids = "\n".join(f"{v}:{n}" for v, n in zip(data.train.ids, data.train.lengths))
+    return {"cache": canonical_cache(cache.url), "train_videos": len(data.train),
+            "train_crc32": zlib.crc32(ids.encode())}
