@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
-from vtn.config import merge, ranged, resolve
+from vtn.config import job_config, ranged
 from vtn.errors import UserError
 
 
@@ -48,8 +48,7 @@ FLAGS = {"checkpoint": "checkpoint", "views": "views", "device": "device", "atte
 
 def settings(cls: type, args) -> InferenceConfig:
     """`cls`'s settings from parsed arguments: defaults, --config, --set, then the flags given."""
-    flags = {key: getattr(args, dest) for dest, key in FLAGS.items() if getattr(args, dest, None) is not None}
-    return merge(resolve(cls, args.config, args.sets), flags)
+    return job_config(cls, args, FLAGS)
 
 
 def parse_views(spec: str) -> tuple[int, int] | None:

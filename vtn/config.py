@@ -247,7 +247,9 @@ def job_config(cls: type, args, flags: dict, base: Any = None, recipes: dict | N
     none of them is given: the run's saved config is used."""
     updates = _file_and_sets(getattr(args, "config", None), getattr(args, "sets", ()))
     given = flag_updates(args, flags)
-    recipe, size = getattr(args, "recipe", None), getattr(args, "model", None)
+    # --recipe and --model name a recipe and a size only in the jobs that have them (predict's --model is a run)
+    recipe = getattr(args, "recipe", None) if recipes else None
+    size = getattr(args, "model", None) if sizes else None
     if getattr(args, "resume", False) and not (recipe or size or updates or given or getattr(args, "config", None)):
         return None
     if base is None:
