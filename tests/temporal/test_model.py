@@ -275,7 +275,7 @@ def test_model_code_imports_no_training_or_data_code():
 
 
 def test_only_the_hf_backend_imports_transformers():
-    code = ("import sys; from vtn.temporal.model import VTN, VTNConfig; VTN(VTNConfig(num_layers=1)); "
-            "assert 'transformers' not in sys.modules; VTN(VTNConfig(num_layers=1, backend='hf')); "
+    code = ("import sys; from vtn.temporal.model import VTN, VTNConfig; VTN(VTNConfig(num_layers=1, feature_dim=8, num_classes=2)); "
+            "assert 'transformers' not in sys.modules; VTN(VTNConfig(num_layers=1, feature_dim=8, num_classes=2, backend='hf')); "
             "assert 'transformers' in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
