@@ -1,8 +1,8 @@
 """Video decoding: real frame timestamps and the sampled frames, in bounded chunks.
 
 The readers are tried in the order of `READERS`: decord first (fast random access), PyAV for files decord
-cannot open or read. Both report every frame's presentation time from the container's timestamps, so sampling by time is
-right for variable-frame-rate files. Frames come out as uint8 RGB arrays [n, H, W, 3] in chunks of at
+cannot open or read. Both report every frame's presentation time from the container's timestamps, so sampling
+by time is right for variable-frame-rate files. Frames come out as uint8 RGB arrays [n, H, W, 3] in chunks of at
 most `chunk_bytes`, so a 4K or hour-long file is never held whole.
 
 Every way a file can be unusable raises a `VideoError` subclass whose name is recorded in the cache as

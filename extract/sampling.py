@@ -29,7 +29,7 @@ _EPS = 1e-6
 class Mode:
     """One sampling mode: the `SamplingConfig` field holding its value, the values it accepts, the frames it picks."""
 
-    field: str  # recorded in the cache under this name; its CLI flag is the same name with dashes (--num-frames)
+    field: str  # the cache records the value under this name
     valid: Callable[[Any], bool]
     rule: str  # what `valid` asks, for the error message: "sampling.FIELD must be RULE"
     # (timestamps of the frames before max_seconds, their end in seconds, the value) -> sorted distinct indices
@@ -45,7 +45,8 @@ def _on_screen(t: np.ndarray, targets: np.ndarray) -> np.ndarray:
     return np.unique(np.clip(idx, 0, len(t) - 1)).astype(np.int64)
 
 
-# Every sampling mode, by name: adding one is an entry here (and its value field in SamplingConfig, its CLI flag).
+# Every sampling mode, by name: adding one is an entry here (with its value field in SamplingConfig) and its flag
+# in extract/cli.py, the name with dashes (--num-frames).
 MODES: dict[str, Mode] = {
     "fps": Mode("fps", lambda v: v > 0, "> 0",
                 lambda t, end, fps: _on_screen(t, np.arange(0.0, max(end, _EPS), 1.0 / fps)),
