@@ -8,7 +8,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vtn.extract.decode import DecordReader, PyAVReader, VideoError
+from vtn.extract import decode
+from vtn.extract.decode import VideoError
 
 
 def source_root(cache) -> Path | None:
@@ -27,7 +28,7 @@ def read_frames(path: Path | None, indices: np.ndarray, height: int = 48) -> lis
     is missing or cannot be decoded (the figure still shows the attention)."""
     frames = None
     if path is not None and path.is_file():
-        for reader in (DecordReader, PyAVReader):
+        for reader in decode.READERS:
             try:
                 r = reader(path)
                 frames = np.concatenate([c.frames for c in r.read(np.asarray(indices, dtype=np.int64))])

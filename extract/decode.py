@@ -1,8 +1,8 @@
 """Video decoding: real frame timestamps and the sampled frames, in bounded chunks.
 
-decord is tried first (fast random access); PyAV is the fallback for files decord cannot open or read.
-Both report every frame's presentation time from the container's timestamps, so sampling by time is
-right for variable-frame-rate files. Frames come out as uint8 RGB arrays [n, H, W, 3] in chunks of at
+The readers are tried in the order of `READERS`: decord first (fast random access), PyAV for files decord
+cannot open or read. Both report every frame's presentation time from the container's timestamps, so sampling
+by time is right for variable-frame-rate files. Frames come out as uint8 RGB arrays [n, H, W, 3] in chunks of at
 most `chunk_bytes`, so a 4K or hour-long file is never held whole.
 
 Every way a file can be unusable raises a `VideoError` subclass whose name is recorded in the cache as
@@ -12,6 +12,7 @@ the failure's error class. This module imports no torch: it runs in the decode w
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import re
 import stat
@@ -26,12 +27,6 @@ import numpy as np
 from vtn.extract.sampling import SamplingConfig, sample, video_duration
 
 DEFAULT_CHUNK_BYTES = 64 << 20
-# decord's reader keeps pushing packets to its decoder thread whenever a frame is not ready yet (its pop does
-# not wait), and that thread decodes every pushed packet into an RGB frame in the background: behind a slow
-# consumer (a busy model) a whole video can pile up in memory (README, Benchmarks). decord therefore reads only
-# videos whose every frame together fits in this many bytes; longer or larger ones go to PyAV, whose memory stays
-# flat and which decodes them as fast.
-DECORD_MAX_BYTES = 256 << 20
 # decord's C++ logger writes "[hh:mm:ss] file.cc:NN: ERROR opening: FILE, REASON" straight to file descriptor 2, and
 # no log level turns it off (decord's level is its FFmpeg's). A decode worker process, where nothing else writes
 # to stderr meanwhile, sets this, and decord's open then runs with fd 2 captured and such lines dropped. Not in
@@ -168,6 +163,13 @@ class DecordReader:
     """Frames through decord: the packet index gives every frame's timestamp; `get_batch` reads by index."""
 
     backend = "decord"
+    library = "decord"  # the module it imports
+    # decord's reader keeps pushing packets to its decoder thread whenever a frame is not ready yet (its pop does
+    # not wait), and that thread decodes every pushed packet into an RGB frame in the background: behind a slow
+    # consumer (a busy model) a whole video can pile up in memory (README, Benchmarks). decord therefore reads only
+    # videos whose every frame together fits in this many bytes; longer or larger ones go to PyAV, whose memory stays
+    # flat and which decodes them as fast.
+    max_bytes: int | None = 256 << 20
     # Frames per `get_batch` call: between calls the reader reports that it is alive (a sparse chunk can take
     # one seek and GOP decode per frame).
     batch = 16
@@ -225,6 +227,8 @@ class PyAVReader:
     """
 
     backend = "pyav"
+    library = "av"
+    max_bytes: int | None = None  # its memory stays flat however long the video
 
     def __init__(self, path: str | Path, threads: int = 1, alive=None):
         import av
@@ -322,6 +326,26 @@ def _first_line(e: Exception) -> str:
     return text.splitlines()[0][:300]
 
 
+# The readers, in the order they are tried. A reader is a class with `backend` (its name in StreamInfo),
+# `library` (the module it imports), `max_bytes` (the largest video, every frame as RGB, it takes; None: any),
+# `__init__(path, threads, alive)` setting `info` (a StreamInfo) and `read(indices, chunk_bytes)` yielding Chunks;
+# it raises a VideoError for a file it cannot read.
+READERS = (DecordReader, PyAVReader)
+
+
+def load_readers() -> None:
+    """Import every reader's library now (a decode worker's start-up, not its first video's decode time)."""
+    for reader in READERS:
+        importlib.import_module(reader.library)
+
+
+def decoder_attrs() -> dict:
+    """What a cache records of its decoding: the readers in the order they are tried, what frames and times are."""
+    return {"primary": READERS[0].backend, "fallback": ", ".join(r.backend for r in READERS[1:]),
+            "frames": "RGB uint8, container presentation order",
+            "timestamps": "seconds from the first frame, from container pts, rounded to 1 us"}
+
+
 def decode_video(path: str | Path, cfg: SamplingConfig, chunk_bytes: int = DEFAULT_CHUNK_BYTES, threads: int = 1,
                  alive=None):
     """Decode the sampled frames of one video: yields the `StreamInfo` first, then `Chunk`s.
@@ -330,33 +354,31 @@ def decode_video(path: str | Path, cfg: SamplingConfig, chunk_bytes: int = DEFAU
     or small batch read), so a caller can tell a slow decode (an hour-long file sampled sparsely sends its first
     chunk only after decoding most of it) from a hung one; it must be cheap.
 
-    decord first; if it cannot open or read the file (or all its frames exceed `DECORD_MAX_BYTES`), PyAV from
-    the start. When decord fails after some chunks were yielded, a `None` is yielded before PyAV's own
-    `StreamInfo`, telling the consumer to drop what it got for this video (the two decoders may disagree on
-    frames, and nothing is mixed or substituted). Raises a `VideoError` when neither decoder can produce every
+    The `READERS` in order: the first that can open and read the file (and whose `max_bytes` all its frames fit
+    in) gives the frames. When a reader fails after some chunks were yielded, a `None` is yielded before the next
+    reader's own `StreamInfo`, telling the consumer to drop what it got for this video (two decoders may disagree
+    on frames, and nothing is mixed or substituted). Raises a `VideoError` when no reader can produce every
     sampled frame.
     """
     check_file(path)
-    yielded = False
-    try:
-        reader = DecordReader(path, threads, alive)
-        info = reader.info
-        if info.num_frames * info.width * info.height * 3 > DECORD_MAX_BYTES:
-            raise NotAVideo(f"{path}: {info.num_frames} frames of {info.width}x{info.height} are read with PyAV (bounded memory)")
-        indices = sample(info.timestamps, cfg)
-        yield info
-        yielded = True
-        yield from reader.read(indices, chunk_bytes)
-        return
-    except VideoError as e:
-        first_error = e
-    if yielded:
-        yield None
-    try:
-        reader = PyAVReader(path, threads, alive)
-    except VideoError as e:
-        # Report the more specific of the two errors (e.g. PyAV's "no video stream" over decord's "cannot open").
-        raise e if not isinstance(e, NotAVideo) or isinstance(first_error, NotAVideo) else first_error
-    indices = sample(reader.info.timestamps, cfg)
-    yield reader.info
-    yield from reader.read(indices, chunk_bytes)
+    errors = []
+    for i, reader_class in enumerate(READERS):
+        yielded = False
+        try:
+            reader = reader_class(path, threads, alive)
+            info = reader.info
+            if reader.max_bytes is not None and info.num_frames * info.width * info.height * 3 > reader.max_bytes:
+                raise NotAVideo(f"{path}: {info.num_frames} frames of {info.width}x{info.height} are more than "
+                                f"{reader.backend} reads in bounded memory")
+            indices = sample(info.timestamps, cfg)
+            yield info
+            yielded = True
+            yield from reader.read(indices, chunk_bytes)
+            return
+        except VideoError as e:
+            errors.append(e)
+        if yielded and i + 1 < len(READERS):
+            yield None
+    # Report the most specific error: the last one that is not a NotAVideo (e.g. PyAV's "no video stream" over
+    # decord's "cannot open", decord's decode error over PyAV's "cannot open").
+    raise next((e for e in reversed(errors) if not isinstance(e, NotAVideo)), errors[-1])

@@ -26,6 +26,7 @@ from vtn import __version__
 from vtn.config import to_dict
 from vtn.errors import UserError
 from vtn.extract.config import ExtractConfig
+from vtn.extract.decode import decoder_attrs
 from vtn.extract.inputs import InputEntry, discover
 from vtn.extract.pipeline import build_backbone, check_runtime, decode_workers, extract_features
 from vtn.extract.sampling import SamplingConfig, effective
@@ -163,8 +164,7 @@ def _run(cfg: ExtractConfig, source: str | Path, out: str, overwrite: bool, rank
     attrs = {
         "backbone": identity,
         "sampling": effective(cfg.sampling),
-        "decoder": {"primary": "decord", "fallback": "pyav", "frames": "RGB uint8, container presentation order",
-                    "timestamps": "seconds from the first frame, from container pts, rounded to 1 us"},
+        "decoder": decoder_attrs(),
         "config": to_dict(cfg),
         "versions": library_versions(),
         "source": str(Path(source).resolve()),

@@ -100,9 +100,7 @@ def _worker_main(conn, chunk_bytes: int, threads: int, heartbeat: float) -> None
     """A decode worker: receive (key, path, sampling) until None; send events back; frames as raw bytes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle (see the module docstring)
     decode.CAPTURE_DECORD_LOG = True  # decord's raw log lines stay out of the terminal (see decode.py)
-    # The decoders' imports are part of starting up, not of the first video's decode time.
-    import av  # noqa: F401
-    import decord  # noqa: F401
+    decode.load_readers()
 
     def send(kind, key, payload):
         if kind == "chunk":
@@ -217,9 +215,7 @@ class DecodePool:
         self._put(_END)
 
     def _run_inline(self) -> None:
-        import av  # noqa: F401 - as a worker does: importing the decoders is starting up, not decoding a video
-        import decord  # noqa: F401
-
+        decode.load_readers()  # as a worker does: importing the decoders is starting up, not decoding a video
         for key, path, *own in self.jobs:
             if self._stop.is_set():
                 return

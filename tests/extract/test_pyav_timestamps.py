@@ -29,7 +29,7 @@ def _own_times(path):
 
 
 def _pyav(path, cfg, monkeypatch):
-    monkeypatch.setattr(decode, "DECORD_MAX_BYTES", 0)  # as for a long file: PyAV reads it
+    monkeypatch.setattr(decode.DecordReader, "max_bytes", 0)  # as for a long file: PyAV reads it
     events = list(decode.decode_video(path, cfg))
     info, chunks = events[0], events[1:]
     assert info.backend == "pyav"

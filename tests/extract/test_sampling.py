@@ -1,5 +1,7 @@
 """Sampling by time, unit level and end to end (stored timestamps and frame indices match the container)."""
 
+from dataclasses import replace
+
 import av
 import numpy as np
 import pytest
@@ -76,3 +78,51 @@ def test_containers_without_a_frame_count_get_real_counts_and_times(tmp_path, vt
         assert v.num_frames == len(times)
         np.testing.assert_array_equal(v.frame_indices, expected)
         np.testing.assert_allclose(v.timestamps, times[expected], atol=1e-6)
+
+
+def test_a_mode_added_to_the_registry_is_sampled_checked_recorded_and_accepted_by_the_config(monkeypatch):
+    from vtn.config import ConfigError, merge
+    from vtn.errors import UserError
+    from vtn.extract import sampling
+    from vtn.extract.config import ExtractConfig
+
+    with pytest.raises(ConfigError, match=r"sampling.mode: 'last' is not one of \['fps', 'every', 'num_frames'\]"):
+        merge(ExtractConfig(), {"sampling": {"mode": "last"}})
+    # The last N frames, N in the num_frames field.
+    monkeypatch.setitem(sampling.MODES, "last", sampling.Mode(
+        "num_frames", lambda v: v >= 2, ">= 2", lambda t, end, n: np.arange(max(0, len(t) - n), len(t)),
+        lambda frames, seconds, n: float(min(frames, n))))
+    cfg = merge(ExtractConfig(), {"sampling": {"mode": "last", "num_frames": 3}}).sampling
+    np.testing.assert_array_equal(sample(np.arange(10) / 5, cfg), [7, 8, 9])
+    np.testing.assert_array_equal(sample(np.arange(10) / 5, replace(cfg, max_seconds=1.0)), [2, 3, 4])
+    assert sampling.effective(cfg) == {"mode": "last", "num_frames": 3, "max_seconds": None}
+    assert sampling.estimate(cfg, 100, 4.0) == 3.0
+    with pytest.raises(UserError, match=r"^sampling.num_frames must be >= 2, got 1$"):
+        sampling.check(replace(cfg, num_frames=1))
+
+
+@pytest.mark.parametrize("cfg, message", [
+    (SamplingConfig(mode="fps", fps=0.0), "sampling.fps must be > 0, got 0.0"),
+    (SamplingConfig(mode="fps", fps=float("nan")), "sampling.fps must be > 0, got nan"),
+    (SamplingConfig(mode="every", every=0), "sampling.every must be >= 1, got 0"),
+    (SamplingConfig(mode="num_frames", num_frames=0), "sampling.num_frames must be >= 1, got 0"),
+    (SamplingConfig(mode="every", max_seconds=0.0), "sampling.max_seconds must be > 0, got 0.0"),
+])
+def test_settings_that_select_no_frame_are_refused_naming_the_setting(cfg, message):
+    from vtn.errors import UserError
+    from vtn.extract.sampling import check
+
+    with pytest.raises(UserError) as raised:
+        check(cfg)
+    assert str(raised.value) == message
+    check(replace(cfg, fps=1.0, every=1, num_frames=1, max_seconds=None))
+
+
+def test_estimates_from_a_header_per_mode():
+    from vtn.extract.sampling import estimate
+
+    assert estimate(SamplingConfig(mode="every", every=4), 250, 10.0) == 62.5
+    assert estimate(SamplingConfig(mode="every", every=400), 250, 10.0) == 1.0
+    assert estimate(SamplingConfig(mode="fps", fps=2), 250, 10.0) == 20.0
+    assert estimate(SamplingConfig(mode="fps", fps=50), 250, 10.0) == 250
+    assert estimate(SamplingConfig(mode="num_frames", num_frames=16), 250, 10.0) == 16.0
