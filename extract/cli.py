@@ -58,11 +58,10 @@ def _flags() -> dict:
     """`vtn extract`'s flags (argparse dest) -> config keys (see vtn.config.flag_updates); they override --config
     and --set, later entries over earlier ones."""
     from vtn.config import VALUE
+    from vtn.extract.sampling import MODES
 
-    return {
-        "fps": {"sampling.mode": "fps", "sampling.fps": VALUE},
-        "every": {"sampling.mode": "every", "sampling.every": VALUE},
-        "num_frames": {"sampling.mode": "num_frames", "sampling.num_frames": VALUE},
+    return {  # each sampling mode's flag is its name (--num-frames for num_frames)
+        **{name: {"sampling.mode": name, f"sampling.{mode.field}": VALUE} for name, mode in MODES.items()},
         "max_seconds": "sampling.max_seconds",
         "backbone": "backbone.name",
         "weights": "backbone.weights",

@@ -10,6 +10,7 @@ rank has closed.
 
 from __future__ import annotations
 
+import importlib
 import os
 import stat
 import time
@@ -26,10 +27,10 @@ from vtn import __version__
 from vtn.config import to_dict
 from vtn.errors import UserError
 from vtn.extract.config import ExtractConfig
-from vtn.extract.decode import decoder_attrs
+from vtn.extract.decode import READERS, decoder_attrs
 from vtn.extract.inputs import InputEntry, discover
 from vtn.extract.pipeline import build_backbone, check_runtime, decode_workers, extract_features
-from vtn.extract.sampling import SamplingConfig, effective
+from vtn.extract.sampling import SamplingConfig, effective, estimate
 from vtn.paths import check_cache_out
 from vtn.progress import progress_bar
 from vtn.runtime import FailTogether, on_rank0, processes
@@ -54,14 +55,12 @@ class Summary:
 
 
 def library_versions() -> dict:
-    import av
-    import decord
     import timm
     import zarr
 
-    return {"vtn": __version__, "torch": torch.__version__, "timm": timm.__version__,
-            "decord": decord.__version__, "av": av.__version__, "zarr": zarr.__version__,
-            "numpy": np.__version__}
+    decoders = {r.library: importlib.import_module(r.library).__version__ for r in READERS}
+    return {"vtn": __version__, "torch": torch.__version__, "timm": timm.__version__, **decoders,
+            "zarr": zarr.__version__, "numpy": np.__version__}
 
 
 def expected_frames(path: Path, cfg: SamplingConfig) -> float:
@@ -82,12 +81,7 @@ def expected_frames(path: Path, cfg: SamplingConfig) -> float:
         return 1.0
     if cfg.max_seconds is not None:
         seconds = min(seconds, cfg.max_seconds)
-    n = max(1.0, seconds * rate)
-    if cfg.mode == "every":
-        return max(1.0, n / cfg.every)
-    if cfg.mode == "fps":
-        return max(1.0, min(n, seconds * cfg.fps))
-    return float(min(n, cfg.num_frames))
+    return estimate(cfg, max(1.0, seconds * rate), seconds)
 
 
 def partition(weights: list[float], world_size: int) -> list[list[int]]:

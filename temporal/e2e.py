@@ -38,7 +38,7 @@ from vtn.config import to_dict
 from vtn.errors import UserError
 from vtn.extract.backbone import Preprocess, create_backbone, file_sha256, state_dict_sha256
 from vtn.extract.config import BackboneConfig, RuntimeConfig
-from vtn.extract.sampling import SamplingConfig
+from vtn.extract.sampling import MODES, SamplingConfig
 from vtn.temporal.checkpoint import backbone_differences, load_model
 from vtn.temporal.model import VTN, VTNConfig
 
@@ -246,8 +246,8 @@ def reextract_command(ckpt: str | Path, inputs: dict, videos: str | None = None)
     """The `vtn extract` command that makes a cache of a fine-tuned checkpoint's features: its backbone file,
     the backbone's name and image size, the sampling its features were trained with."""
     bc, s = inputs["backbone_config"], inputs["sampling"]
-    flag = {"fps": "--fps", "every": "--every", "num_frames": "--num-frames"}[s["mode"]]
+    flag = "--" + s["mode"].replace("_", "-")  # each sampling mode's flag is its name (vtn/extract/cli.py)
     words = ["vtn extract", videos or "VIDEOS", "--out NEW_CACHE", f"--backbone {bc['name']}"]
     words += [f"--image-size {bc['image_size']}"] if bc.get("image_size") else []
-    words += [f"{flag} {s[s['mode']]}"] + ([f"--max-seconds {s['max_seconds']}"] if s.get("max_seconds") else [])
+    words += [f"{flag} {s[MODES[s['mode']].field]}"] + ([f"--max-seconds {s['max_seconds']}"] if s.get("max_seconds") else [])
     return " ".join([*words, f"--weights {Path(ckpt) / BACKBONE_FILE}"])
