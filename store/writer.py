@@ -171,10 +171,6 @@ class CacheWriter:
         """Every video id committed in the whole cache (all parts, this writer included)."""
         return set(read_index(self.root)["id"].tolist()) | set(self._committed_here)
 
-    def failed_ids(self) -> set[str]:
-        """Ids recorded as failed by this writer."""
-        return {f["id"] for f in self._failures}
-
     def add(self, video_id, features, timestamps, frame_indices, *, label: int = -1, split: str = "train",
             fps: float = float("nan"), duration: float = float("nan"), num_frames: int = -1) -> None:
         """Queue one video; it becomes visible at the next commit. Raises StoreError on bad input."""
