@@ -167,10 +167,9 @@ class ClipFrames:
     full, so at most that many chunks wait while the model trains."""
 
     def __init__(self, dataset, batches: list[list[int]], epoch: int, paths: dict, sampling, rt: RuntimeConfig,
-                 workers: int, failures: Failures, bank_frames: int | None = None,
-                 augment: FinetuneSection | None = None):
+                 failures: Failures, bank_frames: int | None = None, augment: FinetuneSection | None = None):
         self.dataset, self.batches, self.epoch, self.paths = dataset, batches, epoch, paths
-        self.sampling, self.rt, self.workers, self.failures = sampling, rt, workers, failures
+        self.sampling, self.rt, self.workers, self.failures = sampling, rt, rt.workers, failures
         self.bank_frames, self.augment = bank_frames, augment  # augment: its augment_* settings, None: none
 
     def __len__(self) -> int:
@@ -358,8 +357,7 @@ class Tuning:
     paths: dict
     failures: Failures
     sampling: object  # the cache's frame sampling (stage one's SamplingConfig)
-    rt: RuntimeConfig
-    workers: int
+    rt: RuntimeConfig  # with the decode workers' count
     eval_cfg: ExtractConfig
 
 
@@ -446,7 +444,7 @@ def start_finetune(run: Path, best: Path, videos: str | None, cfg: FinetuneConfi
     size_threads(workers)
     rt = replace(rt, workers=workers)
     eval_cfg = ExtractConfig(whole_video_sampling(sampling, vtn.config), bc, rt)
-    return Tuning(loop, model, data, cfg, paths, failures, sampling, rt, workers, eval_cfg)
+    return Tuning(loop, model, data, cfg, paths, failures, sampling, rt, eval_cfg)
 
 
 def run_finetune(job: Tuning, progress: bool) -> None:
@@ -483,8 +481,8 @@ def run_finetune(job: Tuning, progress: bool) -> None:
     def batches(epoch: int):
         failures.sync()  # at each epoch's start, before its clips are queued for decoding
         shares = epoch_shares(data.sampler, epoch, state)
-        return (ClipFrames(data.train, [b for b, _ in shares], epoch, job.paths, job.sampling, job.rt, job.workers,
-                           failures, ft.bank_frames, ft if ft.augment else None),
+        return (ClipFrames(data.train, [b for b, _ in shares], epoch, job.paths, job.sampling, job.rt, failures,
+                           ft.bank_frames, ft if ft.augment else None),
                 [w for _, w in shares])
 
     run_epochs(loop, cfg.run, batches, loss_fn,

@@ -111,12 +111,6 @@ class Loop:
     started: float = 0.0  # perf_counter() at the run's start, less the time of the part before a resume
 
 
-def new_state(world: int, epochs: int, steps_per_epoch: int, total_steps: int, data: dict) -> dict:
-    return {"world_size": world, "epochs": epochs, "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
-            "data": data, "epoch": 0, "step_in_epoch": 0, "step": 0, "elapsed": 0.0, "loss_sum": 0.0,
-            "loss_count": 0, "best": None, "diverged_at": None}
-
-
 def check_resume(saved: dict, mine: dict, ckpt: Path) -> None:
     """Refuse to resume when what decides the steps changed: the processes, the training videos, the schedule."""
     keys = ("world_size", "steps_per_epoch", "total_steps", "epochs")
@@ -360,7 +354,9 @@ def new_loop(run: Path, cfg, model: torch.nn.Module, groups: list, data: Data, c
     epochs, total_steps, why = schedule(cfg.optim, steps_per_epoch)
     opt = build_optimizer(groups, cfg.optim)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.run.amp == "fp16")
-    state = new_state(procs.world, epochs, steps_per_epoch, total_steps, data_fingerprint(data, cache))
+    state = {"world_size": procs.world, "epochs": epochs, "steps_per_epoch": steps_per_epoch,
+             "total_steps": total_steps, "data": data_fingerprint(data, cache), "epoch": 0, "step_in_epoch": 0,
+             "step": 0, "elapsed": 0.0, "loss_sum": 0.0, "loss_count": 0, "best": None, "diverged_at": None}
     if last is not None:
         saved_state = checkpoint.load_last(last, model, opt, scaler, procs.rank, device)
         check_resume(saved_state, state, last)

@@ -41,7 +41,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from vtn.config import ConfigError, merge, parse_set
+from vtn.config import ConfigError, merge, parse_set, set_key
 from vtn.errors import UserError
 from vtn.paths import check_run_dir
 from vtn.temporal.baselines import probe_rows
@@ -98,17 +98,6 @@ def parse_grid(items: list[str], base) -> list[tuple[str, list]]:
     return grids
 
 
-def _nested(values: dict) -> dict:
-    out: dict = {}
-    for key, v in values.items():
-        *head, tail = key.split(".")
-        node = out
-        for k in head:
-            node = node.setdefault(k, {})
-        node[tail] = v
-    return out
-
-
 def variants_of(grids: list[tuple[str, list]], zipped: bool) -> list[dict]:
     """The configs' varied values: the product of the grids, or with `zipped` the grids side by side."""
     if not grids:
@@ -134,8 +123,11 @@ def expand(base, variants: list[dict], seeds: int) -> list[Run]:
             raise UserError("run.seed is in --grid, so --seeds must be 1")
         for s in range(seeds):
             values = {**variant, **({} if "run.seed" in variant else {"run.seed": base.run.seed + s})}
+            nested: dict = {}
+            for key, v in values.items():
+                set_key(nested, key, v)
             try:
-                cfg = merge(base, _nested(values))
+                cfg = merge(base, nested)
             except ConfigError as e:
                 raise UserError(f"run {run_name(values)}: {e}") from None
             runs.append(Run(run_name(values), values, cfg))
