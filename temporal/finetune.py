@@ -5,20 +5,15 @@ it, the backbone rebuilt from the identity recorded with it (timm name, weights 
 preprocessing; a mismatch is refused naming both hashes), composed as one `VideoVTN` (temporal/e2e.py). The
 videos are INPUT, by default the folder or CSV the cache was extracted from (recorded in the cache).
 
-Training clips are the ones stage two draws from the cache, from (seed, epoch, item) (splits.py's `load_data`:
-the same split, held-out share and length buckets): `clip_rows` over the video's sampled frames, sampled as
-the cache was. Only those frames are decoded, in stage one's decode workers (`DecodePool`); the decoded frame
-indices must be the cache's, else the video is not the one the cache was made from. A video that fails is
-recorded in RUN2/failures.jsonl and left out of its batch (the batch's loss keeps its weight: nothing is put in
-its place), and is not decoded again, by any process (under DDP the processes share their failures at each
-epoch's start; a process left with no clip in a step still runs the step, adding nothing). The decoded frames
-are augmented, one random crop per clip (see FinetuneSection.augment). Evaluation runs whole val videos (up to
-max_positions frames spread over each, as in stage two) through stage one's pipeline (`extract_features`) and the
-same model.
+Training clips are the ones stage two draws from the cache (splits.py's `load_data`: the same split, held-out
+share and length buckets); only their frames are decoded, in stage one's decode workers (`ClipFrames`), and must
+be the cache's frames, else the video is not the one the cache was made from. A video that fails is recorded
+once (`Failures`) and left out of its batch (the batch's loss keeps its weight: nothing is put in its place).
+Evaluation runs whole val videos (up to max_positions frames spread over each, as in stage two) through stage
+one's pipeline (`extract_features`) and the same model.
 
-The steps, schedule, metrics.jsonl, best/ and last/ checkpoints and exact --resume are loop.py's pieces
-(`Loop`, `run_epochs`, `end_epoch`, temporal/checkpoint.py), so a run resumed after an interruption ends with the
-weights of an uninterrupted one (on the CPU).
+The steps, schedule, metrics.jsonl, best/ and last/ checkpoints and exact --resume are loop.py's pieces, so a
+run resumed after an interruption ends with the weights of an uninterrupted one (on the CPU).
 """
 
 from __future__ import annotations

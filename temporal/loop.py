@@ -4,12 +4,8 @@ A run is composed of pieces: `setup_processes` (vtn/runtime.py: device and torch
 steps), `build_optimizer` + `lr_factor`, `train_epoch` (one epoch of optimiser steps around a loss function),
 `evaluate_views` (whole videos, gathered over processes), `end_epoch` (metrics.jsonl, best/ and last/ through
 temporal/checkpoint.py). No trainer class: each piece is a function of what it uses; `Loop` holds what the steps
-of one run share. `fit` is a whole stage-two run on cached features.
-
-The schedule is sized in optimiser steps when it is left to the defaults: a small cache (a few hundred videos)
-gives a handful of steps per epoch, so the default 25 epochs are raised until the run makes at least
-`optim.min_steps` steps; on a Kinetics-sized cache the epochs decide. An explicit `optim.epochs` or
-`optim.steps` is obeyed exactly. The learning rate follows the step, so a schedule means the same on both.
+of one run share. `fit` is a whole stage-two run on cached features. The schedule's length is OptimSection's
+rule (`schedule`); the learning rate follows the step, so a schedule means the same on a small and a large cache.
 
 Resuming is exact: clips come from (seed, epoch, index) (store/dataset.py), the batch order from (seed,
 epoch), the learning rate from the step, and the checkpoint holds the optimiser state and every process's

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vtn.config import to_dict
+from vtn.plots import pyplot, save
 from vtn.temporal.metrics import METRICS, table_metrics
 
 PLOTTED = "top1"  # the metric results.png draws
@@ -125,11 +126,7 @@ def write_results(rows: list[dict], out: Path, keys: list[str], base=None, name:
 def plot(rows: list[dict], keys: list[str], path: Path, base=None) -> None:
     """Val top-1 (PLOTTED) against each varied key, one panel per key: the configs whose other varied keys are at
     the `base` config's values, else the mean over the others; probes as horizontal lines."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     runs = [r for r in rows if not r["run"].startswith("probe")]
     mean, std = f"val_{PLOTTED}_mean", f"val_{PLOTTED}_std"
     fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.5), squeeze=False)
@@ -152,6 +149,4 @@ def plot(rows: list[dict], keys: list[str], path: Path, base=None) -> None:
         ax.set_xticks(range(len(xs)), xs, rotation=30, fontsize=7)
         ax.set_xlabel(key)
         ax.set_ylabel(f"val {METRICS[PLOTTED].column} (%)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save(fig, path)

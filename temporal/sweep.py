@@ -321,9 +321,7 @@ def sweep(cache_url: str, out: str | Path, runs: list[Run], jobs: int | None = N
                   f"{res['diverged_at_step']}); the table shows its best epoch's figures", file=sys.stderr)
     rows = table(finished, results)
     if probes:  # on the videos of the first run's data settings
-        cfg = runs[0].cfg
-        rows += probe_rows(load_data(cache, cfg, model_config(cfg, cache), Processes(), sources),
-                           len(cache.class_names), cfg.run.seed)
+        rows += probe_rows(cache, runs[0].cfg, sources)
     if rows:
         write_results(rows, out, varied_keys(runs), base=runs[0].cfg)
     log = out / "failures.log"
