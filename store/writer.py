@@ -8,6 +8,7 @@ rows, then the video-table entries, then the part's attributes: that last single
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import math
 import secrets
@@ -229,10 +230,8 @@ class CacheWriter:
         lost = len(self._buffer)
         self._buffer, self._buffered_rows, self._pending_failures = [], 0, False
         if self.part is not None and not self._any_commit:
-            try:  # a part with nothing committed is just clutter (and frees a little space)
+            with contextlib.suppress(KeyError, OSError):  # a part with nothing committed is just clutter
                 del self.root["parts"][self.part_name]
-            except (KeyError, OSError):
-                pass
         kept = self._committed_before + self._videos
         raise DiskFull(f"{self.url}: the disk is full ({e.strerror}); the {kept} videos committed so far are kept "
                          f"({self._videos} by this run), {lost} in progress are not. Free some space and run the "

@@ -162,14 +162,10 @@ class VideoVTN(VTN):
         [B, T] marks the frames run through the backbone now; `frames` are then only those, [N, ...] in the
         order of fresh's True entries. Only they get gradients; their new features are left in `fresh_features`
         [N, D] (detached) for the caller to write back."""
-        if bank is not None:
-            real, B, T = frames, *bank.shape[:2]
-            mask = torch.ones(B, T, dtype=torch.bool, device=bank.device) if mask is None else mask.bool()
-            fresh = fresh.bool() & mask
-        else:
-            B, T = frames.shape[:2]
-            mask = torch.ones(B, T, dtype=torch.bool, device=frames.device) if mask is None else mask.bool()
-            real, fresh = frames[mask], mask  # [N, ...]: the real frames, clip by clip
+        B, T = (frames if bank is None else bank).shape[:2]
+        mask = torch.ones(B, T, dtype=torch.bool, device=frames.device) if mask is None else mask.bool()
+        # [N, ...]: the real frames, clip by clip (with a bank: the fresh ones, as given)
+        real, fresh = (frames[mask], mask) if bank is None else (frames, fresh.bool() & mask)
         if real.dtype == torch.uint8:
             with torch.no_grad():
                 real = self.preprocess(real)  # [N, 3, h, w]

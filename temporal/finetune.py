@@ -252,18 +252,9 @@ def peak_memory(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports kB
 
 
-class MemoryBar:
-    """The progress bar with the peak memory added to every postfix loop.py's loop sets (loss, clips/s; after an
-    evaluation loss, val top-1): memory is what fine-tuning runs out of first, so it is in view while it runs."""
-
-    def __init__(self, bar, device: torch.device):
-        self.bar, self.device = bar, device
-
-    def set_postfix(self, refresh: bool = True, **postfix) -> None:
-        self.bar.set_postfix(refresh=refresh, **postfix, peak=f"{peak_memory(self.device) / 2**20:.0f}MiB")
-
-    def __getattr__(self, name):
-        return getattr(self.bar, name)
+def memory_postfix(device: torch.device) -> dict:
+    """The peak memory for the progress bar: what fine-tuning runs out of first, so it is in view while it runs."""
+    return {"peak": f"{peak_memory(device) / 2**20:.0f}MiB"}
 
 
 def backbone_groups(backbone: torch.nn.Module, lr: float, layer_decay: float) -> list[tuple[list, float]]:
@@ -345,15 +336,13 @@ class Tuning:
     """A fine-tuning run set up to train: its loop, composed model, data, config and what its clips and
     evaluations are read with."""
 
-    loop: Loop
-    model: VideoVTN
+    loop: Loop  # its model: the composed VideoVTN
     data: Data
     cfg: FinetuneConfig
     paths: dict
     failures: Failures
     sampling: object  # the cache's frame sampling (stage one's SamplingConfig)
-    rt: RuntimeConfig  # with the decode workers' count
-    eval_cfg: ExtractConfig
+    eval_cfg: ExtractConfig  # its runtime: the decode workers' count, what ClipFrames decodes with
 
 
 def open_stage_two(best: Path, cache_url: str | None, videos: str | None) -> tuple[dict, object, dict, str]:
@@ -413,7 +402,6 @@ def start_finetune(run: Path, best: Path, videos: str | None, cfg: FinetuneConfi
     data = load_data(cache, cfg, vtn.config, procs)
     missing = check_videos(data, cache, paths, source, cfg)
 
-    torch.manual_seed(cfg.run.seed + procs.rank)  # dropout differs between processes, as their data does
     temporal = [p for n, p in model.named_parameters() if not n.startswith("backbone.")]
     groups = [*backbone_groups(model.backbone, cfg.optim.lr * ft.backbone_lr, ft.layer_decay), (temporal, cfg.optim.lr)]
     ckpt_inputs = {**inputs, "cache": canonical_cache(cache.url), "finetuned_from": str(best)}  # where it is now
@@ -439,12 +427,12 @@ def start_finetune(run: Path, best: Path, videos: str | None, cfg: FinetuneConfi
     size_threads(workers)
     rt = replace(rt, workers=workers)
     eval_cfg = ExtractConfig(whole_video_sampling(sampling, vtn.config), bc, rt)
-    return Tuning(loop, model, data, cfg, paths, failures, sampling, rt, eval_cfg)
+    return Tuning(loop, data, cfg, paths, failures, sampling, eval_cfg)
 
 
 def run_finetune(job: Tuning, progress: bool) -> None:
     """The steps and evaluations of the run, from its state on."""
-    loop, model, data, cfg, failures = job.loop, job.model, job.data, job.cfg, job.failures
+    loop, model, data, cfg, failures = job.loop, job.loop.model, job.data, job.cfg, job.failures
     ft, state, device, procs, ddp = cfg.finetune, loop.state, loop.device, loop.procs, loop.ddp
 
     def loss_fn(batch: dict, weight: float) -> torch.Tensor:
@@ -476,13 +464,13 @@ def run_finetune(job: Tuning, progress: bool) -> None:
     def batches(epoch: int):
         failures.sync()  # at each epoch's start, before its clips are queued for decoding
         shares = epoch_shares(data.sampler, epoch, state)
-        return (ClipFrames(data.train, [b for b, _ in shares], epoch, job.paths, job.sampling, job.rt, failures,
-                           ft.bank_frames, ft if ft.augment else None),
+        return (ClipFrames(data.train, [b for b, _ in shares], epoch, job.paths, job.sampling, job.eval_cfg.runtime,
+                           failures, ft.bank_frames, ft if ft.augment else None),
                 [w for _, w in shares])
 
     run_epochs(loop, cfg.run, batches, loss_fn,
                lambda: evaluate_videos(model, data.val, job.paths, job.eval_cfg, device, procs, failures), progress,
-               lambda bar: MemoryBar(bar, device))
+               lambda: memory_postfix(device))
 
 
 def finish_finetune(job: Tuning) -> dict:

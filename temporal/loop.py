@@ -101,7 +101,6 @@ class Loop:
     opt: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     optim: OptimSection
-    amp: str
     state: dict  # counters, saved in last/state.json
     inputs: dict  # what the features are (checkpoint inputs.json)
     started: float = 0.0  # perf_counter() at the run's start, less the time of the part before a resume
@@ -165,9 +164,11 @@ def diverged_warning(loop: Loop) -> None:
               file=sys.stderr, flush=True)
 
 
-def train_epoch(loop: Loop, loader, weights: list[float], loss_fn: Callable, bar, on_step: Callable[[], None]) -> None:
+def train_epoch(loop: Loop, loader, weights: list[float], loss_fn: Callable, bar, on_step: Callable[[], None],
+                postfix: Callable[[], dict] = dict) -> None:
     """The optimiser steps of one epoch (what is left of it): `loss_fn(batch, weight)` gives this process's
-    weighted loss of a batch; each step is `set_lr`, backward, `finish_step`, then `on_step()`."""
+    weighted loss of a batch; each step is `set_lr`, backward, `finish_step`, then `on_step()`; the bar shows
+    the loss, clips/s and `postfix()`."""
     tick, clips = time.perf_counter(), 0
     for batch, weight in zip(loader, weights):
         set_lr(loop)
@@ -177,7 +178,7 @@ def train_epoch(loop: Loop, loader, weights: list[float], loss_fn: Callable, bar
         finish_step(loop, value)
         clips += len(batch["labels"]) * loop.procs.world
         bar.set_postfix(loss=f"{value:.3f}", clips_s=f"{clips / max(time.perf_counter() - tick, 1e-9):.0f}",
-                        refresh=False)
+                        **postfix(), refresh=False)
         bar.update()
         on_step()
 
@@ -225,23 +226,24 @@ def epoch_shares(sampler: LengthBucketSampler, epoch: int, state: dict) -> list[
 
 
 def run_epochs(loop: Loop, run: RunSection, batches: Callable, loss_fn: Callable, evaluate: Callable[[], dict],
-               progress: bool, show: Callable = lambda bar: bar) -> None:
-    """The run's epochs from the state's on, under a progress bar (`show(bar)`: the bar to update): `batches(epoch)`
+               progress: bool, postfix: Callable[[], dict] = dict) -> None:
+    """The run's epochs from the state's on, under a progress bar (with `postfix()` as well): `batches(epoch)`
     gives the epoch's (loader, weights) from the state's step in it on; every `run.eval_every` epochs (and the
     last) `evaluate()` gives the val metrics for `end_epoch`; last/ is also saved every `run.checkpoint_every` steps."""
     state, epochs, checkpoint_every = loop.state, loop.state["epochs"], run.checkpoint_every
-    bar = show(progress_bar(total=state["total_steps"], initial=state["step"],
-                            disable=not progress or loop.procs.rank != 0, unit="step"))
+    bar = progress_bar(total=state["total_steps"], initial=state["step"], disable=not progress or loop.procs.rank != 0,
+                       unit="step")
     loop.started = time.perf_counter() - state["elapsed"]
     loop.model.train()
     every = eval_interval(epochs, run.eval_every)
     for epoch in range(state["epoch"], epochs):
         bar.set_description(f"epoch {epoch + 1}/{epochs}", refresh=False)
         loader, weights = batches(epoch)
-        train_epoch(loop, loader, weights, loss_fn, bar, lambda: step_checkpoint(loop, checkpoint_every))
+        train_epoch(loop, loader, weights, loss_fn, bar, lambda: step_checkpoint(loop, checkpoint_every), postfix)
         record = close_epoch(loop, epoch, epochs, every, checkpoint_every, evaluate)
         if record is not None:
-            bar.set_postfix(loss=f"{record['train_loss']:.3f}", val_top1=f"{record['val_top1']:.3f}", refresh=False)
+            bar.set_postfix(loss=f"{record['train_loss']:.3f}", val_top1=f"{record['val_top1']:.3f}", **postfix(),
+                            refresh=False)
     bar.close()
 
 
@@ -345,9 +347,10 @@ def new_loop(run: Path, cfg, model: torch.nn.Module, groups: list, data: Data, c
              procs: Processes, device: torch.device, **ddp) -> tuple[Loop, str]:
     """The loop of a run on `data` (and what decided its schedule): the optimiser over (parameters, base lr)
     `groups`, the scaler, the state (loaded from last/ when resuming, refusing a run that would not take the same
-    steps), and the model wrapped for DDP under torchrun (`ddp`: DDP's options)."""
+    steps), and the model wrapped for DDP under torchrun (`ddp`: DDP's options). Seeds this process's dropout."""
     steps_per_epoch = len(data.sampler)
     epochs, total_steps, why = schedule(cfg.optim, steps_per_epoch)
+    torch.manual_seed(cfg.run.seed + procs.rank)  # dropout differs between processes, as their data does
     opt = build_optimizer(groups, cfg.optim)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.run.amp == "fp16")
     state = {"world_size": procs.world, "epochs": epochs, "steps_per_epoch": steps_per_epoch,
@@ -359,7 +362,7 @@ def new_loop(run: Path, cfg, model: torch.nn.Module, groups: list, data: Data, c
         state.update(saved_state)
     ddp_model = model if procs.world == 1 else torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None, **ddp)
-    return Loop(run, procs, device, model, ddp_model, opt, scaler, cfg.optim, cfg.run.amp, state, inputs), why
+    return Loop(run, procs, device, model, ddp_model, opt, scaler, cfg.optim, state, inputs), why
 
 
 def schedule_text(loop: Loop, batch_size: int, why: str, resuming: bool) -> str:
@@ -394,7 +397,6 @@ def start_run(run: Path, cache, cfg: TrainConfig | None, resume: bool, procs: Pr
 
     torch.manual_seed(cfg.run.seed)
     model = VTN(model_cfg).to(device)
-    torch.manual_seed(cfg.run.seed + procs.rank)  # dropout differs between processes, as their data does
     if last is not None:
         saved = VTN.from_pretrained(last).config
         if saved != model_cfg:
