@@ -46,8 +46,7 @@ def run_name(values: dict) -> str:
 
 def varied_keys(runs: list[Run]) -> list[str]:
     """Keys that vary across the runs' configs, run.seed excluded (seeds are averaged)."""
-    keys = dict.fromkeys(k for r in runs for k in r.values if k != "run.seed")
-    return list(keys)
+    return list(dict.fromkeys(k for r in runs for k in r.values if k != "run.seed"))
 
 
 def _value(cfg, key: str):
