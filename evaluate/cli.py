@@ -82,11 +82,12 @@ def _evaluate(args) -> int:
 
     if args.out:  # at the door, before torch loads (evaluate checks again: it is called from Python too)
         check_run_dir(args.out, "evaluation")
+    from vtn.config import job_config
     from vtn.evaluate.run import evaluate
-    from vtn.evaluate.settings import EvaluateConfig, settings
+    from vtn.evaluate.settings import FLAGS, EvaluateConfig
     from vtn.temporal.metrics import summary_line
 
-    m = evaluate(args.run, args.cache, out=args.out, settings=settings(EvaluateConfig, args))
+    m = evaluate(args.run, args.cache, out=args.out, settings=job_config(EvaluateConfig, args, FLAGS))
     if args.json:
         print(json.dumps(m))
         return 0
@@ -108,11 +109,12 @@ def _predict(args) -> int:
     import sys
     import time
 
+    from vtn.config import job_config
     from vtn.evaluate.predict import predict_job
-    from vtn.evaluate.settings import PredictConfig, settings
+    from vtn.evaluate.settings import FLAGS, PredictConfig
 
     started = time.perf_counter()
-    cfg = settings(PredictConfig, args)
+    cfg = job_config(PredictConfig, args, FLAGS)
     results, failures = predict_job(args.input, args.model, cfg, args.weights, args.json, args.attention_dir)
     seconds = time.perf_counter() - started
     frames = sum(r["frames_through_backbone"] for r in results)

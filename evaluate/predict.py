@@ -154,13 +154,10 @@ def predict_job(source: str, run: str, settings: PredictConfig | None = None, we
     folder = Path(attention_dir or (Path(json_path).parent if json_path else Path("."))) / "attention"
     records: list[dict] = []
 
-    def label_name(result) -> str | None:
-        return folder_classes[result["label"]] if result["label"] >= 0 else None
-
     def on_video(result: dict, video) -> None:
         order = np.argsort(-result["logits"])[:top]
         best = [(names[c], float(np.exp(result["logits"][c]))) for c in order]
-        truth = label_name(result)
+        truth = folder_classes[result["label"]] if result["label"] >= 0 else None
         print(f"{result['id']}: " + ", ".join(f"{n} {p:.1%}" for n, p in best)
               + (f"   (label {truth})" if truth else ""), flush=True)
         if out:

@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
-from vtn.config import job_config, ranged
+from vtn.config import ranged
 from vtn.errors import UserError
 
 
@@ -44,11 +44,6 @@ class PredictConfig(InferenceConfig):
 # --set. Each command reads the ones its parser has.
 FLAGS = {"checkpoint": "checkpoint", "views": "views", "device": "device", "attention": "attention",
          "split": "split", "batch_size": "batch_size", "workers": "workers", "amp": "amp", "top": "top"}
-
-
-def settings(cls: type, args) -> InferenceConfig:
-    """`cls`'s settings from parsed arguments: defaults, --config, --set, then the flags given."""
-    return job_config(cls, args, FLAGS)
 
 
 def parse_views(spec: str) -> tuple[int, int] | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import zipfile
 from collections.abc import Iterator
@@ -120,7 +121,7 @@ def import_features(src: str | Path, out: str, labels_csv: str | None = None, fp
     done = writer.committed_ids()
     written = 0
     with writer, progress_bar(total=count, unit="video", desc="import", disable=not progress) as bar:
-        for vid, x, meta in _chain(first, items):
+        for vid, x, meta in itertools.chain([first], items):
             bar.update(1)
             if vid in done:
                 continue
@@ -141,11 +142,6 @@ def import_features(src: str | Path, out: str, labels_csv: str | None = None, fp
             )
             written += 1
     return written
-
-
-def _chain(first, rest):
-    yield first
-    yield from rest
 
 
 def export_h5(cache_url: str, out: str | Path, progress: bool = True, overwrite: bool = False) -> int:

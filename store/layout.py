@@ -43,7 +43,6 @@ from zarr.codecs import BloscCodec, Crc32cCodec
 from vtn.errors import UserError
 
 
-
 class StoreError(UserError):
     """A cache, or something written into one, is not what it must be; the message names the culprit."""
 

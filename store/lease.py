@@ -16,6 +16,7 @@ the videos themselves) still count as live for `--overwrite`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import socket
@@ -73,10 +74,8 @@ def live_writers(root) -> dict[str, dict]:
         if _alive(entry, now):
             live[name] = entry
         else:
-            try:
+            with contextlib.suppress(KeyError, OSError):  # another writer removed it first
                 del root[GROUP][name]
-            except (KeyError, OSError):  # another writer removed it first
-                pass
     return live
 
 
@@ -120,16 +119,12 @@ class Lease:
 
     def _beat(self) -> None:
         while not self._stop.wait(BEAT_S):
-            try:
+            with contextlib.suppress(OSError):  # a full or flaky disk: the writer itself reports it; the beat tries again
                 self._group = self._group.update_attributes({"beat": time.time()})
-            except OSError:  # a full or flaky disk: the writer itself will report it; the beat tries again
-                pass
 
     def _remove(self) -> None:
-        try:
+        with contextlib.suppress(KeyError, OSError):  # already gone (an --overwrite elsewhere) or the disk is failing
             del self.root[GROUP][self.name]
-        except (KeyError, OSError):  # already gone (an --overwrite elsewhere) or the disk is failing
-            pass
 
     def release(self) -> None:
         if self._stop.is_set():

@@ -110,31 +110,29 @@ class FeatureCache:
             self._readers[key] = RowReader(self.root["parts"][part][name])
         return self._readers[key]
 
-    def _locate(self, video_id: str) -> int:
+    def _locate(self, video_id: str) -> tuple[int, str, int, int]:
+        """(index entry, part, first row, end row) of one video."""
         try:
-            return self._row[video_id]
+            i = self._row[video_id]
         except KeyError:
             raise StoreError(f"{self.url}: no video with id {video_id!r}") from None
+        s = int(self.index["start"][i])
+        return i, self.index["part"][i], s, s + int(self.index["length"][i])
 
     def features(self, video_id: str, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Frames [start, stop) of one video's features."""
-        i = self._locate(video_id)
-        s, n = int(self.index["start"][i]), int(self.index["length"][i])
-        a, b, _ = slice(start, stop).indices(n)
-        return self._reader(self.index["part"][i], "features").read(s + a, s + max(a, b))
+        _, part, s, e = self._locate(video_id)
+        a, b, _ = slice(start, stop).indices(e - s)
+        return self._reader(part, "features").read(s + a, s + max(a, b))
 
     def timeline(self, video_id: str) -> tuple[np.ndarray, np.ndarray]:
         """(timestamps [T], frame indices [T]) of one video, without its features."""
-        i = self._locate(video_id)
-        part, s = self.index["part"][i], int(self.index["start"][i])
-        e = s + int(self.index["length"][i])
+        _, part, s, e = self._locate(video_id)
         return self._reader(part, "timestamps").read(s, e), self._reader(part, "frame_index").read(s, e)
 
     def video(self, video_id: str) -> Video:
         """One video: features, timestamps, frame indices and metadata."""
-        i = self._locate(video_id)
-        part, s = self.index["part"][i], int(self.index["start"][i])
-        e = s + int(self.index["length"][i])
+        i, part, s, e = self._locate(video_id)
         feats, times, frames = (self._reader(part, name).read(s, e) for name in ROW_ARRAYS)
         return Video(
             id=video_id, features=feats, timestamps=times, frame_indices=frames,

@@ -152,26 +152,24 @@ class RowReader:
         self._paths: dict[int, str] = {}  # shard -> its file, for local stores
         self._token = next(_readers)
         codecs = array.metadata.codecs
-        fast = (
+        self.fast = (
             len(codecs) == 1 and isinstance(codecs[0], ShardingCodec)
             and [type(c) for c in codecs[0].codecs] == [BytesCodec, BloscCodec, Crc32cCodec]
             and [type(c) for c in codecs[0].index_codecs] == [BytesCodec, Crc32cCodec]
             and codecs[0].index_location.value == "end"
             and all(s == full for s, full in zip(codecs[0].chunk_shape[1:], array.shape[1:]))
         )
-        self.fast = fast
-        if fast:
+        if self.fast:
             self.chunk_rows = codecs[0].chunk_shape[0]
             self.shard_rows = array.shards[0]
             self.chunks_per_shard = self.shard_rows // self.chunk_rows
             self.store = array.store_path.store
-            self.prefix = array.store_path.path
             self.local_root = str(self.store.root) if isinstance(self.store, LocalStore) else None
 
     # -- bytes -------------------------------------------------------------------------------------------
     def key(self, shard: int) -> str:
         coords = (shard,) + (0,) * len(self.tail)
-        return f"{self.prefix}/{self.array.metadata.encode_chunk_key(coords)}"
+        return f"{self.where}/{self.array.metadata.encode_chunk_key(coords)}"
 
     def _path(self, shard: int) -> str:
         path = self._paths.get(shard)

@@ -8,6 +8,7 @@ rows, then the video-table entries, then the part's attributes: that last single
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import math
 import secrets
@@ -171,10 +172,6 @@ class CacheWriter:
         """Every video id committed in the whole cache (all parts, this writer included)."""
         return set(read_index(self.root)["id"].tolist()) | set(self._committed_here)
 
-    def failed_ids(self) -> set[str]:
-        """Ids recorded as failed by this writer."""
-        return {f["id"] for f in self._failures}
-
     def add(self, video_id, features, timestamps, frame_indices, *, label: int = -1, split: str = "train",
             fps: float = float("nan"), duration: float = float("nan"), num_frames: int = -1) -> None:
         """Queue one video; it becomes visible at the next commit. Raises StoreError on bad input."""
@@ -233,10 +230,8 @@ class CacheWriter:
         lost = len(self._buffer)
         self._buffer, self._buffered_rows, self._pending_failures = [], 0, False
         if self.part is not None and not self._any_commit:
-            try:  # a part with nothing committed is just clutter (and frees a little space)
+            with contextlib.suppress(KeyError, OSError):  # a part with nothing committed is just clutter
                 del self.root["parts"][self.part_name]
-            except (KeyError, OSError):
-                pass
         kept = self._committed_before + self._videos
         raise DiskFull(f"{self.url}: the disk is full ({e.strerror}); the {kept} videos committed so far are kept "
                          f"({self._videos} by this run), {lost} in progress are not. Free some space and run the "

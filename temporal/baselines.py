@@ -18,8 +18,11 @@ import time
 
 import numpy as np
 
+from vtn.runtime import Processes
 from vtn.store.dataset import ClipDataset
 from vtn.temporal.metrics import classification_metrics, table_metrics
+from vtn.temporal.settings import model_config
+from vtn.temporal.splits import load_data
 
 FRAMES_PER_VIDEO = 8  # single-frame baseline: training frames per video
 
@@ -78,8 +81,13 @@ def parameters(model) -> int:
     return int(est.coef_.size + est.intercept_.size)
 
 
-def run_probes(train: dict, val: dict, classes: int, seed: int = 0) -> list[dict]:
-    """Fit and score each probe; rows in the format of temporal/results.py's table."""
+def probe_rows(cache, cfg, sources: dict | None = None) -> list[dict]:
+    """Fit and score each probe on the train and val videos a `vtn train` run of `cfg` (a TrainConfig) takes from
+    `cache` (splits.py's load_data; `sources` as there), over the cache's classes; rows in the format of
+    temporal/results.py's table."""
+    data = load_data(cache, cfg, model_config(cfg, cache), Processes(), sources)
+    train, val = (pooled(whole_videos(d)) for d in (data.train, data.val))
+    classes, seed = len(cache.class_names), cfg.run.seed
     specs = [
         ("probe: logistic regression (mean pooling)", logistic(), train["mean"], train["labels"], val["mean"]),
         ("probe: MLP (mean + max pooling)", mlp(seed), np.hstack([train["mean"], train["max"]]), train["labels"],
@@ -99,9 +107,3 @@ def run_probes(train: dict, val: dict, classes: int, seed: int = 0) -> list[dict
             row[f"val_{m.key}_mean"], row[f"val_{m.key}_std"] = metrics[m.key], 0.0
         rows.append({**row, "parameters": parameters(model), "train_seconds": round(seconds, 2)})
     return rows
-
-
-def probe_rows(data, classes: int, seed: int = 0) -> list[dict]:
-    """The probes on the train and val videos of `data` (a run's loaded splits: temporal.train's load_data) of a
-    cache of `classes` classes."""
-    return run_probes(pooled(whole_videos(data.train)), pooled(whole_videos(data.val)), classes, seed)

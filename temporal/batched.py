@@ -139,11 +139,11 @@ def train_batched(cache, runs: list[tuple[Path, TrainConfig]], sources: dict | N
         raise UserError("batched runs train in one process; run vtn sweep without torchrun")
     jobs = [start_run(check_run_dir(run), cache, cfg, False, procs, device, sources, announce=False)
             for run, cfg in runs]
-    steps = {(j.epochs, j.loop.state["total_steps"]) for j in jobs}
+    steps = {(j.loop.state["epochs"], j.loop.state["total_steps"]) for j in jobs}
     if len(steps) != 1:  # the same data and schedule give the same steps; guard against a future difference
         raise UserError(f"batched runs have different schedules {sorted(steps)}: {[str(r) for r, _ in runs]}")
     models = [j.loop.model for j in jobs]
-    cfg, epochs, total = jobs[0].cfg, jobs[0].epochs, jobs[0].loop.state["total_steps"]
+    cfg, epochs, total = jobs[0].cfg, jobs[0].loop.state["epochs"], jobs[0].loop.state["total_steps"]
     every = eval_interval(epochs, cfg.run.eval_every)
     bar = progress_bar(total=total, disable=not progress, unit="step",
                        desc=f"{len(jobs)} batched runs")
@@ -187,4 +187,4 @@ def train_batched(cache, runs: list[tuple[Path, TrainConfig]], sources: dict | N
         for i, j in enumerate(jobs):
             close_epoch(j.loop, epoch, epochs, every, cfg.run.checkpoint_every, lambda i=i: evaluate(i))
     bar.close()
-    return [finish_run(j.loop, epochs, announce=False) for j in jobs]
+    return [finish_run(j.loop, announce=False) for j in jobs]

@@ -5,6 +5,8 @@ Only argparse and the standard library at module level, so `vtn --help` stays in
 
 from __future__ import annotations
 
+import importlib
+
 
 def register(sub) -> None:
     """Add `vtn train`, `vtn sweep`, `vtn probe` and `vtn finetune` to `vtn`."""
@@ -44,8 +46,8 @@ def _add_train(sub) -> None:
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (run.device; default: the GPU when there is one)")
     add_config_args(p, "model.num_layers=2")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=_train, interrupted="the last checkpoint is kept; add --resume to the same command to "
-                   "continue exactly where it stopped")
+    p.set_defaults(func=_job("train"), interrupted="the last checkpoint is kept; add --resume to the same command "
+                   "to continue exactly where it stopped")
 
 
 def _add_sweep(sub) -> None:
@@ -77,8 +79,8 @@ def _add_sweep(sub) -> None:
     p.add_argument("--no-batch", action="store_true", help="train every run on its own, never batched")
     add_config_args(p, "optim.epochs=10")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=_sweep, interrupted="finished runs and the last checkpoints are kept; run the same command "
-                   "again to skip the finished runs and resume the others")
+    p.set_defaults(func=_job("sweep", "sweep"), interrupted="finished runs and the last checkpoints are kept; run "
+                   "the same command again to skip the finished runs and resume the others")
 
 
 def _add_probe(sub) -> None:
@@ -94,7 +96,7 @@ def _add_probe(sub) -> None:
     p.add_argument("cache", help="the feature cache (local path or fsspec URL)")
     p.add_argument("--out", metavar="DIR", help="also write DIR/probes.csv and probes.md")
     add_config_args(p, "data.holdout=0.2")
-    p.set_defaults(func=_probe)
+    p.set_defaults(func=_job("probe", "probes"))
 
 
 def _add_finetune(sub) -> None:
@@ -135,42 +137,19 @@ def _add_finetune(sub) -> None:
     f.add_argument("--workers", type=int, help="decode processes (finetune.workers; 0: decode in this process)")
     add_config_args(f, "finetune.backbone_lr=0.1")
     f.add_argument("--quiet", action="store_true", help="no progress bar")
-    f.set_defaults(func=_finetune, interrupted="the last checkpoint is kept; add --resume to the same command to "
-                   "continue exactly where it stopped")
+    f.set_defaults(func=_job("finetune"), interrupted="the last checkpoint is kept; add --resume to the same "
+                   "command to continue exactly where it stopped")
 
 
-def _out(args, kind: str = "run") -> None:
-    """The --out rule (vtn/paths.py) at the door, before torch loads: a wrong folder is refused at once. The jobs
-    check again themselves (they are called from Python too)."""
-    from vtn.paths import check_run_dir
+def _job(name: str, kind: str = "run"):
+    """The command `vtn.temporal.<name>.main`, with the --out rule (vtn/paths.py) at the door, before torch loads:
+    a wrong folder is refused at once. The jobs check again themselves (they are called from Python too)."""
 
-    if args.out:
-        check_run_dir(args.out, kind)
+    def run(args) -> int:
+        from vtn.paths import check_run_dir
 
+        if args.out:
+            check_run_dir(args.out, kind)
+        return importlib.import_module(f"vtn.temporal.{name}").main(args)
 
-def _train(args) -> int:
-    _out(args)
-    from vtn.temporal.train import main
-
-    return main(args)
-
-
-def _sweep(args) -> int:
-    _out(args, "sweep")
-    from vtn.temporal.sweep import main
-
-    return main(args)
-
-
-def _probe(args) -> int:
-    _out(args, "probes")
-    from vtn.temporal.probe import main
-
-    return main(args)
-
-
-def _finetune(args) -> int:
-    _out(args)
-    from vtn.temporal.finetune import main
-
-    return main(args)
+    return run

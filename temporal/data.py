@@ -71,7 +71,7 @@ def node_split(cache: FeatureCache, split: str, mode: str, procs: Processes) -> 
     if procs.local_rank == 0:
         need = split_bytes(cache, split)
         if mode == "memory" or need <= MEMORY_SHARE * available_memory():
-            room = [b for b in ("/dev/shm", tempfile.gettempdir()) if os.path.isdir(b) and free_bytes(b) > need]
+            room = [b for b in ("/dev/shm", tempfile.gettempdir()) if os.path.isdir(b) and shutil.disk_usage(b).free > need]
             if room:
                 folder = tempfile.mkdtemp(prefix="vtn-split-", dir=room[0])
                 try:
@@ -98,11 +98,6 @@ def node_split(cache: FeatureCache, split: str, mode: str, procs: Processes) -> 
         if folder is not None:
             shutil.rmtree(folder, ignore_errors=True)
     return data
-
-
-def free_bytes(path: str) -> int:
-    st = os.statvfs(path)
-    return st.f_bavail * st.f_frsize
 
 
 def feature_stats(dataset: ClipDataset, where: str, max_videos: int = 2000) -> tuple[torch.Tensor, torch.Tensor]:

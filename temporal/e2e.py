@@ -97,8 +97,8 @@ class VideoVTN(VTN):
         self.preprocess = preprocess  # buffers not persistent: nothing of it in the state dict
         self.video = video
         self.micro_batch: int | None = None  # frames per backbone call (None: all at once)
-        # Exact chunked backprop (recompute each micro-batch in the backward pass); None: whenever a call has more
-        # frames than one micro-batch (with one micro-batch there is nothing to save, only a forward to repeat).
+        # Exact chunked backprop; None: whenever a call has more frames than one micro-batch (with one micro-batch
+        # there is nothing to save, only a forward to repeat).
         self.chunked: bool | None = False
         self.freeze_bn = False  # BatchNorm of the backbone stays in eval mode (running statistics) in train()
         self.backbone_frozen = False  # the backbone runs without gradients (a frozen warm-up)
@@ -137,10 +137,8 @@ class VideoVTN(VTN):
         return self
 
     def frame_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Preprocessed frames [N, 3, h, w] -> features [N, D], `micro_batch` frames per backbone call; with
-        `chunked` (and gradients on) each call is recomputed in the backward pass (torch.utils.checkpoint, RNG
-        state replayed), so only one call's activations are alive at a time; `chunked` None: so when there is
-        more than one call."""
+        """Preprocessed frames [N, 3, h, w] -> features [N, D], `micro_batch` frames per backbone call, each
+        recomputed in the backward pass when chunked (see `set_memory`)."""
         step = self.micro_batch or max(1, len(x))
         grad = torch.is_grad_enabled() and not self.backbone_frozen
         chunked = grad and (self.chunked or (self.chunked is None and len(x) > step))
@@ -164,14 +162,10 @@ class VideoVTN(VTN):
         [B, T] marks the frames run through the backbone now; `frames` are then only those, [N, ...] in the
         order of fresh's True entries. Only they get gradients; their new features are left in `fresh_features`
         [N, D] (detached) for the caller to write back."""
-        if bank is not None:
-            real, B, T = frames, *bank.shape[:2]
-            mask = torch.ones(B, T, dtype=torch.bool, device=bank.device) if mask is None else mask.bool()
-            fresh = fresh.bool() & mask
-        else:
-            B, T = frames.shape[:2]
-            mask = torch.ones(B, T, dtype=torch.bool, device=frames.device) if mask is None else mask.bool()
-            real, fresh = frames[mask], mask  # [N, ...]: the real frames, clip by clip
+        B, T = (frames if bank is None else bank).shape[:2]
+        mask = torch.ones(B, T, dtype=torch.bool, device=frames.device) if mask is None else mask.bool()
+        # [N, ...]: the real frames, clip by clip (with a bank: the fresh ones, as given)
+        real, fresh = (frames[mask], mask) if bank is None else (frames, fresh.bool() & mask)
         if real.dtype == torch.uint8:
             with torch.no_grad():
                 real = self.preprocess(real)  # [N, 3, h, w]

@@ -5,33 +5,26 @@ it, the backbone rebuilt from the identity recorded with it (timm name, weights 
 preprocessing; a mismatch is refused naming both hashes), composed as one `VideoVTN` (temporal/e2e.py). The
 videos are INPUT, by default the folder or CSV the cache was extracted from (recorded in the cache).
 
-Training clips are the ones stage two draws from the cache, from (seed, epoch, item) (splits.py's `load_data`:
-the same split, held-out share and length buckets): `clip_rows` over the video's sampled frames, sampled as
-the cache was. Only those frames are decoded, in stage one's decode workers (`DecodePool`); the decoded frame
-indices must be the cache's, else the video is not the one the cache was made from. A video that fails is
-recorded in RUN2/failures.jsonl and left out of its batch (the batch's loss keeps its weight: nothing is put in
-its place), and is not decoded again, by any process (under DDP the processes share their failures at each
-epoch's start; a process left with no clip in a step still runs the step, adding nothing). The decoded frames
-are augmented, one random crop per clip (see FinetuneSection.augment). Evaluation runs whole val videos (up to
-max_positions frames spread over each, as in stage two) through stage one's pipeline (`extract_features`) and the
-same model.
+Training clips are the ones stage two draws from the cache (splits.py's `load_data`: the same split, held-out
+share and length buckets); only their frames are decoded, in stage one's decode workers (`ClipFrames`), and must
+be the cache's frames, else the video is not the one the cache was made from. A video that fails is recorded
+once (`Failures`) and left out of its batch (the batch's loss keeps its weight: nothing is put in its place).
+Evaluation runs whole val videos (up to max_positions frames spread over each, as in stage two) through stage
+one's pipeline (`extract_features`) and the same model.
 
-The steps, schedule, metrics.jsonl, best/ and last/ checkpoints and exact --resume are loop.py's pieces
-(`Loop`, `run_epochs`, `end_epoch`, temporal/checkpoint.py), so a run resumed after an interruption ends with the
-weights of an uninterrupted one (on the CPU).
+The steps, schedule, metrics.jsonl, best/ and last/ checkpoints and exact --resume are loop.py's pieces, so a
+run resumed after an interruption ends with the weights of an uninterrupted one (on the CPU).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
 from vtn.config import job_config, ranged, resolve, to_dict
 from vtn.errors import UserError
@@ -40,7 +33,6 @@ from vtn.extract.config import ExtractConfig, RuntimeConfig
 from vtn.extract.inputs import discover
 from vtn.extract.pipeline import decode_workers, extract_features
 from vtn.extract.workers import DecodePool
-from vtn.progress import progress_bar
 from vtn.runtime import Processes, autocast, on_rank0, setup_processes, size_threads
 from vtn.store import collate_clips, open_cache
 from vtn.store.clips import clip_rows
@@ -48,11 +40,10 @@ from vtn.temporal import checkpoint
 from vtn.temporal.data import check_inputs, model_inputs, whole_video_sampling
 from vtn.temporal.e2e import VideoVTN, rebuild_backbone, sampling_of
 from vtn.temporal.model import VTN, frame_positions
-from vtn.temporal.loop import (Loop, build_optimizer, clip_loss, diverged_warning, epoch_shares, gathered_metrics,
-                               new_state, resume_state, run_config, run_epochs, schedule, schedule_text, start_metrics,
-                               wrap_ddp)
+from vtn.temporal.loop import (Loop, clip_loss, diverged_warning, epoch_shares, gathered_metrics, new_loop, run_config,
+                               run_epochs, schedule_text, start_run_dir)
 from vtn.temporal.settings import FLAGS, DataSection, OptimSection, RunSection, TrainConfig
-from vtn.temporal.splits import Data, data_fingerprint, load_data
+from vtn.temporal.splits import Data, load_data
 
 
 @dataclass(frozen=True)
@@ -171,10 +162,9 @@ class ClipFrames:
     full, so at most that many chunks wait while the model trains."""
 
     def __init__(self, dataset, batches: list[list[int]], epoch: int, paths: dict, sampling, rt: RuntimeConfig,
-                 workers: int, failures: Failures, bank_frames: int | None = None,
-                 augment: FinetuneSection | None = None):
+                 failures: Failures, bank_frames: int | None = None, augment: FinetuneSection | None = None):
         self.dataset, self.batches, self.epoch, self.paths = dataset, batches, epoch, paths
-        self.sampling, self.rt, self.workers, self.failures = sampling, rt, workers, failures
+        self.sampling, self.rt, self.workers, self.failures = sampling, rt, rt.workers, failures
         self.bank_frames, self.augment = bank_frames, augment  # augment: its augment_* settings, None: none
 
     def __len__(self) -> int:
@@ -262,18 +252,9 @@ def peak_memory(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports kB
 
 
-class MemoryBar:
-    """The progress bar with the peak memory added to every postfix loop.py's loop sets (loss, clips/s; after an
-    evaluation loss, val top-1): memory is what fine-tuning runs out of first, so it is in view while it runs."""
-
-    def __init__(self, bar, device: torch.device):
-        self.bar, self.device = bar, device
-
-    def set_postfix(self, refresh: bool = True, **postfix) -> None:
-        self.bar.set_postfix(refresh=refresh, **postfix, peak=f"{peak_memory(self.device) / 2**20:.0f}MiB")
-
-    def __getattr__(self, name):
-        return getattr(self.bar, name)
+def memory_postfix(device: torch.device) -> dict:
+    """The peak memory for the progress bar: what fine-tuning runs out of first, so it is in view while it runs."""
+    return {"peak": f"{peak_memory(device) / 2**20:.0f}MiB"}
 
 
 def backbone_groups(backbone: torch.nn.Module, lr: float, layer_decay: float) -> list[tuple[list, float]]:
@@ -355,17 +336,13 @@ class Tuning:
     """A fine-tuning run set up to train: its loop, composed model, data, config and what its clips and
     evaluations are read with."""
 
-    loop: Loop
-    model: VideoVTN
+    loop: Loop  # its model: the composed VideoVTN
     data: Data
     cfg: FinetuneConfig
-    epochs: int
     paths: dict
     failures: Failures
     sampling: object  # the cache's frame sampling (stage one's SamplingConfig)
-    rt: RuntimeConfig
-    workers: int
-    eval_cfg: ExtractConfig
+    eval_cfg: ExtractConfig  # its runtime: the decode workers' count, what ClipFrames decodes with
 
 
 def open_stage_two(best: Path, cache_url: str | None, videos: str | None) -> tuple[dict, object, dict, str]:
@@ -412,7 +389,7 @@ def start_finetune(run: Path, best: Path, videos: str | None, cfg: FinetuneConfi
     resuming), the composed model, data, schedule, optimiser, state, the run directory and its failures."""
     inputs, cache, paths, source = open_stage_two(best, cache_url, videos)
     cfg, last = run_config(run, FinetuneConfig, cfg, resume, lambda: default_config(best.parent), procs)
-    resuming, ft = last is not None, cfg.finetune
+    ft = cfg.finetune
 
     # The backbone first: timm's random init seeds the global RNG, which the run then reseeds.
     backbone, preprocess, bc, identity = rebuild_backbone(inputs, best, device)
@@ -424,29 +401,16 @@ def start_finetune(run: Path, best: Path, videos: str | None, cfg: FinetuneConfi
     model.freeze_bn = ft.freeze_bn
     data = load_data(cache, cfg, vtn.config, procs)
     missing = check_videos(data, cache, paths, source, cfg)
-    steps_per_epoch = len(data.sampler)
-    epochs, total_steps, why = schedule(cfg.optim, steps_per_epoch)
 
-    torch.manual_seed(cfg.run.seed + procs.rank)  # dropout differs between processes, as their data does
     temporal = [p for n, p in model.named_parameters() if not n.startswith("backbone.")]
-    opt = build_optimizer([*backbone_groups(model.backbone, cfg.optim.lr * ft.backbone_lr, ft.layer_decay),
-                           (temporal, cfg.optim.lr)], cfg.optim)
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.run.amp == "fp16")
-    state = new_state(procs.world, epochs, steps_per_epoch, total_steps, data_fingerprint(data, cache))
+    groups = [*backbone_groups(model.backbone, cfg.optim.lr * ft.backbone_lr, ft.layer_decay), (temporal, cfg.optim.lr)]
     ckpt_inputs = {**inputs, "cache": canonical_cache(cache.url), "finetuned_from": str(best)}  # where it is now
-    if resuming:
-        resume_state(last, state, model, opt, scaler, procs, device)
     # A frozen warm-up leaves the backbone without gradients for a while, which DDP must be told.
-    ddp = wrap_ddp(model, procs, device, find_unused_parameters=ft.frozen_steps > 0)
-    loop = Loop(run, procs, device, model, ddp, opt, scaler, cfg.optim, cfg.run.amp, state, ckpt_inputs)
-
-    def start_run_dir() -> None:
-        run.mkdir(parents=True, exist_ok=True)
-        (run / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-        start_metrics(run, state["step"] if resuming else 0)
+    loop, why = new_loop(run, cfg, model, groups, data, cache, ckpt_inputs, last, procs, device,
+                         find_unused_parameters=ft.frozen_steps > 0)
 
     # Before any process records a failure there; an error in it stops every process with its message.
-    on_rank0(start_run_dir, procs.rank, procs.world)
+    on_rank0(lambda: start_run_dir(run, cfg, loop.state["step"]), procs.rank, procs.world)
     failures = Failures(run, procs)
     for v in sorted(missing) if procs.rank == 0 else []:  # every process knows them; one records them
         failures.record(v, "NotAVideo", f"{v} is in {cache.url} but not in {source}", "train")
@@ -454,8 +418,7 @@ def start_finetune(run: Path, best: Path, videos: str | None, cfg: FinetuneConfi
         n_backbone = sum(p.numel() for p in model.backbone.parameters())
         print(f"vtn finetune: {bc.name} ({n_backbone / 1e6:.2f} M) + VTN ({sum(p.numel() for p in temporal) / 1e6:.2f}"
               f" M) from {best}; {len(data.train)} train and {len(data.val)} val videos from {source} on {device}"
-              + (f" x {procs.world} processes" if procs.world > 1 else "")
-              + schedule_text(state, cfg.optim.batch_size, why, resuming), flush=True)
+              + schedule_text(loop, cfg.optim.batch_size, why, last is not None), flush=True)
 
     sampling = sampling_of(inputs)
     rt = RuntimeConfig(device=str(device), batch_size=ft.eval_frames, amp=cfg.run.amp, workers=ft.workers,
@@ -464,12 +427,12 @@ def start_finetune(run: Path, best: Path, videos: str | None, cfg: FinetuneConfi
     size_threads(workers)
     rt = replace(rt, workers=workers)
     eval_cfg = ExtractConfig(whole_video_sampling(sampling, vtn.config), bc, rt)
-    return Tuning(loop, model, data, cfg, epochs, paths, failures, sampling, rt, workers, eval_cfg)
+    return Tuning(loop, data, cfg, paths, failures, sampling, eval_cfg)
 
 
 def run_finetune(job: Tuning, progress: bool) -> None:
     """The steps and evaluations of the run, from its state on."""
-    loop, model, data, cfg, failures = job.loop, job.model, job.data, job.cfg, job.failures
+    loop, model, data, cfg, failures = job.loop, job.loop.model, job.data, job.cfg, job.failures
     ft, state, device, procs, ddp = cfg.finetune, loop.state, loop.device, loop.procs, loop.ddp
 
     def loss_fn(batch: dict, weight: float) -> torch.Tensor:
@@ -501,17 +464,13 @@ def run_finetune(job: Tuning, progress: bool) -> None:
     def batches(epoch: int):
         failures.sync()  # at each epoch's start, before its clips are queued for decoding
         shares = epoch_shares(data.sampler, epoch, state)
-        return (ClipFrames(data.train, [b for b, _ in shares], epoch, job.paths, job.sampling, job.rt, job.workers,
+        return (ClipFrames(data.train, [b for b, _ in shares], epoch, job.paths, job.sampling, job.eval_cfg.runtime,
                            failures, ft.bank_frames, ft if ft.augment else None),
                 [w for _, w in shares])
 
-    bar = MemoryBar(progress_bar(total=state["total_steps"], initial=state["step"],
-                                 disable=not progress or procs.rank != 0, unit="step"), device)
-    loop.started = time.perf_counter() - state["elapsed"]
-    model.train()
-    run_epochs(loop, job.epochs, cfg.run.eval_every, cfg.run.checkpoint_every, batches, loss_fn,
-               lambda: evaluate_videos(model, data.val, job.paths, job.eval_cfg, device, procs, failures), bar)
-    bar.close()
+    run_epochs(loop, cfg.run, batches, loss_fn,
+               lambda: evaluate_videos(model, data.val, job.paths, job.eval_cfg, device, procs, failures), progress,
+               lambda: memory_postfix(device))
 
 
 def finish_finetune(job: Tuning) -> dict:
@@ -525,7 +484,7 @@ def finish_finetune(job: Tuning) -> dict:
               f"{best_record['val_top1']:.1%} at epoch {best_record['epoch']}\n  checkpoints: {run / 'best'}, "
               f"{run / 'last'}; metrics: {run / 'metrics.jsonl'}; failures: {len(failures.ids)}", flush=True)
     diverged_warning(loop)
-    return {"run": str(run), "epochs": job.epochs, "steps": state["step"], "best": best_record,
+    return {"run": str(run), "epochs": state["epochs"], "steps": state["step"], "best": best_record,
             "failures": sorted(failures.ids)}
 
 

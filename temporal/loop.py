@@ -4,12 +4,8 @@ A run is composed of pieces: `setup_processes` (vtn/runtime.py: device and torch
 steps), `build_optimizer` + `lr_factor`, `train_epoch` (one epoch of optimiser steps around a loss function),
 `evaluate_views` (whole videos, gathered over processes), `end_epoch` (metrics.jsonl, best/ and last/ through
 temporal/checkpoint.py). No trainer class: each piece is a function of what it uses; `Loop` holds what the steps
-of one run share. `fit` is a whole stage-two run on cached features.
-
-The schedule is sized in optimiser steps when it is left to the defaults: a small cache (a few hundred videos)
-gives a handful of steps per epoch, so the default 25 epochs are raised until the run makes at least
-`optim.min_steps` steps; on a Kinetics-sized cache the epochs decide. An explicit `optim.epochs` or
-`optim.steps` is obeyed exactly. The learning rate follows the step, so a schedule means the same on both.
+of one run share. `fit` is a whole stage-two run on cached features. The schedule's length is OptimSection's
+rule (`schedule`); the learning rate follows the step, so a schedule means the same on a small and a large cache.
 
 Resuming is exact: clips come from (seed, epoch, index) (store/dataset.py), the batch order from (seed,
 epoch), the learning rate from the step, and the checkpoint holds the optimiser state and every process's
@@ -47,7 +43,7 @@ from vtn.temporal import checkpoint
 from vtn.temporal.data import cache_inputs, check_inputs, feature_stats, model_inputs, predict
 from vtn.temporal.metrics import classification_metrics, rank
 from vtn.temporal.model import VTN, VTNConfig
-from vtn.temporal.settings import DEFAULT_EPOCHS, OptimSection, TrainConfig, model_config
+from vtn.temporal.settings import DEFAULT_EPOCHS, OptimSection, RunSection, TrainConfig, model_config
 from vtn.temporal.splits import Data, data_fingerprint, load_data
 
 
@@ -105,16 +101,9 @@ class Loop:
     opt: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     optim: OptimSection
-    amp: str
     state: dict  # counters, saved in last/state.json
     inputs: dict  # what the features are (checkpoint inputs.json)
     started: float = 0.0  # perf_counter() at the run's start, less the time of the part before a resume
-
-
-def new_state(world: int, epochs: int, steps_per_epoch: int, total_steps: int, data: dict) -> dict:
-    return {"world_size": world, "epochs": epochs, "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
-            "data": data, "epoch": 0, "step_in_epoch": 0, "step": 0, "elapsed": 0.0, "loss_sum": 0.0,
-            "loss_count": 0, "best": None, "diverged_at": None}
 
 
 def check_resume(saved: dict, mine: dict, ckpt: Path) -> None:
@@ -175,9 +164,11 @@ def diverged_warning(loop: Loop) -> None:
               file=sys.stderr, flush=True)
 
 
-def train_epoch(loop: Loop, loader, weights: list[float], loss_fn: Callable, bar, on_step: Callable[[], None]) -> None:
+def train_epoch(loop: Loop, loader, weights: list[float], loss_fn: Callable, bar, on_step: Callable[[], None],
+                postfix: Callable[[], dict] = dict) -> None:
     """The optimiser steps of one epoch (what is left of it): `loss_fn(batch, weight)` gives this process's
-    weighted loss of a batch; each step is `set_lr`, backward, `finish_step`, then `on_step()`."""
+    weighted loss of a batch; each step is `set_lr`, backward, `finish_step`, then `on_step()`; the bar shows
+    the loss, clips/s and `postfix()`."""
     tick, clips = time.perf_counter(), 0
     for batch, weight in zip(loader, weights):
         set_lr(loop)
@@ -187,7 +178,7 @@ def train_epoch(loop: Loop, loader, weights: list[float], loss_fn: Callable, bar
         finish_step(loop, value)
         clips += len(batch["labels"]) * loop.procs.world
         bar.set_postfix(loss=f"{value:.3f}", clips_s=f"{clips / max(time.perf_counter() - tick, 1e-9):.0f}",
-                        refresh=False)
+                        **postfix(), refresh=False)
         bar.update()
         on_step()
 
@@ -234,19 +225,26 @@ def epoch_shares(sampler: LengthBucketSampler, epoch: int, state: dict) -> list[
     return sampler.shares()[state["step_in_epoch"]:][:state["total_steps"] - state["step"]]
 
 
-def run_epochs(loop: Loop, epochs: int, eval_every: int | None, checkpoint_every: int, batches: Callable,
-               loss_fn: Callable, evaluate: Callable[[], dict], bar) -> None:
-    """Epochs from the state's epoch to `epochs`: `batches(epoch)` gives the epoch's (loader, weights) from the
-    state's step in it on; every `eval_every` epochs (and the last) `evaluate()` gives the val metrics for
-    `end_epoch`; last/ is also saved every `checkpoint_every` steps."""
-    every = eval_interval(epochs, eval_every)
-    for epoch in range(loop.state["epoch"], epochs):
+def run_epochs(loop: Loop, run: RunSection, batches: Callable, loss_fn: Callable, evaluate: Callable[[], dict],
+               progress: bool, postfix: Callable[[], dict] = dict) -> None:
+    """The run's epochs from the state's on, under a progress bar (with `postfix()` as well): `batches(epoch)`
+    gives the epoch's (loader, weights) from the state's step in it on; every `run.eval_every` epochs (and the
+    last) `evaluate()` gives the val metrics for `end_epoch`; last/ is also saved every `run.checkpoint_every` steps."""
+    state, epochs, checkpoint_every = loop.state, loop.state["epochs"], run.checkpoint_every
+    bar = progress_bar(total=state["total_steps"], initial=state["step"], disable=not progress or loop.procs.rank != 0,
+                       unit="step")
+    loop.started = time.perf_counter() - state["elapsed"]
+    loop.model.train()
+    every = eval_interval(epochs, run.eval_every)
+    for epoch in range(state["epoch"], epochs):
         bar.set_description(f"epoch {epoch + 1}/{epochs}", refresh=False)
         loader, weights = batches(epoch)
-        train_epoch(loop, loader, weights, loss_fn, bar, lambda: step_checkpoint(loop, checkpoint_every))
+        train_epoch(loop, loader, weights, loss_fn, bar, lambda: step_checkpoint(loop, checkpoint_every), postfix)
         record = close_epoch(loop, epoch, epochs, every, checkpoint_every, evaluate)
         if record is not None:
-            bar.set_postfix(loss=f"{record['train_loss']:.3f}", val_top1=f"{record['val_top1']:.3f}", refresh=False)
+            bar.set_postfix(loss=f"{record['train_loss']:.3f}", val_top1=f"{record['val_top1']:.3f}", **postfix(),
+                            refresh=False)
+    bar.close()
 
 
 def epoch_batches(data: Data, state: dict, epoch: int) -> tuple[torch.utils.data.DataLoader, list[float]]:
@@ -301,8 +299,11 @@ def end_epoch(loop: Loop, epoch: int, val: dict) -> dict:
     return record
 
 
-def start_metrics(run: Path, step: int) -> None:
-    """metrics.jsonl as of `step`: lines written after the checkpoint a run resumes from belong to its lost part."""
+def start_run_dir(run: Path, cfg, step: int) -> None:
+    """The run directory with its config.yaml, and metrics.jsonl as of `step`: lines written after the checkpoint
+    a run resumes from belong to its lost part."""
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     path = run / "metrics.jsonl"
     lines = path.read_text().splitlines() if path.exists() else []
     path.write_text("".join(f"{x}\n" for x in lines if json.loads(x)["step"] <= step))
@@ -342,24 +343,32 @@ def run_config(run: Path, cls, cfg, resume: bool, default: Callable[[], Any], pr
     return cfg, last if resuming else None
 
 
-def resume_state(last: Path, state: dict, model: torch.nn.Module, opt: torch.optim.Optimizer,
-                 scaler: torch.amp.GradScaler, procs: Processes, device: torch.device) -> None:
-    """Load last/ into the model, optimiser, scaler and `state`, refusing a run that would not take the same steps."""
-    saved_state = checkpoint.load_last(last, model, opt, scaler, procs.rank, device)
-    check_resume(saved_state, state, last)
-    state.update(saved_state)
+def new_loop(run: Path, cfg, model: torch.nn.Module, groups: list, data: Data, cache, inputs: dict, last: Path | None,
+             procs: Processes, device: torch.device, **ddp) -> tuple[Loop, str]:
+    """The loop of a run on `data` (and what decided its schedule): the optimiser over (parameters, base lr)
+    `groups`, the scaler, the state (loaded from last/ when resuming, refusing a run that would not take the same
+    steps), and the model wrapped for DDP under torchrun (`ddp`: DDP's options). Seeds this process's dropout."""
+    steps_per_epoch = len(data.sampler)
+    epochs, total_steps, why = schedule(cfg.optim, steps_per_epoch)
+    torch.manual_seed(cfg.run.seed + procs.rank)  # dropout differs between processes, as their data does
+    opt = build_optimizer(groups, cfg.optim)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.run.amp == "fp16")
+    state = {"world_size": procs.world, "epochs": epochs, "steps_per_epoch": steps_per_epoch,
+             "total_steps": total_steps, "data": data_fingerprint(data, cache), "epoch": 0, "step_in_epoch": 0,
+             "step": 0, "elapsed": 0.0, "loss_sum": 0.0, "loss_count": 0, "best": None, "diverged_at": None}
+    if last is not None:
+        saved_state = checkpoint.load_last(last, model, opt, scaler, procs.rank, device)
+        check_resume(saved_state, state, last)
+        state.update(saved_state)
+    ddp_model = model if procs.world == 1 else torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None, **ddp)
+    return Loop(run, procs, device, model, ddp_model, opt, scaler, cfg.optim, state, inputs), why
 
 
-def wrap_ddp(model: torch.nn.Module, procs: Processes, device: torch.device, **kw) -> torch.nn.Module:
-    """What a run calls: the model, wrapped for DDP under torchrun."""
-    if procs.world == 1:
-        return model
-    return torch.nn.parallel.DistributedDataParallel(
-        model, device_ids=[device.index] if device.type == "cuda" else None, **kw)
-
-
-def schedule_text(state: dict, batch_size: int, why: str, resuming: bool) -> str:
-    return (f"\n  schedule: {state['total_steps']} steps ({state['epochs']} epochs x {state['steps_per_epoch']} steps "
+def schedule_text(loop: Loop, batch_size: int, why: str, resuming: bool) -> str:
+    state, world = loop.state, loop.procs.world
+    return ((f" x {world} processes" if world > 1 else "") +
+            f"\n  schedule: {state['total_steps']} steps ({state['epochs']} epochs x {state['steps_per_epoch']} steps "
             f"of {batch_size} clips), set by {why}" + (f"; resuming at step {state['step']}" if resuming else ""))
 
 
@@ -367,13 +376,12 @@ def schedule_text(state: dict, batch_size: int, why: str, resuming: bool) -> str
 
 @dataclass
 class Started:
-    """A run set up to train: its loop (model, optimiser, counters), data, model config and schedule."""
+    """A run set up to train: its loop (model, optimiser, counters, schedule), data and model config."""
 
     loop: Loop
     data: Data
     model_cfg: VTNConfig
     cfg: TrainConfig
-    epochs: int
 
 
 def start_run(run: Path, cache, cfg: TrainConfig | None, resume: bool, procs: Processes, device: torch.device,
@@ -383,42 +391,32 @@ def start_run(run: Path, cache, cfg: TrainConfig | None, resume: bool, procs: Pr
     last/), config.yaml and the start of metrics.jsonl. `sources`: loaded splits to share with other runs of
     this process (see `shared_source`)."""
     cfg, last = run_config(run, TrainConfig, cfg, resume, TrainConfig, procs)
-    resuming = last is not None
     model_cfg = model_config(cfg, cache)
     data = load_data(cache, cfg, model_cfg, procs, sources)
     size_threads(data.workers)
-    steps_per_epoch = len(data.sampler)
-    epochs, total_steps, why = schedule(cfg.optim, steps_per_epoch)
 
     torch.manual_seed(cfg.run.seed)
     model = VTN(model_cfg).to(device)
-    torch.manual_seed(cfg.run.seed + procs.rank)  # dropout differs between processes, as their data does
-    opt = build_optimizer([(list(model.parameters()), cfg.optim.lr)], cfg.optim)
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.run.amp == "fp16")
-    state = new_state(procs.world, epochs, steps_per_epoch, total_steps, data_fingerprint(data, cache))
-    inputs = {**cache_inputs(cache), "clip_frames": cfg.data.clip_frames, "stride": cfg.data.stride}
-    if resuming:
+    if last is not None:
         saved = VTN.from_pretrained(last).config
         if saved != model_cfg:
             raise UserError(f"{cache.url} does not fit the checkpoint {last}: it was trained on features of "
                             f"{saved.feature_dim} dimensions and classes {list(saved.class_names)}; this cache "
                             f"has {model_cfg.feature_dim} and {list(model_cfg.class_names)}")
         check_inputs(checkpoint.read_inputs(last), cache, last)
-        resume_state(last, state, model, opt, scaler, procs, device)
     else:  # the statistics of the training videos only; they also refuse a video with NaN features, normalised or not
         stats = feature_stats(data.train, cache.url)
         if cfg.data.normalize:
             model.set_feature_stats(*stats)
-    ddp = wrap_ddp(model, procs, device)
-    loop = Loop(run, procs, device, model, ddp, opt, scaler, cfg.optim, cfg.run.amp, state, inputs)
+    inputs = {**cache_inputs(cache), "clip_frames": cfg.data.clip_frames, "stride": cfg.data.stride}
+    loop, why = new_loop(run, cfg, model, [(list(model.parameters()), cfg.optim.lr)], data, cache, inputs, last,
+                         procs, device)
 
     if procs.rank == 0:
-        run.mkdir(parents=True, exist_ok=True)
-        (run / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        start_run_dir(run, cfg, loop.state["step"])
         if data.holdout is not None:
             (run / "holdout.json").write_text(json.dumps({"split": cfg.data.train_split, "share": cfg.data.holdout,
                                                           "ids": data.holdout}, indent=1) + "\n")
-        start_metrics(run, state["step"] if resuming else 0)
     if procs.rank == 0 and announce:
         n_params = sum(p.numel() for p in model.parameters())
         val_from = (f"{len(data.val)} val videos" if data.holdout is None else
@@ -427,19 +425,18 @@ def start_run(run: Path, cache, cfg: TrainConfig | None, resume: bool, procs: Pr
                     f"{run / 'holdout.json'})")
         print(f"vtn train: {len(data.train)} train videos and {val_from} from {cache.url} "
               f"({'streamed' if data.streaming else 'memory'}), {n_params / 1e6:.2f} M parameters on {device}"
-              + (f" x {procs.world} processes" if procs.world > 1 else "")
-              + schedule_text(state, cfg.optim.batch_size, why, resuming), flush=True)
+              + schedule_text(loop, cfg.optim.batch_size, why, last is not None), flush=True)
         if data.left_out:
             print(data.left_out, file=sys.stderr, flush=True)
         if len(cache.class_names) == 1:
             print(f"warning: {cache.url} has a single class ({cache.class_names[0]}); every prediction is that "
                   "class and accuracy means nothing", flush=True)
-    return Started(loop, data, model_cfg, cfg, epochs)
+    return Started(loop, data, model_cfg, cfg)
 
 
-def finish_run(loop: Loop, epochs: int, announce: bool = True) -> dict:
+def finish_run(loop: Loop, announce: bool = True) -> dict:
     """The summary of a run whose steps are done; rank 0 draws curves.png and reports."""
-    state, run, rank = loop.state, loop.dir, loop.procs.rank
+    state, run, rank, epochs = loop.state, loop.dir, loop.procs.rank, loop.state["epochs"]
     best = state["best"]
     summary = {"run": str(run), "epochs": epochs, "steps": state["step"], "seconds": round(state["elapsed"], 1),
                "diverged_at": state.get("diverged_at"), "best": best, "last": json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
@@ -469,7 +466,7 @@ def fit(cache_url: str, out: str | Path, cfg: TrainConfig | None = None, resume:
         run = check_run_dir(out)  # never over a file or a folder that is not a run
         cache = cache if cache is not None else open_cache(cache_url)
         job = start_run(run, cache, cfg, resume, procs, device, sources)
-        loop, data, model_cfg, cfg, epochs = job.loop, job.data, job.model_cfg, job.cfg, job.epochs
+        loop, data, model_cfg, cfg = job.loop, job.data, job.model_cfg, job.cfg
 
         def loss_fn(batch: dict, weight: float) -> torch.Tensor:
             features, mask, positions = model_inputs(batch, model_cfg, device)
@@ -477,17 +474,10 @@ def fit(cache_url: str, out: str | Path, cfg: TrainConfig | None = None, resume:
                 logits = loop.ddp(features, mask, positions)
             return clip_loss(logits, batch["labels"].to(device), cfg.optim, weight)
 
-        state = loop.state
-        bar = progress_bar(total=state["total_steps"], initial=state["step"],
-                           disable=not progress or procs.rank != 0, unit="step")
-        loop.started = time.perf_counter() - state["elapsed"]
-        loop.model.train()
-        run_epochs(loop, epochs, cfg.run.eval_every, cfg.run.checkpoint_every,
-                   lambda epoch: epoch_batches(data, state, epoch), loss_fn,
+        run_epochs(loop, cfg.run, lambda epoch: epoch_batches(data, loop.state, epoch), loss_fn,
                    lambda: evaluate_views(loop.model, data.val, device, cfg.data.eval_batch_size, procs, cfg.run.amp),
-                   bar)
-        bar.close()
-        return finish_run(loop, epochs)
+                   progress)
+        return finish_run(loop)
     finally:
         if own_group:
             dist.destroy_process_group()

@@ -3,12 +3,9 @@
 The spatial backbone is not here: stage two feeds cached per-frame features, end-to-end fine-tuning feeds
 the backbone's output, and both call the same `VTN.forward`.
 
-Positions are the frames' places in the video (source frame index, or time x rate) counted from the view's
-first frame, not 0..T-1, as in the reference code; `frame_positions` is the one rule that makes them, and
-spreads a view longer than the table over it. Frame positions must lie in [0, max_positions); a position
-outside is refused with an error rather than clamped or wrapped, because two frames silently sharing a
-position is a wrong model that still trains. (The check is one small host sync in eager mode; compiled graphs skip it.) [CLS] has its own
-position row, after the frames' rows.
+Positions are the frames' places in the video, as the reference code passes them (`frame_positions`). A position
+outside [0, max_positions) is refused with an error rather than clamped or wrapped, because two frames silently
+sharing a position is a wrong model that still trains (one small host sync in eager mode; compiled graphs skip it).
 """
 
 from __future__ import annotations
@@ -29,7 +26,6 @@ from vtn.errors import UserError
 from vtn.temporal.attention import backend_class, check_backend
 from vtn.temporal.checkpoint import CONFIG_NAME, WEIGHTS_NAME, load_model
 from vtn.temporal.longformer import LAYER_NORM_EPS
-
 
 
 @dataclass(frozen=True)

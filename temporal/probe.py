@@ -14,18 +14,15 @@ from __future__ import annotations
 def main(args) -> int:
     from vtn.config import resolve
     from vtn.paths import check_run_dir
-    from vtn.runtime import Processes
     from vtn.store import open_cache
     from vtn.temporal.baselines import probe_rows
     from vtn.temporal.results import markdown, write_results
-    from vtn.temporal.settings import TrainConfig, model_config
-    from vtn.temporal.splits import load_data
+    from vtn.temporal.settings import TrainConfig
 
     out = check_run_dir(args.out, "probes") if args.out else None  # before the probes spend their time
     cfg = resolve(TrainConfig, args.config, args.sets)
     cache = open_cache(args.cache)
-    rows = probe_rows(load_data(cache, cfg, model_config(cfg, cache), Processes()), len(cache.class_names),
-                      cfg.run.seed)
+    rows = probe_rows(cache, cfg)
     if out:
         write_results(rows, out, [], name="probes")
     else:

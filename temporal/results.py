@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vtn.config import to_dict
+from vtn.plots import pyplot, save
 from vtn.temporal.metrics import METRICS, table_metrics
 
 PLOTTED = "top1"  # the metric results.png draws
@@ -45,8 +46,7 @@ def run_name(values: dict) -> str:
 
 def varied_keys(runs: list[Run]) -> list[str]:
     """Keys that vary across the runs' configs, run.seed excluded (seeds are averaged)."""
-    keys = dict.fromkeys(k for r in runs for k in r.values if k != "run.seed")
-    return list(keys)
+    return list(dict.fromkeys(k for r in runs for k in r.values if k != "run.seed"))
 
 
 def _value(cfg, key: str):
@@ -125,11 +125,7 @@ def write_results(rows: list[dict], out: Path, keys: list[str], base=None, name:
 def plot(rows: list[dict], keys: list[str], path: Path, base=None) -> None:
     """Val top-1 (PLOTTED) against each varied key, one panel per key: the configs whose other varied keys are at
     the `base` config's values, else the mean over the others; probes as horizontal lines."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     runs = [r for r in rows if not r["run"].startswith("probe")]
     mean, std = f"val_{PLOTTED}_mean", f"val_{PLOTTED}_std"
     fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.5), squeeze=False)
@@ -152,6 +148,4 @@ def plot(rows: list[dict], keys: list[str], path: Path, base=None) -> None:
         ax.set_xticks(range(len(xs)), xs, rotation=30, fontsize=7)
         ax.set_xlabel(key)
         ax.set_ylabel(f"val {METRICS[PLOTTED].column} (%)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save(fig, path)

@@ -41,7 +41,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from vtn.config import ConfigError, merge, parse_set
+from vtn.config import ConfigError, merge, parse_set, set_key
 from vtn.errors import UserError
 from vtn.paths import check_run_dir
 from vtn.temporal.baselines import probe_rows
@@ -98,17 +98,6 @@ def parse_grid(items: list[str], base) -> list[tuple[str, list]]:
     return grids
 
 
-def _nested(values: dict) -> dict:
-    out: dict = {}
-    for key, v in values.items():
-        *head, tail = key.split(".")
-        node = out
-        for k in head:
-            node = node.setdefault(k, {})
-        node[tail] = v
-    return out
-
-
 def variants_of(grids: list[tuple[str, list]], zipped: bool) -> list[dict]:
     """The configs' varied values: the product of the grids, or with `zipped` the grids side by side."""
     if not grids:
@@ -134,8 +123,11 @@ def expand(base, variants: list[dict], seeds: int) -> list[Run]:
             raise UserError("run.seed is in --grid, so --seeds must be 1")
         for s in range(seeds):
             values = {**variant, **({} if "run.seed" in variant else {"run.seed": base.run.seed + s})}
+            nested: dict = {}
+            for key, v in values.items():
+                set_key(nested, key, v)
             try:
-                cfg = merge(base, _nested(values))
+                cfg = merge(base, nested)
             except ConfigError as e:
                 raise UserError(f"run {run_name(values)}: {e}") from None
             runs.append(Run(run_name(values), values, cfg))
@@ -329,9 +321,7 @@ def sweep(cache_url: str, out: str | Path, runs: list[Run], jobs: int | None = N
                   f"{res['diverged_at_step']}); the table shows its best epoch's figures", file=sys.stderr)
     rows = table(finished, results)
     if probes:  # on the videos of the first run's data settings
-        cfg = runs[0].cfg
-        rows += probe_rows(load_data(cache, cfg, model_config(cfg, cache), Processes(), sources),
-                           len(cache.class_names), cfg.run.seed)
+        rows += probe_rows(cache, runs[0].cfg, sources)
     if rows:
         write_results(rows, out, varied_keys(runs), base=runs[0].cfg)
     log = out / "failures.log"

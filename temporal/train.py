@@ -6,24 +6,15 @@ is temporal/loop.py's `fit`, the loop `vtn finetune` and `vtn sweep` share.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from vtn.config import job_config
 from vtn.temporal.loop import fit
 from vtn.temporal.model import SIZES
 from vtn.temporal.settings import FLAGS, RECIPES, TrainConfig
 
 
-def train(cache_url: str, out: str | Path, cfg: TrainConfig | None = None, resume: bool = False,
-          progress: bool = True) -> dict:
-    """Train VTN on the cache at `cache_url` into the run directory `out`; returns the final summary. `cfg`
-    None means the defaults, or when resuming, the run's saved config."""
-    return fit(cache_url, out, cfg, resume, progress)
-
-
 def main(args) -> int:
     """`vtn train`: recipe and --model size, then --config, then --set, then the explicit flags; none of them
     with --resume means "the run's saved config"."""
     cfg = job_config(TrainConfig, args, FLAGS, recipes=RECIPES, sizes=SIZES)
-    train(args.cache, args.out, cfg, resume=args.resume, progress=not args.quiet)
+    fit(args.cache, args.out, cfg, resume=args.resume, progress=not args.quiet)
     return 0

@@ -267,12 +267,12 @@ def test_the_jobs_called_from_python_check_too(trained, tmp_path):
     from vtn.temporal.finetune import finetune
     from vtn.temporal.sweep import expand, sweep
     from vtn.temporal.settings import TrainConfig
-    from vtn.temporal.train import train
+    from vtn.temporal.loop import fit
 
     cache, run = trained
     notes, _ = users_folders(tmp_path)
     before = snapshot(notes)
-    for job in (lambda: train(str(cache), notes), lambda: finetune(run, notes),
+    for job in (lambda: fit(str(cache), notes), lambda: finetune(run, notes),
                 lambda: sweep(str(cache), notes, expand(TrainConfig(), [{}], 1)),
                 lambda: evaluate(run, str(cache), out=notes)):
         with pytest.raises(UserError, match=f"{notes}: exists and is not"):

@@ -9,6 +9,7 @@ gives the resolved config for saving with every artifact (cache attributes, run 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
 import types
@@ -82,16 +83,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is Any:
         return value
     if origin in (Union, types.UnionType):
-        errors = []
         for arm in typing.get_args(tp):
             if arm is type(None):
                 if value is None:
                     return None
                 continue
-            try:
+            with contextlib.suppress(ConfigError):  # the next arm may fit
                 return _coerce(value, arm, key)
-            except ConfigError as e:
-                errors.append(str(e))
         raise ConfigError(f"{key}: {value!r} does not fit {_name(tp)}")
     if origin is Literal:
         if value not in typing.get_args(tp):
@@ -117,7 +115,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping for section {tp.__name__}, got {value!r}")
-        return _apply(tp(), value, key + ".")
+        return merge(tp(), value, key + ".")
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -143,8 +141,9 @@ def _name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
-def _apply(cfg: Any, updates: dict, prefix: str = "") -> Any:
-    """A copy of `cfg` with `updates` (a possibly nested mapping) applied and type-checked."""
+def merge(cfg: Any, updates: dict, prefix: str = "") -> Any:
+    """A copy of `cfg` with `updates` (a possibly nested mapping, e.g. from explicit CLI flags) applied with the
+    same checks as `--set`."""
     hints = typing.get_type_hints(type(cfg))
     fields = {f.name: f for f in dataclasses.fields(cfg)}
     changes = {}
@@ -154,7 +153,7 @@ def _apply(cfg: Any, updates: dict, prefix: str = "") -> Any:
             raise ConfigError(f"unknown config key '{key}' (known: {', '.join(sorted(fields))})")
         current = getattr(cfg, k)
         if dataclasses.is_dataclass(current) and isinstance(v, dict):
-            changes[k] = _apply(current, v, key + ".")
+            changes[k] = merge(current, v, key + ".")
         else:
             changes[k] = _coerce(v, hints[k], key)
             if "range" in fields[k].metadata:
@@ -174,12 +173,16 @@ def parse_set(item: str) -> dict:
     if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
         value = float(value)  # YAML 1.1 reads "1e-3" (no dot) as a string; users mean the number
     out: dict = {}
-    node = out
-    parts = key.strip().split(".")
-    for p in parts[:-1]:
-        node = node.setdefault(p, {})
-    node[parts[-1]] = value
+    set_key(out, key.strip(), value)
     return out
+
+
+def set_key(node: dict, key: str, value: Any) -> None:
+    """node["a"]["b"]["c"] = value for the key "a.b.c", making the inner mappings that are missing."""
+    *sections, last = key.split(".")
+    for part in sections:
+        node = node.setdefault(part, {})
+    node[last] = value
 
 
 def _deep_merge(into: dict, updates: dict) -> dict:
@@ -210,12 +213,7 @@ def _file_and_sets(config_file: str | Path | None, sets: typing.Iterable[str]) -
 
 def resolve(cls: type, config_file: str | Path | None = None, sets: typing.Iterable[str] = (), base: Any = None) -> Any:
     """Defaults (or `base`), then the YAML file, then each `--set` override, in that order."""
-    return _apply(base if base is not None else cls(), _file_and_sets(config_file, sets))
-
-
-def merge(cfg: Any, updates: dict) -> Any:
-    """Apply a nested mapping of updates (e.g. from explicit CLI flags) with the same checks as `--set`."""
-    return _apply(cfg, updates)
+    return merge(base if base is not None else cls(), _file_and_sets(config_file, sets))
 
 
 VALUE = object()  # in a flag table: the flag's own value
@@ -231,11 +229,7 @@ def flag_updates(args, flags: dict) -> dict:
         if value is None or value is False:
             continue
         for key, v in (target.items() if isinstance(target, dict) else ((target, VALUE),)):
-            node = updates
-            *sections, last = key.split(".")
-            for part in sections:
-                node = node.setdefault(part, {})
-            node[last] = value if v is VALUE else v
+            set_key(updates, key, value if v is VALUE else v)
     return updates
 
 
@@ -257,7 +251,7 @@ def job_config(cls: type, args, flags: dict, base: Any = None, recipes: dict | N
     if size:
         base = dataclasses.replace(base, model=sizes[size])
     # The flags apply after the rest, so a value out of range in --set is refused even when a flag replaces it.
-    return _apply(_apply(base, updates), given)
+    return merge(merge(base, updates), given)
 
 
 def add_config_args(parser, example: str) -> None:

@@ -110,7 +110,7 @@ def demo(out: str | Path | None = None, progress: bool = True) -> dict:
     from vtn.evaluate.run import evaluate
     from vtn.synth import CLASSES, make_dataset
     from vtn.temporal.settings import TrainConfig
-    from vtn.temporal.train import train
+    from vtn.temporal.loop import fit
 
     out = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="vtn-demo-"))
     out.mkdir(parents=True, exist_ok=True)
@@ -130,7 +130,7 @@ def demo(out: str | Path | None = None, progress: bool = True) -> dict:
     start = time.perf_counter()
     print("3/4 training the temporal encoder", flush=True)
     train_cfg = merge(resolve(TrainConfig, None, TRAIN_SETS), {"run": {"device": "cpu"}})
-    train(cache, run, train_cfg, resume=False, progress=progress)
+    fit(cache, run, train_cfg, resume=False, progress=progress)
     times["train"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -161,7 +161,7 @@ def finetune_stage(out: str | Path | None = None, progress: bool = True) -> dict
     from vtn.synth import LAYOUT_CLASSES, make_layout_dataset
     from vtn.temporal.finetune import FinetuneConfig, default_config, finetune
     from vtn.temporal.settings import TrainConfig
-    from vtn.temporal.train import train
+    from vtn.temporal.loop import fit
 
     out = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="vtn-demo-finetune-"))
     out.mkdir(parents=True, exist_ok=True)
@@ -181,8 +181,8 @@ def finetune_stage(out: str | Path | None = None, progress: bool = True) -> dict
 
     start = time.perf_counter()
     print("3/4 stage two on the frozen features", flush=True)
-    train(cache, run, merge(resolve(TrainConfig, None, FT_TRAIN_SETS), {"run": {"device": "cpu"}}),
-          resume=False, progress=progress)
+    fit(cache, run, merge(resolve(TrainConfig, None, FT_TRAIN_SETS), {"run": {"device": "cpu"}}),
+        resume=False, progress=progress)
     frozen = evaluate(run, cache, split="val", device="cpu")
     times["stage two"] = time.perf_counter() - start
 

@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib's pyplot on the Agg backend."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -21,10 +22,12 @@ def _pyplot():
     return plt
 
 
-def _save(fig, path: str | Path) -> Path:
+def save(fig, path: str | Path) -> Path:
+    """Lay `fig` out, write it to `path` as a PNG and close it; returns the path."""
     path = Path(path)
+    fig.tight_layout()
     fig.savefig(path, dpi=100)
-    _pyplot().close(fig)
+    pyplot().close(fig)
     return path
 
 
@@ -32,7 +35,7 @@ def confusion_png(matrix: np.ndarray, names: list[str], path: str | Path) -> Pat
     """Row-normalised confusion matrix (each true class's videos sum to 1), class names on both axes."""
     from sklearn.metrics import ConfusionMatrixDisplay
 
-    plt = _pyplot()
+    plt = pyplot()
     rows = matrix.sum(axis=1, keepdims=True)
     norm = np.divide(matrix, rows, out=np.zeros(matrix.shape, dtype=float), where=rows > 0)
     side = min(30.0, 3.0 + 0.45 * len(names))
@@ -41,13 +44,12 @@ def confusion_png(matrix: np.ndarray, names: list[str], path: str | Path) -> Pat
         ax=ax, cmap="Blues", colorbar=False, xticks_rotation="vertical", include_values=len(names) <= 30,
         values_format=".2f")
     ax.set_title("confusion (rows: true class, normalised)")
-    fig.tight_layout()
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def curves_png(records: list[dict], path: str | Path) -> Path:
     """Training loss, learning rate and val top-1 against optimiser steps (one record per epoch)."""
-    plt = _pyplot()
+    plt = pyplot()
     steps = [r["step"] for r in records]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for ax, key, title in zip(axes, ("train_loss", "lr", "val_top1"), ("train loss", "learning rate", "val top-1")):
@@ -56,13 +58,12 @@ def curves_png(records: list[dict], path: str | Path) -> Path:
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def reliability_png(cal: dict, path: str | Path) -> Path:
     """Reliability diagram: accuracy against confidence per bin (see metrics.calibration), with the diagonal."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(4.8, 4.8))
     filled = [b for b in cal["bins"] if b["videos"]]
     ax.bar([(b["low"] + b["high"]) / 2 for b in filled], [b["accuracy"] for b in filled],
@@ -71,14 +72,13 @@ def reliability_png(cal: dict, path: str | Path) -> Path:
     ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence (top-1 probability)", ylabel="accuracy",
            title=f"reliability, ECE {cal['ece']:.3f}")
     ax.legend(loc="upper left")
-    fig.tight_layout()
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def attention_png(thumbnails: list[np.ndarray], rows: dict[str, np.ndarray], title: str, path: str | Path) -> Path:
     """A strip of frame thumbnails ([h, w, 3] uint8, one per frame shown) over one bar chart per row of
     weights (e.g. [CLS]'s attention per layer, and the rollout), each over the same frames."""
-    plt = _pyplot()
+    plt = pyplot()
     n = len(thumbnails)
     fig, axes = plt.subplots(1 + len(rows), 1, figsize=(max(6.0, 0.5 * n), 1.6 + 1.3 * len(rows)),
                              gridspec_kw={"height_ratios": [1.4] + [1.0] * len(rows)})
@@ -92,5 +92,4 @@ def attention_png(thumbnails: list[np.ndarray], rows: dict[str, np.ndarray], tit
         ax.set_ylabel(name, rotation=0, ha="right", fontsize=8)
         ax.tick_params(labelsize=7)
     axes[-1].set_xlabel("frame (in order)")
-    fig.tight_layout()
-    return _save(fig, path)
+    return save(fig, path)

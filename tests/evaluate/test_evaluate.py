@@ -168,7 +168,11 @@ def test_views_from_the_cache_average_clips_and_record_their_cost(trained, tmp_p
 def test_settings_come_from_a_yaml_file_then_set_then_flags(trained, tmp_path, capsys):
     from vtn.cli import build_parser
     from vtn.config import ConfigError
-    from vtn.evaluate.settings import EvaluateConfig, PredictConfig, settings
+    from vtn.config import job_config
+    from vtn.evaluate.settings import FLAGS, EvaluateConfig, PredictConfig
+
+    def settings(cls, args):
+        return job_config(cls, args, FLAGS)
 
     yaml = tmp_path / "eval.yaml"
     yaml.write_text("views: 3x1\ncheckpoint: last\nbatch_size: 2\n")

@@ -330,13 +330,13 @@ def test_finetune_progress_bar_shows_clips_per_second_and_peak_memory():
     import re
 
     from vtn.progress import progress_bar
-    from vtn.temporal.finetune import MemoryBar, peak_memory
+    from vtn.temporal.finetune import memory_postfix, peak_memory
 
     cpu = torch.device("cpu")
     out = io.StringIO()
     low = peak_memory(cpu)
-    bar = MemoryBar(progress_bar(total=2, file=out, unit="step"), cpu)
-    bar.set_postfix(loss="0.693", clips_s="12", refresh=False)  # as loop.py's loop sets it
+    bar = progress_bar(total=2, file=out, unit="step")
+    bar.set_postfix(loss="0.693", clips_s="12", **memory_postfix(cpu), refresh=False)  # as loop.py's loop sets it
     bar.update()
     bar.close()
     high = peak_memory(cpu)

@@ -25,7 +25,7 @@ def run(videos_per_class: int = 6, views: tuple[str, ...] = ("full", "10x3"), wo
     from vtn import synth
     from vtn.extract.config import ExtractConfig, RuntimeConfig
     from vtn.temporal.settings import TrainConfig
-    from vtn.temporal.train import train
+    from vtn.temporal.loop import fit
 
     work = Path(workdir or tempfile.mkdtemp(prefix="vtn-bench-inference-"))
     try:
@@ -38,8 +38,8 @@ def run(videos_per_class: int = 6, views: tuple[str, ...] = ("full", "10x3"), wo
                                           "runtime": {"device": "cpu", "workers": 0, "progress": False}})
             extract_job.run(cfg, data, cache, overwrite=True)
             length = {"optim": {"steps": steps}} if steps else {}
-            train(cache, run_dir, merge(resolve(TrainConfig, None, TRAIN_SETS), {"run": {"device": "cpu"}, **length}),
-                  progress=False)
+            fit(cache, run_dir, merge(resolve(TrainConfig, None, TRAIN_SETS), {"run": {"device": "cpu"}, **length}),
+                progress=False)
         entries, classes = entries_of(data / "val")
         results = {}
         for mode in views:
