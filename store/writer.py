@@ -220,12 +220,13 @@ class CacheWriter:
         try:
             self._commit()
         except OSError as e:
-            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
-                raise
             self._out_of_space(e)
 
     def _out_of_space(self, e: OSError):
-        """Stop writing, leave no empty part behind, and say in one line what is kept and how to go on."""
+        """After an OSError while writing: when the disk or quota is full, stop writing, leave no empty part behind,
+        and say in one line what is kept and how to go on; any other error goes on up."""
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise e
         self._disk_full = True
         lost = len(self._buffer)
         self._buffer, self._buffered_rows, self._pending_failures = [], 0, False
@@ -285,8 +286,6 @@ class CacheWriter:
                 try:
                     _consolidate(self.root)
                 except OSError as e:
-                    if e.errno not in (errno.ENOSPC, errno.EDQUOT):
-                        raise
                     self._out_of_space(e)
         finally:
             self._lease.release()

@@ -157,7 +157,7 @@ def train_batched(cache, runs: list[tuple[Path, TrainConfig]], sources: dict | N
             inputs = []
             for j, (batch, _) in zip(jobs, step):
                 set_lr(j.loop)
-                x, m, p = model_inputs(batch, j.model_cfg, device)
+                x, m, p = model_inputs(batch, j.loop.model.config, device)
                 if p is not None:
                     j.loop.model._frame_positions(p, m)  # refuses positions outside the table, as a run does
                 inputs.append((x, m, p))

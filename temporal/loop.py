@@ -42,7 +42,7 @@ from vtn.store.dataset import ClipDataset, LengthBucketSampler, collate_clips
 from vtn.temporal import checkpoint
 from vtn.temporal.data import cache_inputs, check_inputs, feature_stats, model_inputs, predict
 from vtn.temporal.metrics import classification_metrics, rank
-from vtn.temporal.model import VTN, VTNConfig
+from vtn.temporal.model import VTN
 from vtn.temporal.settings import DEFAULT_EPOCHS, OptimSection, RunSection, TrainConfig, model_config
 from vtn.temporal.splits import Data, data_fingerprint, load_data
 
@@ -120,6 +120,8 @@ def check_resume(saved: dict, mine: dict, ckpt: Path) -> None:
 
 
 def checkpoint_last(loop: Loop) -> None:
+    """last/ as of now: the state (with the run's time so far), the weights, the optimiser, every process's RNG."""
+    loop.state["elapsed"] = time.perf_counter() - loop.started
     rngs = [checkpoint.rng_state(loop.device)]
     if loop.procs.world > 1:
         rngs = [None] * loop.procs.world
@@ -193,7 +195,6 @@ def step_checkpoint(loop: Loop, checkpoint_every: int) -> None:
     state = loop.state
     ends_epoch = state["step_in_epoch"] == state["steps_per_epoch"] or state["step"] == state["total_steps"]
     if checkpoint_every and state["step"] % checkpoint_every == 0 and not ends_epoch:
-        state["elapsed"] = time.perf_counter() - loop.started
         checkpoint_last(loop)
 
 
@@ -207,7 +208,6 @@ def close_epoch(loop: Loop, epoch: int, epochs: int, every: int, checkpoint_ever
     state = loop.state
     state.update(epoch=epoch + 1, step_in_epoch=0)
     if checkpoint_every and state["step"] % checkpoint_every == 0:
-        state["elapsed"] = time.perf_counter() - loop.started
         checkpoint_last(loop)
     return None
 
@@ -376,11 +376,10 @@ def schedule_text(loop: Loop, batch_size: int, why: str, resuming: bool) -> str:
 
 @dataclass
 class Started:
-    """A run set up to train: its loop (model, optimiser, counters, schedule), data and model config."""
+    """A run set up to train: its loop (model, optimiser, counters, schedule), data and config."""
 
     loop: Loop
     data: Data
-    model_cfg: VTNConfig
     cfg: TrainConfig
 
 
@@ -431,7 +430,7 @@ def start_run(run: Path, cache, cfg: TrainConfig | None, resume: bool, procs: Pr
         if len(cache.class_names) == 1:
             print(f"warning: {cache.url} has a single class ({cache.class_names[0]}); every prediction is that "
                   "class and accuracy means nothing", flush=True)
-    return Started(loop, data, model_cfg, cfg)
+    return Started(loop, data, cfg)
 
 
 def finish_run(loop: Loop, announce: bool = True) -> dict:
@@ -466,10 +465,10 @@ def fit(cache_url: str, out: str | Path, cfg: TrainConfig | None = None, resume:
         run = check_run_dir(out)  # never over a file or a folder that is not a run
         cache = cache if cache is not None else open_cache(cache_url)
         job = start_run(run, cache, cfg, resume, procs, device, sources)
-        loop, data, model_cfg, cfg = job.loop, job.data, job.model_cfg, job.cfg
+        loop, data, cfg = job.loop, job.data, job.cfg
 
         def loss_fn(batch: dict, weight: float) -> torch.Tensor:
-            features, mask, positions = model_inputs(batch, model_cfg, device)
+            features, mask, positions = model_inputs(batch, loop.model.config, device)
             with autocast(device, cfg.run.amp):
                 logits = loop.ddp(features, mask, positions)
             return clip_loss(logits, batch["labels"].to(device), cfg.optim, weight)

@@ -337,16 +337,12 @@ def sweep(cache_url: str, out: str | Path, runs: list[Run], jobs: int | None = N
 
 # -- the command ------------------------------------------------------------------------------------------------
 
-def base_config(args):
+def main(args) -> int:
     from vtn.config import job_config
     from vtn.temporal.model import SIZES
     from vtn.temporal.settings import RECIPES, TrainConfig
 
-    return job_config(TrainConfig, args, {}, recipes=RECIPES, sizes=SIZES)
-
-
-def main(args) -> int:
-    base = base_config(args)
+    base = job_config(TrainConfig, args, {}, recipes=RECIPES, sizes=SIZES)
     if args.preset and args.grid:
         raise UserError("--preset ablations is a grid of its own; give --grid or --preset, not both")
     variants = ablations(base) if args.preset == "ablations" else variants_of(parse_grid(args.grid, base), args.zip)

@@ -77,6 +77,15 @@ def to_dict(cfg: Any) -> dict:
     return plain(cfg)
 
 
+# A scalar annotation: what it accepts (a bool is not a number) and what an error says it expected.
+_SCALARS = {
+    bool: (lambda v: isinstance(v, bool), "true/false"),
+    float: (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number"),
+    int: (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+    str: (lambda v: isinstance(v, str), "a string"),
+}
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check `value` against the annotation `tp`, converting where it is lossless (int -> float, list -> tuple)."""
     origin = typing.get_origin(tp)
@@ -116,22 +125,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping for section {tp.__name__}, got {value!r}")
         return merge(tp(), value, key + ".")
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key}: expected true/false, got {value!r}")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    if tp in _SCALARS:
+        accepts, expected = _SCALARS[tp]
+        if not accepts(value):
+            raise ConfigError(f"{key}: expected {expected}, got {value!r}")
+        return float(value) if tp is float else value
     if isinstance(tp, type) and isinstance(value, tp):
         return value
     raise ConfigError(f"{key}: {value!r} does not fit {_name(tp)}")

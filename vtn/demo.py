@@ -19,8 +19,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-# Sized so the demo finishes in minutes on a laptop CPU: 160 train and 60 val videos, frames sampled at 12 fps,
-# a 64 px ViT-Tiny, a small encoder, 1500 steps.
+# Sized so the demo finishes in minutes on a laptop CPU.
 VIDEOS = {"train": 40, "val": 15}  # per class
 BACKBONE = {"name": "vit_tiny_patch16_224", "weights": "random", "image_size": 64}
 SAMPLING = {"mode": "fps", "fps": 12.0}
@@ -37,9 +36,8 @@ def small_encoder(fps: float) -> list[str]:
 TRAIN_SETS = [*small_encoder(SAMPLING["fps"]), "data.clip_frames=16", "data.stride=2", "optim.batch_size=16",
               "optim.lr=0.001", "optim.min_steps=1500"]
 
-# `--finetune`: 4 layout classes, 48 train and 10 val videos each (1-2 s at 15 fps, sampled at 8 fps: 8-16 frames),
-# a 64 px random-init ResNet-10t (its residual branches start at zero, so its pooled feature averages local features
-# over the frame, which is what makes the layout invisible to it), the same small encoder as above.
+# `--finetune`: a random-init ResNet-10t, whose residual branches start at zero, so its pooled feature averages
+# local features over the frame: what makes the layout invisible to it.
 FT_VIDEOS = {"train": 48, "val": 10}  # per class
 FT_BACKBONE = {"name": "resnet10t", "weights": "random", "image_size": 64}
 FT_SAMPLING = {"mode": "fps", "fps": 8.0}
@@ -106,7 +104,7 @@ def demo(out: str | Path | None = None, progress: bool = True) -> dict:
     """Run the demo in `out` (a new temporary folder when None); prints the report and returns its figures."""
     import tempfile
 
-    from vtn.config import merge, resolve
+    from vtn.config import resolve
     from vtn.evaluate.run import evaluate
     from vtn.synth import CLASSES, make_dataset
     from vtn.temporal.settings import TrainConfig
@@ -129,8 +127,7 @@ def demo(out: str | Path | None = None, progress: bool = True) -> dict:
 
     start = time.perf_counter()
     print("3/4 training the temporal encoder", flush=True)
-    train_cfg = merge(resolve(TrainConfig, None, TRAIN_SETS), {"run": {"device": "cpu"}})
-    fit(cache, run, train_cfg, resume=False, progress=progress)
+    fit(cache, run, resolve(TrainConfig, None, [*TRAIN_SETS, "run.device=cpu"]), resume=False, progress=progress)
     times["train"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -156,7 +153,7 @@ def finetune_stage(out: str | Path | None = None, progress: bool = True) -> dict
     both val top-1 (whole val videos, each run's best checkpoint) with the seconds each stage took."""
     import tempfile
 
-    from vtn.config import merge, resolve
+    from vtn.config import resolve
     from vtn.evaluate.run import evaluate
     from vtn.synth import LAYOUT_CLASSES, make_layout_dataset
     from vtn.temporal.finetune import FinetuneConfig, default_config, finetune
@@ -181,14 +178,13 @@ def finetune_stage(out: str | Path | None = None, progress: bool = True) -> dict
 
     start = time.perf_counter()
     print("3/4 stage two on the frozen features", flush=True)
-    fit(cache, run, merge(resolve(TrainConfig, None, FT_TRAIN_SETS), {"run": {"device": "cpu"}}),
-        resume=False, progress=progress)
+    fit(cache, run, resolve(TrainConfig, None, [*FT_TRAIN_SETS, "run.device=cpu"]), resume=False, progress=progress)
     frozen = evaluate(run, cache, split="val", device="cpu")
     times["stage two"] = time.perf_counter() - start
 
     start = time.perf_counter()
     print(f"4/4 vtn finetune {run} --out {tuned}: backbone, encoder and head from raw video", flush=True)
-    cfg = merge(resolve(FinetuneConfig, None, FINETUNE_SETS, base=default_config(run)), {"run": {"device": "cpu"}})
+    cfg = resolve(FinetuneConfig, None, [*FINETUNE_SETS, "run.device=cpu"], base=default_config(run))
     result = finetune(run, tuned, cfg=cfg, progress=progress)
     times["finetune"] = time.perf_counter() - start
 
