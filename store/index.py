@@ -14,7 +14,7 @@ import warnings
 
 import numpy as np
 
-from vtn.store.layout import TABLE_COLUMNS, StoreError
+from vtn.store.layout import TABLE_COLUMNS, StoreError, require_group
 from vtn.store.rows import damaged, missing_chunks
 
 
@@ -134,7 +134,7 @@ def consolidate(root) -> int:
     cols = read_index(root, parts)
     n = len(cols["id"])
     stamp = f"{time.time_ns():020d}-{secrets.token_hex(3)}"
-    g = root.require_group("index").create_group(stamp)
+    g = require_group(root, "index").create_group(stamp)
     for name, values in cols.items():
         dtype = str if values.dtype == object else values.dtype
         arr = g.create_array(name, shape=(n,), chunks=(max(1, min(n, 65536)),), dtype=dtype,

@@ -37,8 +37,11 @@ holds no videos and readers and `verify` pass over it.
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 from zarr.codecs import BloscCodec, Crc32cCodec
+from zarr.errors import ContainsGroupError
 
 from vtn.errors import UserError
 
@@ -99,3 +102,14 @@ def open_root(url: str, mode: str = "r", storage_options: dict | None = None):
             "re-extract it or use the vtn release that wrote it"
         )
     return root
+
+
+def require_group(root, name: str):
+    """The group `name` of `root`, made by whichever writer needs it first: two making it at once race in zarr's
+    require_group (one sees it half made), so the loser tries again once the other has made it."""
+    for _ in range(100):
+        try:
+            return root.require_group(name)
+        except (ContainsGroupError, FileNotFoundError):
+            time.sleep(0.01)
+    return root.require_group(name)

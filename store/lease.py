@@ -24,25 +24,12 @@ import threading
 import time
 from datetime import datetime, timezone
 
-from zarr.errors import ContainsGroupError
-
 from vtn.store.index import child_groups
-from vtn.store.layout import StoreError
+from vtn.store.layout import StoreError, require_group
 
 GROUP = "writers"
 BEAT_S = 20.0
 STALE_S = 120.0
-
-
-def _writers_group(root):
-    """`writers/`, made by the first writer ever to need it; two at the same instant race in zarr's require_group
-    (one sees it half made), so the loser tries again once the other has finished making it."""
-    for _ in range(100):
-        try:
-            return root.require_group(GROUP)
-        except (ContainsGroupError, FileNotFoundError):
-            time.sleep(0.01)
-    return root.require_group(GROUP)
 
 
 def _alive(entry: dict, now: float) -> bool:
@@ -97,7 +84,7 @@ class Lease:
         self.name = f"{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(4)}"
         entry = {"host": socket.gethostname(), "pid": os.getpid(), "share": list(share) if share else None,
                  "started": now, "beat": now}
-        self._group = _writers_group(root).create_group(self.name, attributes=entry)
+        self._group = require_group(root, GROUP).create_group(self.name, attributes=entry)
         if share is not None:
             self._check(entry)
         self._stop = threading.Event()

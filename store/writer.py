@@ -35,6 +35,7 @@ from vtn.store.layout import (
     compressors,
     open_root,
     rows_per_shard,
+    require_group,
 )
 
 
@@ -136,7 +137,7 @@ class CacheWriter:
             root = open_root(self.url, "r+", storage_options)
             self._check_compatible(root.attrs.asdict(), {**expected, **{k: attrs.get(k) for k in identity}})
             return root
-        root.require_group("parts")
+        require_group(root, "parts")
         return root
 
     def _check_compatible(self, have: dict, want: dict) -> None:
@@ -150,7 +151,7 @@ class CacheWriter:
         name = self._name
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
         self.part_name = f"{name}-{stamp}-{secrets.token_hex(3)}"
-        self.part = self.root.require_group("parts").create_group(self.part_name, attributes={"committed": 0, "rows": 0, "failures": []})
+        self.part = require_group(self.root, "parts").create_group(self.part_name, attributes={"committed": 0, "rows": 0, "failures": []})
         shard = self._shard_rows
         comp = compressors(self.dtype.itemsize)
         self._rows_arrays = {
