@@ -1,7 +1,12 @@
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+
+sys.path.insert(0, str(Path(__file__).parent))  # cli_runner, for tests and their helper modules (importlib mode adds no test dirs)
+from cli_runner import run_vtn  # noqa: E402
 
 
 def pytest_configure(config):
@@ -17,12 +22,20 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    # The slow tests first: xdist hands tests out in this order, so a minutes-long demo collected last no longer
-    # runs alone on one worker while the other has finished (longest first packs the two workers evenly).
-    items.sort(key=lambda item: "slow" not in item.keywords)
+    # The files with slow tests first: xdist hands whole files out in this order, so a minutes-long demo collected
+    # last no longer runs alone on one worker while the other has finished (longest first packs the two workers
+    # evenly). A file's tests stay together, so its module fixtures are built once, with or without xdist.
+    slow = {item.path for item in items if "slow" in item.keywords}
+    items.sort(key=lambda item: item.path not in slow)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def vtn():
+    """vtn(*args, check_rc=N, cwd=None) -> CompletedProcess: the CLI as users run it (see run_vtn)."""
+    return run_vtn

@@ -1,11 +1,9 @@
 """Shared fixtures: generated videos (small, so the whole folder runs in a couple of minutes on 2 cores)."""
 
-import subprocess
-import sys
-
 import pytest
 
 from vtn import synth
+
 
 @pytest.fixture(scope="session")
 def videos(tmp_path_factory):
@@ -18,16 +16,3 @@ def videos(tmp_path_factory):
 @pytest.fixture(scope="session")
 def bad_files(tmp_path_factory):
     return synth.make_bad_files(tmp_path_factory.mktemp("bad"))
-
-
-def _vtn(*args, check_rc=None, **kw):
-    proc = subprocess.run([sys.executable, "-m", "vtn", *map(str, args)], capture_output=True, text=True, **kw)
-    if check_rc is not None:
-        assert proc.returncode == check_rc, proc.stderr[-3000:]
-    return proc
-
-
-@pytest.fixture
-def vtn():
-    """Run the `vtn` CLI in a fresh process, as users do: vtn(*args, check_rc=N) -> CompletedProcess."""
-    return _vtn

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+from cli_runner import run_vtn
 
 from vtn.store import open_cache
 
@@ -39,10 +40,17 @@ def _extract_two_ranks(videos, out, *args) -> str:
     return stderr
 
 
-def test_two_ranks_equal_one_process(videos, tmp_path, vtn):
+@pytest.fixture(scope="module")
+def one(videos, tmp_path_factory):
+    """The cache one process makes of the 12 videos: what every split of the work must equal."""
+    out = tmp_path_factory.mktemp("one") / "cache"
+    run_vtn("extract", videos, "--out", out, *ARGS, check_rc=0)
+    return out
+
+
+def test_two_ranks_equal_one_process(videos, one, tmp_path):
     helpers = _resume_helpers()
-    one, two = tmp_path / "one", tmp_path / "two"
-    vtn("extract", videos, "--out", one, *ARGS, check_rc=0)
+    two = tmp_path / "two"
     stderr = _extract_two_ranks(videos, two, *ARGS)
     assert "extracted 12 videos" in stderr
     cache = open_cache(str(two))
@@ -53,10 +61,9 @@ def test_two_ranks_equal_one_process(videos, tmp_path, vtn):
 
 
 @pytest.mark.slow
-def test_job_array_shards_started_together_equal_one_process(videos, tmp_path, vtn):
+def test_job_array_shards_started_together_equal_one_process(videos, one, tmp_path, vtn):
     helpers = _resume_helpers()
-    one, sharded = tmp_path / "one", tmp_path / "sharded"
-    vtn("extract", videos, "--out", one, *ARGS, check_rc=0)
+    sharded = tmp_path / "sharded"
     # Three independent tasks at once, as a job array starts them: they race to create the cache, then share it.
     tasks = [subprocess.Popen([sys.executable, "-m", "vtn", "extract", str(videos), "--out", str(sharded), *ARGS,
                                "--shard", f"{k}/3"], stderr=subprocess.PIPE, text=True) for k in range(3)]

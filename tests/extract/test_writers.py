@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from cli_runner import run_vtn
 
 from vtn.store import CacheWriter, open_cache
 from vtn.store.verify import verify
@@ -18,7 +19,7 @@ FAST = ["--backbone", "resnet18", "--image-size", "32", "--random-init", "--num-
 def cache(videos, tmp_path_factory):
     """A finished cache of the 4 val videos, copied per test."""
     out = tmp_path_factory.mktemp("writers") / "c"
-    subprocess.run([sys.executable, "-m", "vtn", "extract", videos / "val", "--out", out, *FAST], check=True)
+    run_vtn("extract", videos / "val", "--out", out, *FAST, check_rc=0)
     return out
 
 

@@ -4,14 +4,13 @@ values (NaN features and timestamps, frame index -1, id "")."""
 
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import google_crc32c
 import numpy as np
 import pytest
 import zarr
+from cli_runner import run_vtn as vtn
 from store_helpers import CLASSES, D
 
 from vtn.store import CacheWriter, ClipDataset, StoreError, open_cache
@@ -22,10 +21,6 @@ from vtn.store.verify import verify
 
 TINY_TRAIN = ["--set", "model.hidden_size=16", "--set", "model.num_layers=1", "--set", "model.num_heads=2",
               "--set", "model.intermediate_size=32", "--set", "model.attention_window=4", "--frames", "8", "--batch-size", "4"]
-
-
-def vtn(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "vtn", *args], capture_output=True, text=True, cwd=cwd, timeout=300)
 
 
 def part_of(url) -> str:

@@ -92,12 +92,6 @@ def test_a_process_sees_videos_committed_after_it_first_listed_the_cache(s3):
     assert sorted(name.split("-")[0] for name in covered) == ["other", "part"]
 
 
-def _vtn(*args, timeout=300):
-    proc = subprocess.run([sys.executable, "-m", "vtn", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout)
-    assert proc.returncode == 0, f"vtn {' '.join(map(str, args))}: rc {proc.returncode}\n{proc.stderr[-3000:]}"
-    return proc
-
 
 def _committed(url) -> int:
     try:
@@ -107,7 +101,7 @@ def _committed(url) -> int:
 
 
 @pytest.mark.slow
-def test_extract_kill_resume_train_evaluate_export_on_s3(s3, tmp_path):
+def test_extract_kill_resume_train_evaluate_export_on_s3(s3, tmp_path, vtn):
     """The whole user path on an S3 cache through the CLI: extract (SIGKILLed, then resumed), verify, info,
     train, evaluate, export."""
     import h5py
@@ -132,25 +126,24 @@ def test_extract_kill_resume_train_evaluate_export_on_s3(s3, tmp_path):
     before = _committed(url)
     assert 0 < before < n, f"{before} videos committed when killed; the test did not test a crash"
 
-    rerun = subprocess.run(extract, capture_output=True, text=True, timeout=300)
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    rerun = vtn(*extract[3:], check_rc=0)
     assert f"extracted {n - before} videos" in rerun.stderr and f"{before} already in the cache" in rerun.stderr
 
-    verify = _vtn("store", "verify", url, "--quiet").stdout
+    verify = vtn("store", "verify", url, "--quiet", check_rc=0).stdout
     assert f"{url}: {n} videos" in verify and verify.strip().endswith("clean")
-    info = json.loads(_vtn("store", "info", url, "--json").stdout)
+    info = json.loads(vtn("store", "info", url, "--json", check_rc=0).stdout)
     assert info["videos"] == n and {s: v["videos"] for s, v in info["splits"].items()} == {"train": 4, "val": 2}
     assert info["failures"] == [] and info["backbone"]["name"] == "resnet18"
 
     run = tmp_path / "run"
-    _vtn("train", url, "--out", run, *TINY, "--epochs", "1", "--set", "optim.min_steps=2", "--quiet")
+    vtn("train", url, "--out", run, *TINY, "--epochs", "1", "--set", "optim.min_steps=2", "--quiet", check_rc=0)
     assert (run / "last").is_dir() and (run / "metrics.jsonl").read_text().strip()
-    metrics = json.loads(_vtn("evaluate", run, "--cache", url, "--json").stdout)
+    metrics = json.loads(vtn("evaluate", run, "--cache", url, "--json", check_rc=0).stdout)
     assert metrics["videos"] == 2, metrics
     assert len((run / "predictions.csv").read_text().strip().splitlines()) == 1 + 2
 
     out = tmp_path / "local.h5"
-    _vtn("store", "export", url, "--out", out)
+    vtn("store", "export", url, "--out", out, check_rc=0)
     cache = open_cache(url)
     with h5py.File(out, "r") as f:
         exported = []
