@@ -164,14 +164,21 @@ def _torchrun(args, **kw):
                             env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True, **kw)
 
 
+def _failure(proc) -> str:
+    """The end of each rank's stderr: the rank that failed first is often not the last one to write."""
+    lines = proc.stderr.read().splitlines()
+    return "\n".join("\n".join([x for x in lines if x.startswith(f"[rank{r}]")][-15:]) for r in (0, 1)) + "\n" + \
+        "\n".join(x for x in lines if not x.startswith("[rank"))[-2000:]
+
+
 @pytest.mark.slow
 def test_two_processes_train_as_one_and_resume_exactly(tmp_path):
     cache = make_cache(tmp_path / "cache", per_class={"train": 21, "val": 4})  # 42 clips: a short last batch of 10
     args = [*TINY, "--set", "model.dropout=0", "--set", "model.attention_dropout=0", "--set", "model.head_dropout=0",
-            "--batch-size", "16", "--steps", "60", "--set", "run.checkpoint_every=2", "--quiet"]
+            "--batch-size", "16", "--steps", "20", "--set", "run.checkpoint_every=2", "--quiet"]
     assert main(["train", cache, "--out", str(tmp_path / "one"), *args]) == 0
     two = _torchrun(["train", cache, "--out", str(tmp_path / "two"), *args])
-    assert two.wait(timeout=300) == 0, two.stderr.read()[-3000:]
+    assert two.wait(timeout=300) == 0, _failure(two)
     a = load_file(str(tmp_path / "one" / "last" / "model.safetensors"))
     b = load_file(str(tmp_path / "two" / "last" / "model.safetensors"))
     for k in a:  # the same steps: equal up to the order of float sums
@@ -185,9 +192,9 @@ def test_two_processes_train_as_one_and_resume_exactly(tmp_path):
         time.sleep(0.02)
     os.killpg(cut.pid, signal.SIGKILL)
     cut.wait()
-    assert json.loads(state.read_text())["step"] < 60
+    assert json.loads(state.read_text())["step"] < 20
     again = _torchrun(["train", cache, "--out", str(tmp_path / "cut"), "--resume", "--quiet"])
-    assert again.wait(timeout=300) == 0, again.stderr.read()[-3000:]
+    assert again.wait(timeout=300) == 0, _failure(again)
     c = load_file(str(tmp_path / "cut" / "last" / "model.safetensors"))
     assert all(torch.equal(b[k], c[k]) for k in b)
     strip = lambda run: [{k: v for k, v in r.items() if k != "elapsed"} for r in records(run)]  # noqa: E731
