@@ -71,7 +71,7 @@ def test_attention_thumbnails_keep_their_aspect_ratio_over_a_time_axis_in_second
     strip, *bars = fig.axes
     renderer = laid_out(fig)
     box = strip.get_window_extent(renderer)
-    assert box.width / box.height == pytest.approx(108 / 96, rel=0.02)  # the strip's own width : height
+    assert box.width / box.height == pytest.approx((2 * 54 + 6) / 96, rel=0.02)  # 2 thumbnails, 2 gaps of 3 px
     assert [t.get_text() for t in strip.get_xticklabels()] == ["0.00 s", "0.25 s"]
     for ax in bars:
         assert list(ax.get_xticks()) == [0.0, 0.25] and ax.get_xlim()[0] < 0 < 0.25 < ax.get_xlim()[1]

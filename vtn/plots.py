@@ -126,6 +126,7 @@ def attention_figure(thumbnails: list[np.ndarray], shown: np.ndarray, times: np.
     from matplotlib.ticker import MaxNLocator
 
     plt = pyplot()
+    thumbnails = [np.pad(t, ((0, 0), (0, 3), (0, 0)), constant_values=255) for t in thumbnails]  # a white gap each
     strip = np.concatenate(thumbnails, axis=1) if thumbnails else np.full((8, 8, 3), 128, np.uint8)
     width = 12.0
     strip_height = min(1.6, width * strip.shape[0] / strip.shape[1])
@@ -133,14 +134,14 @@ def attention_figure(thumbnails: list[np.ndarray], shown: np.ndarray, times: np.
                              gridspec_kw={"height_ratios": [strip_height] + [1.0] * len(rows)})
     axes[0].imshow(strip, aspect="equal")
     edges = np.cumsum([0] + [t.shape[1] for t in thumbnails])
-    axes[0].set_xticks((edges[:-1] + edges[1:]) / 2 - 0.5, [f"{times[i]:.2f} s" for i in shown], fontsize=7)
+    axes[0].set_xticks((edges[:-1] + edges[1:] - 3) / 2 - 0.5, [f"{times[i]:.2f} s" for i in shown], fontsize=7)
     axes[0].set_yticks([])
     axes[0].tick_params(length=0)
     for spine in axes[0].spines.values():
         spine.set_visible(False)
     axes[0].set_title(title, fontsize=9)
     gaps = np.diff(times)
-    bar = 0.8 * (gaps[gaps > 0].min() if (gaps > 0).any() else 0.1)
+    bar = 0.8 * (np.median(gaps[gaps > 0]) if (gaps > 0).any() else 0.1)
     for ax, (name, w) in zip(axes[1:], rows.items()):
         ax.bar(times, w, width=bar)
         ax.set_xlim(times.min() - bar, times.max() + bar)
