@@ -38,13 +38,15 @@ def test_confusion_cells_hold_counts_and_an_empty_row_says_no_videos():
 
 
 def test_reliability_bars_carry_their_counts_and_the_legend_sits_below_the_axes():
-    from vtn.temporal.metrics import calibration
-
-    probs = np.array([[0.9, 0.1], [0.95, 0.05], [0.65, 0.35], [0.35, 0.65]])
-    cal = calibration(probs, np.array([0, 0, 1, 1]))
+    # metrics.calibration's shape, by hand (no torch import): 5 bins, 3 of them filled
+    counts, accuracy = [0, 0, 120, 1, 1500], [None, None, 0.5, 0.0, 0.9]
+    cal = {"ece": 0.1, "bins": [{"low": i / 5, "high": (i + 1) / 5, "videos": n, "accuracy": a,
+                                 "confidence": None if a is None else i / 5 + 0.1}
+                                for i, (n, a) in enumerate(zip(counts, accuracy))]}
     fig = plots.reliability_figure(cal)
     ax = fig.axes[0]
-    assert texts(ax) == [str(b["videos"]) for b in cal["bins"] if b["videos"]] == ["2", "1", "1"]
+    assert texts(ax) == ["120", "1", "1500"]  # a bin of wrong answers still shows its count
+    assert [p.get_height() for p in ax.patches] == [0.5, 0.0, 0.9]
     renderer = laid_out(fig)
     legend, axes_box = ax.get_legend().get_window_extent(renderer), ax.get_window_extent(renderer)
     assert legend.y1 < axes_box.y0 and fig.bbox.y0 <= legend.y0  # off the bars, still in the figure
