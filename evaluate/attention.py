@@ -16,6 +16,8 @@ from vtn.store import ClipDataset, collate_clips
 from vtn.temporal.data import model_inputs
 from vtn.temporal.model import VTN
 
+THUMBNAILS = 12  # frames shown above the weights: at most 12 fit the figure's width at a readable size
+
 
 def cls_attention(model: VTN, batch: dict, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
     """[CLS]'s attention to the frames of a one-video batch: per layer (heads averaged, renormalised over the
@@ -48,10 +50,10 @@ def attention_figure(model: VTN, item: dict, video: Path | None, folder: Path, d
     record = {"id": item["id"], "frames": [
         {"frame_index": int(f), "timestamp": round(float(t), 6), "layers": per_layer[:, j].round(6).tolist(),
          "rollout": round(float(rollout[j]), 6)} for j, (f, t) in enumerate(zip(index, times))]}
-    shown = np.unique(np.linspace(0, len(index) - 1, min(len(index), 24)).round().astype(int))
+    shown = np.unique(np.linspace(0, len(index) - 1, min(len(index), THUMBNAILS)).round().astype(int))
     rows = {f"layer {k + 1}": w for k, w in enumerate(per_layer)} | {"rollout": rollout}
     name = re.sub(r"[^\w.-]+", "_", item["id"])
-    png = plots.attention_png(read_frames(video, index[shown], height=48), rows,
+    png = plots.attention_png(read_frames(video, index[shown], height=96), shown, times, rows,
                               f"{item['id']}: [CLS] attention to each frame", folder / f"{name}.png")
     return record, str(png)
 

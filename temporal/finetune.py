@@ -424,7 +424,7 @@ def start_finetune(run: Path, best: Path, videos: str | None, cfg: FinetuneConfi
     rt = RuntimeConfig(device=str(device), batch_size=ft.eval_frames, amp=cfg.run.amp, workers=ft.workers,
                        timeout=ft.timeout, progress=False)
     workers = decode_workers(rt, device, procs.local_world)
-    size_threads(workers)
+    size_threads(workers, cfg.run.threads)
     rt = replace(rt, workers=workers)
     eval_cfg = ExtractConfig(whole_video_sampling(sampling, vtn.config), bc, rt)
     return Tuning(loop, data, cfg, paths, failures, sampling, eval_cfg)

@@ -392,7 +392,7 @@ def start_run(run: Path, cache, cfg: TrainConfig | None, resume: bool, procs: Pr
     cfg, last = run_config(run, TrainConfig, cfg, resume, TrainConfig, procs)
     model_cfg = model_config(cfg, cache)
     data = load_data(cache, cfg, model_cfg, procs, sources)
-    size_threads(data.workers)
+    size_threads(data.workers, cfg.run.threads)
 
     torch.manual_seed(cfg.run.seed)
     model = VTN(model_cfg).to(device)

@@ -14,6 +14,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from vtn.config import to_dict
 from vtn.plots import pyplot, save
 from vtn.temporal.metrics import METRICS, table_metrics
@@ -123,29 +125,56 @@ def write_results(rows: list[dict], out: Path, keys: list[str], base=None, name:
 
 
 def plot(rows: list[dict], keys: list[str], path: Path, base=None) -> None:
-    """Val top-1 (PLOTTED) against each varied key, one panel per key: the configs whose other varied keys are at
-    the `base` config's values, else the mean over the others; probes as horizontal lines."""
+    """plot_figure as a PNG."""
+    save(plot_figure(rows, keys, base), path)
+
+
+def plot_figure(rows: list[dict], keys: list[str], base=None):
+    """Val top-1 (PLOTTED, 0-100 %) against each varied key, one panel per key: the configs whose other varied keys
+    are at the `base` config's values, else the mean over the others (each panel says which); numeric values on a
+    numeric axis joined by a line (logarithmic when they span a factor of 10 or more), other values (names, lists,
+    booleans) as separate points; probes as horizontal lines."""
     plt = pyplot()
     runs = [r for r in rows if not r["run"].startswith("probe")]
     mean, std = f"val_{PLOTTED}_mean", f"val_{PLOTTED}_std"
-    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.5), squeeze=False)
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.8), squeeze=False)
     for ax, key in zip(axes[0], keys):
         others = [k for k in keys if k != key]
         mine = [r for r in runs if base is not None and all(_cell(r[k]) == _cell(_value(base, k)) for k in others)]
+        note = ", ".join(f"{k}={_cell(_value(base, k))}" for k in others) if mine else ""
         if len({_cell(r[key]) for r in mine}) < 2:  # no ablation of this key alone: the mean over the others
-            mine = runs
-        points: dict[str, list[dict]] = {}
+            mine, note = runs, "mean over " + ", ".join(others) if others else ""
+        groups: dict[str, list[dict]] = {}
         for r in mine:
-            points.setdefault(_cell(r[key]), []).append(r)
-        xs = list(points)
-        means = [100 * sum(r[mean] for r in g) / len(g) for g in points.values()]
-        stds = [100 * max(r[std] for r in g) for g in points.values()]
-        ax.errorbar(range(len(xs)), means, yerr=stds, fmt="o-", capsize=3, label="VTN")
+            groups.setdefault(_cell(r[key]), []).append(r)
+        raw = [g[0][key] for g in groups.values()]
+        numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in raw)
+        xs = [float(v) for v in raw] if numeric else list(range(len(raw)))
+        means = [100 * sum(r[mean] for r in g) / len(g) for g in groups.values()]
+        stds = [100 * max(r[std] for r in g) for g in groups.values()]
+        order = np.argsort(xs, kind="stable")
+        ax.errorbar(np.take(xs, order), np.take(means, order), yerr=np.take(stds, order), fmt="o-" if numeric else "o",
+                    capsize=3, label="VTN")
+        if numeric and min(xs) > 0 and max(xs) >= 10 * min(xs):
+            ax.set_xscale("log")
+        if numeric:
+            ax.set_xticks(xs, list(groups), minor=False)
+            ax.minorticks_off()
+        else:
+            ax.set_xticks(xs, list(groups))
+            ax.set_xlim(-0.5, len(xs) - 0.5)
+        long = max(len(x) for x in groups) > 6
+        ax.tick_params(axis="x", labelsize=8, labelrotation=30 if long else 0)
+        if long:
+            for label in ax.get_xticklabels():
+                label.set_ha("right")
         for r in rows:
             if r["run"].startswith("probe"):
                 ax.axhline(100 * r[mean], ls="--", lw=1, color="grey")
-                ax.text(0, 100 * r[mean], r["run"][len("probe: "):], fontsize=6, va="bottom")
-        ax.set_xticks(range(len(xs)), xs, rotation=30, fontsize=7)
+                ax.text(ax.get_xlim()[0], 100 * r[mean], " " + r["run"][len("probe: "):], fontsize=7, va="bottom")
+        ax.set_ylim(0, 100)
         ax.set_xlabel(key)
         ax.set_ylabel(f"val {METRICS[PLOTTED].column} (%)")
-    save(fig, path)
+        ax.set_title(note or "the only varied key", fontsize=8)
+        ax.grid(alpha=0.3)
+    return fig

@@ -65,6 +65,10 @@ class RunSection:
     # is always evaluated.
     eval_every: int | None = ranged(None, ge=1)
     checkpoint_every: int = ranged(1000, ge=0)  # steps between checkpoints of last/ besides those at evaluations
+    # torch threads (vtn.runtime.size_threads). None: every core the process may use beside its loader workers;
+    # a fixed count makes a CPU run's result the same on any number of cores (sums split another way round off
+    # differently)
+    threads: int | None = ranged(None, ge=1)
 
 
 @dataclass(frozen=True)
