@@ -146,6 +146,7 @@ def _report(args) -> int:
         raise UserError(f"{path}: no epoch has finished yet")
     png = curves_png(records, Path(args.run) / "curves.png")
     best = max(records, key=rank)
-    print(f"{args.run}: {len(records)} epochs, {records[-1]['step']} steps; best val top-1 {best['val_top1']:.1%} at "
+    # The epochs trained, from the last record: a long run evaluates (and records) only every few epochs
+    print(f"{args.run}: {records[-1]['epoch']} epochs, {records[-1]['step']} steps; best val top-1 {best['val_top1']:.1%} at "
           f"epoch {best['epoch']}; last {records[-1]['val_top1']:.1%}; curves: {png}")
     return 0

@@ -152,13 +152,13 @@ def extract_features(entries: list[InputEntry], model, preprocess, device: torch
         if live.get(v.entry.id) is not v or not v.complete:
             return
         del live[v.entry.id]
-        advance(v.entry.id, 1.0)
         try:
             store(v.entry, v.info, torch.cat(v.features).numpy(), np.concatenate(v.timestamps), np.concatenate(v.indices))
         except DiskFull:  # not this video's fault: the job stops, with what it committed kept
             raise
         except UserError as err:
             fail(v.entry.id, type(err).__name__, str(err))
+        advance(v.entry.id, 1.0)
 
     def on_rows(v: _Assembly, rows: torch.Tensor) -> None:
         v.features.append(rows)
