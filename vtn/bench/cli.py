@@ -184,11 +184,20 @@ def _add_inference(bench_sub) -> None:
     b.add_argument("--workers", type=int, default=0, help="decode processes (default 0: decode in the main process)")
     b.add_argument("--device", default="auto")
     b.add_argument("--workdir", help="keep the videos and the model here between runs (default: a temporary folder)")
+    b.add_argument("--latency", action="store_true",
+                   help="only the single-clip row: one 2 s clip through a warm Predictor against its backbone alone "
+                   "(goal <= 1.5x), and a cold `vtn predict` process, on the CPU")
+    b.add_argument("--latency-backbone", default="vit_base_patch16_224", metavar="NAME",
+                   help="the backbone of the single-clip row, random init (default vit_base_patch16_224)")
     b.set_defaults(func=_inference)
 
 
 def _inference(args) -> int:
-    from vtn.bench.inference import run
+    from pathlib import Path
 
-    run(args.videos, tuple(args.views), args.workdir, args.workers, args.device, args.train_videos, args.steps)
+    from vtn.bench.inference import latency, run
+
+    if not args.latency:
+        run(args.videos, tuple(args.views), args.workdir, args.workers, args.device, args.train_videos, args.steps)
+    latency(args.latency_backbone, workdir=str(Path(args.workdir) / "latency") if args.workdir else None)
     return 0
