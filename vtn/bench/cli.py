@@ -176,7 +176,9 @@ def _add_inference(bench_sub) -> None:
         "inference", help="seconds per video and frames through the backbone: full view vs 10 clips x 3 crops",
         description="Trains a small model on generated videos (as vtn demo does), then predicts the val videos from "
         "raw video with one view over each whole video (full) and with 10 clips x 3 crops, and prints seconds per "
-        "video, frames through the backbone per video and top-1 of each.")
+        "video, frames through the backbone per video and top-1 of each; then the single-clip row: one 2 s clip "
+        "through a warm Predictor with ViT-B/16 (random init) against the backbone alone on its frames, and a cold "
+        "`vtn predict` process.")
     b.add_argument("--videos", type=int, default=6, help="val videos per class (4 classes; default 6)")
     b.add_argument("--views", nargs="+", default=["full", "10x3"], help="modes to compare (default full 10x3)")
     b.add_argument("--train-videos", type=int, default=40, help="train videos per class (default 40)")
