@@ -23,11 +23,11 @@ import numpy as np
 import torch
 
 from vtn.errors import UserError
-from vtn.progress import VIDEO_BAR, progress_bar
 from vtn.extract.config import ExtractConfig, RuntimeConfig
 from vtn.extract.inputs import InputEntry, discover, image_format
 from vtn.extract.pipeline import check_runtime, extract_features
 from vtn.extract.sampling import sample
+from vtn.progress import VIDEO_BAR, progress_bar
 from vtn.evaluate.attention import attention_figure
 from vtn.evaluate.settings import PredictConfig, parse_views
 from vtn.store import collate_clips

@@ -6,10 +6,10 @@ device and preprocessed there at once (so only model-sized frames wait), and fra
 into batches of `batch_size`. The last batch is padded to `batch_size` only where a fixed shape pays: a compiled
 model (one shape, compiled once), and the extraction job, where it makes each frame's features independent of
 which other frames share its batch, so a resumed or multi-process run gives bitwise the same cache on the CPU
-(a CPU kernel may round differently at another batch size). Elsewhere (`vtn predict`, fine-tuning's bank) the
-last batch holds only its frames: one short clip costs its own frames, not `batch_size` of them. One batch stays in flight: its features come back after the next batch is
-launched, so on a GPU the host's work (receiving, pinning and preprocessing the next frames) overlaps the model
-instead of alternating with it.
+(a CPU kernel may round differently at another batch size). Elsewhere (`vtn predict`, fine-tuning's
+evaluation) the last batch holds only its frames: one short clip costs its own frames, not `batch_size` of them.
+One batch stays in flight: its features come back after the next batch is launched, so on a GPU the host's work
+(receiving, pinning and preprocessing the next frames) overlaps the model instead of alternating with it.
 """
 
 from __future__ import annotations
