@@ -33,6 +33,7 @@ def _add_evaluate(sub) -> None:
                    help="for the first N videos write attention/<id>.png (frame thumbnails from the source video "
                    "over [CLS]'s attention per layer and the rollout) and attention/attention.json")
     p.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_config_args(p, "views=10x1")
     p.set_defaults(func=_evaluate)
 
@@ -63,6 +64,9 @@ def _add_predict(sub) -> None:
     q.add_argument("--batch-size", type=int, help="frames per backbone forward, across videos (default 64)")
     q.add_argument("--workers", type=int, help="decode processes (default: as vtn extract)")
     q.add_argument("--amp", choices=["none", "bf16", "fp16"], help="autocast precision (default none)")
+    q.add_argument("--images", action="store_true",
+                   help="classify still images (PNG, JPEG ...) as one-frame videos instead of refusing them")
+    q.add_argument("--quiet", action="store_true", help="no progress bar")
     add_config_args(q, "views=10x3")
     q.set_defaults(func=_predict)
 
@@ -87,14 +91,17 @@ def _evaluate(args) -> int:
     from vtn.evaluate.settings import FLAGS, EvaluateConfig
     from vtn.temporal.metrics import summary_line
 
-    m = evaluate(args.run, args.cache, out=args.out, settings=job_config(EvaluateConfig, args, FLAGS))
+    m = evaluate(args.run, args.cache, out=args.out, settings=job_config(EvaluateConfig, args, FLAGS),
+                 progress=not args.quiet)
     if args.json:
         print(json.dumps(m))
         return 0
+    # Without a val split the run's held-out videos are scored: they come from the train split, but were never trained on
+    scored = f"held out of {m['split']}" if m.get("held_out_of_train") else m["split"]
     if not m["videos"]:
-        print(f"{m['split']}: no labelled videos; predictions written")
+        print(f"{scored}: no labelled videos; predictions written")
         return 0
-    print(f"{m['split']}: {m['videos']} videos  {summary_line(m)}  ECE {m['calibration']['ece']:.3f}  ({m['views']['mode']}: {m['frames_through_backbone']} frames, "
+    print(f"{scored}: {m['videos']} videos  {summary_line(m)}  ECE {m['calibration']['ece']:.3f}  ({m['views']['mode']}: {m['frames_through_backbone']} frames, "
           f"{m['seconds']:.2f} s)")
     print(f"  {'class':<24} precision  recall     f1  videos")
     for name, c in m["per_class"].items():
@@ -115,7 +122,8 @@ def _predict(args) -> int:
 
     started = time.perf_counter()
     cfg = job_config(PredictConfig, args, FLAGS)
-    results, failures = predict_job(args.input, args.model, cfg, args.weights, args.json, args.attention_dir)
+    results, failures = predict_job(args.input, args.model, cfg, args.weights, args.json, args.attention_dir,
+                                    args.quiet, args.images)
     seconds = time.perf_counter() - started
     frames = sum(r["frames_through_backbone"] for r in results)
     print(f"vtn predict: {len(results)} videos in {seconds:.1f} s ({cfg.views}: {frames / max(len(results), 1):.0f} "
@@ -138,6 +146,7 @@ def _report(args) -> int:
         raise UserError(f"{path}: no epoch has finished yet")
     png = curves_png(records, Path(args.run) / "curves.png")
     best = max(records, key=rank)
-    print(f"{args.run}: {len(records)} epochs, {records[-1]['step']} steps; best val top-1 {best['val_top1']:.1%} at "
+    # The epochs trained, from the last record: a long run evaluates (and records) only every few epochs
+    print(f"{args.run}: {records[-1]['epoch']} epochs, {records[-1]['step']} steps; best val top-1 {best['val_top1']:.1%} at "
           f"epoch {best['epoch']}; last {records[-1]['val_top1']:.1%}; curves: {png}")
     return 0

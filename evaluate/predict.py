@@ -15,6 +15,7 @@ centre; 3: both ends and the centre of the long side), softmax scores averaged o
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -23,9 +24,10 @@ import torch
 
 from vtn.errors import UserError
 from vtn.extract.config import ExtractConfig, RuntimeConfig
-from vtn.extract.inputs import InputEntry, discover
+from vtn.extract.inputs import InputEntry, discover, image_format
 from vtn.extract.pipeline import check_runtime, extract_features
 from vtn.extract.sampling import sample
+from vtn.progress import VIDEO_BAR, progress_bar
 from vtn.evaluate.attention import attention_figure
 from vtn.evaluate.settings import PredictConfig, parse_views
 from vtn.store import collate_clips
@@ -38,12 +40,20 @@ from vtn.temporal.metrics import mean_softmax
 from vtn.temporal.model import VTN
 
 
-def entries_of(source: str | Path) -> tuple[list[InputEntry], list[str]]:
-    """A video file, a folder of videos or a CSV manifest as entries (labels where the folder or manifest gives them)."""
+def entries_of(source: str | Path, images: bool = False) -> tuple[list[InputEntry], list[str]]:
+    """A video file, a folder of videos or a CSV manifest as entries (labels where the folder or manifest gives them).
+    A still image (PNG, JPEG ...) is refused unless `images`: a decoder reads it as a one-frame video, and a video
+    model would classify it without a word."""
     path = Path(source)
     if path.is_file() and path.suffix.lower() != ".csv":
-        return [InputEntry(path.name, path, -1, "predict")], []
-    entries, classes, _ = discover(path)
+        entries, classes = [InputEntry(path.name, path, -1, "predict")], []
+    else:
+        entries, classes, _ = discover(path)
+    for e in entries if not images else ():
+        kind = image_format(e.path)
+        if kind:
+            raise UserError(f"{e.path}: a {kind} image, not a video; a video model would classify it as a one-frame "
+                            "video. Give video files, or add --images to classify still images that way")
     return entries, classes
 
 
@@ -107,10 +117,11 @@ class Predictor:
         cfg = self.model.config
         return list(cfg.class_names) or [str(i) for i in range(cfg.num_classes)]
 
-    def predict(self, entries: list[InputEntry], on_video=None, on_failure=None) -> list[dict]:
+    def predict(self, entries: list[InputEntry], on_video=None, on_failure=None, progress=None) -> list[dict]:
         """Predict each video; returns one dict per video (id, path, label, logits, probabilities, frames through
         the backbone, views), in the order they finish. `on_video(result, video)` (video: features, timestamps,
-        frame indices) and `on_failure(id, error class, message)` are called as it goes."""
+        frame indices), `on_failure(id, error class, message)` and `progress(videos, frames)` (see
+        extract_features) are called as it goes."""
         results = []
 
         def store(entry: InputEntry, info, features, timestamps, indices) -> None:
@@ -123,8 +134,11 @@ class Predictor:
                 on_video(result, (features, timestamps, indices))
 
         self.model.eval()
+        # One video decodes in a thread of this process: starting decode processes (spawned, importing the
+        # decoders) would cost more than decoding a short clip, and there is no other video to overlap with.
+        workers = 0 if len(entries) == 1 and self.cfg.runtime.workers is None else None
         extract_features(entries, self.backbone, self.preprocess, self.device, self.cfg, store,
-                         on_failure or (lambda *a: None))
+                         on_failure or (lambda *a: None), workers=workers, progress=progress or (lambda v, f: None))
         return results
 
     def __call__(self, paths) -> list[dict]:
@@ -137,12 +151,14 @@ class Predictor:
 
 
 def predict_job(source: str, run: str, settings: PredictConfig | None = None, weights: str | None = None,
-                json_path: str | None = None, attention_dir: str | None = None) -> tuple[list[dict], list[tuple]]:
+                json_path: str | None = None, attention_dir: str | None = None, quiet: bool = False,
+                images: bool = False) -> tuple[list[dict], list[tuple]]:
     """`vtn predict`: prints each video's top classes as it finishes, writes --json lines, attention figures;
-    returns (results, failures). `weights`: the backbone's weights file where it is now, if it moved."""
+    returns (results, failures). `weights`: the backbone's weights file where it is now, if it moved. A progress
+    bar on stderr unless `quiet`; `images`: take still images as one-frame videos (see entries_of)."""
     settings = settings or PredictConfig()
     views, top, attention = settings.views, settings.top, settings.attention
-    entries, folder_classes = entries_of(source)
+    entries, folder_classes = entries_of(source, images)
     if attention and views != "full":
         raise UserError("--attention shows [CLS]'s attention over one view of the whole video: use it with --views full")
     runtime = RuntimeConfig(device=settings.device, batch_size=settings.batch_size, workers=settings.workers,
@@ -158,8 +174,7 @@ def predict_job(source: str, run: str, settings: PredictConfig | None = None, we
         order = np.argsort(-result["logits"])[:top]
         best = [(names[c], float(np.exp(result["logits"][c]))) for c in order]
         truth = folder_classes[result["label"]] if result["label"] >= 0 else None
-        print(f"{result['id']}: " + ", ".join(f"{n} {p:.1%}" for n, p in best)
-              + (f"   (label {truth})" if truth else ""), flush=True)
+        say(f"{result['id']}: " + ", ".join(f"{n} {p:.1%}" for n, p in best) + (f"   (label {truth})" if truth else ""))
         if out:
             out.write(json.dumps({"id": result["id"], "path": result["path"], "label": truth,
                                   "top": [{"class": n, "probability": p} for n, p in best],
@@ -177,11 +192,21 @@ def predict_job(source: str, run: str, settings: PredictConfig | None = None, we
 
     def on_failure(vid: str, error: str, message: str) -> None:
         failures.append((vid, error, message))
-        print(f"{vid}: failed: {error}: {message}", flush=True)
+        say(f"{vid}: failed: {error}: {message}")
+
+    bar = None if quiet else progress_bar(total=len(entries), unit="video", desc="predict", bar_format=VIDEO_BAR,
+                                          leave=False)
+
+    def say(line: str) -> None:  # above the bar, which is redrawn below it
+        (bar.write if bar is not None else print)(line, file=sys.stdout)
+        sys.stdout.flush()
 
     try:
-        results = predictor.predict(entries, on_video, on_failure)
+        results = predictor.predict(entries, on_video, on_failure,
+                                    (lambda videos, frames: bar.update(videos)) if bar is not None else None)
     finally:
+        if bar is not None:
+            bar.close()
         if out:
             out.close()
     return results, failures

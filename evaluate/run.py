@@ -28,6 +28,7 @@ from vtn.errors import UserError
 from vtn.evaluate.attention import write_attention
 from vtn.evaluate.settings import EvaluateConfig, parse_views
 from vtn.paths import canonical_cache, check_run_dir
+from vtn.progress import progress_bar
 from vtn.runtime import resolve_device
 from vtn.store import ClipDataset, FeatureCache, open_cache
 from vtn.temporal.checkpoint import clip_settings, locate, read_inputs
@@ -39,10 +40,10 @@ from vtn.temporal.model import VTN
 
 
 def evaluate(run: str | Path, cache_url: str, out: str | Path | None = None, settings: EvaluateConfig | None = None,
-             **overrides) -> dict:
+             progress: bool = False, **overrides) -> dict:
     """Evaluate the run's checkpoint on `settings.split` of the cache (None: "val", or the videos the run held out
     of its train split when the cache has no val split); writes into `out` (default: the run directory) and
-    returns the metrics. `overrides` change fields of `settings` (default EvaluateConfig()), checked as --set is.
+    returns the metrics; `progress`: a bar on stderr over the videos (x the views). `overrides` change fields of `settings` (default EvaluateConfig()), checked as --set is.
     A cache without labels or class names (new videos to score) gets predictions and no accuracy."""
     settings = merge(settings or EvaluateConfig(), overrides)
     run = Path(run)
@@ -63,9 +64,13 @@ def evaluate(run: str | Path, cache_url: str, out: str | Path | None = None, set
     model.to(dev)
     source = split_source(cache, split, settings.load)
     started = time.perf_counter()
+    total = len(cache.split_ids(split)) if videos is None else len(videos)
+    bar = progress_bar(total=total * (1 if mode is None else mode[0]), unit="view", desc="evaluate",
+                       leave=False) if progress else None
+    done = bar.update if bar is not None else (lambda items: None)
     if mode is None:
         dataset = whole_videos(source, split, model.config, videos)
-        logits, index = predict(model, dataset, dev, settings.batch_size)
+        logits, index = predict(model, dataset, dev, settings.batch_size, done=done)
         frames = int(dataset.sample_lengths().sum())
     else:
         frames_per_clip, stride = clip_settings(inputs)
@@ -73,8 +78,11 @@ def evaluate(run: str | Path, cache_url: str, out: str | Path | None = None, set
                              videos=videos, view=(k, mode[0])) for k in range(mode[0])]
         dataset = clips[0]
         index = np.arange(len(dataset))
-        logits = mean_softmax(np.stack([_in_order(*predict(model, c, dev, settings.batch_size)) for c in clips]))
+        logits = mean_softmax(np.stack([_in_order(*predict(model, c, dev, settings.batch_size, done=done))
+                                        for c in clips]))
         frames = int(dataset.sample_lengths().sum()) * mode[0]
+    if bar is not None:
+        bar.close()
     seconds = time.perf_counter() - started
     logits, index = _in_order(logits, index), np.sort(index)  # the cache's order of videos
     labels = np.asarray(dataset.labels)[index] if cache.class_names else np.full(len(index), -1)

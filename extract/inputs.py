@@ -46,6 +46,24 @@ class InputError(UserError):
     """The input folder or manifest is missing, empty or malformed."""
 
 
+# Still-image formats by their first bytes (a renamed file is caught too). A decoder opens them as one-frame videos,
+# which a video model then classifies without complaint; GIF is left out, as it is often an animation.
+IMAGE_MAGIC = {b"\x89PNG\r\n\x1a\n": "PNG", b"\xff\xd8\xff": "JPEG", b"BM": "BMP", b"II*\x00": "TIFF",
+               b"MM\x00*": "TIFF"}
+
+
+def image_format(path: str | Path) -> str | None:
+    """"PNG", "JPEG", ... when the file is a still image; None for anything else (videos, unreadable files)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(12)
+    except OSError:
+        return None
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":  # AVI is RIFF too, with "AVI " there
+        return "WebP"
+    return next((name for magic, name in IMAGE_MAGIC.items() if head.startswith(magic)), None)
+
+
 @dataclass(frozen=True)
 class InputEntry:
     """One video to extract."""

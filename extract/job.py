@@ -32,7 +32,7 @@ from vtn.extract.inputs import InputEntry, discover
 from vtn.extract.pipeline import build_backbone, check_runtime, decode_workers, extract_features
 from vtn.extract.sampling import SamplingConfig, effective, estimate
 from vtn.paths import check_cache_out
-from vtn.progress import progress_bar
+from vtn.progress import VIDEO_BAR, progress_bar
 from vtn.runtime import FailTogether, on_rank0, processes
 
 
@@ -185,30 +185,32 @@ def _run(cfg: ExtractConfig, source: str | Path, out: str, overwrite: bool, rank
     bar = None
     if cfg.runtime.progress and rank == 0:
         bar = progress_bar(total=len(todo), unit="video",
-                           desc="extract" if world_size == 1 else f"extract (rank 0 of {world_size})")
+                           desc="extract" if world_size == 1 else f"extract (rank 0 of {world_size})",
+                           bar_format=VIDEO_BAR)
+    decoded = 0  # frames decoded so far: the bar moves with them, not only when a video is complete
 
-    def progress() -> None:
+    def progress(videos: float, frames: int) -> None:
+        nonlocal decoded
+        decoded += frames
         if bar is not None:
-            bar.update()
             elapsed = max(time.monotonic() - t0, 1e-9)
-            bar.set_postfix_str(f"{bar.n / elapsed:.1f} videos/s, {summary.frames / elapsed:.0f} frames/s, "
+            bar.set_postfix_str(f"{decoded / elapsed:.0f} frames/s, {summary.videos} stored, "
                                 f"{len(summary.failures)} failed", refresh=False)
+            bar.update(videos)
 
     def store(e: InputEntry, info, features, timestamps, indices) -> None:
         writer.add(e.id, features, timestamps, indices, label=e.label, split=e.split, fps=info.fps,
                    duration=info.duration, num_frames=info.num_frames)
         summary.videos += 1
         summary.frames += len(features)
-        progress()
 
     def fail(vid: str, error: str, message: str) -> None:
         writer.add_failure(vid, error, message)
         summary.failures.append((vid, error, message))
-        progress()
 
     try:
         extract_features(todo, model, preprocess, device, cfg, store, fail, tick=ranks.check,
-                         workers=decode_workers(cfg.runtime, device, local_world))
+                         workers=decode_workers(cfg.runtime, device, local_world), pad=True, progress=progress)
     finally:
         if bar is not None:
             bar.close()

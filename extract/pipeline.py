@@ -3,11 +3,13 @@ across videos, the backbone as the runtime asks.
 
 `extract_features` overlaps decoding and compute: decode workers stream uint8 chunks; each chunk is moved to the
 device and preprocessed there at once (so only model-sized frames wait), and frames from many videos are packed
-into full batches of `batch_size`. The last batch is padded to `batch_size` too: a fixed batch shape makes each
-frame's features independent of which other frames share its batch, so a resumed or multi-process run gives
-bitwise the same features on the CPU. One batch stays in flight: its features come back after the next batch is
-launched, so on a GPU the host's work (receiving, pinning and preprocessing the next frames) overlaps the model
-instead of alternating with it.
+into batches of `batch_size`. The last batch is padded to `batch_size` only where a fixed shape pays: a compiled
+model (one shape, compiled once), and the extraction job, where it makes each frame's features independent of
+which other frames share its batch, so a resumed or multi-process run gives bitwise the same cache on the CPU
+(a CPU kernel may round differently at another batch size). Elsewhere (`vtn predict`, fine-tuning's
+evaluation) the last batch holds only its frames: one short clip costs its own frames, not `batch_size` of them.
+One batch stays in flight: its features come back after the next batch is launched, so on a GPU the host's work
+(receiving, pinning and preprocessing the next frames) overlaps the model instead of alternating with it.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from vtn.extract.backbone import Preprocess, compile_backbone, create_backbone
 from vtn.extract.config import BackboneConfig, ExtractConfig, RuntimeConfig
 from vtn.extract.decode import StreamInfo
 from vtn.extract.inputs import InputEntry
-from vtn.extract.sampling import check
+from vtn.extract.sampling import check, sample
 from vtn.extract.workers import DecodePool
 from vtn.runtime import autocast, resolve_device, size_threads
 from vtn.store.layout import DiskFull
@@ -59,12 +61,13 @@ class _Assembly:
 
 
 class Batcher:
-    """Packs preprocessed frames of many videos into batches of exactly `batch_size` rows (the last one padded:
-    see the module docstring) and keeps one batch in flight: a batch's features are fetched after the next batch
+    """Packs preprocessed frames of many videos into batches of `batch_size` rows (the last one padded to that size
+    when `pad`: see the module docstring) and keeps one batch in flight: a batch's features are fetched after the next batch
     is launched. `on_rows(owner, features)` receives each owner's rows in order as they come back."""
 
-    def __init__(self, model, batch_size: int, channels_last: bool, amp, on_rows: Callable):
+    def __init__(self, model, batch_size: int, channels_last: bool, amp, on_rows: Callable, pad: bool = True):
         self.model, self.batch_size, self.channels_last, self.amp = model, batch_size, channels_last, amp
+        self.pad = pad
         self.on_rows = on_rows
         self.pending: list[tuple[object, torch.Tensor]] = []  # (owner, rows) waiting for a full batch
         self.inflight = None  # (features still on the device, [(owner, rows)])
@@ -94,7 +97,7 @@ class Batcher:
             parts.append(x[:k])
             n += k
         x = torch.cat(parts)  # [n, 3, h, w]
-        if n < self.batch_size:  # pad: the batch shape never changes
+        if self.pad and n < self.batch_size:  # the batch shape never changes
             x = torch.cat([x, x.new_zeros((self.batch_size - n, *x.shape[1:]))])
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -117,17 +120,33 @@ class Batcher:
 
 def extract_features(entries: list[InputEntry], model, preprocess, device: torch.device, cfg: ExtractConfig,
                      store: Callable, fail: Callable[[str, str, str], None],
-                     tick: Callable[[], None] = lambda: None, workers: int | None = None) -> None:
+                     tick: Callable[[], None] = lambda: None, workers: int | None = None, pad: bool = False,
+                     progress: Callable[[float, int], None] = lambda videos, frames: None) -> None:
     """Decode, preprocess, batch and run `entries` through `model`, calling `store(entry, info, features
     [rows, D], timestamps, frame_indices)` as soon as a video is complete (rows = frames x the preprocessing's
     crops) and `fail(id, error class, message)` for a video that cannot be used. `store` may raise a UserError
     (e.g. features that overflow float16): the video is then recorded as failed, the job goes on; a DiskFull
     stops the job. `tick()` is called between decoded chunks (under torchrun: raises when another rank failed).
-    `workers`: decode processes (None: `decode_workers` for a single process on this machine).
+    `workers`: decode processes (None: `decode_workers` for a single process on this machine). `pad`: pad the last
+    batch to `batch_size` (see the module docstring; always when the model is compiled). `progress(videos, frames)`
+    is called as frames are decoded, with the share of a video they are (its sampled frames are known from its
+    first event) and their count, and once a video is done or failed with the rest of it: the videos add up to
+    one each, so a progress bar moves from the first chunk, long before the first video is complete.
     """
     rt = cfg.runtime
     by_id = {e.id: e for e in entries}
     live: dict[str, _Assembly] = {}
+    counted: dict[str, float] = {}  # the share of each video reported to `progress`
+    expected: dict[str, int] = {}  # each video's sampled frames
+
+    def advance(vid: str, share: float, frames: int = 0) -> None:
+        share = min(share, 1.0 - counted.get(vid, 0.0))  # a video restarted by another decoder counts once
+        counted[vid] = counted.get(vid, 0.0) + share
+        progress(share, frames)
+
+    def fail_video(vid: str, error: str, message: str) -> None:
+        fail(vid, error, message)
+        advance(vid, 1.0)
 
     def finish(v: _Assembly) -> None:
         if live.get(v.entry.id) is not v or not v.complete:
@@ -139,13 +158,14 @@ def extract_features(entries: list[InputEntry], model, preprocess, device: torch
             raise
         except UserError as err:
             fail(v.entry.id, type(err).__name__, str(err))
+        advance(v.entry.id, 1.0)
 
     def on_rows(v: _Assembly, rows: torch.Tensor) -> None:
         v.features.append(rows)
         v.done += len(rows)
         finish(v)  # a video that failed or restarted since is no longer live: its rows go nowhere
 
-    batcher = Batcher(model, rt.batch_size, rt.channels_last, autocast(device, rt.amp), on_rows)
+    batcher = Batcher(model, rt.batch_size, rt.channels_last, autocast(device, rt.amp), on_rows, pad or rt.compile)
     jobs = [(e.id, str(e.path)) for e in entries]
     workers = decode_workers(rt, device) if workers is None else workers
     with DecodePool(jobs, cfg.sampling, workers=workers, timeout=rt.timeout, chunk_bytes=rt.chunk_mb << 20,
@@ -154,8 +174,10 @@ def extract_features(entries: list[InputEntry], model, preprocess, device: torch
             tick()
             if kind == "info":
                 live[vid] = _Assembly(by_id[vid], payload)
+                expected[vid] = max(1, len(sample(payload.timestamps, cfg.sampling)))
             elif kind == "chunk":
                 v = live[vid]
+                advance(vid, len(payload.frames) / expected[vid], len(payload.frames))
                 frames = torch.from_numpy(payload.frames)
                 if device.type == "cuda":
                     frames = frames.pin_memory()
@@ -169,7 +191,7 @@ def extract_features(entries: list[InputEntry], model, preprocess, device: torch
                 if vid in live:
                     batcher.drop(live.pop(vid))
                 if kind == "fail":
-                    fail(vid, *payload)
+                    fail_video(vid, *payload)
             elif kind == "done":
                 live[vid].decoded = True
                 finish(live[vid])

@@ -133,13 +133,19 @@ def _info(args) -> int:
 
 
 def _wrap_names(names: list[str], shown: int = 50, width: int = 100) -> list[str]:
-    """The first `shown` class names, comma-separated in lines of about `width` characters, and how many more."""
-    import textwrap
+    """The first `shown` class names, each quoted (a name may hold spaces or commas: 4 classes must read as 4) and
+    never split over lines, in lines of about `width` characters, and how many more."""
+    import json
 
-    text = ", ".join(names[:shown])
+    items = [json.dumps(n, ensure_ascii=False) for n in names[:shown]]
     if len(names) > shown:
-        text += f", ... and {len(names) - shown} more (--json lists all)"
-    return textwrap.wrap(text, width=width, break_long_words=False, break_on_hyphens=False)
+        items.append(f"... and {len(names) - shown} more (--json lists all)")
+    lines = [""] if items else []
+    for item in items:
+        if lines[-1] and len(lines[-1]) + 2 + len(item) > width:
+            lines.append("")
+        lines[-1] += (", " if lines[-1] else "") + item
+    return [line + ("," if i < len(lines) - 1 else "") for i, line in enumerate(lines)]
 
 
 def _verify(args) -> int:

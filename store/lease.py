@@ -51,8 +51,9 @@ def _overlap(a, b) -> bool:
     return not (a[1] == b[1] and a[0] != b[0])
 
 
-def live_writers(root) -> dict[str, dict]:
-    """{entry name: attributes} of the writers now live on the cache; dead entries are removed on the way."""
+def live_writers(root, prune: bool = True) -> dict[str, dict]:
+    """{entry name: attributes} of the writers now live on the cache; dead entries are removed on the way (`prune`;
+    a reader leaves them)."""
     if GROUP not in root:
         return {}
     now, live = time.time(), {}
@@ -60,7 +61,7 @@ def live_writers(root) -> dict[str, dict]:
         entry = dict(g.attrs)
         if _alive(entry, now):
             live[name] = entry
-        else:
+        elif prune:
             with contextlib.suppress(KeyError, OSError):  # another writer removed it first
                 del root[GROUP][name]
     return live

@@ -18,6 +18,7 @@ import time
 
 import numpy as np
 
+from vtn.progress import progress_bar
 from vtn.runtime import Processes
 from vtn.store.dataset import ClipDataset
 from vtn.temporal.metrics import classification_metrics, table_metrics
@@ -81,10 +82,10 @@ def parameters(model) -> int:
     return int(est.coef_.size + est.intercept_.size)
 
 
-def probe_rows(cache, cfg, sources: dict | None = None) -> list[dict]:
+def probe_rows(cache, cfg, sources: dict | None = None, progress: bool = False) -> list[dict]:
     """Fit and score each probe on the train and val videos a `vtn train` run of `cfg` (a TrainConfig) takes from
     `cache` (splits.py's load_data; `sources` as there), over the cache's classes; rows in the format of
-    temporal/results.py's table."""
+    temporal/results.py's table. `progress`: a bar on stderr over the probes."""
     data = load_data(cache, cfg, model_config(cfg, cache), Processes(), sources)
     train, val = (pooled(whole_videos(d)) for d in (data.train, data.val))
     classes, seed = len(cache.class_names), cfg.run.seed
@@ -96,7 +97,7 @@ def probe_rows(cache, cfg, sources: dict | None = None) -> list[dict]:
          val["centre"]),
     ]
     rows = []
-    for name, model, x, y, x_val in specs:
+    for name, model, x, y, x_val in progress_bar(specs, desc="probe", unit="probe", leave=False, disable=not progress):
         keep = y >= 0
         tick = time.perf_counter()
         model.fit(x[keep], y[keep])

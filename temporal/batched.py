@@ -50,11 +50,22 @@ from vtn.temporal.settings import TrainConfig
 MEMBER_KEYS = (("run", "seed"), ("optim", "lr"), ("optim", "weight_decay"))
 
 
-def batch_key(cfg: TrainConfig) -> str | None:
-    """Runs with the same key can train as one batched model; None: this run trains on its own (it has dropout,
-    fp16 or the hf backend, see the module docstring)."""
+def unbatchable(cfg: TrainConfig) -> str | None:
+    """Why this run cannot train batched (see the module docstring), in words a user can act on; None if it can."""
     m = cfg.model
-    if m.dropout or m.attention_dropout or m.head_dropout or cfg.run.amp == "fp16" or m.backend != "fast":
+    dropout = {k: getattr(m, k) for k in ("dropout", "attention_dropout", "head_dropout") if getattr(m, k)}
+    if dropout:
+        return "dropout is on (" + ", ".join(f"model.{k}={v:g}" for k, v in dropout.items()) + "; set them to 0 to batch)"
+    if cfg.run.amp == "fp16":
+        return "run.amp=fp16 (its loss scaler is per run)"
+    if m.backend != "fast":
+        return f"model.backend={m.backend} (only the fast backend batches)"
+    return None
+
+
+def batch_key(cfg: TrainConfig) -> str | None:
+    """Runs with the same key can train as one batched model; None: this run trains on its own (`unbatchable`)."""
+    if unbatchable(cfg):
         return None
     shared = to_dict(cfg)
     for section, key in MEMBER_KEYS:

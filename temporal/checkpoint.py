@@ -64,6 +64,10 @@ def locate(run: str | Path, name: str = "best") -> Path:
     if (run / CONFIG_NAME).is_file():
         return run
     found = find(run, name)
+    if found is None and (run / "zarr.json").is_file():  # a feature cache given where a run is expected
+        model = run.with_name(f"{run.stem}-run")
+        raise UserError(f"{run}: a feature cache, not a training run; train one on it first (vtn train {run} --out "
+                        f"{model}) and give that run ({model}) here")
     if found is None:
         raise UserError(f"{run}: neither a training run with a {name}/ checkpoint nor a checkpoint directory")
     return found

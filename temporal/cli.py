@@ -96,6 +96,7 @@ def _add_probe(sub) -> None:
     p.add_argument("cache", help="the feature cache (local path or fsspec URL)")
     p.add_argument("--out", metavar="DIR", help="also write DIR/probes.csv and probes.md")
     add_config_args(p, "data.holdout=0.2")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_job("probe", "probes"))
 
 

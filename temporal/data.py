@@ -11,6 +11,7 @@ import os
 import shutil
 import tempfile
 from dataclasses import replace
+from typing import Callable
 
 import numpy as np
 import torch
@@ -183,11 +184,12 @@ def model_inputs(batch: dict, config: VTNConfig, device: torch.device):
 @torch.no_grad()
 def predict(model: VTN, dataset: ClipDataset, device: torch.device,
             batch_size: int = 16, shard: tuple[int, int] = (0, 1), amp: str = "none",
-            workers: int = 0) -> tuple[np.ndarray, np.ndarray]:
+            workers: int = 0, done: Callable[[int], None] = lambda items: None) -> tuple[np.ndarray, np.ndarray]:
     """Logits [n, classes] (float32) of the dataset's items, and their indices into the dataset.
 
     Videos are batched by length (little padding). `shard = (rank, world)` takes every world-th batch, so
-    the processes of a distributed job split the work; the caller gathers the pieces.
+    the processes of a distributed job split the work; the caller gathers the pieces. `done(items)` after each
+    batch (a progress bar).
     """
     rank, world = shard
     batches = list(LengthBucketSampler(dataset.sample_lengths(), batch_size, shuffle=False))[rank::world]
@@ -200,6 +202,7 @@ def predict(model: VTN, dataset: ClipDataset, device: torch.device,
         features, mask, positions = model_inputs(batch, model.config, device)
         with autocast(device, amp):
             out.append(model(features, mask, positions).float().cpu())
+        done(len(features))
     model.train(was_training)
     index = np.array([i for b in batches for i in b], dtype=np.int64)
     logits = torch.cat(out).numpy() if out else np.zeros((0, model.config.num_classes), np.float32)

@@ -22,7 +22,7 @@ def main(args) -> int:
     out = check_run_dir(args.out, "probes") if args.out else None  # before the probes spend their time
     cfg = resolve(TrainConfig, args.config, args.sets)
     cache = open_cache(args.cache)
-    rows = probe_rows(cache, cfg)
+    rows = probe_rows(cache, cfg, progress=not args.quiet)
     if out:
         write_results(rows, out, [], name="probes")
     else:

@@ -13,6 +13,7 @@ from vtn.errors import UserError
 from vtn.paths import canonical_cache
 from vtn.runtime import Processes
 from vtn.store.dataset import ClipDataset, LengthBucketSampler, loader_workers
+from vtn.store.lease import describe, live_writers
 from vtn.temporal.data import split_source, whole_videos
 from vtn.temporal.model import VTNConfig
 from vtn.temporal.settings import DataSection, TrainConfig
@@ -60,6 +61,16 @@ def left_out(cache, d: DataSection, train_unlabelled: int, val_unlabelled: int) 
     return f"warning: {cache.url}: {total} of its {len(splits)} videos are left out: {'; '.join(reasons)}"
 
 
+def still_writing(cache) -> str | None:
+    """A note when another process is still adding videos to the cache: the run sees only those committed now."""
+    live = live_writers(cache.root, prune=False)
+    if not live:
+        return None
+    who = "; ".join(describe(e) for e in live.values())
+    return (f"note: {cache.url}: a writer is still adding videos to this cache ({who}); this run uses the "
+            f"{len(cache)} videos committed when it started, not those added after")
+
+
 def shared_source(cache, split: str, mode: str, procs: Processes, sources: dict | None):
     """split_source, kept in `sources` when given: a sweep trains many runs in one process on one loaded split."""
     if sources is None:
@@ -100,8 +111,9 @@ def load_data(cache, cfg: TrainConfig, model_cfg: VTNConfig, procs: Processes, s
     sampler = LengthBucketSampler(train.sample_lengths(), cfg.optim.batch_size, shuffle=True, seed=cfg.run.seed,
                                   num_replicas=procs.world, rank=procs.rank)
     workers = d.workers if d.workers is not None else loader_workers(streaming, procs.local_world)
-    warning = left_out(cache, d, int((every.labels < 0).sum()),
-                       int((val.labels < 0).sum()) if holdout is None else 0)
+    warning = "\n".join(filter(None, [left_out(cache, d, int((every.labels < 0).sum()),
+                                                int((val.labels < 0).sum()) if holdout is None else 0),
+                                       still_writing(cache)])) or None
     return Data(train, val, sampler, streaming, workers, holdout, warning)
 
 

@@ -243,6 +243,22 @@ def plan(runs: list[Run], out: Path, batch: bool) -> tuple[list[Run], list[list[
     return done, alone + list(groups.values())
 
 
+def _why_alone(units: list[list[Run]], out: Path, batch: bool) -> str:
+    """Why no runs train batched, as ": reason" for the sweep's first line ("" when there is nothing to train)."""
+    from vtn.temporal import checkpoint
+    from vtn.temporal.batched import unbatchable
+
+    runs = [r for u in units for r in u]
+    if not runs:
+        return ""
+    if not batch:
+        return ": --no-batch"
+    reasons = sorted({unbatchable(r.cfg) or ("resumed from last/" if checkpoint.find(out / r.name, "last") else
+                                             "no other run shares its settings but seed, lr and weight decay")
+                      for r in runs})
+    return ": " + "; ".join(reasons)
+
+
 def train_units(cache_url: str, out: Path, units: list[list[Run]], jobs: int, gpus: int, progress: bool):
     """Train the units (in `jobs` processes); yields (unit, the exception it failed with, or None)."""
     if jobs == 1 or len(units) <= 1:
@@ -294,8 +310,10 @@ def sweep(cache_url: str, out: str | Path, runs: list[Run], jobs: int | None = N
     done, units = plan(runs, out, batch)
     gpus = torch.cuda.device_count()
     jobs = jobs or max(1, gpus)
+    batched = sum(len(u) > 1 for u in units)
     print(f"vtn sweep: {len(runs)} runs in {out}: {len(done)} finished, {len(runs) - len(done)} to train in "
-          f"{len(units)} unit(s) ({sum(len(u) > 1 for u in units)} batched), {jobs} process(es)", flush=True)
+          f"{len(units)} unit(s) ({batched} batched{_why_alone(units, out, batch) if not batched else ''}), "
+          f"{jobs} process(es)", flush=True)
     out.mkdir(parents=True, exist_ok=True)
     failed: dict[str, str] = {}
     traces: list[str] = []

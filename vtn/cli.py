@@ -18,8 +18,44 @@ from vtn.errors import UserError
 COMMANDS = ("vtn.bench.cli", "vtn.store.cli", "vtn.extract.cli", "vtn.temporal.cli", "vtn.evaluate.cli", "vtn.demo")
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse without abbreviations (`--epoch 3` is refused, never taken as --epochs), and an unknown flag
+    reported by the (sub)command it was given to, with its usage line and the closest flags it has. Every
+    subcommand's parser is of this class (add_subparsers makes its parsers of the parent's class)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs["allow_abbrev"] = False
+        super().__init__(*args, **kwargs)
+
+    def parse_known_args(self, args=None, namespace=None):
+        # The innermost subcommand sets this last: a subparser's namespace is copied into its parent's.
+        namespace = namespace if namespace is not None else argparse.Namespace()
+        namespace._parser = self
+        return super().parse_known_args(args, namespace)
+
+    def parse_args(self, args=None, namespace=None):
+        args, extras = self.parse_known_args(args, namespace)
+        parser = args.__dict__.pop("_parser", self)
+        if extras:
+            parser.unknown(extras)
+        return args
+
+    def unknown(self, extras: list[str]) -> None:
+        """Exit (status 2) naming the arguments this command does not take, and the flags closest to each."""
+        import difflib
+
+        flags = [f for f in self._option_string_actions if f.startswith("--")]
+        hints = []
+        for arg in extras:
+            close = difflib.get_close_matches(arg.split("=", 1)[0], flags, n=3, cutoff=0.6) if arg.startswith("-") else []
+            if close:
+                hints.append(f"{arg}: did you mean {' or '.join(close)}?")
+        self.error(f"unrecognized arguments: {' '.join(extras)}" + "".join(f"\n  {h}" for h in hints)
+                   + f"\n  (`{self.prog} --help` lists its flags)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="vtn",
         description="Video Transformer Network as a two-stage feature cache: `vtn extract` caches one "
         "feature vector per frame in a Zarr store, `vtn train` trains the Longformer temporal encoder on "

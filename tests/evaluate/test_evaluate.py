@@ -270,3 +270,18 @@ def test_attention_of_real_videos_sums_to_one_and_equals_the_model(tmp_path, cap
         assert png.size[0] == 1200  # 12 inches at 100 dpi; the height follows the thumbnails' aspect
         pixels = np.asarray(png.convert("RGB"))
         assert pixels.std() > 10  # real thumbnails and bars, not a blank image
+
+
+def test_report_counts_the_epochs_trained_not_the_metric_records(trained, tmp_path, capsys):
+    import shutil
+
+    _, run = trained
+    sparse = tmp_path / "sparse"  # a run that recorded only some of its epochs (a long run evaluates every few)
+    sparse.mkdir()
+    shutil.copy(run / "config.yaml", sparse)
+    records = (run / "metrics.jsonl").read_text().splitlines()
+    last = json.loads(records[-1])
+    assert len(records) == last["epoch"] == 2
+    (sparse / "metrics.jsonl").write_text(records[-1] + "\n")
+    assert main(["report", str(sparse)]) == 0
+    assert f"{sparse}: 2 epochs, {last['step']} steps;" in capsys.readouterr().out

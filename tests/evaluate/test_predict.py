@@ -159,9 +159,10 @@ def bad_video(tmp_path_factory):
 @pytest.mark.slow
 def test_bench_inference_prints_both_modes(tmp_path, vtn_cli):
     proc = vtn_cli("bench", "inference", "--videos", "1", "--train-videos", "2", "--steps", "2", "--views", "full",
-                   "10x3", "--workdir", str(tmp_path))
+                   "10x3", "--workdir", str(tmp_path), "--latency-backbone", "resnet18")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "  full:" in proc.stdout and "10x3:" in proc.stdout and "of the speed-up" in proc.stdout
+    assert "one 2 s clip (320x240), resnet18 (random init)" in proc.stdout and "x the backbone, goal <= 1.5x" in proc.stdout
 
 
 @pytest.fixture

@@ -31,7 +31,7 @@ def test_features_equal_the_backbone_on_decord_frames(videos, tmp_path, vtn):
     assert "extracted 12 videos" in proc.stderr and "0 failed" in proc.stderr
     # stderr is a pipe, as in a cluster job's log: the bar is drawn at start and end, not once per video.
     bar_lines = [line for line in proc.stderr.splitlines() if line.startswith("extract:")]
-    assert 2 <= len(bar_lines) <= 3 and "12/12" in bar_lines[-1]
+    assert 2 <= len(bar_lines) <= 3 and "12.0/12 videos" in bar_lines[-1] and "12 stored" in bar_lines[-1]
     cache = open_cache(str(out))
     assert cache.class_names == sorted(synth.CLASSES)
     assert sorted(cache.ids) == sorted(p.relative_to(videos).as_posix() for p in videos.rglob("*.mp4"))

@@ -4,6 +4,7 @@ video fails or restarts while its frames are still in the model (one batch stays
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 import vtn.extract.pipeline as pipeline
@@ -87,3 +88,28 @@ def test_a_restarted_video_keeps_only_the_frames_of_its_second_decode(monkeypatc
     assert writer.failures == [] and sorted(writer.videos) == ["a", "c"]
     np.testing.assert_array_equal(writer.videos["a"][0][:, 0], [100, 101, 102, 103])
     np.testing.assert_array_equal(writer.videos["c"][0][:, 0], [200])
+
+
+def test_the_last_batch_is_padded_only_when_asked_and_progress_moves_with_decoded_frames(monkeypatch):
+    ScriptedPool.events = [(kind, vid, payload) for vid, (kind, payload) in [
+        ("a", info(3)), ("a", chunk(0, 2, 10)), ("a", chunk(2, 1, 10)), ("a", ("done", None)),
+        ("b", ("fail", ("DecodeError", "b: broken"))),
+    ]]
+    monkeypatch.setattr(pipeline, "DecodePool", ScriptedPool)
+    entries = [InputEntry(v, Path(v), 0, "train") for v in ("a", "b")]
+    for pad, shapes in ((False, [3]), (True, [8])):
+        seen, calls, stored = [], [], []
+
+        def model(x):
+            seen.append(len(x))
+            return x.mean(dim=(1, 2, 3))[:, None]
+
+        cfg = ExtractConfig(runtime=RuntimeConfig(batch_size=8, channels_last=False))
+        pipeline.extract_features(entries, model, lambda f: f.permute(0, 3, 1, 2).float(), torch.device("cpu"), cfg,
+                                  lambda e, *rest: stored.append((e.id, len(calls))), lambda *a: None, pad=pad,
+                                  progress=lambda videos, frames: calls.append((videos, frames)))
+        assert seen == shapes  # 3 frames: one batch of 3, or padded to the batch size
+        # a's 3 sampled frames move the count by 2/3 and 1/3 as they are decoded, before a (whose frames wait for
+        # the last batch) is stored; b counts 1 when it fails
+        assert [f for _, f in calls] == [2, 1, 0, 0] and sum(v for v, _ in calls) == pytest.approx(2)
+        assert calls[0][0] == pytest.approx(2 / 3) and stored == [("a", 3)]

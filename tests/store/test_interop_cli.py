@@ -119,7 +119,7 @@ def test_info_prints_the_class_names(tmp_path, capsys):
     CacheWriter(url, feature_dim=D, class_names=names).close()
     assert main(["store", "info", url]) == 0
     out = capsys.readouterr().out
-    assert "class_000, class_001" in out and "class_049" in out and "class_050" not in out
+    assert '"class_000", "class_001"' in out and '"class_049"' in out and "class_050" not in out
     assert "... and 70 more" in out
     assert max(len(line) for line in out.splitlines() if "class_0" in line) <= 110  # wrapped, not one long line
     assert main(["store", "info", url, "--json"]) == 0

@@ -125,6 +125,8 @@ def test_a_cache_without_val_split_holds_out_a_share_of_each_class(tmp_path, cap
     assert main(["evaluate", str(run), "--cache", cache, "--json"]) == 0
     m = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert m["videos"] == 6 and m["split"] == "train" and m["held_out_of_train"]
+    assert main(["evaluate", str(run), "--cache", cache, "--quiet"]) == 0
+    assert capsys.readouterr().out.startswith("held out of train: 6 videos")  # not "train: 6 videos"
 
 
 def test_explicit_epochs_and_steps_are_obeyed_and_the_log_says_what_decided(tmp_path, capsys):

@@ -152,7 +152,7 @@ def test_a_rerun_skips_finished_runs_and_resumes_an_interrupted_one(cache, tmp_p
 
     assert main(argv) == 0
     printed = capsys.readouterr().out
-    assert "1 finished, 1 to train" in printed and "resuming at step 4" in printed
+    assert "1 finished, 1 to train in 1 unit(s) (0 batched: --no-batch)" in printed and "resuming at step 4" in printed
     assert first.read_text() == done  # not trained again
     assert [(r["epoch"], r["step"]) for r in records(out / "lr-0.003_seed-0")] == [(1, 3), (2, 6)]
     # A third run finds both finished and trains nothing.

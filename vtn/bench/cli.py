@@ -176,7 +176,9 @@ def _add_inference(bench_sub) -> None:
         "inference", help="seconds per video and frames through the backbone: full view vs 10 clips x 3 crops",
         description="Trains a small model on generated videos (as vtn demo does), then predicts the val videos from "
         "raw video with one view over each whole video (full) and with 10 clips x 3 crops, and prints seconds per "
-        "video, frames through the backbone per video and top-1 of each.")
+        "video, frames through the backbone per video and top-1 of each; then the single-clip row: one 2 s clip "
+        "through a warm Predictor with ViT-B/16 (random init) against the backbone alone on its frames, and a cold "
+        "`vtn predict` process.")
     b.add_argument("--videos", type=int, default=6, help="val videos per class (4 classes; default 6)")
     b.add_argument("--views", nargs="+", default=["full", "10x3"], help="modes to compare (default full 10x3)")
     b.add_argument("--train-videos", type=int, default=40, help="train videos per class (default 40)")
@@ -184,11 +186,20 @@ def _add_inference(bench_sub) -> None:
     b.add_argument("--workers", type=int, default=0, help="decode processes (default 0: decode in the main process)")
     b.add_argument("--device", default="auto")
     b.add_argument("--workdir", help="keep the videos and the model here between runs (default: a temporary folder)")
+    b.add_argument("--latency", action="store_true",
+                   help="only the single-clip row: one 2 s clip through a warm Predictor against its backbone alone "
+                   "(goal <= 1.5x), and a cold `vtn predict` process, on the CPU")
+    b.add_argument("--latency-backbone", default="vit_base_patch16_224", metavar="NAME",
+                   help="the backbone of the single-clip row, random init (default vit_base_patch16_224)")
     b.set_defaults(func=_inference)
 
 
 def _inference(args) -> int:
-    from vtn.bench.inference import run
+    from pathlib import Path
 
-    run(args.videos, tuple(args.views), args.workdir, args.workers, args.device, args.train_videos, args.steps)
+    from vtn.bench.inference import latency, run
+
+    if not args.latency:
+        run(args.videos, tuple(args.views), args.workdir, args.workers, args.device, args.train_videos, args.steps)
+    latency(args.latency_backbone, workdir=str(Path(args.workdir) / "latency") if args.workdir else None)
     return 0
