@@ -511,5 +511,5 @@ def test_a_rank_failing_mid_finetuning_ends_both_ranks_within_seconds_with_its_m
     from fail_proc import check_failed_together, fail_together
 
     videos, _, run = stage_two
-    check_failed_together(fail_together(["finetune", str(run), "--out", str(tmp_path / "ft"), "--videos", str(videos),
+    check_failed_together(*fail_together(["finetune", str(run), "--out", str(tmp_path / "ft"), "--videos", str(videos),
                                          "--epochs", "4", "--set", "run.eval_every=4", *FT], tmp_path))
