@@ -267,7 +267,10 @@ class RowReader:
             if off == MISSING:
                 raise CorruptChunk(f"{self.chunk_name(shard, c0 + i)} is missing")
         lo = min(off for off, _ in entries)  # inner chunks are written in order, so one range read covers them
-        blob = memoryview(self.fetch(shard, lo, max(off + n for off, n in entries) - lo))  # chunks: views, no copies
+        blob = self.fetch(shard, lo, max(off + n for off, n in entries) - lo)
+        if blob is None:  # removed since its index was read
+            raise CorruptChunk(f"shard file {self.key(shard)} is missing")
+        blob = memoryview(blob)  # chunks: views, no copies
         for i, (off, n) in enumerate(entries):
             r0 = base + (c0 + i) * rows
             s0, s1 = max(a, r0), min(b, r0 + rows)
