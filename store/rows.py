@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import resource
 import threading
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
@@ -27,7 +28,16 @@ from zarr.storage import LocalStore
 from vtn.store.layout import StoreError
 
 MISSING = 2**64 - 1
-OPEN_FILES = 64  # shard files kept open per process, whatever the number of shards or readers
+
+
+def _open_files() -> int:
+    """Shard files kept open per process, whatever the number of shards or readers: an eighth of the descriptor
+    limit, 64 to 1,024 (re-opening a shard file for each read was a sixth of a streamed clip's cost)."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return 1024 if soft == resource.RLIM_INFINITY else max(64, min(1024, soft // 8))
+
+
+OPEN_FILES = _open_files()
 
 
 class _Handles:
@@ -79,10 +89,10 @@ class _Handles:
 
     def _trim(self) -> None:
         """Close the least recently used handles nobody holds, down to the cap."""
-        if len(self._open) <= self.cap:
-            return
-        for key in [k for k, (_, users) in self._open.items() if users == 0][: len(self._open) - self.cap]:
-            os.close(self._open.pop(key)[0])
+        excess = len(self._open) - self.cap
+        if excess > 0:
+            for key in list(itertools.islice((k for k, (_, users) in self._open.items() if users == 0), excess)):
+                os.close(self._open.pop(key)[0])
 
 
 HANDLES = _Handles(OPEN_FILES)
@@ -209,14 +219,22 @@ class RowReader:
             self._index[shard] = np.frombuffer(raw[:-4], dtype="<u8").reshape(-1, 2)
         return self._index[shard]
 
-    def decode(self, raw: bytes, where: str) -> np.ndarray:
+    def decode(self, raw: bytes, where: str | tuple[int, int]) -> np.ndarray:
+        """One chunk's rows from its stored bytes; `where` names the chunk in an error: a string, or (shard, chunk),
+        made into one only then (a streamed clip decodes many chunks)."""
+        problem = None
         if not _crc_ok(raw):
-            raise CorruptChunk(f"{where}: chunk checksum mismatch")
-        try:
-            data = blosc.decompress(bytes(raw[:-4]))
-        except Exception as e:
-            raise CorruptChunk(f"{where}: cannot decompress ({e})") from None
-        return np.frombuffer(data, dtype=self.dtype).reshape(self.chunk_rows, *self.tail)
+            problem = "chunk checksum mismatch"
+        else:
+            try:
+                return np.frombuffer(blosc.decompress(raw[:-4]), dtype=self.dtype).reshape(self.chunk_rows, *self.tail)
+            except Exception as e:
+                problem = f"cannot decompress ({e})"
+        raise CorruptChunk(f"{self.chunk_name(*where) if isinstance(where, tuple) else where}: {problem}")
+
+    def chunk_name(self, shard: int, c: int) -> str:
+        r0 = shard * self.shard_rows + c * self.chunk_rows
+        return f"{self.key(shard)} chunk {c} (rows {r0}..{r0 + self.chunk_rows - 1})"
 
     # -- rows --------------------------------------------------------------------------------------------
     def _read_shard_rows(self, shard: int, a: int, b: int, out: np.ndarray, retry: bool = True) -> None:
@@ -237,27 +255,26 @@ class RowReader:
             HANDLES.forget((self._token, shard))
 
     def _decode_rows(self, shard: int, a: int, b: int, out: np.ndarray) -> None:
+        # The per-read Python is what a streamed clip pays most for after decoding: plain ints, no per-chunk strings.
         base = shard * self.shard_rows
-        c0, c1 = (a - base) // self.chunk_rows, (b - base - 1) // self.chunk_rows + 1
+        rows = self.chunk_rows
+        c0, c1 = (a - base) // rows, (b - base - 1) // rows + 1
         index = self.shard_index(shard)
         if index is None:
             raise CorruptChunk(f"shard file {self.key(shard)} is missing")
-        entries = index[c0:c1]
-        present = entries[:, 0] != MISSING
-        blob, lo = b"", 0
-        if present.any():  # inner chunks are written in order, so one range read covers them
-            lo = int(entries[present, 0].min())
-            hi = int((entries[present, 0] + entries[present, 1]).max())
-            blob = self.fetch(shard, lo, hi - lo)
-        for i, (off, n) in enumerate(entries):
-            c = c0 + i
-            r0 = base + c * self.chunk_rows
-            where = f"{self.key(shard)} chunk {c} (rows {r0}..{r0 + self.chunk_rows - 1})"
+        entries = index[c0:c1].tolist()
+        for i, (off, _) in enumerate(entries):
             if off == MISSING:
-                raise CorruptChunk(f"{where} is missing")
-            s0, s1 = max(a, r0), min(b, r0 + self.chunk_rows)
-            chunk = self.decode(blob[int(off) - lo:int(off + n) - lo], where)
-            out[s0 - a:s1 - a] = chunk[s0 - r0:s1 - r0]
+                raise CorruptChunk(f"{self.chunk_name(shard, c0 + i)} is missing")
+        lo = min(off for off, _ in entries)  # inner chunks are written in order, so one range read covers them
+        blob = self.fetch(shard, lo, max(off + n for off, n in entries) - lo)
+        if blob is None:  # removed since its index was read
+            raise CorruptChunk(f"shard file {self.key(shard)} is missing")
+        blob = memoryview(blob)  # chunks: views, no copies
+        for i, (off, n) in enumerate(entries):
+            r0 = base + (c0 + i) * rows
+            s0, s1 = max(a, r0), min(b, r0 + rows)
+            out[s0 - a:s1 - a] = self.decode(blob[off - lo:off - lo + n], (shard, c0 + i))[s0 - r0:s1 - r0]
 
     def read(self, a: int, b: int, out: np.ndarray | None = None, threads: int = 1) -> np.ndarray:
         """Rows [a, b) as one array (into `out` when given); shards are decoded on `threads` threads."""

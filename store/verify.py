@@ -35,6 +35,8 @@ def _check_rows(name: str, part: str, reader: RowReader, rows: int, problems: li
         if index is None:
             problems.append(f"{where}: shard file {reader.key(shard)} is missing (rows {a}..{b - 1})")
             continue
+        present = index[index[:, 0] != 2**64 - 1]  # one read per shard: its chunks are small
+        blob = memoryview(reader.fetch(shard, 0, int((present[:, 0] + present[:, 1]).max()))) if len(present) else b""
         for c in range((b - a + reader.chunk_rows - 1) // reader.chunk_rows):
             r0 = a + c * reader.chunk_rows
             r1 = min(b, r0 + reader.chunk_rows)
@@ -43,7 +45,7 @@ def _check_rows(name: str, part: str, reader: RowReader, rows: int, problems: li
                 problems.append(f"{where}: chunk {r0 // reader.chunk_rows} (rows {r0}..{r1 - 1}) is missing")
                 continue
             try:
-                chunk = reader.decode(reader.fetch(shard, off, n), f"{reader.key(shard)} chunk {c}")[: r1 - r0]
+                chunk = reader.decode(blob[off:off + n], f"{reader.key(shard)} chunk {c}")[: r1 - r0]
             except CorruptChunk as e:
                 problems.append(str(e))
                 continue

@@ -33,6 +33,7 @@ from vtn.store.layout import (
     TABLE_COLUMNS,
     StoreError,
     compressors,
+    feature_chunk_rows,
     open_root,
     rows_per_shard,
     require_group,
@@ -153,11 +154,11 @@ class CacheWriter:
         self.part_name = f"{name}-{stamp}-{secrets.token_hex(3)}"
         self.part = require_group(self.root, "parts").create_group(self.part_name, attributes={"committed": 0, "rows": 0, "failures": []})
         shard = self._shard_rows
-        comp = compressors(self.dtype.itemsize)
+        rows = min(shard, feature_chunk_rows(self.feature_dim, self.dtype.itemsize))
         self._rows_arrays = {
             "features": self.part.create_array("features", shape=(0, self.feature_dim), dtype=self.dtype,
-                                               chunks=(CHUNK_ROWS, self.feature_dim), shards=(shard, self.feature_dim),
-                                               compressors=comp, fill_value=np.nan),
+                                               chunks=(rows, self.feature_dim), shards=(shard, self.feature_dim),
+                                               compressors=compressors(self.dtype.itemsize), fill_value=np.nan),
             "timestamps": self.part.create_array("timestamps", shape=(0,), dtype=np.float64, chunks=(CHUNK_ROWS,),
                                                  shards=(shard,), compressors=compressors(8), fill_value=np.nan),
             "frame_index": self.part.create_array("frame_index", shape=(0,), dtype=np.int64, chunks=(CHUNK_ROWS,),

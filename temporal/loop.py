@@ -36,7 +36,7 @@ from vtn.errors import UserError
 from vtn.paths import canonical_cache, check_run_dir
 from vtn.plots import curves_png
 from vtn.progress import progress_bar
-from vtn.runtime import Processes, autocast, setup_processes, size_threads
+from vtn.runtime import FailTogether, Processes, autocast, setup_processes, size_threads
 from vtn.store import open_cache
 from vtn.store.dataset import ClipDataset, LengthBucketSampler, collate_clips
 from vtn.temporal import checkpoint
@@ -225,7 +225,14 @@ def epoch_shares(sampler: LengthBucketSampler, epoch: int, state: dict) -> list[
     return sampler.shares()[state["step_in_epoch"]:][:state["total_steps"] - state["step"]]
 
 
-def run_epochs(loop: Loop, run: RunSection, batches: Callable, loss_fn: Callable, evaluate: Callable[[], dict],
+def run_epochs(loop: Loop, *args, **kwargs) -> None:
+    """`each_epoch`, failing together: an exception on any rank ends every rank within seconds with its message,
+    never leaving the others in a gradient all-reduce until the job's timeout (runtime.FailTogether)."""
+    with FailTogether(loop.procs.rank, loop.procs.world, watch=True):
+        each_epoch(loop, *args, **kwargs)
+
+
+def each_epoch(loop: Loop, run: RunSection, batches: Callable, loss_fn: Callable, evaluate: Callable[[], dict],
                progress: bool, postfix: Callable[[], dict] = dict) -> None:
     """The run's epochs from the state's on, under a progress bar (with `postfix()` as well): `batches(epoch)`
     gives the epoch's (loader, weights) from the state's step in it on; every `run.eval_every` epochs (and the

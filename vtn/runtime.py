@@ -8,6 +8,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
+import threading
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -90,6 +92,8 @@ FAILED = "vtn/failed"  # JSON [whether a UserError, message] of the first rank t
 # listens on a network port)
 LEFT = "vtn/left"  # ranks that have left through a failure
 LINGER = 10.0  # seconds rank 0 stays for the others to read the message (without torchrun's agent it hosts the store)
+WATCH_EVERY = 0.5  # seconds between a watching rank's looks for another rank's failure
+WATCH_GRACE = 3.0  # seconds a rank that saw one has to fail by itself before its watchdog ends it
 
 
 class RankFailed(RuntimeError):
@@ -132,10 +136,17 @@ def _failure(record: bytes) -> Exception:
 
 class FailTogether:
     """`with FailTogether(rank, world) as ranks:` any exception on a rank is published before it leaves;
-    `ranks.check()` raises another rank's published failure (cheap: at most one store look-up a second)."""
+    `ranks.check()` raises another rank's published failure (cheap: at most one store look-up a second).
 
-    def __init__(self, rank: int, world: int):
+    With `watch`, a thread looks for another rank's failure every WATCH_EVERY seconds, so a rank blocked in a
+    collective that will never complete (DDP's gradient all-reduce waiting for the rank that failed) does not
+    wait for the job's timeout: given WATCH_GRACE seconds to fail on its own (its collective broken by the
+    failed rank leaving), it then prints that rank's message and ends its process."""
+
+    def __init__(self, rank: int, world: int, watch: bool = False):
         self.rank, self.world, self.last = rank, world, 0.0
+        self._inside = threading.Event()
+        self._watch = watch and world > 1
 
     def check(self, now: bool = False) -> None:
         if self.world == 1 or (not now and time.monotonic() - self.last < 1.0):
@@ -153,9 +164,30 @@ class FailTogether:
         work.wait()
 
     def __enter__(self):
+        if self._watch:
+            self._inside.set()
+            threading.Thread(target=self._watchdog, args=(_store(),), daemon=True, name="vtn-fail-together").start()
         return self
 
+    def _watchdog(self, store) -> None:
+        try:
+            while self._inside.is_set() and not store.check([FAILED]):
+                time.sleep(WATCH_EVERY)
+            if not self._inside.is_set():
+                return
+            record = store.get(FAILED)
+        except Exception:  # the store is gone: the job is ending, and this rank's collectives fail by themselves
+            return
+        deadline = time.monotonic() + WATCH_GRACE
+        while self._inside.is_set() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if self._inside.is_set():  # still inside: blocked where no exception can reach it
+            user, message = json.loads(record)
+            print(f"vtn: {'error: ' if user else ''}{message} (rank {self.rank} stops too)", file=sys.stderr, flush=True)
+            os._exit(2 if user else 1)
+
     def __exit__(self, kind, error, tb):
+        self._inside.clear()
         if self.world == 1 or not isinstance(error, Exception):
             return False
         try:

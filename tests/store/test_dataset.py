@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import torch
 from store_helpers import feats
 
@@ -81,3 +82,33 @@ def test_length_bucket_sampler():
             assert a == batch and (wa, wb) == (2.0, 0.0)
         else:
             assert sorted(a + b) == sorted(batch) and wa == wb == 2 / len(batch)
+
+
+@pytest.mark.parametrize("layout", ["current", "zstd-256"])  # new caches; caches written before lz4 and small chunks
+def test_streamed_clips_of_wide_features_cross_chunks_and_equal_memory(tmp_path, monkeypatch, layout):
+    import vtn.store.writer as writer
+    from zarr.codecs import BloscCodec, Crc32cCodec
+
+    from vtn.store import CacheWriter
+
+    if layout == "zstd-256":
+        monkeypatch.setattr(writer, "feature_chunk_rows", lambda dim, itemsize: 256)
+        monkeypatch.setattr(writer, "compressors", lambda size: [
+            BloscCodec(cname="zstd", clevel=1, shuffle="shuffle", typesize=size), Crc32cCodec()])
+    rng = np.random.default_rng(0)
+    url = str(tmp_path / "c.zarr")
+    with CacheWriter(url, feature_dim=768, class_names=["a", "b"]) as w:
+        for v in range(6):
+            n = int(rng.integers(130, 300))
+            idx = np.sort(rng.choice(10 * n, n, replace=False))
+            w.add(f"v{v}", rng.standard_normal((n, 768)).astype(np.float16), idx / 29.97, idx, label=v % 2, split="train")
+    cache = open_cache(url)
+    array = cache.root["parts"][cache.index["part"][0]]["features"]
+    assert array.metadata.codecs[0].chunk_shape == ((32, 768) if layout == "current" else (256, 768))
+    streamed = ClipDataset(cache, "train", clip_frames=16, stride=8, seed=1)
+    memory = ClipDataset(cache.load_split("train"), clip_frames=16, stride=8, seed=1)
+    for epoch in range(3):
+        streamed.set_epoch(epoch), memory.set_epoch(epoch)
+        for i in range(len(streamed)):
+            x, y = streamed[i], memory[i]
+            assert x["id"] == y["id"] and all(torch.equal(x[k], y[k]) for k in ("features", "positions", "times", "span"))

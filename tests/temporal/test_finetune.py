@@ -504,3 +504,12 @@ def test_finetune_on_two_processes_with_a_broken_video_on_one_of_them(stage_two,
     assert any(not torch.equal(v, w0[k]) for k, v in start.state_dict().items())  # it trained
     for k, v in w0.items():
         assert torch.equal(v, w1[k]), k
+
+
+@pytest.mark.slow  # two processes importing torch and decoding videos
+def test_a_rank_failing_mid_finetuning_ends_both_ranks_within_seconds_with_its_message(stage_two, tmp_path):
+    from fail_proc import check_failed_together, fail_together
+
+    videos, _, run = stage_two
+    check_failed_together(*fail_together(["finetune", str(run), "--out", str(tmp_path / "ft"), "--videos", str(videos),
+                                         "--epochs", "4", "--set", "run.eval_every=4", *FT], tmp_path))

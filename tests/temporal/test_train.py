@@ -296,3 +296,12 @@ def test_model_sizes_and_recipes_are_registered_once():
     assert PRESETS["vit_b_vtn"] == VTNConfig(feature_dim=768, num_classes=400)
     with pytest.raises(ConfigError, match="feature_dim and num_classes"):
         VTNConfig().check()
+
+
+
+@pytest.mark.slow  # two processes importing torch: 50-130 s on the 2 loaded cores
+def test_a_rank_failing_mid_training_ends_both_ranks_within_seconds_with_its_message(cache, tmp_path):
+    from fail_proc import check_failed_together, fail_together
+
+    check_failed_together(*fail_together(["train", cache, "--out", str(tmp_path / "run"), *TINY,
+                                         "--set", "optim.min_steps=6", "--epochs", "2", "--quiet"], tmp_path))
