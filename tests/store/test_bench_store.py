@@ -24,7 +24,9 @@ def test_bench_store_kinetics_refuses_a_share_outside_0_1(vtn):
 
 
 def test_bench_store_prints_streamed_against_memory_clips(vtn):
+    """Both rates of the loader alone, and of the base model trained on what each feeds it, with their ratio."""
     proc = vtn("bench", "store", "--videos", "200", "--reads", "20", "--batches", "2")
     assert proc.returncode == 0, proc.stderr
-    (line,) = [x for x in proc.stdout.splitlines() if x.startswith("training clips streamed")]
-    assert re.search(r"[\d,]+ clips/s \(\d+ workers\) +[\d,]+ clips/s from memory +\d+\.\d\dx", line), line
+    for name in ("loader alone", "base model trained"):
+        (line,) = [x for x in proc.stdout.splitlines() if x.startswith(f"clips/s streamed, {name}")]
+        assert re.search(r"[\d,.]+ \(\d+ workers, 2 batches\) +[\d,.]+ from memory +\d+\.\d\dx", line), line
