@@ -52,9 +52,11 @@ MEMBER_KEYS = (("run", "seed"), ("optim", "lr"), ("optim", "weight_decay"))
 
 def batch_key(cfg: TrainConfig) -> str | None:
     """Runs with the same key can train as one batched model; None: this run trains on its own (it has dropout,
-    fp16 or the hf backend, see the module docstring)."""
+    fp16 or the hf backend, see the module docstring, or the default length, which may stop it early)."""
     m = cfg.model
     if m.dropout or m.attention_dropout or m.head_dropout or cfg.run.amp == "fp16" or m.backend != "fast":
+        return None
+    if cfg.optim.steps is None and cfg.optim.epochs is None:  # the default length stops each run on its own val
         return None
     shared = to_dict(cfg)
     for section, key in MEMBER_KEYS:
