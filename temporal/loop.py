@@ -6,6 +6,8 @@ steps), `build_optimizer` + `lr_factor`, `train_epoch` (one epoch of optimiser s
 temporal/checkpoint.py). No trainer class: each piece is a function of what it uses; `Loop` holds what the steps
 of one run share. `fit` is a whole stage-two run on cached features. The schedule's length is OptimSection's
 rule (`schedule`); the learning rate follows the step, so a schedule means the same on a small and a large cache.
+A run of the default length stops once val top-1 stalls for its patience (`early_stop`), a decision kept in the
+state, so a resumed run stops where an uninterrupted one does.
 
 Resuming is exact: clips come from (seed, epoch, index) (store/dataset.py), the batch order from (seed,
 epoch), the learning rate from the step, and the checkpoint holds the optimiser state and every process's
@@ -310,13 +312,15 @@ def end_epoch(loop: Loop, epoch: int, val: dict) -> dict:
 
 def early_stop(state: dict, record: dict) -> None:
     """After an evaluation: note the epoch of the best val top-1 so far, and stop the run (state "stopped_at")
-    when the schedule has a patience and top-1 has not risen for that many epochs. Kept in the state, so a
-    resumed run stops where the uninterrupted one did."""
+    when the schedule has a patience and top-1 has not risen for that many epochs. A top-1 no better than
+    guessing the most frequent val class ("chance") does not count: a model that must learn the frames' order
+    can sit there for a long time before it starts to learn. Kept in the state, so a resumed run stops where the
+    uninterrupted one did."""
     top = state.get("top1_best")
-    if top is None or record["val_top1"] > top["val_top1"]:
+    if record["val_top1"] > max(state.get("chance", 0.0), top["val_top1"] if top else 0.0):
         state["top1_best"] = top = {"epoch": record["epoch"], "val_top1": record["val_top1"]}
     patience = state.get("patience")
-    if patience and record["epoch"] - top["epoch"] >= patience and record["epoch"] < state["epochs"]:
+    if patience and top and record["epoch"] - top["epoch"] >= patience and record["epoch"] < state["epochs"]:
         state["stopped_at"] = record["epoch"]
 
 
@@ -364,6 +368,12 @@ def run_config(run: Path, cls, cfg, resume: bool, default: Callable[[], Any], pr
     return cfg, last if resuming else None
 
 
+def chance(labels: np.ndarray) -> float:
+    """Val top-1 of always guessing the most frequent class among these labels (-1: unlabelled)."""
+    labels = labels[labels >= 0]
+    return float(np.bincount(labels).max() / len(labels)) if len(labels) else 0.0
+
+
 def new_loop(run: Path, cfg, model: torch.nn.Module, groups: list, data: Data, cache, inputs: dict, last: Path | None,
              procs: Processes, device: torch.device, **ddp) -> tuple[Loop, str]:
     """The loop of a run on `data` (and what decided its schedule): the optimiser over (parameters, base lr)
@@ -377,7 +387,7 @@ def new_loop(run: Path, cfg, model: torch.nn.Module, groups: list, data: Data, c
     state = {"world_size": procs.world, "epochs": epochs, "steps_per_epoch": steps_per_epoch,
              "total_steps": total_steps, "data": data_fingerprint(data, cache), "epoch": 0, "step_in_epoch": 0,
              "step": 0, "elapsed": 0.0, "loss_sum": 0.0, "loss_count": 0, "best": None, "diverged_at": None,
-             "patience": patience, "top1_best": None, "stopped_at": None}
+             "patience": patience, "chance": chance(data.val.labels), "top1_best": None, "stopped_at": None}
     if last is not None:
         saved_state = checkpoint.load_last(last, model, opt, scaler, procs.rank, device)
         check_resume(saved_state, state, last)
