@@ -94,7 +94,8 @@ RECIPES = {
     "default": TrainConfig(),
     # The reference code's Kinetics recipe (SlowFast configs/Kinetics/VIT_B_VTN.yaml): SGD lr 1e-3, momentum
     # 0.9, weight decay 1e-4, 16 clips per step, lr x0.1 at epochs 13 and 24 of 25 (as shares of the run),
-    # no clipping. Its length is the default's (25 epochs, at least min_steps), so a small cache gets a usable run.
+    # no clipping. Its length is the default's (at most 25 epochs, at least min_steps, stopped on val), so a small
+    # cache gets a usable run.
     "reference": TrainConfig(optim=OptimSection(
         optimizer="sgd", lr=1e-3, momentum=0.9, weight_decay=1e-4, batch_size=16, schedule="step",
         warmup=0.0, milestones=(13 / 25, 24 / 25), gamma=0.1, clip_grad=0.0,
