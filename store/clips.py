@@ -41,3 +41,23 @@ def view_rows(length: int, views: tuple[int, int, int] | None, max_frames: int) 
         return clip_rows(length, None, 1, max_frames, None)
     n, frames, stride = views
     return np.unique(np.concatenate([clip_rows(length, frames, stride, None, None, (k, n)) for k in range(n)]))
+
+
+def uniform_rows(length: int, segments: int, rng: np.random.Generator | None) -> np.ndarray:
+    """A uniform view of a video's `length` frames (TSN; MMAction2's UniformSampleFrames): the video cut into
+    `segments` equal segments, one frame from each, at a random place in it (`rng` given) or its middle. Sorted and
+    distinct, the first segment starting at frame 0 and the last ending at the last frame, so the view spans the
+    whole video whatever its length; a video of no more than `segments` frames gives every frame."""
+    if length <= segments:
+        return np.arange(length)
+    edges = np.floor(np.arange(segments + 1) * (length / segments)).astype(np.int64)  # each segment >= 1 frame
+    lo, size = edges[:-1], np.diff(edges)
+    if rng is None:
+        return lo + (size - 1) // 2
+    return lo + np.minimum((rng.random(segments) * size).astype(np.int64), size - 1)
+
+
+def speed_factor(rng: np.random.Generator, speed: tuple[float, float]) -> float:
+    """A training view's temporal scale, log-uniform in [speed[0], speed[1]] (1.0 when both are 1)."""
+    lo, hi = speed
+    return lo if lo == hi else float(np.exp(rng.uniform(np.log(lo), np.log(hi))))

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from vtn.store.clips import clip_rows
+from vtn.store.clips import clip_rows, speed_factor, uniform_rows
 from vtn.store.reader import FeatureCache, SplitData
 
 
@@ -25,13 +25,16 @@ class ClipDataset(Dataset):
 
     `source` is a SplitData (in memory; fastest) or an open FeatureCache (streams each video from disk).
     `videos` keeps only these positions among the split's videos (e.g. a held-out share), in that order.
-    `train=True` draws a random clip per item; `train=False` gives the whole video, or with `clip_frames` the
-    clip `view` = (k, n) of n evenly spaced ones (default: the centred clip).
+    `train=True` draws a random view per item (`sampling`: "dense" clips, "uniform" views of `segments` segments
+    over the whole video, or "mixed": uniform with probability `uniform_share`), its temporal scale drawn from
+    `speed` (see DataSection); `train=False` gives the whole video, or with `clip_frames` the clip `view` = (k, n)
+    of n evenly spaced ones (default: the centred clip).
     """
 
     def __init__(self, source: SplitData | FeatureCache, split: str | None = None, clip_frames: int | None = None,
                  stride: int = 1, max_frames: int | None = None, train: bool = True, seed: int = 0,
-                 videos: np.ndarray | None = None, view: tuple[int, int] | None = None):
+                 videos: np.ndarray | None = None, view: tuple[int, int] | None = None, sampling: str = "dense",
+                 segments: int = 64, uniform_share: float = 0.5, speed: tuple[float, float] = (1.0, 1.0)):
         self.source = source
         self.view = view
         if isinstance(source, SplitData):
@@ -48,6 +51,7 @@ class ClipDataset(Dataset):
         self.lengths = np.asarray(lengths)[sel]
         self.clip_frames, self.stride, self.max_frames = clip_frames, stride, max_frames
         self.train, self.seed, self.epoch = train, seed, 0
+        self.sampling, self.segments, self.uniform_share, self.speed = sampling, segments, uniform_share, tuple(speed)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -61,13 +65,33 @@ class ClipDataset(Dataset):
         return len(self.ids)
 
     def sample_lengths(self) -> np.ndarray:
-        """Frames each item will have (for bucketing by length)."""
+        """Frames each item will have (for bucketing by length; a uniform training view's, at speed 1)."""
         cap = self.clip_frames if self.clip_frames is not None else self.max_frames
+        if self.train and self.sampling != "dense":
+            cap = self.segments if self.sampling == "uniform" else max(self.segments, cap)
         return np.minimum(self.lengths, cap) if cap is not None else self.lengths
 
+    def view_kind(self, i: int) -> str:
+        """"dense" or "uniform": the kind of item i's training view this epoch (its own stream, so the mixed
+        mode's draw never shifts the frames a view picks)."""
+        if self.sampling != "mixed":
+            return self.sampling
+        return "uniform" if self.rng(i, 3).random() < self.uniform_share else "dense"
+
+    def pick(self, i: int) -> np.ndarray:
+        """Which of item i's cached frames it shows (sorted): a training view drawn from (seed, epoch, i), or the
+        evaluation view."""
+        length = int(self.lengths[i])
+        if not self.train:
+            return clip_rows(length, self.clip_frames, self.stride, self.max_frames, None, self.view)
+        factor = speed_factor(self.rng(i, 4), self.speed)
+        if self.view_kind(i) == "uniform":
+            segments = max(1, round(self.segments / factor))
+            return uniform_rows(length, min(segments, self.max_frames or segments), self.rng(i))
+        return clip_rows(length, self.clip_frames, max(1, round(self.stride * factor)), self.max_frames, self.rng(i))
+
     def __getitem__(self, i: int) -> dict:
-        rng = self.rng(i) if self.train else None
-        pick = clip_rows(int(self.lengths[i]), self.clip_frames, self.stride, self.max_frames, rng, self.view)
+        pick = self.pick(i)
         if isinstance(self.source, SplitData):
             rows = self.source.video_rows(int(self.rows[i]))
             feats, all_frames, all_times = self.source.features[rows][pick], self.source.frame_indices[rows], self.source.timestamps[rows]

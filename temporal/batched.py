@@ -60,6 +60,8 @@ def unbatchable(cfg: TrainConfig) -> str | None:
         return "run.amp=fp16 (its loss scaler is per run)"
     if m.backend != "fast":
         return f"model.backend={m.backend} (only the fast backend batches)"
+    if cfg.optim.steps is None and cfg.optim.epochs is None:
+        return "the default length (each run stops on its own val; set optim.steps or optim.epochs to batch)"
     return None
 
 

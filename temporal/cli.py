@@ -22,8 +22,11 @@ def _add_train(sub) -> None:
         description="Stage two: train VTN's Longformer encoder and head on the cached frame features of CACHE's "
         "train split, evaluating on whole val videos every epoch (a cache without a val split gets one: 10 % of each "
         "class's train videos, by a hash of the id). RUN gets config.yaml, metrics.jsonl and the checkpoints best/ "
-        "and last/. Defaults suit any cache size (unless --epochs or --steps is given, the schedule has a floor of "
-        "optimiser steps). Under torchrun it trains with DDP. Interrupted, it continues with --resume.",
+        "and last/. Defaults suit any cache size: unless --epochs or --steps is given, the run is at most 25 epochs "
+        "(raised to 1000 optimiser steps on a small cache) and stops early once val top-1 has not improved for a fifth "
+        "of that (optim.patience); training views are dense clips, uniform views over whole videos or a mix, chosen "
+        "from the videos' lengths (data.sampling). Under torchrun it trains with DDP. Interrupted, it continues with "
+        "--resume.",
     )
     p.add_argument("cache", help="the feature cache (local path or fsspec URL)")
     p.add_argument("--out", required=True, metavar="RUN", help="the run directory to write")
@@ -34,10 +37,11 @@ def _add_train(sub) -> None:
     p.add_argument("--frames", type=int, help="frames per training clip (data.clip_frames, default 16)")
     p.add_argument("--stride", type=int, help="cached frames between clip frames (data.stride, default 8)")
     p.add_argument("--model", choices=["tiny", "small", "base"],
-                   help="encoder size: tiny (trains in seconds on a CPU), small, or base (the paper's, the default)")
+                   help="encoder size: tiny (about 0.5 M parameters: the quick one on a CPU), small, or base (the "
+                   "paper's, about 28 M, the default)")
     length = p.add_mutually_exclusive_group()
-    length.add_argument("--epochs", type=int, help="train exactly this many epochs (optim.epochs; default: 25, "
-                        "raised to reach optim.min_steps=1000 steps on a small cache)")
+    length.add_argument("--epochs", type=int, help="train exactly this many epochs (optim.epochs; default: at most 25, "
+                        "raised to reach optim.min_steps=1000 steps on a small cache, stopping early on val)")
     length.add_argument("--steps", type=int, help="train exactly this many optimiser steps (optim.steps)")
     p.add_argument("--batch-size", type=int, help="clips per step over all processes (optim.batch_size)")
     p.add_argument("--lr", type=float, help="peak learning rate (optim.lr)")

@@ -35,7 +35,6 @@ from vtn.extract.pipeline import decode_workers, extract_features
 from vtn.extract.workers import DecodePool
 from vtn.runtime import Processes, autocast, on_rank0, setup_processes, size_threads
 from vtn.store import collate_clips, open_cache
-from vtn.store.clips import clip_rows
 from vtn.temporal import checkpoint
 from vtn.temporal.data import check_inputs, model_inputs, whole_video_sampling
 from vtn.temporal.e2e import VideoVTN, rebuild_backbone, sampling_of
@@ -174,7 +173,7 @@ class ClipFrames:
         """The rows of item i's clip among its video's sampled frames (the very clip ClipDataset draws, see
         store/dataset.py), and which of the clip's frames are fresh (all, or `bank_frames` contiguous ones)."""
         ds = self.dataset
-        rows = clip_rows(int(ds.lengths[i]), ds.clip_frames, ds.stride, None, ds.rng(i))
+        rows = ds.pick(i)
         k = self.bank_frames
         if k is None or k >= len(rows):
             return rows, slice(0, len(rows))

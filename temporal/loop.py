@@ -6,6 +6,8 @@ steps), `build_optimizer` + `lr_factor`, `train_epoch` (one epoch of optimiser s
 temporal/checkpoint.py). No trainer class: each piece is a function of what it uses; `Loop` holds what the steps
 of one run share. `fit` is a whole stage-two run on cached features. The schedule's length is OptimSection's
 rule (`schedule`); the learning rate follows the step, so a schedule means the same on a small and a large cache.
+A run of the default length stops once val top-1 stalls for its patience (`early_stop`), a decision kept in the
+state, so a resumed run stops where an uninterrupted one does.
 
 Resuming is exact: clips come from (seed, epoch, index) (store/dataset.py), the batch order from (seed,
 epoch), the learning rate from the step, and the checkpoint holds the optimiser state and every process's
@@ -47,16 +49,22 @@ from vtn.temporal.settings import DEFAULT_EPOCHS, OptimSection, RunSection, Trai
 from vtn.temporal.splits import Data, data_fingerprint, load_data
 
 
-def schedule(optim: OptimSection, steps_per_epoch: int) -> tuple[int, int, str]:
-    """(epochs, total optimiser steps, what decided them) for `steps_per_epoch` steps per epoch."""
+def schedule(optim: OptimSection, steps_per_epoch: int) -> tuple[int, int, str, int | None]:
+    """(epochs, total optimiser steps, what decided them, the patience in epochs or None) for `steps_per_epoch`
+    steps per epoch. The learning rate follows the total steps; a run that stops early ends part-way along it."""
     if optim.steps is not None:
-        return math.ceil(optim.steps / steps_per_epoch), optim.steps, f"optim.steps={optim.steps}"
+        return math.ceil(optim.steps / steps_per_epoch), optim.steps, f"optim.steps={optim.steps}", None
     if optim.epochs is not None:
-        return optim.epochs, optim.epochs * steps_per_epoch, f"optim.epochs={optim.epochs}"
+        return optim.epochs, optim.epochs * steps_per_epoch, f"optim.epochs={optim.epochs}", None
     epochs = max(DEFAULT_EPOCHS, math.ceil(optim.min_steps / steps_per_epoch))
     why = (f"the default {DEFAULT_EPOCHS} epochs" if epochs == DEFAULT_EPOCHS else
            f"the default {DEFAULT_EPOCHS} epochs raised to reach optim.min_steps={optim.min_steps}")
-    return epochs, epochs * steps_per_epoch, why
+    if optim.patience == 0:
+        return epochs, epochs * steps_per_epoch, why + " (optim.patience=0: no early stop)", None
+    patience = optim.patience or max(1, epochs // 5)
+    why += (f", at most: it stops early once val top-1 has not improved for {patience} epochs (optim.patience"
+            f"{'' if optim.patience else ': a fifth of the run'}; --steps or --epochs train exactly)")
+    return epochs, epochs * steps_per_epoch, why, patience
 
 
 def lr_factor(step: int, total: int, optim: OptimSection) -> float:
@@ -244,6 +252,8 @@ def each_epoch(loop: Loop, run: RunSection, batches: Callable, loss_fn: Callable
     loop.model.train()
     every = eval_interval(epochs, run.eval_every)
     for epoch in range(state["epoch"], epochs):
+        if state.get("stopped_at") is not None:  # .get: a run saved before early stopping existed
+            break
         bar.set_description(f"epoch {epoch + 1}/{epochs}", refresh=False)
         loader, weights = batches(epoch)
         train_epoch(loop, loader, weights, loss_fn, bar, lambda: step_checkpoint(loop, checkpoint_every), postfix)
@@ -297,6 +307,7 @@ def end_epoch(loop: Loop, epoch: int, val: dict) -> dict:
     improved = best is None or rank(record) > rank(best)
     if improved:
         state["best"] = record
+    early_stop(state, record)
     if loop.procs.rank == 0:
         with open(loop.dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
@@ -304,6 +315,20 @@ def end_epoch(loop: Loop, epoch: int, val: dict) -> dict:
             checkpoint.save_best(loop.dir, loop.model, record, loop.inputs)
     checkpoint_last(loop)
     return record
+
+
+def early_stop(state: dict, record: dict) -> None:
+    """After an evaluation: note the epoch of the best val top-1 so far, and stop the run (state "stopped_at")
+    when the schedule has a patience and top-1 has not risen for that many epochs. A top-1 no better than
+    guessing the most frequent val class ("chance") does not count: a model that must learn the frames' order
+    can sit there for a long time before it starts to learn. Kept in the state, so a resumed run stops where the
+    uninterrupted one did."""
+    top = state.get("top1_best")
+    if record["val_top1"] > max(state.get("chance", 0.0), top["val_top1"] if top else 0.0):
+        state["top1_best"] = top = {"epoch": record["epoch"], "val_top1": record["val_top1"]}
+    patience = state.get("patience")
+    if patience and top and record["epoch"] - top["epoch"] >= patience and record["epoch"] < state["epochs"]:
+        state["stopped_at"] = record["epoch"]
 
 
 def start_run_dir(run: Path, cfg, step: int) -> None:
@@ -350,19 +375,26 @@ def run_config(run: Path, cls, cfg, resume: bool, default: Callable[[], Any], pr
     return cfg, last if resuming else None
 
 
+def chance(labels: np.ndarray) -> float:
+    """Val top-1 of always guessing the most frequent class among these labels (-1: unlabelled)."""
+    labels = labels[labels >= 0]
+    return float(np.bincount(labels).max() / len(labels)) if len(labels) else 0.0
+
+
 def new_loop(run: Path, cfg, model: torch.nn.Module, groups: list, data: Data, cache, inputs: dict, last: Path | None,
              procs: Processes, device: torch.device, **ddp) -> tuple[Loop, str]:
     """The loop of a run on `data` (and what decided its schedule): the optimiser over (parameters, base lr)
     `groups`, the scaler, the state (loaded from last/ when resuming, refusing a run that would not take the same
     steps), and the model wrapped for DDP under torchrun (`ddp`: DDP's options). Seeds this process's dropout."""
     steps_per_epoch = len(data.sampler)
-    epochs, total_steps, why = schedule(cfg.optim, steps_per_epoch)
+    epochs, total_steps, why, patience = schedule(cfg.optim, steps_per_epoch)
     torch.manual_seed(cfg.run.seed + procs.rank)  # dropout differs between processes, as their data does
     opt = build_optimizer(groups, cfg.optim)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.run.amp == "fp16")
     state = {"world_size": procs.world, "epochs": epochs, "steps_per_epoch": steps_per_epoch,
              "total_steps": total_steps, "data": data_fingerprint(data, cache), "epoch": 0, "step_in_epoch": 0,
-             "step": 0, "elapsed": 0.0, "loss_sum": 0.0, "loss_count": 0, "best": None, "diverged_at": None}
+             "step": 0, "elapsed": 0.0, "loss_sum": 0.0, "loss_count": 0, "best": None, "diverged_at": None,
+             "patience": patience, "chance": chance(data.val.labels), "top1_best": None, "stopped_at": None}
     if last is not None:
         saved_state = checkpoint.load_last(last, model, opt, scaler, procs.rank, device)
         check_resume(saved_state, state, last)
@@ -431,7 +463,8 @@ def start_run(run: Path, cache, cfg: TrainConfig | None, resume: bool, procs: Pr
                     f"{run / 'holdout.json'})")
         print(f"vtn train: {len(data.train)} train videos and {val_from} from {cache.url} "
               f"({'streamed' if data.streaming else 'memory'}), {n_params / 1e6:.2f} M parameters on {device}"
-              + schedule_text(loop, cfg.optim.batch_size, why, last is not None), flush=True)
+              + schedule_text(loop, cfg.optim.batch_size, why, last is not None)
+              + f"\n  training views: {data.sampling}", flush=True)
         if data.left_out:
             print(data.left_out, file=sys.stderr, flush=True)
         if len(cache.class_names) == 1:
@@ -442,7 +475,7 @@ def start_run(run: Path, cache, cfg: TrainConfig | None, resume: bool, procs: Pr
 
 def finish_run(loop: Loop, announce: bool = True) -> dict:
     """The summary of a run whose steps are done; rank 0 draws curves.png and reports."""
-    state, run, rank, epochs = loop.state, loop.dir, loop.procs.rank, loop.state["epochs"]
+    state, run, rank, epochs = loop.state, loop.dir, loop.procs.rank, loop.state["epoch"]
     best = state["best"]
     summary = {"run": str(run), "epochs": epochs, "steps": state["step"], "seconds": round(state["elapsed"], 1),
                "diverged_at": state.get("diverged_at"), "best": best, "last": json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
@@ -450,6 +483,11 @@ def finish_run(loop: Loop, announce: bool = True) -> dict:
     if rank == 0:
         curves_png([json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()], run / "curves.png")
     if rank == 0 and announce:
+        stopped = state.get("stopped_at")
+        if stopped is not None:
+            print(f"vtn train: stopped early at epoch {stopped} of {state['epochs']}: val top-1 had not improved for "
+                  f"{state['patience']} epochs (its best, {state['top1_best']['val_top1']:.1%}, at epoch "
+                  f"{state['top1_best']['epoch']})", flush=True)
         print(f"vtn train: {epochs} epochs, {state['step']} steps in {state['elapsed']:.0f} s; best val top-1 "
               f"{best['val_top1']:.1%} (top-5 {best['val_top5']:.1%}, mean class "
               f"{best['val_mean_class_accuracy']:.1%}) at epoch {best['epoch']}; last top-1 "

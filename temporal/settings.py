@@ -20,10 +20,22 @@ class DataSection:
     # share of each class's train videos is held out for validation, chosen by a hash of the video id (so the
     # choice never depends on the order or number of other videos). 0: refuse instead.
     holdout: float = ranged(0.1, ge=0, lt=1)
-    # Training clips: clip_frames frames, stride cached frames apart, from a random start. Videos too short
-    # for the span keep the clip length with a smaller stride (or all their frames).
+    # Training views. "dense": clip_frames frames, stride cached frames apart, from a random start (the paper's
+    # clips; a video too short for the span keeps the clip length with a smaller stride, or all its frames).
+    # "uniform": the whole video cut into `segments` equal segments, one frame drawn from each (TSN, MMAction2's
+    # UniformSampleFrames): the view spreads over the video as whole-video evaluation does. "mixed": each clip is
+    # uniform with probability `uniform_share`, else dense. "auto": chosen from the train videos' lengths
+    # (temporal/splits.py `choose_sampling`; the first log line says which and why).
+    sampling: Literal["auto", "dense", "uniform", "mixed"] = "auto"
     clip_frames: int = ranged(16, ge=1, flag="--frames")
     stride: int = ranged(8, ge=1, flag="--stride")
+    # 64 segments put a frame at least every 1/32 of a video: a 2-s event of a 60-s video always holds one
+    segments: int = ranged(64, ge=1)
+    uniform_share: float = ranged(0.5, ge=0, le=1)
+    # Temporal-scale augmentation: each training view's speed is drawn log-uniformly from this range: a dense clip's
+    # stride is multiplied by it, a uniform view's segments divided by it, so spans and densities vary as the
+    # events of real videos do. (1, 1): off.
+    speed: tuple[float, float] = ranged((0.5, 2.0), gt=0)
     load: Literal["auto", "memory", "stream"] = "auto"  # auto: into memory when the split fits
     workers: int | None = ranged(None, ge=0)  # loader processes; None: 0 in memory, up to 8 when streaming
     normalize: bool = True  # features to zero mean, unit std per dimension (train split statistics)
@@ -41,11 +53,14 @@ class OptimSection:
     betas: tuple[float, float] = ranged((0.9, 0.999), ge=0, lt=1)  # adamw
     momentum: float = ranged(0.9, ge=0, lt=1)  # sgd
     batch_size: int = ranged(32, ge=1, flag="--batch-size")  # clips per optimiser step over all processes
-    # Length of the run: `steps` if set, else `epochs` if set (both obeyed exactly); else 25 epochs, raised so
-    # the run makes at least `min_steps` steps (a small cache has few steps per epoch).
+    # Length of the run: `steps` if set, else `epochs` if set (both obeyed exactly); else at most 25 epochs, raised
+    # so the run makes at least `min_steps` steps (a small cache has few steps per epoch), and stopped early once
+    # val top-1 has not improved for `patience` epochs (None: a fifth of that length; 0: never), so a few dozen
+    # videos that are learnt in 40 steps do not take 1000.
     epochs: int | None = ranged(None, ge=1, flag="--epochs")
     steps: int | None = ranged(None, ge=1, flag="--steps")
     min_steps: int = ranged(1000, ge=1)
+    patience: int | None = ranged(None, ge=0)
     schedule: Literal["cosine", "step"] = "cosine"
     warmup: float = ranged(0.05, ge=0, lt=1)  # share of the steps with a linear warm-up from 0
     # step schedule: lr *= gamma at these shares of the steps
@@ -83,7 +98,8 @@ RECIPES = {
     "default": TrainConfig(),
     # The reference code's Kinetics recipe (SlowFast configs/Kinetics/VIT_B_VTN.yaml): SGD lr 1e-3, momentum
     # 0.9, weight decay 1e-4, 16 clips per step, lr x0.1 at epochs 13 and 24 of 25 (as shares of the run),
-    # no clipping. Its length is the default's (25 epochs, at least min_steps), so a small cache gets a usable run.
+    # no clipping. Its length is the default's (at most 25 epochs, at least min_steps, stopped on val), so a small
+    # cache gets a usable run.
     "reference": TrainConfig(optim=OptimSection(
         optimizer="sgd", lr=1e-3, momentum=0.9, weight_decay=1e-4, batch_size=16, schedule="step",
         warmup=0.0, milestones=(13 / 25, 24 / 25), gamma=0.1, clip_grad=0.0,

@@ -40,6 +40,7 @@ class Data:
     workers: int
     holdout: list[str] | None  # ids held out of the train split for validation, when the cache has no val split
     left_out: str | None = None  # which of the cache's videos the run does not use, and why (a warning)
+    sampling: str = ""  # the training views and why (the first log line)
 
 
 def left_out(cache, d: DataSection, train_unlabelled: int, val_unlabelled: int) -> str | None:
@@ -69,6 +70,31 @@ def still_writing(cache) -> str | None:
     who = "; ".join(describe(e) for e in live.values())
     return (f"note: {cache.url}: a writer is still adding videos to this cache ({who}); this run uses the "
             f"{len(cache)} videos committed when it started, not those added after")
+
+
+def choose_sampling(d: DataSection, lengths: np.ndarray) -> tuple[str, str]:
+    """(the training views' sampling, a sentence saying why) for train videos of these lengths (cached frames).
+
+    `d.sampling` unless "auto". Auto looks at the share of the long train videos (the 90th percentile of the
+    lengths) that one dense clip spans: at least 90 %: "dense" (a clip already shows about the whole video); at most
+    half: "uniform" (a dense clip shows too little of those videos to be sure to hold what decides their class, and
+    whole-video evaluation would place frames where training never did); in between "mixed"."""
+    if d.speed[0] > d.speed[1]:
+        raise UserError(f"data.speed={list(d.speed)}: the first value (slowest) must not exceed the second")
+    span = (d.clip_frames - 1) * d.stride + 1
+    long = float(np.percentile(lengths, 90)) if len(lengths) else 0.0
+    cover = min(1.0, span / long) if long else 1.0
+    aug = "" if d.speed == (1.0, 1.0) else f", speed x{d.speed[0]:g}-{d.speed[1]:g}"
+    views = {"dense": f"dense clips of {d.clip_frames} frames at stride {d.stride}{aug}",
+             "uniform": f"uniform views of {d.segments} segments over each whole video{aug}",
+             "mixed": f"mixed views ({d.uniform_share:.0%} uniform of {d.segments} segments, else dense clips of "
+                      f"{d.clip_frames} frames at stride {d.stride}){aug}"}
+    if d.sampling != "auto":
+        return d.sampling, f"{views[d.sampling]} (data.sampling={d.sampling})"
+    mode = "dense" if cover >= 0.9 else "uniform" if cover <= 0.5 else "mixed"
+    why = (f"a dense clip spans {span} cached frames, {cover:.0%} of a long train video (90th percentile: {long:.0f} "
+           "frames); data.sampling=auto picks dense at >= 90 %, uniform at <= 50 %, mixed between")
+    return mode, f"{views[mode]}: {why}"
 
 
 def shared_source(cache, split: str, mode: str, procs: Processes, sources: dict | None):
@@ -106,15 +132,17 @@ def load_data(cache, cfg: TrainConfig, model_cfg: VTNConfig, procs: Processes, s
     if not (val.labels >= 0).any():  # else every evaluation has nothing to score
         raise UserError(f"{cache.url}: the val split '{d.val_split}' has no labelled videos ({len(val)} unlabelled), "
                         "so nothing can be scored; label them, or set data.val_split to a labelled split")
-    train = ClipDataset(train_source, split=d.train_split, clip_frames=d.clip_frames, stride=d.stride, train=True,
-                        seed=cfg.run.seed, videos=np.flatnonzero(keep))
+    sampling, why = choose_sampling(d, every.lengths[keep])
+    train = ClipDataset(train_source, split=d.train_split, clip_frames=d.clip_frames, stride=d.stride,
+                        max_frames=model_cfg.max_positions, train=True, seed=cfg.run.seed, videos=np.flatnonzero(keep),
+                        sampling=sampling, segments=d.segments, uniform_share=d.uniform_share, speed=d.speed)
     sampler = LengthBucketSampler(train.sample_lengths(), cfg.optim.batch_size, shuffle=True, seed=cfg.run.seed,
                                   num_replicas=procs.world, rank=procs.rank)
     workers = d.workers if d.workers is not None else loader_workers(streaming, procs.local_world)
     warning = "\n".join(filter(None, [left_out(cache, d, int((every.labels < 0).sum()),
                                                 int((val.labels < 0).sum()) if holdout is None else 0),
                                        still_writing(cache)])) or None
-    return Data(train, val, sampler, streaming, workers, holdout, warning)
+    return Data(train, val, sampler, streaming, workers, holdout, warning, why)
 
 
 def data_fingerprint(data: Data, cache) -> dict:

@@ -15,6 +15,8 @@ short, so a whole dataset encodes in seconds.
 from __future__ import annotations
 
 import fractions
+import itertools
+import json
 import math
 import struct
 from pathlib import Path
@@ -228,6 +230,73 @@ def make_layout_dataset(root: str | Path, per_split: dict[str, int] | None = Non
                 paths.append(make_layout_video(Path(root) / split / cls / f"{i:04d}.mp4", cls,
                                                seconds=float(rng.uniform(*seconds)), fps=fps,
                                                seed=int(rng.integers(2**31))))
+    return paths
+
+
+# The order kind (`make_order_dataset`), for long videos: a class is the order of three short coloured events (red,
+# green, blue: 2 s each, back to back) at a random place in a long video whose other frames are an uninformative
+# background. Every class shows the same three colours; only their order tells the six classes apart.
+ORDER_COLOURS = {"red": (230.0, 30.0, 30.0), "green": (30.0, 230.0, 30.0), "blue": (30.0, 30.0, 230.0)}
+ORDER_CLASSES = tuple("_".join(p) for p in itertools.permutations(ORDER_COLOURS))
+ORDER_SIZE = 32  # square frames: enough for a colour, cheap to encode and to extract
+
+
+def order_plan(rng: np.random.Generator, seconds: float, event: float) -> tuple[np.ndarray, float, float]:
+    """(background [size, size, 3] float, the first event's start, each event's length) of an order video."""
+    background = np.clip(rng.uniform(0, 70, size=3) + rng.normal(0, 12, size=(ORDER_SIZE, ORDER_SIZE, 1)), 0, 255)
+    event = min(event, seconds / 3)
+    return background, float(rng.uniform(0, seconds - 3 * event)), event
+
+
+def order_events(seconds: float, seed: int, event: float = 2.0) -> tuple[float, float]:
+    """(start, end) in seconds of the three events of `make_order_video(..., seconds, event=event, seed=seed)`:
+    the frames that decide its class (for measuring where a model looks)."""
+    _, start, event = order_plan(np.random.default_rng(seed), seconds, event)
+    return start, start + 3 * event
+
+
+def make_order_video(path: str | Path, cls: str, seconds: float, fps: float = 25.0, event: float = 2.0,
+                     seed: int = 0) -> Path:
+    """Write one order video of class `cls` (three colour names joined by "_"): `seconds` long at `fps`, the three
+    events (`event` seconds each, shortened to a third of a shorter video) back to back from a random start; the
+    background (a dim colour and texture) and the place of the events come from `seed`."""
+    rng = np.random.default_rng(seed)
+    size = ORDER_SIZE
+    background, start, event = order_plan(rng, seconds, event)
+    # each event fills the frame's centre with its colour over the background's texture
+    yy, xx = np.mgrid[0:size, 0:size]
+    blob = (np.exp(-((xx - size / 2) ** 2 + (yy - size / 2) ** 2) / (2 * (0.35 * size) ** 2)))[..., None]
+    looks = {c: np.clip(background * (1 - blob) + np.array(rgb) * blob, 0, 255).astype(np.uint8)
+             for c, rgb in ORDER_COLOURS.items()}
+    plain = background.astype(np.uint8)
+    order = cls.split("_")
+    times = frame_times(seconds, fps, False, rng)
+
+    def frame(t: float) -> np.ndarray:
+        k = int((t - start) // event)
+        return looks[order[k]] if t >= start and k < 3 else plain
+
+    return write_video(path, (frame(t) for t in times), times, fps)
+
+
+def make_order_dataset(root: str | Path, per_split: dict[str, int] | None = None,
+                       seconds: dict[str, tuple[float, float]] | None = None, fps: float = 25.0,
+                       seed: int = 0) -> list[Path]:
+    """Write `root/split/class/NNNN.mp4` order videos, `per_split[split]` per class (default 12 train, 4 val), each
+    split's lengths drawn from `seconds[split]` (default 3-60 s for every split); deterministic for a given seed.
+    `root/events.json` gives each video's (start, end) of its events in seconds, by path relative to `root`."""
+    per_split = per_split if per_split is not None else {"train": 12, "val": 4}
+    rng = np.random.default_rng(seed)
+    paths, events = [], {}
+    for split, count in per_split.items():
+        lo, hi = (seconds or {}).get(split, (3.0, 60.0))
+        for cls in ORDER_CLASSES:
+            for i in range(count):
+                name, length = f"{split}/{cls}/{i:04d}.mp4", float(rng.uniform(lo, hi))
+                video_seed = int(rng.integers(2**31))
+                paths.append(make_order_video(Path(root) / name, cls, seconds=length, fps=fps, seed=video_seed))
+                events[name] = order_events(length, video_seed)
+    (Path(root) / "events.json").write_text(json.dumps(events, indent=1) + "\n")
     return paths
 
 

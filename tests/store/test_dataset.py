@@ -4,6 +4,7 @@ import torch
 from store_helpers import feats
 
 from vtn.store import ClipDataset, LengthBucketSampler, collate_clips, open_cache
+from vtn.store.clips import uniform_rows
 from vtn.store.dataset import clip_rows
 
 
@@ -50,6 +51,52 @@ def test_item_streams_are_seeded_by_seed_epoch_item_and_salt(make_cache):
     # The item's clip is drawn from its unsalted stream.
     i = int(np.argmax(ds.lengths))
     assert np.array_equal(ds[i]["positions"].numpy() // 2, clip_rows(int(ds.lengths[i]), 4, 2, None, ds.rng(i)))
+
+
+def test_uniform_rows_cover_the_whole_video_one_frame_per_segment_jittered_from_the_seed():
+    for length, segments in ((100, 10), (1501, 64), (65, 64), (37, 5)):
+        edges = np.floor(np.arange(segments + 1) * length / segments).astype(int)
+        draws = [uniform_rows(length, segments, np.random.default_rng(s)) for s in range(20)]
+        for rows in draws:  # one frame in each segment, so the view starts in the first and ends in the last
+            assert len(rows) == segments and np.all((rows >= edges[:-1]) & (rows < edges[1:]))
+        assert np.array_equal(draws[0], uniform_rows(length, segments, np.random.default_rng(0)))  # the seed's
+        if length >= 2 * segments:  # segments of >= 2 frames: the place in each varies with the seed
+            assert len({tuple(r) for r in draws}) == 20
+    firsts = {int(uniform_rows(100, 10, np.random.default_rng(s))[0]) for s in range(200)}
+    assert firsts == set(range(10))  # every frame of a segment can be drawn
+    middle = uniform_rows(100, 10, None)
+    assert list(middle) == [4, 14, 24, 34, 44, 54, 64, 74, 84, 94]
+    assert list(uniform_rows(7, 10, np.random.default_rng(0))) == list(range(7))  # short: every frame
+
+
+def test_training_views_mixed_proportions_and_speed_replayed_from_seed_epoch_item(make_cache):
+    url, _ = make_cache(12)
+    split = open_cache(url).load_split("train")
+    ds = ClipDataset(split, clip_frames=4, stride=3, seed=1, sampling="mixed", uniform_share=0.3, segments=6,
+                     speed=(0.5, 2.0))
+    # the mixed mode's share: its own stream per (seed, epoch, item); over 4,000 draws within 3 points of 30 %
+    kinds = []
+    for epoch in range(500):
+        ds.set_epoch(epoch)
+        kinds += [ds.view_kind(i) for i in range(len(ds))]
+    assert abs(kinds.count("uniform") / len(kinds) - 0.3) < 0.03 and len(kinds) >= 4000
+    # temporal scale: dense strides and uniform densities vary with the epoch, within the speed range
+    strides, sizes = set(), set()
+    long = [i for i in range(len(ds)) if ds.lengths[i] >= 40]
+    for epoch in range(30):
+        ds.set_epoch(epoch)
+        for i in long:
+            rows = ds.pick(i)
+            (strides if ds.view_kind(i) == "dense" else sizes).add(
+                int(np.diff(rows)[0]) if ds.view_kind(i) == "dense" else len(rows))
+            assert np.array_equal(rows, ds.pick(i))  # the same (seed, epoch, item): the same view, again
+    assert strides <= {2, 3, 4, 5, 6} and len(strides) >= 3 and sizes <= {3, 4, 5, 6, 7, 8, 9, 10, 11, 12}
+    assert len(sizes) >= 3
+    # a fresh dataset (a resumed run) at the same epoch draws the same views
+    again = ClipDataset(split, clip_frames=4, stride=3, seed=1, sampling="mixed", uniform_share=0.3, segments=6,
+                        speed=(0.5, 2.0))
+    again.set_epoch(29)
+    assert all(np.array_equal(ds.pick(i), again.pick(i)) for i in range(len(ds)))
 
 
 def test_collate_pads_with_masks(make_cache):

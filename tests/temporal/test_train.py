@@ -55,7 +55,8 @@ def records(run):
 
 def test_train_learns_order_and_evaluate_reproduces_its_val_figures(cache, tmp_path, capsys):
     run = tmp_path / "run"
-    assert main(["train", cache, "--out", str(run), "--lr", "3e-3", "--set", "optim.min_steps=150", *TINY]) == 0
+    assert main(["train", cache, "--out", str(run), "--lr", "3e-3", "--set", "optim.min_steps=150",
+                 "--set", "optim.patience=0", *TINY]) == 0
     recs = records(run)
     # 48 clips / 16 per step = 3 steps per epoch, so the step floor (150) decides the length of the run; of its
     # 50 short epochs every second one is evaluated (about 25 evaluations per run).
@@ -89,7 +90,8 @@ def test_train_learns_order_and_evaluate_reproduces_its_val_figures(cache, tmp_p
 
 def test_resume_mid_epoch_ends_bitwise_equal_to_an_uninterrupted_run(cache, tmp_path, monkeypatch, capsys):
     # 3 steps per epoch, 7 epochs; checkpoints at every epoch end and at step 7 (mid-epoch 3).
-    args = [*TINY, "--steps", "21", "--set", "run.checkpoint_every=7", "--quiet"]
+    # mixed views with temporal-scale augmentation (data.speed's default): every draw replayed on resume
+    args = [*TINY, "--steps", "21", "--set", "run.checkpoint_every=7", "--set", "data.sampling=mixed", "--quiet"]
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     assert main(["train", cache, "--out", str(whole), *args]) == 0
 
@@ -117,6 +119,41 @@ def test_resume_mid_epoch_ends_bitwise_equal_to_an_uninterrupted_run(cache, tmp_
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     strip = [{k: v for k, v in r.items() if k != "elapsed"} for r in records(whole)]
     assert strip == [{k: v for k, v in r.items() if k != "elapsed"} for r in records(parts)]
+
+
+def test_the_default_length_stops_early_and_the_stop_resumes(cache, tmp_path, monkeypatch, capsys):
+    # 3 steps per epoch, at most 100 epochs (min_steps 300), evaluated every epoch; stops once val top-1 has not
+    # risen for 3 epochs. Interrupted mid-run and resumed, it stops at the same epoch with the same weights.
+    args = [*TINY, "--lr", "3e-3", "--set", "optim.min_steps=300", "--set", "optim.patience=3",
+            "--set", "run.eval_every=1", "--set", "data.sampling=mixed", "--quiet"]
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    assert main(["train", cache, "--out", str(whole), *args]) == 0
+    out = capsys.readouterr().out
+    assert "stops early once val top-1 has not improved for 3 epochs" in out and "mixed views" in out
+    state = json.loads((whole / "last" / "state.json").read_text())
+    recs = records(whole)
+    top = max(r["val_top1"] for r in recs)
+    first_top = next(r["epoch"] for r in recs if r["val_top1"] == top)
+    assert state["stopped_at"] == recs[-1]["epoch"] == first_top + 3 < 100 and state["step"] == 3 * recs[-1]["epoch"]
+    assert f"stopped early at epoch {state['stopped_at']} of 100" in out
+
+    real = loop_job.lr_factor
+
+    def interrupt_at_step_4(step, total, optim):
+        if step == 4:
+            raise KeyboardInterrupt
+        return real(step, total, optim)
+
+    monkeypatch.setattr(loop_job, "lr_factor", interrupt_at_step_4)
+    assert main(["train", cache, "--out", str(parts), *args]) == 130
+    monkeypatch.setattr(loop_job, "lr_factor", real)
+    assert main(["train", cache, "--out", str(parts), "--resume", "--quiet"]) == 0
+    assert json.loads((parts / "last" / "state.json").read_text())["stopped_at"] == state["stopped_at"]
+    a, b = load_file(str(whole / "last" / "model.safetensors")), load_file(str(parts / "last" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # a stopped run, resumed, has nothing left to do
+    assert main(["train", cache, "--out", str(parts), "--resume", "--quiet"]) == 0
+    assert json.loads((parts / "last" / "state.json").read_text())["step"] == state["step"]
 
 
 def test_reference_recipe_bf16_streamed_with_a_loader_process(cache, tmp_path):
@@ -305,3 +342,17 @@ def test_a_rank_failing_mid_training_ends_both_ranks_within_seconds_with_its_mes
 
     check_failed_together(*fail_together(["train", cache, "--out", str(tmp_path / "run"), *TINY,
                                          "--set", "optim.min_steps=6", "--epochs", "2", "--quiet"], tmp_path))
+
+
+def test_auto_sampling_follows_how_much_of_the_long_train_videos_a_dense_clip_spans():
+    from vtn.temporal.settings import DataSection
+    from vtn.temporal.splits import choose_sampling
+
+    d = DataSection()  # a dense clip of 16 frames at stride 8 spans 121 frames
+    assert choose_sampling(d, np.full(50, 100))[0] == "dense"  # every video within one clip
+    assert choose_sampling(d, np.r_[np.full(42, 100), np.full(8, 1500)])[0] == "uniform"  # the long tenth: 8 %
+    mode, why = choose_sampling(d, np.full(50, 200))  # 121 / 200
+    assert mode == "mixed" and "60%" in why and "90th percentile: 200" in why
+    assert choose_sampling(DataSection(sampling="dense"), np.full(50, 1500))[0] == "dense"  # as set
+    with pytest.raises(Exception, match="data.speed"):
+        choose_sampling(DataSection(speed=(2.0, 0.5)), np.full(5, 10))
