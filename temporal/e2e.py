@@ -40,6 +40,7 @@ from vtn.extract.backbone import Preprocess, create_backbone, file_sha256, state
 from vtn.extract.config import BackboneConfig, RuntimeConfig
 from vtn.extract.sampling import MODES, SamplingConfig
 from vtn.temporal.checkpoint import backbone_differences, load_model
+from vtn.temporal.data import normalising_scale
 from vtn.temporal.model import VTN, VTNConfig
 
 VIDEO_NAME = "video.json"  # the backbone's identity and build settings, its preprocessing, the sampling
@@ -102,6 +103,9 @@ class VideoVTN(VTN):
         self.chunked: bool | None = False
         self.freeze_bn = False  # BatchNorm of the backbone stays in eval mode (running statistics) in train()
         self.backbone_frozen = False  # the backbone runs without gradients (a frozen warm-up)
+        # Momentum of the running estimate of the features' normalisation in training (`track_features`); 0: fixed.
+        self.feature_momentum = 0.0
+        self.has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in backbone.modules())
 
     @classmethod
     def compose(cls, vtn: VTN, backbone: nn.Module, preprocess: Preprocess, video: dict) -> "VideoVTN":
@@ -136,10 +140,18 @@ class VideoVTN(VTN):
                     m.eval()
         return self
 
-    def frame_features(self, x: torch.Tensor) -> torch.Tensor:
+    def frame_features(self, x: torch.Tensor, clip_of: torch.Tensor | None = None) -> torch.Tensor:
         """Preprocessed frames [N, 3, h, w] -> features [N, D], `micro_batch` frames per backbone call, each
-        recomputed in the backward pass when chunked (see `set_memory`)."""
+        recomputed in the backward pass when chunked (see `set_memory`). `clip_of` [N]: each frame's clip. With
+        BatchNorm training, a micro-batch of one clip's near-identical frames would give statistics unlike any
+        evaluation sees (train fits, val stays at chance), so the frames are taken in turn from every clip: each
+        micro-batch holds frames of as many clips as it can."""
         step = self.micro_batch or max(1, len(x))
+        bn_trains = self.training and self.has_bn and not self.freeze_bn
+        if bn_trains and clip_of is not None and len(x) > step:
+            rank = torch.arange(len(x), device=x.device) - torch.searchsorted(clip_of, clip_of)  # index in its clip
+            order = torch.argsort(rank * len(x) + torch.arange(len(x), device=x.device))  # 1st of each clip, 2nd...
+            return self.frame_features(x[order])[torch.argsort(order)]
         grad = torch.is_grad_enabled() and not self.backbone_frozen
         chunked = grad and (self.chunked or (self.chunked is None and len(x) > step))
         out = []
@@ -169,7 +181,9 @@ class VideoVTN(VTN):
         if real.dtype == torch.uint8:
             with torch.no_grad():
                 real = self.preprocess(real)  # [N, 3, h, w]
-        feats = self.frame_features(real)  # [N, D]
+        clip_of = torch.arange(B, device=fresh.device)[:, None].expand(B, T)[fresh]  # [N]: clip by clip, ascending
+        feats = self.frame_features(real, clip_of)  # [N, D]
+        self.track_features(feats)
         if bank is None:
             features = feats.new_zeros(B, T, feats.shape[-1])  # padding stays 0 and is never attended to
         else:
@@ -177,6 +191,19 @@ class VideoVTN(VTN):
             self.fresh_features = feats.detach()
         features[fresh] = feats  # [B, T, D]
         return VTN.forward(self, features, mask, positions, return_attention)
+
+    @torch.no_grad()
+    def track_features(self, feats: torch.Tensor) -> None:
+        """In training with a backbone that learns, move the input normalisation (VTN's feature_mean and
+        feature_scale, set by stage two from the cache) towards these fresh features' statistics by
+        `feature_momentum`, as BatchNorm's running statistics: the backbone changes its features as it learns (a
+        random-init one by orders of magnitude), and normalisation fixed at the cache's would let them drift
+        away from the scale the encoder learned."""
+        if not (self.training and self.feature_momentum > 0 and not self.backbone_frozen and len(feats) > 1):
+            return
+        m, f = self.feature_momentum, feats.detach().float()
+        self.feature_mean.lerp_(f.mean(0), m)
+        self.feature_scale.lerp_(normalising_scale(f.std(0)), m)
 
     def save_pretrained(self, directory: str | Path) -> None:
         """config.json (the VTNConfig) and model.safetensors (VTN's names, the backbone under `backbone.`), as

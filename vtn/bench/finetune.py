@@ -4,7 +4,8 @@ control, and what a clip costs end to end against stage two on the cache.
 The frames are decoded from a generated video (vtn/synth.py); the model is a `VideoVTN` (temporal/e2e.py) of a
 small timm backbone with random weights (nothing is downloaded) and a small VTN encoder (2 layers, d=128). One
 step is what `vtn finetune` does per batch: preprocess, forward, cross-entropy, backward, AdamW step, fp32, train
-mode with BatchNorm frozen (finetune's default). Each measurement runs in a fresh process (forked from a server
+mode with BatchNorm frozen (the memory controls' rows: exact) or as finetune's defaults choose for a random-init
+backbone (BatchNorm on batch statistics: the default row and the backbone's own rows). Each measurement runs in a fresh process (forked from a server
 that has imported torch and timm but run nothing, so no measurement inherits another's allocations): one warm-up
 step, the median of `repeats` timed steps, then one more step for peak memory, the growth over the footprint
 before it (activations, gradients, temporaries; the model and the optimiser state are there before), measured as
@@ -17,7 +18,9 @@ Controls, each alone, then the default (FinetuneSection's defaults):
 - grad checkpointing: timm's activation checkpointing in the backbone (and per layer in the encoder);
 - chunked: exact chunked backprop over micro-batches (each recomputed in the backward pass);
 - memory bank: only `bank_frames` frames of each clip run with gradients, the others' features are given.
-Then the chunked backprop's gradients against the plain ones (max abs difference), and seconds per clip of
+And the compute a step cannot avoid: the backbone alone, forward + backward on the step's frames in one call (no
+encoder, no optimiser), and its forward alone (what chunked backprop's recompute adds). The default step is
+reported against the first (`vtn finetune`'s goal: at most 2x on a CPU). Then the chunked backprop's gradients against the plain ones (max abs difference), and seconds per clip of
 stage-two training (the same VTN on the same clips' cached features, read from a cache through the training
 pipeline) against end-to-end fine-tuning with the default controls.
 """
@@ -37,6 +40,7 @@ import numpy as np
 from vtn.bench import common
 
 CONTROLS = ("plain", "micro-batch", "grad checkpointing", "chunked", "memory bank", "default")
+COMPUTE = ("backbone fwd+bwd", "backbone fwd")  # the backbone alone on the same frames
 
 
 @dataclass(frozen=True)
@@ -58,19 +62,21 @@ def settings(control: str, micro_batch: int, bank_frames: int) -> dict:
     """The `VideoVTN.set_memory` arguments and the bank size of one row of the table."""
     from vtn.temporal.finetune import FinetuneSection
 
-    plain = {"micro_batch": None, "chunked": False, "grad_checkpointing": False, "bank_frames": None}
-    if control == "default":
-        ft = FinetuneSection()
+    from vtn.temporal.finetune import provenance_defaults
+
+    plain = {"micro_batch": None, "chunked": False, "grad_checkpointing": False, "bank_frames": None, "freeze_bn": True}
+    if control in ("default", *COMPUTE):  # finetune's defaults for these random-init backbones
+        ft, _ = provenance_defaults(FinetuneSection(), {"weights": "random-init"})
         return {"micro_batch": micro_batch, "chunked": ft.chunked, "grad_checkpointing": ft.grad_checkpointing,
-                "bank_frames": ft.bank_frames}
+                "bank_frames": ft.bank_frames, "freeze_bn": ft.freeze_bn}
     return {**plain, **{"plain": {}, "micro-batch": {"micro_batch": micro_batch},
                         "grad checkpointing": {"grad_checkpointing": True},
                         "chunked": {"micro_batch": micro_batch, "chunked": True},
                         "memory bank": {"bank_frames": bank_frames}}[control]}
 
 
-def _model(backbone: str, image_size: int, T: int, device):
-    """A VideoVTN of the timm backbone (seeded random weights) and a small VTN, in train mode, BatchNorm frozen."""
+def _model(backbone: str, image_size: int, T: int, device, freeze_bn: bool = True):
+    """A VideoVTN of the timm backbone (seeded random weights) and a small VTN, in train mode."""
     import torch
 
     from vtn.extract.backbone import Preprocess, create_backbone
@@ -82,7 +88,7 @@ def _model(backbone: str, image_size: int, T: int, device):
                     intermediate_size=512, attention_window=16, max_positions=max(T, 16), num_classes=4)
     torch.manual_seed(0)
     model = VideoVTN(cfg, net, Preprocess(data_config), {})
-    model.freeze_bn = True
+    model.freeze_bn = freeze_bn
     return model.to(device).train()
 
 
@@ -94,7 +100,7 @@ def measure(spec: dict) -> dict:
     device = common.device(spec["device"])
     T, clips = spec["T"], spec["clips"]
     s = settings(spec["control"], spec["micro_batch"], spec["bank_frames"])
-    model = _model(spec["backbone"], spec["image_size"], T, device)
+    model = _model(spec["backbone"], spec["image_size"], T, device, s["freeze_bn"])
     model.set_memory(s["micro_batch"], s["chunked"], s["grad_checkpointing"])
     frames = torch.from_numpy(np.load(spec["frames"])[:T]).to(device)  # [T, H, W, 3] uint8
     frames = frames.expand(clips, *frames.shape)  # [B, T, H, W, 3]
@@ -111,6 +117,13 @@ def measure(spec: dict) -> dict:
     def step():
         with torch.no_grad():
             x = model.preprocess(frames[fresh] if bank is not None else frames.flatten(0, 1))  # [N, 3, h, w]
+        if spec["control"] in COMPUTE:  # the backbone alone, all frames in one call
+            with torch.set_grad_enabled(spec["control"] == "backbone fwd+bwd"):
+                out = model.backbone(x).sum()
+            if out.requires_grad:
+                out.backward()
+                model.zero_grad(set_to_none=True)
+            return
         if bank is None:
             x = x.view(clips, T, *x.shape[1:])  # [B, T, 3, h, w]
         logits = model(x, None, positions, bank=bank, fresh=fresh)
@@ -221,15 +234,16 @@ def run(cfg: FinetuneBenchConfig = FinetuneBenchConfig()) -> dict:
         print(f"vtn bench finetune: {device}" + (f", {cfg.threads} threads per measurement (a shared machine: other "
               "work on its cores slows the times)" if device == "cpu" else "")
               + f"; {cfg.clips} clip(s) per step of frames decoded from a generated video; random-init backbone + "
-              "2-layer VTN (d=128), fp32, train mode, BatchNorm frozen; one warm-up step, median of "
-              f"{cfg.repeats} timed steps (preprocess, forward, backward, AdamW step); peak = memory growth during "
-              f"one more step; micro-batch {micro} frames, memory bank K={cfg.bank_frames}; default = "
-              f"FinetuneSection's (micro_batch {micro}, chunked when a step has more frames than that)", flush=True)
+              "2-layer VTN (d=128), fp32, train mode, BatchNorm frozen (default and backbone rows: on batch "
+              f"statistics, finetune's default for a random-init backbone); one warm-up step, median of {cfg.repeats} "
+              "timed steps (preprocess, forward, backward, AdamW step); peak = memory growth during one more step; "
+              f"micro-batch {micro} frames, memory bank K={cfg.bank_frames}; default = FinetuneSection's (micro_batch "
+              f"{micro}, chunked when a step has more frames than that)", flush=True)
         print(f"{'backbone':<26}{'T':>4}  {'control':<20}{'peak MiB':>10}{'x plain':>9}{'s/step':>9}", flush=True)
         for name, size in cfg.backbones:
             for T in cfg.lengths:
                 plain = None
-                for control in CONTROLS:
+                for control in (*CONTROLS, *COMPUTE):
                     m = isolated("step", backbone=name, image_size=size, T=T, control=control)
                     plain = plain or m["peak_bytes"]
                     r = {"backbone": name, "image_size": size, "T": T, "control": control, **m,
@@ -237,6 +251,7 @@ def run(cfg: FinetuneBenchConfig = FinetuneBenchConfig()) -> dict:
                     rows.append(r)
                     print(f"{f'{name} @{size}':<26}{T:>4}  {control:<20}{m['peak_bytes'] / 2**20:>10.1f}"
                           f"{r['x_plain']:>9.2f}{m['seconds']:>9.2f}", flush=True)
+        print_compute(rows, micro)
         T = max(cfg.lengths)
         print(f"\nexact chunked backprop (micro-batch {micro}) vs plain, one {T}-frame clip: gradients of every "
               "parameter", flush=True)
@@ -256,6 +271,20 @@ def run(cfg: FinetuneBenchConfig = FinetuneBenchConfig()) -> dict:
                 speed.append({"backbone": name, "T": T, "stage_two": cached, "end_to_end": e2e})
                 print(f"{f'{name} @{size}':<26}{T:>4}{cached:>12.4f}{e2e:>12.3f}{e2e / cached:>8.0f}x", flush=True)
     return {"rows": rows, "gradients": gradients, "speed": speed}
+
+
+def print_compute(rows: list[dict], micro: int) -> None:
+    """The default step against the backbone's own forward + backward on the same frames, and what the rest is."""
+    print(f"\nthe default step against its compute: the backbone alone, forward + backward of the step's frames in one "
+          f"call; the chunked recompute is one more backbone forward (micro-batches of {micro})", flush=True)
+    print(f"{'backbone':<26}{'T':>4}{'step s':>9}{'bb f+b s':>10}{'x compute':>11}{'recompute s':>13}"
+          f"{'rest s':>9}", flush=True)
+    for (name, size, T) in dict.fromkeys((r["backbone"], r["image_size"], r["T"]) for r in rows):
+        got = {r["control"]: r["seconds"] for r in rows if (r["backbone"], r["T"]) == (name, T)}
+        step, both, fwd = got["default"], got["backbone fwd+bwd"], got["backbone fwd"]
+        recompute = fwd if T > micro else 0.0
+        print(f"{f'{name} @{size}':<26}{T:>4}{step:>9.3f}{both:>10.3f}{step / both:>10.2f}x{recompute:>13.3f}"
+              f"{step - both - recompute:>9.3f}", flush=True)
 
 
 def _call_device() -> str:
