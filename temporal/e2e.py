@@ -12,7 +12,9 @@ micro-batch's activations are dropped after its forward and recomputed, with the
 features' gradient arrives: gradient caching, so peak memory holds one micro-batch's activations, not the clip's).
 Exact means plain training's loss and gradients up to float summation order, for a backbone without train-mode
 BatchNorm (finetune's freeze_bn, the default, keeps it in eval mode): BatchNorm in train mode normalises each
-micro-batch by its own statistics, and a recomputed micro-batch updates its running statistics a second time.
+micro-batch by its own statistics, and a recomputed micro-batch updates its running statistics a second time; so
+a micro-batch then takes frames in turn from every clip of the call, never one clip's near-identical frames.
+The input normalisation may follow the features as the backbone learns (`track_features`).
 And a feature memory bank (TALLFormer): only some frames of a clip go through the backbone, the others' features
 are given.
 
