@@ -136,7 +136,8 @@ def _add_finetune(sub) -> None:
     f.add_argument("--amp", choices=["none", "bf16", "fp16"], help="autocast dtype (run.amp)")
     f.add_argument("--seed", type=int, help="run.seed")
     f.add_argument("--device", help="cpu, cuda, cuda:1 ... (run.device; default: the GPU when there is one)")
-    f.add_argument("--micro-batch", type=int, help="frames per backbone call (finetune.micro_batch, default 8)")
+    f.add_argument("--micro-batch", type=int, help="frames per backbone call (finetune.micro_batch; default 8 on a GPU, "
+                   "all of a step's frames on a CPU)")
     f.add_argument("--chunked", action="store_true", help="exact chunked backprop always: each micro-batch's "
                    "activations recomputed in the backward pass (finetune.chunked; default: whenever a step has "
                    "more frames than one micro-batch)")

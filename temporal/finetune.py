@@ -80,13 +80,14 @@ class FinetuneSection:
     bank_frames: int | None = ranged(None, ge=1)
     # Memory controls (temporal/e2e.py), exact (plain training's loss and gradients with BatchNorm frozen). The
     # defaults suit any clip length and batch size: a step's frames go through the backbone `micro_batch` at a time
-    # (None: all in one call), and exact chunked backprop (each micro-batch's activations dropped after its forward
-    # and recomputed in the backward pass) is on whenever a step has more frames than one micro-batch (chunked
-    # null: that rule; true/false: always/never). So the backbone holds one micro-batch's activations, not the
-    # step's, for one more backbone forward per step (`vtn bench finetune` measures both; README, Benchmarks).
-    # timm's activation checkpointing (backbone, and each encoder layer) is off: alone it saves less, and inside
-    # chunked micro-batches it would cost a third forward.
-    micro_batch: int | None = ranged(8, ge=1)
+    # (None: MICRO_BATCH on a GPU, where memory binds; on a CPU all in one call, see `micro_batch_for`), and exact
+    # chunked backprop (each micro-batch's activations dropped after its forward and recomputed in the backward
+    # pass) is on whenever a step has more frames than one micro-batch (chunked null: that rule; true/false:
+    # always/never). So the backbone holds one micro-batch's activations, not the step's, for one more backbone
+    # forward per step (`vtn bench finetune` measures both; README, Benchmarks). timm's activation checkpointing
+    # (backbone, and each encoder layer) is off: alone it saves less, and inside chunked micro-batches it would
+    # cost a third forward.
+    micro_batch: int | None = ranged(None, ge=1)
     grad_checkpointing: bool = False
     chunked: bool | None = None
     # Augmentation of the training clips' decoded uint8 frames (never of evaluation's), before preprocessing: a
@@ -124,6 +125,16 @@ def default_config(stage_two: Path) -> FinetuneConfig:
         return FinetuneConfig()
     saved = resolve(TrainConfig, path)
     return FinetuneConfig(data=saved.data, run=replace(RunSection(), seed=saved.run.seed))
+
+
+MICRO_BATCH = 8  # frames per backbone call on a GPU by default
+
+
+def micro_batch_for(ft: FinetuneSection, device: torch.device) -> int | None:
+    """finetune.micro_batch, or by default MICRO_BATCH frames per backbone call on a GPU and every frame of a step
+    in one call on a CPU: memory rarely binds there, and there small calls plus chunked backprop's recompute took
+    the step to over 2x the backbone's own forward and backward (`vtn bench finetune`)."""
+    return ft.micro_batch or (None if device.type == "cpu" else MICRO_BATCH)
 
 
 TRAINED = {"timm-pretrained": "pretrained (timm's weights)", "file": "trained (weights from a file)"}
@@ -447,7 +458,7 @@ def start_finetune(run: Path, best: Path, videos: str | None, cfg: FinetuneConfi
     video = {"backbone": identity, "backbone_config": to_dict(bc), "sampling": inputs["sampling"],
              "finetuned_from": str(best)}
     model = VideoVTN.compose(vtn, backbone, preprocess, video)
-    model.set_memory(ft.micro_batch, ft.chunked, ft.grad_checkpointing)
+    model.set_memory(micro_batch_for(ft, device), ft.chunked, ft.grad_checkpointing)
     model.freeze_bn, model.feature_momentum = ft.freeze_bn, ft.feature_momentum
     data = load_data(cache, cfg, vtn.config, procs)
     missing = check_videos(data, cache, paths, source, cfg)

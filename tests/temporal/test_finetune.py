@@ -378,10 +378,11 @@ def test_memory_bank_fresh_frames_get_gradients_the_others_none():
 
 
 def test_default_memory_controls_chunk_a_step_with_more_frames_than_one_micro_batch():
-    from vtn.temporal.finetune import FinetuneSection
+    from vtn.temporal.finetune import FinetuneSection, micro_batch_for
 
     ft = FinetuneSection()
-    assert (ft.micro_batch, ft.chunked, ft.grad_checkpointing) == (8, None, False)
+    assert (ft.micro_batch, ft.chunked, ft.grad_checkpointing) == (None, None, False)
+    assert micro_batch_for(ft, torch.device("cuda")) == 8 and micro_batch_for(ft, torch.device("cpu")) is None
     model = tiny_video_model(0.0).eval()
     calls = []
     # A pre-hook: the recomputation stops once it has what the backward pass needs, before forward hooks run.

@@ -50,7 +50,7 @@ class FinetuneBenchConfig:
     backbones: tuple[tuple[str, int], ...] = (("vit_tiny_patch16_224", 112), ("resnet18", 112))  # (timm name, px)
     lengths: tuple[int, ...] = (16, 64)  # frames per clip
     clips: int = 1  # clips per step
-    micro_batch: int | None = None  # None: FinetuneSection's default, in the micro-batch, chunked and default rows
+    micro_batch: int | None = None  # None: MICRO_BATCH in the micro-batch and chunked rows, the device's default in the default row
     bank_frames: int = 16  # K of the memory-bank row
     repeats: int = 2  # timed steps after one warm-up step
     stage_two_steps: int = 10  # timed stage-two steps
@@ -58,16 +58,14 @@ class FinetuneBenchConfig:
     device: str = "auto"  # cpu, cuda, or auto (cuda where present)
 
 
-def settings(control: str, micro_batch: int, bank_frames: int) -> dict:
+def settings(control: str, micro_batch: int, bank_frames: int, default_micro: int | None = None) -> dict:
     """The `VideoVTN.set_memory` arguments and the bank size of one row of the table."""
-    from vtn.temporal.finetune import FinetuneSection
-
-    from vtn.temporal.finetune import provenance_defaults
+    from vtn.temporal.finetune import FinetuneSection, provenance_defaults
 
     plain = {"micro_batch": None, "chunked": False, "grad_checkpointing": False, "bank_frames": None, "freeze_bn": True}
     if control in ("default", *COMPUTE):  # finetune's defaults for these random-init backbones
         ft, _ = provenance_defaults(FinetuneSection(), {"weights": "random-init"})
-        return {"micro_batch": micro_batch, "chunked": ft.chunked, "grad_checkpointing": ft.grad_checkpointing,
+        return {"micro_batch": default_micro, "chunked": ft.chunked, "grad_checkpointing": ft.grad_checkpointing,
                 "bank_frames": ft.bank_frames, "freeze_bn": ft.freeze_bn}
     return {**plain, **{"plain": {}, "micro-batch": {"micro_batch": micro_batch},
                         "grad checkpointing": {"grad_checkpointing": True},
@@ -99,7 +97,7 @@ def measure(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
     device = common.device(spec["device"])
     T, clips = spec["T"], spec["clips"]
-    s = settings(spec["control"], spec["micro_batch"], spec["bank_frames"])
+    s = settings(spec["control"], spec["micro_batch"], spec["bank_frames"], spec["default_micro"])
     model = _model(spec["backbone"], spec["image_size"], T, device, s["freeze_bn"])
     model.set_memory(s["micro_batch"], s["chunked"], s["grad_checkpointing"])
     frames = torch.from_numpy(np.load(spec["frames"])[:T]).to(device)  # [T, H, W, 3] uint8
@@ -213,9 +211,11 @@ def generated_frames(path: Path, frames: int) -> Path:
 def run(cfg: FinetuneBenchConfig = FinetuneBenchConfig()) -> dict:
     """Measure every (backbone, clip length, control), the chunked gradient check and stage two vs end to end;
     print the tables; return {"rows": [...], "gradients": [...], "speed": [...]}."""
-    from vtn.temporal.finetune import FinetuneSection
+    import torch
 
-    micro = cfg.micro_batch or FinetuneSection().micro_batch
+    from vtn.temporal.finetune import MICRO_BATCH, FinetuneSection, micro_batch_for
+
+    micro = cfg.micro_batch or MICRO_BATCH
     ctx = multiprocessing.get_context("forkserver")
     # The server imports torch and timm once; each measurement is a fresh process forked from it.
     ctx.set_forkserver_preload(["torch", "timm", "vtn.temporal.e2e", "vtn.bench.finetune"])
@@ -224,9 +224,11 @@ def run(cfg: FinetuneBenchConfig = FinetuneBenchConfig()) -> dict:
             ProcessPoolExecutor(1, mp_context=ctx, max_tasks_per_child=1) as pool:
         frames = str(generated_frames(Path(tmp) / "frames.npy", max(cfg.lengths)))
         device = cfg.device if cfg.device != "auto" else pool.submit(_call_device).result()
+        default_micro = cfg.micro_batch or micro_batch_for(FinetuneSection(), torch.device(device))
 
         def isolated(kind: str, **spec):
-            base = {"frames": frames, "clips": cfg.clips, "micro_batch": micro, "bank_frames": cfg.bank_frames,
+            base = {"frames": frames, "clips": cfg.clips, "micro_batch": micro, "default_micro": default_micro,
+                    "bank_frames": cfg.bank_frames,
                     "repeats": cfg.repeats, "threads": cfg.threads, "device": device,
                     "stage_two_steps": cfg.stage_two_steps}
             return pool.submit(_call, kind, {**base, **spec}).result()
@@ -238,7 +240,7 @@ def run(cfg: FinetuneBenchConfig = FinetuneBenchConfig()) -> dict:
               f"statistics, finetune's default for a random-init backbone); one warm-up step, median of {cfg.repeats} "
               "timed steps (preprocess, forward, backward, AdamW step); peak = memory growth during one more step; "
               f"micro-batch {micro} frames, memory bank K={cfg.bank_frames}; default = FinetuneSection's (micro_batch "
-              f"{micro}, chunked when a step has more frames than that)", flush=True)
+              f"{default_micro or 'off'} on {device}, chunked when a step has more frames than that)", flush=True)
         print(f"{'backbone':<26}{'T':>4}  {'control':<20}{'peak MiB':>10}{'x plain':>9}{'s/step':>9}", flush=True)
         for name, size in cfg.backbones:
             for T in cfg.lengths:
@@ -251,7 +253,7 @@ def run(cfg: FinetuneBenchConfig = FinetuneBenchConfig()) -> dict:
                     rows.append(r)
                     print(f"{f'{name} @{size}':<26}{T:>4}  {control:<20}{m['peak_bytes'] / 2**20:>10.1f}"
                           f"{r['x_plain']:>9.2f}{m['seconds']:>9.2f}", flush=True)
-        print_compute(rows, micro)
+        print_compute(rows, default_micro, cfg.clips)
         T = max(cfg.lengths)
         print(f"\nexact chunked backprop (micro-batch {micro}) vs plain, one {T}-frame clip: gradients of every "
               "parameter", flush=True)
@@ -273,16 +275,17 @@ def run(cfg: FinetuneBenchConfig = FinetuneBenchConfig()) -> dict:
     return {"rows": rows, "gradients": gradients, "speed": speed}
 
 
-def print_compute(rows: list[dict], micro: int) -> None:
+def print_compute(rows: list[dict], micro: int | None, clips: int) -> None:
     """The default step against the backbone's own forward + backward on the same frames, and what the rest is."""
     print(f"\nthe default step against its compute: the backbone alone, forward + backward of the step's frames in one "
-          f"call; the chunked recompute is one more backbone forward (micro-batches of {micro})", flush=True)
+          f"call; the default's chunked recompute is one more backbone forward (micro-batches: {micro or 'off'})",
+          flush=True)
     print(f"{'backbone':<26}{'T':>4}{'step s':>9}{'bb f+b s':>10}{'x compute':>11}{'recompute s':>13}"
           f"{'rest s':>9}", flush=True)
     for (name, size, T) in dict.fromkeys((r["backbone"], r["image_size"], r["T"]) for r in rows):
         got = {r["control"]: r["seconds"] for r in rows if (r["backbone"], r["T"]) == (name, T)}
         step, both, fwd = got["default"], got["backbone fwd+bwd"], got["backbone fwd"]
-        recompute = fwd if T > micro else 0.0
+        recompute = fwd if micro and clips * T > micro else 0.0
         print(f"{f'{name} @{size}':<26}{T:>4}{step:>9.3f}{both:>10.3f}{step / both:>10.2f}x{recompute:>13.3f}"
               f"{step - both - recompute:>9.3f}", flush=True)
 
