@@ -578,14 +578,19 @@ def run_finetune(job: Tuning, progress: bool) -> dict:
                 print(text, flush=True)
         model.backbone_frozen = state["step"] < ft.frozen_steps
         if not batch["frames"]:  # every clip of this process failed: it still takes part in the step (under
-            # DDP every process's backward all-reduces the gradients, paired step by step), with one black
-            # frame through the model whose loss counts 0: an all-zero gradient, so the optimiser and fp16's
-            # scaler step as the others do and this process adds nothing.
-            x = torch.zeros(1, 1, 3, *model.preprocess.size, device=device)  # [1, 1, 3, h, w], preprocessed
-            one = torch.ones(1, 1, dtype=torch.long, device=device)
+            # DDP every process's backward all-reduces the gradients, paired step by step), with two black
+            # frames (BatchNorm in training needs more than one) through the model whose loss counts 0: an
+            # all-zero gradient, so the optimiser and fp16's scaler step as the others do and this process adds
+            # nothing (nor to the feature normalisation).
+            x = torch.zeros(1, 2, 3, *model.preprocess.size, device=device)  # [1, 2, 3, h, w], preprocessed
+            one = torch.ones(1, 2, dtype=torch.long, device=device)
             positions = frame_positions(model.config, one - 1, one.float() - 1, one.bool())
-            with autocast(device, cfg.run.amp):
-                logits = ddp(x, one.bool(), None if positions is None else positions.to(device))
+            momentum, model.feature_momentum = model.feature_momentum, 0.0
+            try:
+                with autocast(device, cfg.run.amp):
+                    logits = ddp(x, one.bool(), None if positions is None else positions.to(device))
+            finally:
+                model.feature_momentum = momentum
             return logits.float().sum() * 0.0
         stored, mask, positions = model_inputs(batch, model.config, device)
         if ft.bank_frames:
