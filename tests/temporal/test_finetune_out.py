@@ -145,8 +145,8 @@ def test_two_process_finetune_under_torchrun_equals_one_process(tuned, tmp_path)
            "finetune", str(run), "--out", str(two), *frozen]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("vtn finetune: the backbone is") == 1  # from rank 0 only
-    assert done.stdout.count("vtn finetune:") == 4  # provenance, header, the first step's estimate and summary
+    for line in ("vtn finetune: the backbone is", "vtn finetune: the first step took", " steps in "):
+        assert done.stdout.count(line) == 1, line  # from rank 0 only
     assert set(load_file(str(two / "last" / "rng.safetensors"))) == {"cpu.0", "cpu.1"}
     recs = [json.loads(x) for x in (two / "metrics.jsonl").read_text().splitlines()]
     assert recs[-1]["step"] == 2 and recs[-1]["val_videos"] == 2  # both ranks' val videos gathered
