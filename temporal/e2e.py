@@ -185,27 +185,27 @@ class VideoVTN(VTN):
                 real = self.preprocess(real)  # [N, 3, h, w]
         clip_of = torch.arange(B, device=fresh.device)[:, None].expand(B, T)[fresh]  # [N]: clip by clip, ascending
         feats = self.frame_features(real, clip_of)  # [N, D]
-        self.track_features(feats)
+        self.fresh_features = feats.detach()  # for a bank's write-back and `track_features`
         if bank is None:
             features = feats.new_zeros(B, T, feats.shape[-1])  # padding stays 0 and is never attended to
         else:
             features = bank.detach().to(feats.dtype, copy=True)  # a copy: the stored features, without gradients
-            self.fresh_features = feats.detach()
         features[fresh] = feats  # [B, T, D]
         return VTN.forward(self, features, mask, positions, return_attention)
 
     @torch.no_grad()
-    def track_features(self, feats: torch.Tensor) -> None:
-        """In training with a backbone that learns, move the input normalisation (VTN's feature_mean and
-        feature_scale, set by stage two from the cache) towards these fresh features' statistics by
-        `feature_momentum`, as BatchNorm's running statistics: the backbone changes its features as it learns (a
-        random-init one by orders of magnitude), and normalisation fixed at the cache's would let them drift
-        away from the scale the encoder learned."""
-        if not (self.training and self.feature_momentum > 0 and not self.backbone_frozen and len(feats) > 1):
+    def track_features(self, total: torch.Tensor, squares: torch.Tensor, count: int) -> None:
+        """Move the input normalisation (VTN's feature_mean and feature_scale, set by stage two from the cache)
+        towards the statistics of `count` fresh features, given as their sum and sum of squares [D] (summed over
+        processes by the caller), by `feature_momentum`, as BatchNorm's running statistics: the backbone changes its
+        features as it learns (a random-init one by orders of magnitude), and normalisation fixed at the cache's
+        would let them drift away from the scale the encoder learned."""
+        if self.feature_momentum <= 0 or count < 2:
             return
-        m, f = self.feature_momentum, feats.detach().float()
-        self.feature_mean.lerp_(f.mean(0), m)
-        self.feature_scale.lerp_(normalising_scale(f.std(0)), m)
+        mean = total / count
+        std = ((squares / count - mean * mean).clamp(min=0) * count / (count - 1)).sqrt()
+        self.feature_mean.lerp_(mean, self.feature_momentum)
+        self.feature_scale.lerp_(normalising_scale(std), self.feature_momentum)
 
     def save_pretrained(self, directory: str | Path) -> None:
         """config.json (the VTNConfig) and model.safetensors (VTN's names, the backbone under `backbone.`), as

@@ -562,6 +562,18 @@ def frame_note(frames: torch.Tensor, preprocess) -> str | None:
             f"{'width' if W > H else 'height'}: what lies outside is never seen")
 
 
+def track_features(model: VideoVTN, feats: torch.Tensor | None, procs: Processes) -> None:
+    """After a step's forward, the input normalisation follows the fresh features `feats` [N, D] of every process
+    (None: this process had none): a collective under DDP, called by every process at every step."""
+    if model.feature_momentum <= 0 or model.backbone_frozen:
+        return
+    f = feats.float() if feats is not None else model.feature_mean.new_zeros(0, model.config.feature_dim)
+    stats = torch.stack([f.sum(0), (f * f).sum(0), f.new_full(f.shape[1:], len(f))])  # [3, D]
+    if procs.world > 1:
+        torch.distributed.all_reduce(stats)
+    model.track_features(stats[0], stats[1], int(stats[2, 0]))
+
+
 def run_finetune(job: Tuning, progress: bool) -> dict:
     """The steps and evaluations of the run, from its state on; returns where the time went (`Clock.summary`)."""
     loop, model, data, cfg, failures = job.loop, job.loop.model, job.data, job.cfg, job.failures
@@ -585,12 +597,9 @@ def run_finetune(job: Tuning, progress: bool) -> dict:
             x = torch.zeros(1, 2, 3, *model.preprocess.size, device=device)  # [1, 2, 3, h, w], preprocessed
             one = torch.ones(1, 2, dtype=torch.long, device=device)
             positions = frame_positions(model.config, one - 1, one.float() - 1, one.bool())
-            momentum, model.feature_momentum = model.feature_momentum, 0.0
-            try:
-                with autocast(device, cfg.run.amp):
-                    logits = ddp(x, one.bool(), None if positions is None else positions.to(device))
-            finally:
-                model.feature_momentum = momentum
+            with autocast(device, cfg.run.amp):
+                logits = ddp(x, one.bool(), None if positions is None else positions.to(device))
+            track_features(model, None, procs)
             return logits.float().sum() * 0.0
         stored, mask, positions = model_inputs(batch, model.config, device)
         if ft.bank_frames:
@@ -604,6 +613,7 @@ def run_finetune(job: Tuning, progress: bool) -> dict:
             x = clip_tensor(model, batch["frames"], device)  # [B, T, 3, h, w]
             with autocast(device, cfg.run.amp):
                 logits = ddp(x, mask, positions)
+        track_features(model, model.fresh_features, procs)
         return clip_loss(logits, batch["labels"].to(device), cfg.optim, weight)
 
     def batches(epoch: int):

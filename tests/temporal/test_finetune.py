@@ -166,19 +166,26 @@ def test_feature_std_floor_and_normalisation_following_the_features():
     scale = normalising_scale(std)
     # A dimension that barely varies is not blown up past 1 / STD_FLOOR of the median one; a constant one keeps 1.
     torch.testing.assert_close(scale, torch.tensor([STD_FLOOR, 1.0, 1.0, 2.0, 1.0]) * 5 ** 0.5)
+    from vtn.runtime import Processes
+    from vtn.temporal.finetune import track_features
+
     model = tiny_video_model(0.0)
     x = torch.randn(2, 3, 3, 32, 32)
     before = model.feature_mean.clone(), model.feature_scale.clone()
     model(x, None, torch.arange(3).expand(2, 3))
+    feats = model.fresh_features  # [6, D]: the step's fresh features
+    torch.testing.assert_close(feats, model.backbone(x.flatten(0, 1)).detach())
+    track_features(model, feats, Processes())
     assert torch.equal(model.feature_mean, before[0])  # momentum 0: stage two's statistics, fixed
     model.feature_momentum = 0.5
-    feats = model.backbone(model.preprocess(x.flatten(0, 1)) if x.dtype == torch.uint8 else x.flatten(0, 1)).detach()
-    model(x, None, torch.arange(3).expand(2, 3))
+    track_features(model, feats, Processes())
     torch.testing.assert_close(model.feature_mean, 0.5 * before[0] + 0.5 * feats.mean(0))
     torch.testing.assert_close(model.feature_scale, 0.5 * before[1] + 0.5 * normalising_scale(feats.std(0)))
     kept = model.feature_mean.clone()
-    model.eval()(x, None, torch.arange(3).expand(2, 3))
-    assert torch.equal(model.feature_mean, kept)  # evaluation only reads them
+    model.backbone_frozen = True  # a frozen backbone's features do not move
+    track_features(model, feats, Processes())
+    track_features(model, None, Processes())
+    assert torch.equal(model.feature_mean, kept)
 
 
 def test_batchnorm_that_trains_sees_frames_of_many_clips_in_each_micro_batch(stage_two):
