@@ -6,11 +6,8 @@ import numpy as np
 import pytest
 
 from vtn import demo
+from vtn.cli import main
 from vtn import synth
-
-SMALL_VIDEOS = {"train": 16, "val": 5}  # per class
-SMALL_RUN = ["optim.epochs=15", "run.eval_every=15"]
-MARGIN = 0.4
 
 
 def test_layout_classes_show_the_same_pixels_in_different_places():
@@ -29,20 +26,31 @@ def test_layout_classes_show_the_same_pixels_in_different_places():
 
 
 @pytest.mark.slow
-def test_demo_finetune_stage_with_defaults_beats_frozen_features(tmp_path, capsys, monkeypatch):
-    # The demo's stage on a smaller seeded set and a shorter run (the README gives the full-size figure): fine-tuning
-    # with `vtn finetune`'s defaults (the demo sets only the run's size) must beat the frozen cache by a wide margin.
-    monkeypatch.setattr(demo, "FT_VIDEOS", SMALL_VIDEOS)
-    monkeypatch.setattr(demo, "FINETUNE_SETS", [*demo.FINETUNE_SETS, *SMALL_RUN])
-    result = demo.finetune_stage(tmp_path, progress=False)
+def test_demo_finetune_prints_the_table_and_keeps_both_runs(tmp_path, capsys, monkeypatch):
+    # A few videos and 1-2 steps everywhere: this checks the stage runs end to end through the real jobs, not the
+    # accuracy (the README gives that, from the full-size run).
+    monkeypatch.setattr(demo, "VIDEOS", {"train": 1, "val": 1})
+    monkeypatch.setattr(demo, "TRAIN_SETS", [*demo.TRAIN_SETS, "optim.steps=2"])
+    monkeypatch.setattr(demo, "FT_VIDEOS", {"train": 2, "val": 1})
+    monkeypatch.setattr(demo, "FT_TRAIN_SETS", [*demo.FT_TRAIN_SETS, "optim.steps=2"])
+    monkeypatch.setattr(demo, "FINETUNE_SETS", [*demo.FINETUNE_SETS, "optim.epochs=1", "run.eval_every=1",
+                                                          "optim.batch_size=4"])
+    assert main(["demo", "--out", str(tmp_path), "--quiet", "--finetune"]) == 0
     out = capsys.readouterr().out
-    assert "the backbone is random-init, as the cache records: finetune.backbone_lr=1.0" in out
-    assert result["frozen_top1"] <= 0.4 and result["finetuned_top1"] >= result["frozen_top1"] + MARGIN, result
+    assert "VTN (order-aware)" in out  # the normal demo ran first
     frozen = re.search(r"stage two, frozen backbone\s+([\d.]+)%\s+(\d+)", out)
     tuned = re.search(r"vtn finetune, end to end\s+([\d.]+)%\s+(\d+)", out)
-    assert frozen and tuned and float(tuned.group(1)) == pytest.approx(100 * result["finetuned_top1"], abs=0.06)
-    assert f"val top-1 on {SMALL_VIDEOS['val'] * 4} whole videos, chance 25%" in out
+    assert frozen and tuned, out
+    assert all(0.0 <= float(m.group(1)) <= 100.0 for m in (frozen, tuned))
+    assert "val top-1 on 4 whole videos, chance 25%" in out
+    ft = tmp_path / "finetune"
+    assert (ft / "cache" / "zarr.json").is_file() and (ft / "run" / "predictions.csv").is_file()
     for name in ("best", "last"):
-        assert (tmp_path / "run" / name / "model.safetensors").is_file()
-        assert (tmp_path / "finetuned" / name / "video.json").is_file()
-    assert (tmp_path / "finetuned" / "curves.png").is_file() and (tmp_path / "finetuned" / "failures.jsonl").read_text() == ""
+        assert (ft / "run" / name / "model.safetensors").is_file()
+        assert (ft / "finetuned" / name / "model.safetensors").is_file() and (ft / "finetuned" / name / "video.json").is_file()
+    assert len((ft / "finetuned" / "metrics.jsonl").read_text().splitlines()) == 1
+    # The demo leaves the backbone's settings to `vtn finetune`'s defaults, chosen from the cache's random-init
+    # backbone; the run draws its curves and keeps an empty failures.jsonl.
+    assert "the backbone is random-init, as the cache records: finetune.backbone_lr=1.0" in out
+    assert not any(s.startswith(("finetune.backbone_lr", "finetune.freeze_bn", "optim.lr")) for s in demo.FINETUNE_SETS)
+    assert (ft / "finetuned" / "curves.png").is_file() and (ft / "finetuned" / "failures.jsonl").read_text() == ""
