@@ -204,8 +204,9 @@ class VideoVTN(VTN):
             return
         mean = total / count
         std = ((squares / count - mean * mean).clamp(min=0) * count / (count - 1)).sqrt()
-        self.feature_mean.lerp_(mean, self.feature_momentum)
-        self.feature_scale.lerp_(normalising_scale(std), self.feature_momentum)
+        # New tensors, not in place: this step's forward saved the old ones for its backward pass.
+        self.feature_mean = torch.lerp(self.feature_mean, mean, self.feature_momentum)
+        self.feature_scale = torch.lerp(self.feature_scale, normalising_scale(std), self.feature_momentum)
 
     def save_pretrained(self, directory: str | Path) -> None:
         """config.json (the VTNConfig) and model.safetensors (VTN's names, the backbone under `backbone.`), as

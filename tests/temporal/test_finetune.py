@@ -178,7 +178,9 @@ def test_feature_std_floor_and_normalisation_following_the_features():
     track_features(model, feats, Processes())
     assert torch.equal(model.feature_mean, before[0])  # momentum 0: stage two's statistics, fixed
     model.feature_momentum = 0.5
-    track_features(model, feats, Processes())
+    out = model(x, None, torch.arange(3).expand(2, 3))
+    track_features(model, feats, Processes())  # between the forward and its backward, as in a step
+    out.sum().backward()
     torch.testing.assert_close(model.feature_mean, 0.5 * before[0] + 0.5 * feats.mean(0))
     torch.testing.assert_close(model.feature_scale, 0.5 * before[1] + 0.5 * normalising_scale(feats.std(0)))
     kept = model.feature_mean.clone()
