@@ -565,7 +565,8 @@ def test_finetune_on_two_processes_with_a_broken_video_on_one_of_them(stage_two,
     out = tmp_path / "ft"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(hooks),
            "finetune", str(run), "--out", str(out), "--videos", str(mine), "--epochs", "4",
-           "--set", "run.eval_every=4", *FT]
+           "--set", "run.eval_every=4", "--set", "finetune.freeze_bn=true", *FT]  # BatchNorm on batch statistics
+    # (the random-init default) would give each rank its own running statistics (only rank 0 saves them)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1", "HOOK_DIR": str(tmp_path)})
     try:
