@@ -224,5 +224,11 @@ def check_runtime(cfg: ExtractConfig, local_world: int = 1) -> torch.device:
     GPU decoding sets the pace, so this process takes only the cores its decode workers leave."""
     check(cfg.sampling)  # the runtime's ranges are checked when the config is built (extract/config.py)
     device = resolve_device(cfg.runtime.device)
-    size_threads(0 if device.type == "cpu" else decode_workers(cfg.runtime, device, local_world), cfg.runtime.threads)
+    size_model_threads(cfg.runtime, device, local_world)
     return device
+
+
+def size_model_threads(rt: RuntimeConfig, device: torch.device, local_world: int = 1) -> int:
+    """The torch threads of a process running a model beside decode workers (extraction, `vtn finetune`): see
+    check_runtime."""
+    return size_threads(0 if device.type == "cpu" else decode_workers(rt, device, local_world), rt.threads)

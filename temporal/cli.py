@@ -113,9 +113,15 @@ def _add_finetune(sub) -> None:
         "cache was extracted with (rebuilt and checked by sha256), and trains them together on clips decoded from the "
         "videos (INPUT, default: the folder the cache's video ids are relative to, recorded with it), sampled as the cache "
         "was; whole val "
-        "videos are evaluated through the same model. RUN2 gets config.yaml, metrics.jsonl, failures.jsonl and the "
+        "videos are evaluated through the same model. The backbone's learning rate and BatchNorm follow its provenance, "
+        "recorded with the cache (random-init: the encoder's rate, batch statistics; trained weights: a tenth, "
+        "running statistics); the first line says what was chosen. After the first step it prints the expected time. "
+        "RUN2 gets config.yaml, metrics.jsonl, curves.png, failures.jsonl (empty when nothing failed) and the "
         "checkpoints best/ and last/ (backbone and temporal weights, with the preprocessing and sampling). Exit status: 0 "
-        "every video used, 3 some failed or were missing (recorded in failures.jsonl, the rest trained), 2 usage error.",
+        "every video used, 3 some failed or were missing (recorded in failures.jsonl, the rest trained), 2 usage error. "
+        "On a CPU a step costs the backbone's forward and backward for every frame of the step: fewer frames per clip "
+        "(--frames 4), fewer clips (--batch-size 8) and --set finetune.bank_frames=2 (2 frames of each clip through "
+        "the backbone, the rest from the cache) make it practical (README: Fine-tuning on a CPU, with measured times).",
     )
     f.add_argument("run", help="the stage-two run directory (or a checkpoint directory of one)")
     f.add_argument("--out", required=True, metavar="RUN2", help="the run directory to write")
@@ -135,12 +141,13 @@ def _add_finetune(sub) -> None:
     f.add_argument("--amp", choices=["none", "bf16", "fp16"], help="autocast dtype (run.amp)")
     f.add_argument("--seed", type=int, help="run.seed")
     f.add_argument("--device", help="cpu, cuda, cuda:1 ... (run.device; default: the GPU when there is one)")
-    f.add_argument("--micro-batch", type=int, help="frames per backbone call (finetune.micro_batch, default 8)")
+    f.add_argument("--micro-batch", type=int, help="frames per backbone call (finetune.micro_batch; default 8 on a GPU, "
+                   "all of a step's frames on a CPU)")
     f.add_argument("--chunked", action="store_true", help="exact chunked backprop always: each micro-batch's "
                    "activations recomputed in the backward pass (finetune.chunked; default: whenever a step has "
                    "more frames than one micro-batch)")
     f.add_argument("--workers", type=int, help="decode processes (finetune.workers; 0: decode in this process)")
-    add_config_args(f, "finetune.backbone_lr=0.1")
+    add_config_args(f, "finetune.bank_frames=2")
     f.add_argument("--quiet", action="store_true", help="no progress bar")
     f.set_defaults(func=_job("finetune"), interrupted="the last checkpoint is kept; add --resume to the same "
                    "command to continue exactly where it stopped")

@@ -2,7 +2,8 @@
 
 Shared by training (`temporal/train.py`) and evaluation (`evaluate/`), so that both feed the model exactly
 the same inputs: positions from `frame_positions`, and whole videos thinned evenly to the model's
-max_positions frames (the whole video is seen, spread over the position table). `feature_stats` gives the normalisation the model keeps with its weights.
+max_positions frames (the whole video is seen, spread over the position table). `feature_stats` gives the
+normalisation the model keeps with its weights (`normalising_scale`: its std floor).
 """
 
 from __future__ import annotations
@@ -150,8 +151,20 @@ def feature_stats(dataset: ClipDataset, where: str, max_videos: int = 2000) -> t
         n += len(b)
     mean = total / n
     std = np.sqrt(np.maximum(sq / n - mean * mean, 0.0))
-    scale = np.where(std < 1e-6, 1.0, std) * np.sqrt(len(std))  # a constant dimension carries nothing
-    return torch.from_numpy(mean).float(), torch.from_numpy(scale).float()
+    return torch.from_numpy(mean).float(), normalising_scale(torch.from_numpy(std).float())
+
+
+STD_FLOOR = 0.1  # a dimension's std counts as at least this share of the median dimension's
+
+
+def normalising_scale(std: torch.Tensor) -> torch.Tensor:
+    """The `scale` [D] of features whose per-dimension std is `std` [D] (see `feature_stats`), the std floored at
+    STD_FLOOR x its median: a dimension that barely varies would otherwise be blown up to unit size, noise and all,
+    and the gradient reaching a backbone through it multiplied as much (by 1,000 and more on a random-init
+    ResNet's features, where the encoder's gradient clipping then shrank every other gradient to nothing). A
+    constant dimension carries nothing and keeps scale 1."""
+    floored = torch.maximum(std, STD_FLOOR * std.median())
+    return torch.where(std < 1e-6, torch.ones_like(std), floored) * len(std) ** 0.5
 
 
 def whole_videos(source: SplitData | FeatureCache, split: str | None, config: VTNConfig,

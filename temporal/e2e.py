@@ -12,7 +12,9 @@ micro-batch's activations are dropped after its forward and recomputed, with the
 features' gradient arrives: gradient caching, so peak memory holds one micro-batch's activations, not the clip's).
 Exact means plain training's loss and gradients up to float summation order, for a backbone without train-mode
 BatchNorm (finetune's freeze_bn, the default, keeps it in eval mode): BatchNorm in train mode normalises each
-micro-batch by its own statistics, and a recomputed micro-batch updates its running statistics a second time.
+micro-batch by its own statistics, and a recomputed micro-batch updates its running statistics a second time; so
+a micro-batch then takes frames in turn from every clip of the call, never one clip's near-identical frames.
+The input normalisation may follow the features as the backbone learns (`track_features`).
 And a feature memory bank (TALLFormer): only some frames of a clip go through the backbone, the others' features
 are given.
 
@@ -40,6 +42,7 @@ from vtn.extract.backbone import Preprocess, create_backbone, file_sha256, state
 from vtn.extract.config import BackboneConfig, RuntimeConfig
 from vtn.extract.sampling import MODES, SamplingConfig
 from vtn.temporal.checkpoint import backbone_differences, load_model
+from vtn.temporal.data import normalising_scale
 from vtn.temporal.model import VTN, VTNConfig
 
 VIDEO_NAME = "video.json"  # the backbone's identity and build settings, its preprocessing, the sampling
@@ -102,6 +105,9 @@ class VideoVTN(VTN):
         self.chunked: bool | None = False
         self.freeze_bn = False  # BatchNorm of the backbone stays in eval mode (running statistics) in train()
         self.backbone_frozen = False  # the backbone runs without gradients (a frozen warm-up)
+        # Momentum of the running estimate of the features' normalisation in training (`track_features`); 0: fixed.
+        self.feature_momentum = 0.0
+        self.has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in backbone.modules())
 
     @classmethod
     def compose(cls, vtn: VTN, backbone: nn.Module, preprocess: Preprocess, video: dict) -> "VideoVTN":
@@ -136,10 +142,18 @@ class VideoVTN(VTN):
                     m.eval()
         return self
 
-    def frame_features(self, x: torch.Tensor) -> torch.Tensor:
+    def frame_features(self, x: torch.Tensor, clip_of: torch.Tensor | None = None) -> torch.Tensor:
         """Preprocessed frames [N, 3, h, w] -> features [N, D], `micro_batch` frames per backbone call, each
-        recomputed in the backward pass when chunked (see `set_memory`)."""
+        recomputed in the backward pass when chunked (see `set_memory`). `clip_of` [N]: each frame's clip. With
+        BatchNorm training, a micro-batch of one clip's near-identical frames would give statistics unlike any
+        evaluation sees (train fits, val stays at chance), so the frames are taken in turn from every clip: each
+        micro-batch holds frames of as many clips as it can."""
         step = self.micro_batch or max(1, len(x))
+        bn_trains = self.training and self.has_bn and not self.freeze_bn
+        if bn_trains and clip_of is not None and len(x) > step:
+            rank = torch.arange(len(x), device=x.device) - torch.searchsorted(clip_of, clip_of)  # index in its clip
+            order = torch.argsort(rank * len(x) + torch.arange(len(x), device=x.device))  # 1st of each clip, 2nd...
+            return self.frame_features(x[order])[torch.argsort(order)]
         grad = torch.is_grad_enabled() and not self.backbone_frozen
         chunked = grad and (self.chunked or (self.chunked is None and len(x) > step))
         out = []
@@ -169,14 +183,30 @@ class VideoVTN(VTN):
         if real.dtype == torch.uint8:
             with torch.no_grad():
                 real = self.preprocess(real)  # [N, 3, h, w]
-        feats = self.frame_features(real)  # [N, D]
+        clip_of = torch.arange(B, device=fresh.device)[:, None].expand(B, T)[fresh]  # [N]: clip by clip, ascending
+        feats = self.frame_features(real, clip_of)  # [N, D]
+        self.fresh_features = feats.detach()  # for a bank's write-back and `track_features`
         if bank is None:
             features = feats.new_zeros(B, T, feats.shape[-1])  # padding stays 0 and is never attended to
         else:
             features = bank.detach().to(feats.dtype, copy=True)  # a copy: the stored features, without gradients
-            self.fresh_features = feats.detach()
         features[fresh] = feats  # [B, T, D]
         return VTN.forward(self, features, mask, positions, return_attention)
+
+    @torch.no_grad()
+    def track_features(self, total: torch.Tensor, squares: torch.Tensor, count: int) -> None:
+        """Move the input normalisation (VTN's feature_mean and feature_scale, set by stage two from the cache)
+        towards the statistics of `count` fresh features, given as their sum and sum of squares [D] (summed over
+        processes by the caller), by `feature_momentum`, as BatchNorm's running statistics: the backbone changes its
+        features as it learns (a random-init one by orders of magnitude), and normalisation fixed at the cache's
+        would let them drift away from the scale the encoder learned."""
+        if self.feature_momentum <= 0 or count < 2:
+            return
+        mean = total / count
+        std = ((squares / count - mean * mean).clamp(min=0) * count / (count - 1)).sqrt()
+        # New tensors, not in place: this step's forward saved the old ones for its backward pass.
+        self.feature_mean = torch.lerp(self.feature_mean, mean, self.feature_momentum)
+        self.feature_scale = torch.lerp(self.feature_scale, normalising_scale(std), self.feature_momentum)
 
     def save_pretrained(self, directory: str | Path) -> None:
         """config.json (the VTNConfig) and model.safetensors (VTN's names, the backbone under `backbone.`), as

@@ -13,13 +13,19 @@ Evaluation runs whole val videos (up to max_positions frames spread over each, a
 one's pipeline (`extract_features`) and the same model.
 
 The steps, schedule, metrics.jsonl, best/ and last/ checkpoints and exact --resume are loop.py's pieces, so a
-run resumed after an interruption ends with the weights of an uninterrupted one (on the CPU).
+run resumed after an interruption ends with the weights of an uninterrupted one (on the CPU); the backbone's and
+the encoder's gradients are clipped each on its own.
+
+The settings that depend on what the backbone already knows (its learning rate, BatchNorm) default to None and are
+chosen from its provenance as the cache recorded it (`provenance_defaults`), said in the run's first line. After the
+first step the run says how long it will take (`Clock`), and at the end where the time went.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -29,30 +35,43 @@ import torch
 from vtn.config import job_config, ranged, resolve, to_dict
 from vtn.errors import UserError
 from vtn.paths import canonical_cache, check_run_dir
+from vtn.plots import curves_png
 from vtn.extract.config import ExtractConfig, RuntimeConfig
 from vtn.extract.inputs import discover
-from vtn.extract.pipeline import decode_workers, extract_features
+from vtn.extract.pipeline import decode_workers, extract_features, size_model_threads
 from vtn.extract.workers import DecodePool
-from vtn.runtime import Processes, autocast, on_rank0, setup_processes, size_threads
+from vtn.runtime import Processes, autocast, on_rank0, setup_processes
 from vtn.store import collate_clips, open_cache
 from vtn.temporal import checkpoint
 from vtn.temporal.data import check_inputs, model_inputs, whole_video_sampling
 from vtn.temporal.e2e import VideoVTN, rebuild_backbone, sampling_of
 from vtn.temporal.model import VTN, frame_positions
-from vtn.temporal.loop import (Loop, clip_loss, diverged_warning, epoch_shares, gathered_metrics, new_loop, run_config,
-                               run_epochs, schedule_text, start_run_dir)
+from vtn.temporal.loop import (Loop, clip_loss, diverged_warning, epoch_shares, eval_interval, gathered_metrics,
+                               new_loop, run_config, run_epochs, schedule_text, start_run_dir)
 from vtn.temporal.settings import FLAGS, DataSection, OptimSection, RunSection, TrainConfig
 from vtn.temporal.splits import Data, load_data
 
 
 @dataclass(frozen=True)
 class FinetuneSection:
-    backbone_lr: float = ranged(0.1, ge=0)  # the backbone's learning rate as a multiple of optim.lr (already trained)
+    # The backbone's learning rate as a multiple of optim.lr. None: by the backbone's provenance, recorded with the
+    # cache (`provenance_defaults`): 1 for a random-init backbone (it learns from scratch, as fast as the encoder),
+    # 0.1 for trained weights (timm's or a file: adapted, not relearned).
+    backbone_lr: float | None = ranged(None, ge=0)
     # Layer-wise decay: a backbone layer n layers below the last (timm's group_matcher: ViT blocks, ResNet stages)
     # learns at backbone_lr x layer_decay^n (BEiT/MAE fine-tuning takes 0.65-0.75). 1: one rate for the backbone.
     layer_decay: float = ranged(1.0, gt=0, le=1)
     frozen_steps: int = ranged(0, ge=0)  # the first steps train only the encoder and head (no backbone gradient)
-    freeze_bn: bool = True  # BatchNorm keeps its running statistics (clips are small batches of similar frames)
+    # BatchNorm keeps its running statistics (eval mode). None: by provenance: kept for trained weights (a step's
+    # frames are a few clips of similar images, poor batch statistics); batch statistics for a random-init backbone,
+    # whose running statistics are the init's (mean 0, var 1) and whose ResNet blocks start with their last
+    # BatchNorm at gamma 0 (timm's zero_init_last): frozen, they stay nearly off. When BatchNorm trains, each
+    # micro-batch mixes the frames of many clips (VideoVTN.frame_features), so chunking does not change what it sees.
+    freeze_bn: bool | None = None
+    # The encoder's input normalisation follows the features as the backbone changes them: a running estimate of
+    # their mean and std (std floored as temporal/data.py's `normalising_scale`), updated from each step's fresh
+    # features with this momentum, as BatchNorm's. 0: stage two's statistics stay fixed.
+    feature_momentum: float = ranged(0.1, ge=0, le=1)
     # Feature memory bank (TALLFormer): only this many contiguous frames of each clip (at a random place) are
     # decoded and run through the backbone with gradients; the clip's other frames take their features from this
     # process's in-memory copy of the train split's cached features (the cache itself is never written), into which
@@ -60,24 +79,28 @@ class FinetuneSection:
     bank_frames: int | None = ranged(None, ge=1)
     # Memory controls (temporal/e2e.py), exact (plain training's loss and gradients with BatchNorm frozen). The
     # defaults suit any clip length and batch size: a step's frames go through the backbone `micro_batch` at a time
-    # (None: all in one call), and exact chunked backprop (each micro-batch's activations dropped after its forward
-    # and recomputed in the backward pass) is on whenever a step has more frames than one micro-batch (chunked
-    # null: that rule; true/false: always/never). So the backbone holds one micro-batch's activations, not the
-    # step's, for one more backbone forward per step (`vtn bench finetune` measures both; README, Benchmarks).
-    # timm's activation checkpointing (backbone, and each encoder layer) is off: alone it saves less, and inside
-    # chunked micro-batches it would cost a third forward.
-    micro_batch: int | None = ranged(8, ge=1)
+    # (None: MICRO_BATCH on a GPU, where memory binds; on a CPU all in one call, see `micro_batch_for`), and exact
+    # chunked backprop (each micro-batch's activations dropped after its forward and recomputed in the backward
+    # pass) is on whenever a step has more frames than one micro-batch (chunked null: that rule; true/false:
+    # always/never). So the backbone holds one micro-batch's activations, not the step's, for one more backbone
+    # forward per step (`vtn bench finetune` measures both; README, Benchmarks). timm's activation checkpointing
+    # (backbone, and each encoder layer) is off: alone it saves less, and inside chunked micro-batches it would
+    # cost a third forward.
+    micro_batch: int | None = ranged(None, ge=1)
     grad_checkpointing: bool = False
     chunked: bool | None = None
     # Augmentation of the training clips' decoded uint8 frames (never of evaluation's), before preprocessing: a
-    # random resized crop taking a share in augment_scale of the frame's area at an aspect ratio in [3/4, 4/3] (drawn
-    # as torchvision's RandomResizedCrop draws; Preprocess then resizes it), and with augment_flip a horizontal flip
-    # half the time. One draw per clip, the same for all its frames, so motion stays coherent (timm's transforms
-    # draw per image); drawn from (seed, epoch, item), so a resumed run sees the same crops. The flip is off by
-    # default: it turns "left to right" into "right to left", another class in the generated videos (and in
-    # Something-Something). With a memory bank only the fresh frames are augmented (the stored features are not).
+    # random resized crop taking a share in augment_scale of the frame's area at the frame's own aspect ratio times
+    # [3/4, 4/3] (drawn as torchvision's RandomResizedCrop draws; Preprocess then resizes it and centre-crops it as
+    # it does every frame), and with augment_flip a horizontal flip half the time. The share is at least 0.8 by
+    # default: a crop of half the frame removes whole objects (the label) from many clips. The aspect ratio follows
+    # the frame's, so a wide frame's crop is not made square here and then cut again by the centre crop. One draw
+    # per clip, the same for all its frames, so motion stays coherent (timm's transforms draw per image); drawn
+    # from (seed, epoch, item), so a resumed run sees the same crops. The flip is off by default: it turns "left to
+    # right" into "right to left", another class in the generated videos (and in Something-Something). With a
+    # memory bank only the fresh frames are augmented (the stored features are not).
     augment: bool = True
-    augment_scale: tuple[float, float] = ranged((0.5, 1.0), gt=0, le=1)
+    augment_scale: tuple[float, float] = ranged((0.8, 1.0), gt=0, le=1)
     augment_flip: bool = False
     workers: int | None = ranged(None, ge=0)  # decode processes (None: stage one's rule); 0: a thread of this process
     timeout: float = ranged(120.0, gt=0)  # seconds a decode may go without producing a frame
@@ -103,6 +126,38 @@ def default_config(stage_two: Path) -> FinetuneConfig:
     return FinetuneConfig(data=saved.data, run=replace(RunSection(), seed=saved.run.seed))
 
 
+MICRO_BATCH = 8  # frames per backbone call on a GPU by default
+
+
+def micro_batch_for(ft: FinetuneSection, device: torch.device) -> int | None:
+    """finetune.micro_batch, or by default MICRO_BATCH frames per backbone call on a GPU and every frame of a step
+    in one call on a CPU: memory rarely binds there, and there small calls plus chunked backprop's recompute took
+    the step to over 2x the backbone's own forward and backward (`vtn bench finetune`)."""
+    return ft.micro_batch or (None if device.type == "cpu" else MICRO_BATCH)
+
+
+TRAINED = {"timm-pretrained": "pretrained (timm's weights)", "file": "trained (weights from a file)"}
+
+
+def provenance_defaults(ft: FinetuneSection, identity: dict | None) -> tuple[FinetuneSection, str]:
+    """`ft` with its provenance-dependent settings left at None chosen by the backbone's recorded `identity`
+    (its "weights": random-init, timm-pretrained or file), and a line saying what was chosen and why."""
+    weights = (identity or {}).get("weights")
+    random = weights == "random-init"
+    chosen = {k: v for k, v in (("backbone_lr", 1.0 if random else 0.1), ("freeze_bn", not random))
+              if getattr(ft, k) is None}
+    ft = replace(ft, **chosen)
+    why = {"backbone_lr": "the backbone learns from scratch, at the encoder's rate" if random else
+           "trained weights are adapted, not relearned",
+           "freeze_bn": "BatchNorm on batch statistics: its running ones are the init's; micro-batches mix the "
+           "frames of many clips" if random else "BatchNorm keeps its trained statistics: a step's frames are a "
+           "few clips of similar images"}
+    told = "; ".join(f"finetune.{k}={str(v).lower()} ({why[k]})" for k, v in chosen.items())
+    what = "random-init" if random else TRAINED.get(weights, f"of unknown provenance ({weights}), taken as trained")
+    return ft, (f"the backbone is {what}, as the cache records: " + told + " (each can be set with --set)"
+                if chosen else f"the backbone is {what}; finetune.backbone_lr and finetune.freeze_bn as given")
+
+
 class Failures:
     """RUN2/failures.jsonl: every video that could not be used, once (id, error class, message, phase). Under DDP
     each process records what it met itself, and `sync` tells every process what the others met, so a video that
@@ -110,6 +165,8 @@ class Failures:
 
     def __init__(self, run: Path, procs: Processes):
         self.path, self.procs = run / "failures.jsonl", procs
+        if procs.rank == 0:
+            self.path.touch()  # empty when nothing failed
         lines = self.path.read_text().splitlines() if self.path.exists() else []
         self.ids = {json.loads(x)["id"] for x in lines}
         self.new: list[str] = []  # recorded here since the last sync
@@ -134,16 +191,17 @@ class Failures:
         self.new = []
 
 
-def augment_clip(frames: np.ndarray, rng: np.random.Generator, scale: tuple[float, float] = (0.5, 1.0),
+def augment_clip(frames: np.ndarray, rng: np.random.Generator, scale: tuple[float, float] = (0.8, 1.0),
                  flip: bool = False) -> np.ndarray:
     """A clip's frames [t, H, W, 3] uint8 -> one random crop [t, h, w, 3] for all of them (area share in `scale`,
-    aspect ratio log-uniform in [3/4, 4/3], up to 10 draws as torchvision's RandomResizedCrop, else the whole
-    frame), with `flip` mirrored left-right half the time. No resize here: Preprocess resizes every clip."""
+    aspect ratio W/H times a log-uniform factor in [3/4, 4/3], up to 10 draws as torchvision's RandomResizedCrop,
+    else the whole frame), with `flip` mirrored left-right half the time. No resize here: Preprocess resizes every
+    clip."""
     H, W = frames.shape[1:3]
     y, x, h, w = 0, 0, H, W
     for _ in range(10):
         area = H * W * rng.uniform(*scale)
-        ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+        ratio = W / H * math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
         cw, ch = round(math.sqrt(area * ratio)), round(math.sqrt(area / ratio))
         if 0 < cw <= W and 0 < ch <= H:
             y, x, h, w = int(rng.integers(0, H - ch + 1)), int(rng.integers(0, W - cw + 1)), ch, cw
@@ -388,7 +446,10 @@ def start_finetune(run: Path, best: Path, videos: str | None, cfg: FinetuneConfi
     resuming), the composed model, data, schedule, optimiser, state, the run directory and its failures."""
     inputs, cache, paths, source = open_stage_two(best, cache_url, videos)
     cfg, last = run_config(run, FinetuneConfig, cfg, resume, lambda: default_config(best.parent), procs)
-    ft = cfg.finetune
+    # config.yaml keeps None ("by provenance"), so a resumed run chooses the same from the same cache.
+    ft, chose = provenance_defaults(cfg.finetune, inputs.get("backbone"))
+    if procs.rank == 0:
+        print(f"vtn finetune: {chose}", flush=True)
 
     # The backbone first: timm's random init seeds the global RNG, which the run then reseeds.
     backbone, preprocess, bc, identity = rebuild_backbone(inputs, best, device)
@@ -396,8 +457,8 @@ def start_finetune(run: Path, best: Path, videos: str | None, cfg: FinetuneConfi
     video = {"backbone": identity, "backbone_config": to_dict(bc), "sampling": inputs["sampling"],
              "finetuned_from": str(best)}
     model = VideoVTN.compose(vtn, backbone, preprocess, video)
-    model.set_memory(ft.micro_batch, ft.chunked, ft.grad_checkpointing)
-    model.freeze_bn = ft.freeze_bn
+    model.set_memory(micro_batch_for(ft, device), ft.chunked, ft.grad_checkpointing)
+    model.freeze_bn, model.feature_momentum = ft.freeze_bn, ft.feature_momentum
     data = load_data(cache, cfg, vtn.config, procs)
     missing = check_videos(data, cache, paths, source, cfg)
 
@@ -405,7 +466,9 @@ def start_finetune(run: Path, best: Path, videos: str | None, cfg: FinetuneConfi
     groups = [*backbone_groups(model.backbone, cfg.optim.lr * ft.backbone_lr, ft.layer_decay), (temporal, cfg.optim.lr)]
     ckpt_inputs = {**inputs, "cache": canonical_cache(cache.url), "finetuned_from": str(best)}  # where it is now
     # A frozen warm-up leaves the backbone without gradients for a while, which DDP must be told.
+    # Clipped apart: the backbone's gradient norm (large, many parameters) must not shrink the encoder's.
     loop, why = new_loop(run, cfg, model, groups, data, cache, ckpt_inputs, last, procs, device,
+                         clip_groups=[list(model.backbone.parameters()), temporal],
                          find_unused_parameters=ft.frozen_steps > 0)
 
     # Before any process records a failure there; an error in it stops every process with its message.
@@ -421,30 +484,121 @@ def start_finetune(run: Path, best: Path, videos: str | None, cfg: FinetuneConfi
 
     sampling = sampling_of(inputs)
     rt = RuntimeConfig(device=str(device), batch_size=ft.eval_frames, amp=cfg.run.amp, workers=ft.workers,
-                       timeout=ft.timeout, progress=False)
-    workers = decode_workers(rt, device, procs.local_world)
-    size_threads(workers, cfg.run.threads)
-    rt = replace(rt, workers=workers)
+                       timeout=ft.timeout, progress=False, threads=cfg.run.threads)
+    rt = replace(rt, workers=decode_workers(rt, device, procs.local_world))
+    size_model_threads(rt, device, procs.local_world)  # extraction's rule: the decode workers beside the model
     eval_cfg = ExtractConfig(whole_video_sampling(sampling, vtn.config), bc, rt)
-    return Tuning(loop, data, cfg, paths, failures, sampling, eval_cfg)
+    return Tuning(loop, data, replace(cfg, finetune=ft), paths, failures, sampling, eval_cfg)
 
 
-def run_finetune(job: Tuning, progress: bool) -> None:
-    """The steps and evaluations of the run, from its state on."""
+# On a CPU a run expected to take longer than this is told the settings that shorten it.
+LONG_RUN = 600.0
+CPU_RECIPE = ("--frames 4 (frames per clip), --batch-size 8 (clips per step), --set finetune.bank_frames=2 (only 2 "
+              "frames of each clip through the backbone, the others' features from the cache), a smaller --set "
+              "finetune.eval_frames; README, Fine-tuning on a CPU")
+
+
+class Clock:
+    """Where a run's time goes: waiting for the data (decoded clips, their crops, collation), the evaluations,
+    and the rest (the steps' compute, checkpoints); after the first step, the expected time per step and for the
+    run."""
+
+    def __init__(self, loop: Loop):
+        self.loop, self.data, self.evaluation, self.first = loop, 0.0, 0.0, None
+        self.start = time.perf_counter()
+
+    def timed(self, batches):
+        """`batches` with the time spent waiting for each counted as data."""
+        it = iter(batches)
+        while True:
+            tick = time.perf_counter()
+            batch = next(it, None)
+            self.data += time.perf_counter() - tick
+            if batch is None:
+                return
+            yield batch
+
+    def evaluate(self, fn):
+        tick = time.perf_counter()
+        try:
+            return fn()
+        finally:
+            self.evaluation += time.perf_counter() - tick
+
+    def step(self, evaluations: int) -> None:
+        """At each step's start: after the first, print the expected time per step and for the run."""
+        state, now = self.loop.state, time.perf_counter()
+        if self.first is None:
+            self.first = (now, self.data, state["step"])
+            return
+        start, data, step = self.first
+        if step is None or state["step"] != step + 1 or self.loop.procs.rank != 0:
+            return
+        self.first = (start, data, None)
+        seconds, left = now - start, state["total_steps"] - step
+        long = self.loop.device.type == "cpu" and seconds * left > LONG_RUN
+        print(f"vtn finetune: the first step took {seconds:.1f} s ({self.data - data:.1f} s of it waiting for clips): "
+              f"about {seconds * left / 60:.1f} min for the {left} steps, plus {evaluations} "
+              f"evaluation{'s' * (evaluations != 1)}"
+              + (f". On a CPU, shorter: {CPU_RECIPE}" if long else ""), flush=True)
+
+    def summary(self) -> str:
+        total = time.perf_counter() - self.start
+        rest = total - self.data - self.evaluation
+        return (f"{total:.0f} s here: {self.data:.0f} s waiting for clips, {self.evaluation:.0f} s evaluating, "
+                f"{rest:.0f} s training steps and checkpoints")
+
+
+def frame_note(frames: torch.Tensor, preprocess) -> str | None:
+    """What the backbone's preprocessing cuts from non-square frames [t, H, W, 3], or None."""
+    H, W = frames.shape[1:3]
+    attrs = preprocess.attrs
+    if H == W or attrs.get("crop_mode", "center") != "center":
+        return None
+    kept = attrs["crop_pct"] * min(H, W) / max(H, W)
+    return (f"vtn finetune: note: frames are {W}x{H}; the backbone's preprocessing (timm's centre crop, recorded with "
+            f"the cache, so extraction and evaluation see the same) keeps the middle {kept:.0%} of each frame's "
+            f"{'width' if W > H else 'height'}: what lies outside is never seen")
+
+
+def track_features(model: VideoVTN, feats: torch.Tensor | None, procs: Processes) -> None:
+    """After a step's forward, the input normalisation follows the fresh features `feats` [N, D] of every process
+    (None: this process had none): a collective under DDP, called by every process at every step."""
+    if model.feature_momentum <= 0 or model.backbone_frozen:
+        return
+    f = feats.float() if feats is not None else model.feature_mean.new_zeros(0, model.config.feature_dim)
+    stats = torch.stack([f.sum(0), (f * f).sum(0), f.new_full(f.shape[1:], len(f))])  # [3, D]
+    if procs.world > 1:
+        torch.distributed.all_reduce(stats)
+    model.track_features(stats[0], stats[1], int(stats[2, 0]))
+
+
+def run_finetune(job: Tuning, progress: bool) -> dict:
+    """The steps and evaluations of the run, from its state on; returns where the time went (`Clock.summary`)."""
     loop, model, data, cfg, failures = job.loop, job.loop.model, job.data, job.cfg, job.failures
     ft, state, device, procs, ddp = cfg.finetune, loop.state, loop.device, loop.procs, loop.ddp
+    clock, note = Clock(loop), [procs.rank == 0]
+    evaluations = math.ceil((state["epochs"] - state["epoch"]) / eval_interval(state["epochs"], cfg.run.eval_every))
 
     def loss_fn(batch: dict, weight: float) -> torch.Tensor:
+        clock.step(evaluations)
+        if note[0] and batch["frames"]:  # once, on rank 0
+            note[0] = False
+            text = frame_note(batch["frames"][0], model.preprocess)
+            if text:
+                print(text, flush=True)
         model.backbone_frozen = state["step"] < ft.frozen_steps
         if not batch["frames"]:  # every clip of this process failed: it still takes part in the step (under
-            # DDP every process's backward all-reduces the gradients, paired step by step), with one black
-            # frame through the model whose loss counts 0: an all-zero gradient, so the optimiser and fp16's
-            # scaler step as the others do and this process adds nothing.
-            x = torch.zeros(1, 1, 3, *model.preprocess.size, device=device)  # [1, 1, 3, h, w], preprocessed
-            one = torch.ones(1, 1, dtype=torch.long, device=device)
+            # DDP every process's backward all-reduces the gradients, paired step by step), with two black
+            # frames (BatchNorm in training needs more than one) through the model whose loss counts 0: an
+            # all-zero gradient, so the optimiser and fp16's scaler step as the others do and this process adds
+            # nothing (nor to the feature normalisation).
+            x = torch.zeros(1, 2, 3, *model.preprocess.size, device=device)  # [1, 2, 3, h, w], preprocessed
+            one = torch.ones(1, 2, dtype=torch.long, device=device)
             positions = frame_positions(model.config, one - 1, one.float() - 1, one.bool())
             with autocast(device, cfg.run.amp):
                 logits = ddp(x, one.bool(), None if positions is None else positions.to(device))
+            track_features(model, None, procs)
             return logits.float().sum() * 0.0
         stored, mask, positions = model_inputs(batch, model.config, device)
         if ft.bank_frames:
@@ -458,30 +612,36 @@ def run_finetune(job: Tuning, progress: bool) -> None:
             x = clip_tensor(model, batch["frames"], device)  # [B, T, 3, h, w]
             with autocast(device, cfg.run.amp):
                 logits = ddp(x, mask, positions)
+        track_features(model, model.fresh_features, procs)
         return clip_loss(logits, batch["labels"].to(device), cfg.optim, weight)
 
     def batches(epoch: int):
         failures.sync()  # at each epoch's start, before its clips are queued for decoding
         shares = epoch_shares(data.sampler, epoch, state)
-        return (ClipFrames(data.train, [b for b, _ in shares], epoch, job.paths, job.sampling, job.eval_cfg.runtime,
-                           failures, ft.bank_frames, ft if ft.augment else None),
+        return (clock.timed(ClipFrames(data.train, [b for b, _ in shares], epoch, job.paths, job.sampling,
+                                       job.eval_cfg.runtime, failures, ft.bank_frames, ft if ft.augment else None)),
                 [w for _, w in shares])
 
     run_epochs(loop, cfg.run, batches, loss_fn,
-               lambda: evaluate_videos(model, data.val, job.paths, job.eval_cfg, device, procs, failures), progress,
+               lambda: clock.evaluate(lambda: evaluate_videos(model, data.val, job.paths, job.eval_cfg, device, procs,
+                                                              failures)), progress,
                lambda: memory_postfix(device))
+    return clock.summary()
 
 
-def finish_finetune(job: Tuning) -> dict:
-    """The summary of a run whose steps are done; rank 0 reports."""
+def finish_finetune(job: Tuning, spent: str = "") -> dict:
+    """The summary of a run whose steps are done (`spent`: where this process's time went); rank 0 draws
+    curves.png and reports."""
     loop, failures = job.loop, job.failures
     state, run = loop.state, loop.dir
     failures.sync()  # the summary (and exit status) of every process counts every process's failures
     best_record = state["best"]
     if loop.procs.rank == 0:
-        print(f"vtn finetune: {state['step']} steps in {state['elapsed']:.0f} s; best val top-1 "
+        curves_png([json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()], run / "curves.png")
+        print(f"vtn finetune: {state['step']} steps in {state['elapsed']:.0f} s ({spent}); best val top-1 "
               f"{best_record['val_top1']:.1%} at epoch {best_record['epoch']}\n  checkpoints: {run / 'best'}, "
-              f"{run / 'last'}; metrics: {run / 'metrics.jsonl'}; failures: {len(failures.ids)}", flush=True)
+              f"{run / 'last'}; metrics: {run / 'metrics.jsonl'}, curves: {run / 'curves.png'}; failures: "
+              f"{len(failures.ids)} ({run / 'failures.jsonl'})", flush=True)
     diverged_warning(loop)
     return {"run": str(run), "epochs": state["epochs"], "steps": state["step"], "best": best_record,
             "failures": sorted(failures.ids)}
@@ -498,8 +658,7 @@ def finetune(stage_two: str | Path, out: str | Path, videos: str | None = None, 
     procs, device, own_group = setup_processes((cfg or FinetuneConfig()).run.device)
     try:
         job = start_finetune(run, best, videos, cfg, resume, procs, device, cache_url)
-        run_finetune(job, progress)
-        return finish_finetune(job)
+        return finish_finetune(job, run_finetune(job, progress))
     finally:
         if own_group:
             torch.distributed.destroy_process_group()

@@ -112,6 +112,7 @@ class Loop:
     state: dict  # counters, saved in last/state.json
     inputs: dict  # what the features are (checkpoint inputs.json)
     started: float = 0.0  # perf_counter() at the run's start, less the time of the part before a resume
+    clip_groups: list | None = None  # parameter lists clipped to optim.clip_grad each on its own; None: all as one
 
 
 def check_resume(saved: dict, mine: dict, ckpt: Path) -> None:
@@ -152,7 +153,8 @@ def finish_step(loop: Loop, loss: float) -> None:
         loop.scaler.unscale_(opt)
         # foreach: a few ops for all tensors (PyTorch picks it on CUDA only; on the CPU the loop over the small
         # tensors cost more than the fused optimiser step)
-        torch.nn.utils.clip_grad_norm_(loop.model.parameters(), loop.optim.clip_grad, foreach=True)
+        for params in loop.clip_groups or [list(loop.model.parameters())]:
+            torch.nn.utils.clip_grad_norm_(params, loop.optim.clip_grad, foreach=True)
     loop.scaler.step(opt)
     loop.scaler.update()
     opt.zero_grad(set_to_none=True)
@@ -382,10 +384,11 @@ def chance(labels: np.ndarray) -> float:
 
 
 def new_loop(run: Path, cfg, model: torch.nn.Module, groups: list, data: Data, cache, inputs: dict, last: Path | None,
-             procs: Processes, device: torch.device, **ddp) -> tuple[Loop, str]:
+             procs: Processes, device: torch.device, clip_groups: list | None = None, **ddp) -> tuple[Loop, str]:
     """The loop of a run on `data` (and what decided its schedule): the optimiser over (parameters, base lr)
     `groups`, the scaler, the state (loaded from last/ when resuming, refusing a run that would not take the same
-    steps), and the model wrapped for DDP under torchrun (`ddp`: DDP's options). Seeds this process's dropout."""
+    steps), and the model wrapped for DDP under torchrun (`ddp`: DDP's options). Seeds this process's dropout.
+    `clip_groups`: see Loop."""
     steps_per_epoch = len(data.sampler)
     epochs, total_steps, why, patience = schedule(cfg.optim, steps_per_epoch)
     torch.manual_seed(cfg.run.seed + procs.rank)  # dropout differs between processes, as their data does
@@ -401,7 +404,8 @@ def new_loop(run: Path, cfg, model: torch.nn.Module, groups: list, data: Data, c
         state.update(saved_state)
     ddp_model = model if procs.world == 1 else torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None, **ddp)
-    return Loop(run, procs, device, model, ddp_model, opt, scaler, cfg.optim, state, inputs), why
+    return Loop(run, procs, device, model, ddp_model, opt, scaler, cfg.optim, state, inputs,
+                clip_groups=clip_groups), why
 
 
 def schedule_text(loop: Loop, batch_size: int, why: str, resuming: bool) -> str:

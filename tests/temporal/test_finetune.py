@@ -105,12 +105,19 @@ def test_finetune_through_the_cli_records_and_skips_a_broken_video(stage_two, tm
     # The backbone frozen for all 4 steps: only encoder and head learn, and BatchNorm keeps its statistics.
     # With the memory bank: 2 of each clip's 4 frames decoded and run, the others' features from the bank.
     assert main(["finetune", str(run), "--out", str(out), "--videos", str(mine), "--epochs", "2",
-                 "--set", "finetune.frozen_steps=4", "--set", "finetune.bank_frames=2", *FT[:-1]]) == 3  # one failed
+                 "--set", "finetune.frozen_steps=4", "--set", "finetune.bank_frames=2",
+                 "--set", "finetune.freeze_bn=true", *FT[:-1]]) == 3  # one failed
     failures = [json.loads(x) for x in (out / "failures.jsonl").read_text().splitlines()]
     bad_id = str(broken.relative_to(mine))
     # Recorded once although the video is drawn in both epochs: known failures are not decoded again.
     captured = capsys.readouterr()
     assert [(f["id"], f["phase"]) for f in failures] == [(bad_id, "train")] and f"{bad_id} failed" in captured.out
+    # The first line: what the provenance chose (freeze_bn was given); after the first step, the time it will take.
+    assert captured.out.startswith("vtn finetune: the backbone is random-init, as the cache records: "
+                                   "finetune.backbone_lr=1.0 (the backbone learns from scratch")
+    assert "finetune.freeze_bn" not in captured.out.splitlines()[0]
+    assert "the first step took" in captured.out and "min for the 4 steps, plus 2 evaluations" in captured.out
+    assert (out / "curves.png").stat().st_size > 0 and "waiting for clips" in captured.out
     assert "peak=" in captured.err and "MiB" in captured.err  # the progress bar (not --quiet) shows peak memory
     assert calls == [False] * 6  # the 3 good train videos' clips in each of 2 epochs; none in the 2 evaluations
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
@@ -125,6 +132,81 @@ def test_finetune_through_the_cli_records_and_skips_a_broken_video(stage_two, tm
     changed = [k for k, v in start.state_dict().items() if not torch.equal(v, tuned.state_dict()[k])]
     assert "cls_token" in changed and not any(k.startswith("backbone.") for k in changed)
     assert tuned.video["sampling"] == read_inputs(run / "best")["sampling"]
+
+
+def test_defaults_follow_the_backbones_provenance(stage_two, tmp_path):
+    from safetensors.torch import save_file
+
+    from vtn.extract.backbone import create_backbone
+    from vtn.temporal.finetune import FinetuneSection, provenance_defaults
+
+    random = read_inputs(stage_two[2] / "best")["backbone"]  # what the cache recorded
+    assert random["weights"] == "random-init"
+    net, _, _ = create_backbone("resnet18", image_size=32, seed=5)
+    save_file(net.state_dict(), str(tmp_path / "trained.safetensors"))
+    trained = create_backbone("resnet18", weights=tmp_path / "trained.safetensors", image_size=32)[2]
+    assert trained["weights"] == "file"
+    ft, said = provenance_defaults(FinetuneSection(), random)
+    assert (ft.backbone_lr, ft.freeze_bn) == (1.0, False) and "random-init" in said and "batch statistics" in said
+    ft, said = provenance_defaults(FinetuneSection(), trained)
+    assert (ft.backbone_lr, ft.freeze_bn) == (0.1, True) and "weights from a file" in said
+    ft, said = provenance_defaults(FinetuneSection(), {"weights": "timm-pretrained"})
+    assert (ft.backbone_lr, ft.freeze_bn) == (0.1, True) and "pretrained" in said
+    # What is given is kept, and only the rest is said to be chosen.
+    ft, said = provenance_defaults(FinetuneSection(backbone_lr=0.5), random)
+    assert (ft.backbone_lr, ft.freeze_bn) == (0.5, False) and "backbone_lr" not in said
+    ft, said = provenance_defaults(FinetuneSection(backbone_lr=0.5, freeze_bn=True), random)
+    assert (ft.backbone_lr, ft.freeze_bn) == (0.5, True) and "as given" in said
+
+
+def test_feature_std_floor_and_normalisation_following_the_features():
+    from vtn.temporal.data import STD_FLOOR, normalising_scale
+
+    std = torch.tensor([2e-4, 1.0, 1.0, 2.0, 0.0])
+    scale = normalising_scale(std)
+    # A dimension that barely varies is not blown up past 1 / STD_FLOOR of the median one; a constant one keeps 1.
+    torch.testing.assert_close(scale, torch.tensor([STD_FLOOR, 1.0, 1.0, 2.0, 1.0]) * 5 ** 0.5)
+    from vtn.runtime import Processes
+    from vtn.temporal.finetune import track_features
+
+    model = tiny_video_model(0.0)
+    x = torch.randn(2, 3, 3, 32, 32)
+    before = model.feature_mean.clone(), model.feature_scale.clone()
+    model(x, None, torch.arange(3).expand(2, 3))
+    feats = model.fresh_features  # [6, D]: the step's fresh features
+    torch.testing.assert_close(feats, model.backbone(x.flatten(0, 1)).detach())
+    track_features(model, feats, Processes())
+    assert torch.equal(model.feature_mean, before[0])  # momentum 0: stage two's statistics, fixed
+    model.feature_momentum = 0.5
+    out = model(x, None, torch.arange(3).expand(2, 3))
+    track_features(model, feats, Processes())  # between the forward and its backward, as in a step
+    out.sum().backward()
+    torch.testing.assert_close(model.feature_mean, 0.5 * before[0] + 0.5 * feats.mean(0))
+    torch.testing.assert_close(model.feature_scale, 0.5 * before[1] + 0.5 * normalising_scale(feats.std(0)))
+    kept = model.feature_mean.clone()
+    model.backbone_frozen = True  # a frozen backbone's features do not move
+    track_features(model, feats, Processes())
+    track_features(model, None, Processes())
+    assert torch.equal(model.feature_mean, kept)
+
+
+def test_batchnorm_that_trains_sees_frames_of_many_clips_in_each_micro_batch(stage_two):
+    model = composed(stage_two[2])[0]  # resnet18: BatchNorm
+    model.set_memory(micro_batch=3, chunked=None)
+    model.freeze_bn = False
+    model.train()
+    calls, received = [], []
+    model.backbone.register_forward_hook(lambda m, args, out: calls.append((args[0][:, 0, 0, 0], out.detach())))
+    model.input_proj.register_forward_pre_hook(lambda m, args: received.append(args[0].detach()))
+    x = torch.arange(3 * 4, dtype=torch.float32).view(3, 4, 1, 1, 1).expand(3, 4, 3, 32, 32)  # frame k of clip b: 4b+k
+    mask = torch.arange(4) < torch.tensor([[4], [2], [3]])
+    model(x, mask, torch.arange(4).expand(3, 4))
+    # In turn from each clip, not clip by clip (which would put one clip's frames in a micro-batch).
+    assert [[int(v) // 4 for v in frames] for frames, _ in calls] == [[0, 1, 2], [0, 1, 2], [0, 2, 0]]
+    by_frame = {int(v): f for frames, out in calls for v, f in zip(frames, out)}
+    feats = received[0] * model.feature_scale + model.feature_mean  # [B, T, D]: what the encoder was given
+    for b, k in mask.nonzero().tolist():  # each frame's feature in its own place
+        torch.testing.assert_close(feats[b, k], by_frame[4 * b + k], rtol=1e-4, atol=1e-4)
 
 
 def test_finetune_refuses_a_backbone_that_is_not_the_recorded_one(stage_two, tmp_path, capsys):
@@ -305,10 +387,11 @@ def test_memory_bank_fresh_frames_get_gradients_the_others_none():
 
 
 def test_default_memory_controls_chunk_a_step_with_more_frames_than_one_micro_batch():
-    from vtn.temporal.finetune import FinetuneSection
+    from vtn.temporal.finetune import FinetuneSection, micro_batch_for
 
     ft = FinetuneSection()
-    assert (ft.micro_batch, ft.chunked, ft.grad_checkpointing) == (8, None, False)
+    assert (ft.micro_batch, ft.chunked, ft.grad_checkpointing) == (None, None, False)
+    assert micro_batch_for(ft, torch.device("cuda")) == 8 and micro_batch_for(ft, torch.device("cpu")) is None
     model = tiny_video_model(0.0).eval()
     calls = []
     # A pre-hook: the recomputation stops once it has what the backward pass needs, before forward hooks run.
@@ -482,7 +565,8 @@ def test_finetune_on_two_processes_with_a_broken_video_on_one_of_them(stage_two,
     out = tmp_path / "ft"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(hooks),
            "finetune", str(run), "--out", str(out), "--videos", str(mine), "--epochs", "4",
-           "--set", "run.eval_every=4", *FT]
+           "--set", "run.eval_every=4", "--set", "finetune.freeze_bn=true", *FT]  # BatchNorm on batch statistics
+    # (the random-init default) would give each rank its own running statistics (only rank 0 saves them)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1", "HOOK_DIR": str(tmp_path)})
     try:

@@ -4,7 +4,8 @@ control, and what a clip costs end to end against stage two on the cache.
 The frames are decoded from a generated video (vtn/synth.py); the model is a `VideoVTN` (temporal/e2e.py) of a
 small timm backbone with random weights (nothing is downloaded) and a small VTN encoder (2 layers, d=128). One
 step is what `vtn finetune` does per batch: preprocess, forward, cross-entropy, backward, AdamW step, fp32, train
-mode with BatchNorm frozen (finetune's default). Each measurement runs in a fresh process (forked from a server
+mode with BatchNorm frozen (the memory controls' rows: exact) or as finetune's defaults choose for a random-init
+backbone (BatchNorm on batch statistics: the default row and the backbone's own rows). Each measurement runs in a fresh process (forked from a server
 that has imported torch and timm but run nothing, so no measurement inherits another's allocations): one warm-up
 step, the median of `repeats` timed steps, then one more step for peak memory, the growth over the footprint
 before it (activations, gradients, temporaries; the model and the optimiser state are there before), measured as
@@ -17,7 +18,9 @@ Controls, each alone, then the default (FinetuneSection's defaults):
 - grad checkpointing: timm's activation checkpointing in the backbone (and per layer in the encoder);
 - chunked: exact chunked backprop over micro-batches (each recomputed in the backward pass);
 - memory bank: only `bank_frames` frames of each clip run with gradients, the others' features are given.
-Then the chunked backprop's gradients against the plain ones (max abs difference), and seconds per clip of
+And the compute a step cannot avoid: the backbone alone, forward + backward on the step's frames in one call (no
+encoder, no optimiser), and its forward alone (what chunked backprop's recompute adds). The default step is
+reported against the first (`vtn finetune`'s goal: at most 2x on a CPU). Then the chunked backprop's gradients against the plain ones (max abs difference), and seconds per clip of
 stage-two training (the same VTN on the same clips' cached features, read from a cache through the training
 pipeline) against end-to-end fine-tuning with the default controls.
 """
@@ -37,6 +40,7 @@ import numpy as np
 from vtn.bench import common
 
 CONTROLS = ("plain", "micro-batch", "grad checkpointing", "chunked", "memory bank", "default")
+COMPUTE = ("backbone fwd+bwd", "backbone fwd")  # the backbone alone on the same frames
 
 
 @dataclass(frozen=True)
@@ -46,7 +50,7 @@ class FinetuneBenchConfig:
     backbones: tuple[tuple[str, int], ...] = (("vit_tiny_patch16_224", 112), ("resnet18", 112))  # (timm name, px)
     lengths: tuple[int, ...] = (16, 64)  # frames per clip
     clips: int = 1  # clips per step
-    micro_batch: int | None = None  # None: FinetuneSection's default, in the micro-batch, chunked and default rows
+    micro_batch: int | None = None  # None: MICRO_BATCH in the micro-batch and chunked rows, the device's default in the default row
     bank_frames: int = 16  # K of the memory-bank row
     repeats: int = 2  # timed steps after one warm-up step
     stage_two_steps: int = 10  # timed stage-two steps
@@ -54,23 +58,23 @@ class FinetuneBenchConfig:
     device: str = "auto"  # cpu, cuda, or auto (cuda where present)
 
 
-def settings(control: str, micro_batch: int, bank_frames: int) -> dict:
+def settings(control: str, micro_batch: int, bank_frames: int, default_micro: int | None = None) -> dict:
     """The `VideoVTN.set_memory` arguments and the bank size of one row of the table."""
-    from vtn.temporal.finetune import FinetuneSection
+    from vtn.temporal.finetune import FinetuneSection, provenance_defaults
 
-    plain = {"micro_batch": None, "chunked": False, "grad_checkpointing": False, "bank_frames": None}
-    if control == "default":
-        ft = FinetuneSection()
-        return {"micro_batch": micro_batch, "chunked": ft.chunked, "grad_checkpointing": ft.grad_checkpointing,
-                "bank_frames": ft.bank_frames}
+    plain = {"micro_batch": None, "chunked": False, "grad_checkpointing": False, "bank_frames": None, "freeze_bn": True}
+    if control in ("default", *COMPUTE):  # finetune's defaults for these random-init backbones
+        ft, _ = provenance_defaults(FinetuneSection(), {"weights": "random-init"})
+        return {"micro_batch": default_micro, "chunked": ft.chunked, "grad_checkpointing": ft.grad_checkpointing,
+                "bank_frames": ft.bank_frames, "freeze_bn": ft.freeze_bn}
     return {**plain, **{"plain": {}, "micro-batch": {"micro_batch": micro_batch},
                         "grad checkpointing": {"grad_checkpointing": True},
                         "chunked": {"micro_batch": micro_batch, "chunked": True},
                         "memory bank": {"bank_frames": bank_frames}}[control]}
 
 
-def _model(backbone: str, image_size: int, T: int, device):
-    """A VideoVTN of the timm backbone (seeded random weights) and a small VTN, in train mode, BatchNorm frozen."""
+def _model(backbone: str, image_size: int, T: int, device, freeze_bn: bool = True):
+    """A VideoVTN of the timm backbone (seeded random weights) and a small VTN, in train mode."""
     import torch
 
     from vtn.extract.backbone import Preprocess, create_backbone
@@ -82,7 +86,7 @@ def _model(backbone: str, image_size: int, T: int, device):
                     intermediate_size=512, attention_window=16, max_positions=max(T, 16), num_classes=4)
     torch.manual_seed(0)
     model = VideoVTN(cfg, net, Preprocess(data_config), {})
-    model.freeze_bn = True
+    model.freeze_bn = freeze_bn
     return model.to(device).train()
 
 
@@ -93,8 +97,8 @@ def measure(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
     device = common.device(spec["device"])
     T, clips = spec["T"], spec["clips"]
-    s = settings(spec["control"], spec["micro_batch"], spec["bank_frames"])
-    model = _model(spec["backbone"], spec["image_size"], T, device)
+    s = settings(spec["control"], spec["micro_batch"], spec["bank_frames"], spec["default_micro"])
+    model = _model(spec["backbone"], spec["image_size"], T, device, s["freeze_bn"])
     model.set_memory(s["micro_batch"], s["chunked"], s["grad_checkpointing"])
     frames = torch.from_numpy(np.load(spec["frames"])[:T]).to(device)  # [T, H, W, 3] uint8
     frames = frames.expand(clips, *frames.shape)  # [B, T, H, W, 3]
@@ -111,6 +115,13 @@ def measure(spec: dict) -> dict:
     def step():
         with torch.no_grad():
             x = model.preprocess(frames[fresh] if bank is not None else frames.flatten(0, 1))  # [N, 3, h, w]
+        if spec["control"] in COMPUTE:  # the backbone alone, all frames in one call
+            with torch.set_grad_enabled(spec["control"] == "backbone fwd+bwd"):
+                out = model.backbone(x).sum()
+            if out.requires_grad:
+                out.backward()
+                model.zero_grad(set_to_none=True)
+            return
         if bank is None:
             x = x.view(clips, T, *x.shape[1:])  # [B, T, 3, h, w]
         logits = model(x, None, positions, bank=bank, fresh=fresh)
@@ -200,9 +211,11 @@ def generated_frames(path: Path, frames: int) -> Path:
 def run(cfg: FinetuneBenchConfig = FinetuneBenchConfig()) -> dict:
     """Measure every (backbone, clip length, control), the chunked gradient check and stage two vs end to end;
     print the tables; return {"rows": [...], "gradients": [...], "speed": [...]}."""
-    from vtn.temporal.finetune import FinetuneSection
+    import torch
 
-    micro = cfg.micro_batch or FinetuneSection().micro_batch
+    from vtn.temporal.finetune import MICRO_BATCH, FinetuneSection, micro_batch_for
+
+    micro = cfg.micro_batch or MICRO_BATCH
     ctx = multiprocessing.get_context("forkserver")
     # The server imports torch and timm once; each measurement is a fresh process forked from it.
     ctx.set_forkserver_preload(["torch", "timm", "vtn.temporal.e2e", "vtn.bench.finetune"])
@@ -211,9 +224,11 @@ def run(cfg: FinetuneBenchConfig = FinetuneBenchConfig()) -> dict:
             ProcessPoolExecutor(1, mp_context=ctx, max_tasks_per_child=1) as pool:
         frames = str(generated_frames(Path(tmp) / "frames.npy", max(cfg.lengths)))
         device = cfg.device if cfg.device != "auto" else pool.submit(_call_device).result()
+        default_micro = cfg.micro_batch or micro_batch_for(FinetuneSection(), torch.device(device))
 
         def isolated(kind: str, **spec):
-            base = {"frames": frames, "clips": cfg.clips, "micro_batch": micro, "bank_frames": cfg.bank_frames,
+            base = {"frames": frames, "clips": cfg.clips, "micro_batch": micro, "default_micro": default_micro,
+                    "bank_frames": cfg.bank_frames,
                     "repeats": cfg.repeats, "threads": cfg.threads, "device": device,
                     "stage_two_steps": cfg.stage_two_steps}
             return pool.submit(_call, kind, {**base, **spec}).result()
@@ -221,15 +236,16 @@ def run(cfg: FinetuneBenchConfig = FinetuneBenchConfig()) -> dict:
         print(f"vtn bench finetune: {device}" + (f", {cfg.threads} threads per measurement (a shared machine: other "
               "work on its cores slows the times)" if device == "cpu" else "")
               + f"; {cfg.clips} clip(s) per step of frames decoded from a generated video; random-init backbone + "
-              "2-layer VTN (d=128), fp32, train mode, BatchNorm frozen; one warm-up step, median of "
-              f"{cfg.repeats} timed steps (preprocess, forward, backward, AdamW step); peak = memory growth during "
-              f"one more step; micro-batch {micro} frames, memory bank K={cfg.bank_frames}; default = "
-              f"FinetuneSection's (micro_batch {micro}, chunked when a step has more frames than that)", flush=True)
+              "2-layer VTN (d=128), fp32, train mode, BatchNorm frozen (default and backbone rows: on batch "
+              f"statistics, finetune's default for a random-init backbone); one warm-up step, median of {cfg.repeats} "
+              "timed steps (preprocess, forward, backward, AdamW step); peak = memory growth during one more step; "
+              f"micro-batch {micro} frames, memory bank K={cfg.bank_frames}; default = FinetuneSection's (micro_batch "
+              f"{default_micro or 'off'} on {device}, chunked when a step has more frames than that)", flush=True)
         print(f"{'backbone':<26}{'T':>4}  {'control':<20}{'peak MiB':>10}{'x plain':>9}{'s/step':>9}", flush=True)
         for name, size in cfg.backbones:
             for T in cfg.lengths:
                 plain = None
-                for control in CONTROLS:
+                for control in (*CONTROLS, *COMPUTE):
                     m = isolated("step", backbone=name, image_size=size, T=T, control=control)
                     plain = plain or m["peak_bytes"]
                     r = {"backbone": name, "image_size": size, "T": T, "control": control, **m,
@@ -237,6 +253,7 @@ def run(cfg: FinetuneBenchConfig = FinetuneBenchConfig()) -> dict:
                     rows.append(r)
                     print(f"{f'{name} @{size}':<26}{T:>4}  {control:<20}{m['peak_bytes'] / 2**20:>10.1f}"
                           f"{r['x_plain']:>9.2f}{m['seconds']:>9.2f}", flush=True)
+        print_compute(rows, default_micro, cfg.clips)
         T = max(cfg.lengths)
         print(f"\nexact chunked backprop (micro-batch {micro}) vs plain, one {T}-frame clip: gradients of every "
               "parameter", flush=True)
@@ -256,6 +273,21 @@ def run(cfg: FinetuneBenchConfig = FinetuneBenchConfig()) -> dict:
                 speed.append({"backbone": name, "T": T, "stage_two": cached, "end_to_end": e2e})
                 print(f"{f'{name} @{size}':<26}{T:>4}{cached:>12.4f}{e2e:>12.3f}{e2e / cached:>8.0f}x", flush=True)
     return {"rows": rows, "gradients": gradients, "speed": speed}
+
+
+def print_compute(rows: list[dict], micro: int | None, clips: int) -> None:
+    """The default step against the backbone's own forward + backward on the same frames, and what the rest is."""
+    print(f"\nthe default step against its compute: the backbone alone, forward + backward of the step's frames in one "
+          f"call; the default's chunked recompute is one more backbone forward (micro-batches: {micro or 'off'})",
+          flush=True)
+    print(f"{'backbone':<26}{'T':>4}{'step s':>9}{'bb f+b s':>10}{'x compute':>11}{'recompute s':>13}"
+          f"{'rest s':>9}", flush=True)
+    for (name, size, T) in dict.fromkeys((r["backbone"], r["image_size"], r["T"]) for r in rows):
+        got = {r["control"]: r["seconds"] for r in rows if (r["backbone"], r["T"]) == (name, T)}
+        step, both, fwd = got["default"], got["backbone fwd+bwd"], got["backbone fwd"]
+        recompute = fwd if micro and clips * T > micro else 0.0
+        print(f"{f'{name} @{size}':<26}{T:>4}{step:>9.3f}{both:>10.3f}{step / both:>10.2f}x{recompute:>13.3f}"
+              f"{step - both - recompute:>9.3f}", flush=True)
 
 
 def _call_device() -> str:
