@@ -114,7 +114,7 @@ def _add_finetune(sub) -> None:
         "videos (INPUT, default: the folder the cache's video ids are relative to, recorded with it), sampled as the cache "
         "was; whole val "
         "videos are evaluated through the same model. The backbone's learning rate and BatchNorm follow its provenance, "
-        "recorded with the cache (random-init: the encoder's rate, batch statistics; trained weights: a tenth, "
+        "recorded with the cache (random-init: 10x the encoder's rate, batch statistics; trained weights: a tenth, "
         "running statistics); the first line says what was chosen. After the first step it prints the expected time. "
         "RUN2 gets config.yaml, metrics.jsonl, curves.png, failures.jsonl (empty when nothing failed) and the "
         "checkpoints best/ and last/ (backbone and temporal weights, with the preprocessing and sampling). Exit status: 0 "

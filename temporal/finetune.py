@@ -55,8 +55,9 @@ from vtn.temporal.splits import Data, load_data
 @dataclass(frozen=True)
 class FinetuneSection:
     # The backbone's learning rate as a multiple of optim.lr. None: by the backbone's provenance, recorded with the
-    # cache (`provenance_defaults`): 1 for a random-init backbone (it learns from scratch, as fast as the encoder),
-    # 0.1 for trained weights (timm's or a file: adapted, not relearned).
+    # cache (`provenance_defaults`): 10 for a random-init backbone (it learns from scratch, at a from-scratch rate:
+    # at the encoder's fine-tuning rate its BatchNorm gammas, which timm's ResNets start at 0, barely move), 0.1 for
+    # trained weights (timm's or a file: adapted, not relearned).
     backbone_lr: float | None = ranged(None, ge=0)
     # Layer-wise decay: a backbone layer n layers below the last (timm's group_matcher: ViT blocks, ResNet stages)
     # learns at backbone_lr x layer_decay^n (BEiT/MAE fine-tuning takes 0.65-0.75). 1: one rate for the backbone.
@@ -144,10 +145,10 @@ def provenance_defaults(ft: FinetuneSection, identity: dict | None) -> tuple[Fin
     (its "weights": random-init, timm-pretrained or file), and a line saying what was chosen and why."""
     weights = (identity or {}).get("weights")
     random = weights == "random-init"
-    chosen = {k: v for k, v in (("backbone_lr", 1.0 if random else 0.1), ("freeze_bn", not random))
+    chosen = {k: v for k, v in (("backbone_lr", 10.0 if random else 0.1), ("freeze_bn", not random))
               if getattr(ft, k) is None}
     ft = replace(ft, **chosen)
-    why = {"backbone_lr": "the backbone learns from scratch, at the encoder's rate" if random else
+    why = {"backbone_lr": "the backbone learns from scratch, at 10x the encoder's fine-tuning rate" if random else
            "trained weights are adapted, not relearned",
            "freeze_bn": "BatchNorm on batch statistics: its running ones are the init's; micro-batches mix the "
            "frames of many clips" if random else "BatchNorm keeps its trained statistics: a step's frames are a "

@@ -114,7 +114,7 @@ def test_finetune_through_the_cli_records_and_skips_a_broken_video(stage_two, tm
     assert [(f["id"], f["phase"]) for f in failures] == [(bad_id, "train")] and f"{bad_id} failed" in captured.out
     # The first line: what the provenance chose (freeze_bn was given); after the first step, the time it will take.
     assert captured.out.startswith("vtn finetune: the backbone is random-init, as the cache records: "
-                                   "finetune.backbone_lr=1.0 (the backbone learns from scratch")
+                                   "finetune.backbone_lr=10.0 (the backbone learns from scratch")
     assert "finetune.freeze_bn" not in captured.out.splitlines()[0]
     assert "the first step took" in captured.out and "min for the 4 steps, plus 2 evaluations" in captured.out
     assert (out / "curves.png").stat().st_size > 0 and "waiting for clips" in captured.out
@@ -231,7 +231,7 @@ def test_finetune_refuses_a_backbone_that_is_not_the_recorded_one(stage_two, tmp
 def test_finetune_resumed_after_an_interruption_equals_an_uninterrupted_run(stage_two, tmp_path, monkeypatch, capsys):
     from safetensors.torch import load_file
 
-    import vtn.temporal.loop as loop_job
+    from test_train import interrupt_at
 
     _, _, run = stage_two
     # Step 0 with the backbone frozen, then all of it, BatchNorm updating its statistics.
@@ -239,17 +239,10 @@ def test_finetune_resumed_after_an_interruption_equals_an_uninterrupted_run(stag
             "--set", "finetune.frozen_steps=1", *FT]
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     assert main(["finetune", str(run), "--out", str(whole), *args]) == 0
-    real = loop_job.lr_factor
-
-    def interrupt_at_step_1(step, total, optim):
-        if step == 1:
-            raise KeyboardInterrupt
-        return real(step, total, optim)
-
-    monkeypatch.setattr(loop_job, "lr_factor", interrupt_at_step_1)
+    undo = interrupt_at(monkeypatch, 1)
     assert main(["finetune", str(run), "--out", str(parts), *args]) == 130
     assert "add --resume" in capsys.readouterr().err
-    monkeypatch.setattr(loop_job, "lr_factor", real)
+    undo()
     assert main(["finetune", str(run), "--out", str(parts), *args]) == 2  # a run is there
     assert main(["finetune", str(run), "--out", str(parts), "--resume", "--quiet"]) == 0
     a, b = load_file(str(whole / "last" / "model.safetensors")), load_file(str(parts / "last" / "model.safetensors"))

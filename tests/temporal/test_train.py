@@ -24,6 +24,19 @@ TINY = ["--set", "model.hidden_size=16", "--set", "model.num_layers=1", "--set",
         "--batch-size", "16"]
 
 
+def interrupt_at(monkeypatch, step: int):
+    """Ctrl-C when the loop starts `step` (it asks for that step's learning rate first); returns the undo."""
+    real = loop_job.lr_factor
+
+    def interrupted(at, total, optim):
+        if at == step:
+            raise KeyboardInterrupt
+        return real(at, total, optim)
+
+    monkeypatch.setattr(loop_job, "lr_factor", interrupted)
+    return lambda: monkeypatch.setattr(loop_job, "lr_factor", real)
+
+
 def make_cache(path, dim=6, classes=2, per_class=None, seed=0, prefix="c"):
     """Videos of 8..16 frames (every 3rd source frame at 30 fps): a noisy ramp between two class vectors.
     `classes` must be even (each class has its time-reversed twin)."""
@@ -95,19 +108,12 @@ def test_resume_mid_epoch_ends_bitwise_equal_to_an_uninterrupted_run(cache, tmp_
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     assert main(["train", cache, "--out", str(whole), *args]) == 0
 
-    real = loop_job.lr_factor
-
-    def interrupt_at_step_8(step, total, optim):
-        if step == 8:
-            raise KeyboardInterrupt
-        return real(step, total, optim)
-
-    monkeypatch.setattr(loop_job, "lr_factor", interrupt_at_step_8)
+    undo = interrupt_at(monkeypatch, 8)
     assert main(["train", cache, "--out", str(parts), *args]) == 130
     assert "interrupted; the last checkpoint is kept; add --resume" in capsys.readouterr().err
     state = json.loads((parts / "last" / "state.json").read_text())
     assert (state["step"], state["epoch"], state["step_in_epoch"]) == (7, 2, 1)  # mid-epoch checkpoint
-    monkeypatch.setattr(loop_job, "lr_factor", real)
+    undo()
 
     assert main(["train", cache, "--out", str(parts), *args]) == 2  # a run is there: --resume or another --out
     assert "--resume" in capsys.readouterr().err
@@ -137,16 +143,9 @@ def test_the_default_length_stops_early_and_the_stop_resumes(cache, tmp_path, mo
     assert state["stopped_at"] == recs[-1]["epoch"] == first_top + 3 < 100 and state["step"] == 3 * recs[-1]["epoch"]
     assert f"stopped early at epoch {state['stopped_at']} of 100" in out
 
-    real = loop_job.lr_factor
-
-    def interrupt_at_step_4(step, total, optim):
-        if step == 4:
-            raise KeyboardInterrupt
-        return real(step, total, optim)
-
-    monkeypatch.setattr(loop_job, "lr_factor", interrupt_at_step_4)
+    undo = interrupt_at(monkeypatch, 4)
     assert main(["train", cache, "--out", str(parts), *args]) == 130
-    monkeypatch.setattr(loop_job, "lr_factor", real)
+    undo()
     assert main(["train", cache, "--out", str(parts), "--resume", "--quiet"]) == 0
     assert json.loads((parts / "last" / "state.json").read_text())["stopped_at"] == state["stopped_at"]
     a, b = load_file(str(whole / "last" / "model.safetensors")), load_file(str(parts / "last" / "model.safetensors"))
