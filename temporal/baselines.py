@@ -97,7 +97,7 @@ def probe_rows(cache, cfg, sources: dict | None = None, progress: bool = False) 
          val["centre"]),
     ]
     rows = []
-    for name, model, x, y, x_val in progress_bar(specs, desc="probe", unit="probe", leave=False, disable=not progress):
+    for name, model, x, y, x_val in progress_bar(iterable=specs, desc="probe", unit="probe", leave=False, disable=not progress):
         keep = y >= 0
         tick = time.perf_counter()
         model.fit(x[keep], y[keep])

@@ -98,17 +98,18 @@ def test_a_resume_may_not_mix_precision_or_id_root(videos, copy, tmp_path, vtn):
 def test_disk_full_is_one_line_and_resumable(videos, tmp_path, vtn):
     mnt = tmp_path / "small"
     mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=120k", "tmpfs", str(mnt)], capture_output=True).returncode:
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=240k", "tmpfs", str(mnt)], capture_output=True).returncode:
         pytest.skip("needs permission to mount a small tmpfs (root)")
     try:
         out = mnt / "c"
         args = ["extract", videos / "train", "--out", out, "--backbone", "resnet18", "--image-size", "32",
                 "--random-init", "--fps", "30", "--quiet", "--set", "runtime.commit_every=0"]
-        proc = vtn(*args, check_rc=2)
+        # Fresh processes (a timeout asks for one), as a job meets a full disk: no handle of this one holds space.
+        proc = vtn(*args, check_rc=2, timeout=300)
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and "the disk is full" in lines[0] and "run the same command again" in lines[0], lines
         kept = len(open_cache(str(out)))
-        vtn(*args, check_rc=2)  # still full: no empty part is left behind
+        vtn(*args, check_rc=2, timeout=300)  # still full: no empty part is left behind
         parts = [p for p in Path(out, "parts").iterdir() if p.is_dir()]
         assert len(parts) == 1 and verify(str(out), progress=False)[0] == []
         assert len(open_cache(str(out))) == kept

@@ -147,7 +147,7 @@ def test_defaults_follow_the_backbones_provenance(stage_two, tmp_path):
     trained = create_backbone("resnet18", weights=tmp_path / "trained.safetensors", image_size=32)[2]
     assert trained["weights"] == "file"
     ft, said = provenance_defaults(FinetuneSection(), random)
-    assert (ft.backbone_lr, ft.freeze_bn) == (1.0, False) and "random-init" in said and "batch statistics" in said
+    assert (ft.backbone_lr, ft.freeze_bn) == (10.0, False) and "random-init" in said and "batch statistics" in said
     ft, said = provenance_defaults(FinetuneSection(), trained)
     assert (ft.backbone_lr, ft.freeze_bn) == (0.1, True) and "weights from a file" in said
     ft, said = provenance_defaults(FinetuneSection(), {"weights": "timm-pretrained"})

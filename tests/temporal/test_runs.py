@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from test_train import TINY, make_cache, records
 
 from vtn.cli import main
+from vtn.config import merge
 from vtn.runtime import Processes
 from vtn.store import CacheWriter, collate_clips, open_cache
 from vtn.temporal.data import model_inputs
@@ -54,7 +55,7 @@ def test_positions_count_from_the_view_and_spread_a_long_view_over_the_table():
 
 def test_videos_of_20_and_3000_frames_train_on_full_clips_and_evaluate_over_their_whole_length(tmp_path, capsys):
     cache = long_cache(tmp_path / "cache")
-    cfg = TrainConfig()
+    cfg = merge(TrainConfig(), {"data": {"sampling": "dense", "speed": [1.0, 1.0]}})  # the paper's clips, as they are
     model_cfg = model_config(cfg, open_cache(cache))
     data = load_data(open_cache(cache), cfg, model_cfg, Processes())
     for epoch in range(5):  # training clips from anywhere in the long video: every frame real, inside the table
