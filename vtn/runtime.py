@@ -182,8 +182,9 @@ class FailTogether:
         while self._inside.is_set() and time.monotonic() < deadline:
             time.sleep(0.1)
         if self._inside.is_set():  # still inside: blocked where no exception can reach it
-            user, message = json.loads(record)
-            print(f"vtn: {'error: ' if user else ''}{message} (rank {self.rank} stops too)", file=sys.stderr, flush=True)
+            failure = _failure(record)
+            user = isinstance(failure, UserError)
+            print(f"vtn: {'error: ' if user else ''}{failure} (rank {self.rank} stops too)", file=sys.stderr, flush=True)
             os._exit(2 if user else 1)
 
     def __exit__(self, kind, error, tb):
