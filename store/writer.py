@@ -243,6 +243,7 @@ class CacheWriter:
     def _commit(self) -> None:
         if self.part is None:
             self._create_part()
+        r1, v1, ids = self._rows, self._videos, ()
         if self._buffer:
             metas, feats, times, frames = zip(*self._buffer)
             r0, r1 = self._rows, self._rows + self._buffered_rows
@@ -262,12 +263,12 @@ class CacheWriter:
             self._grow(self._table.values(), v1, TABLE_CHUNK)
             for col, values in columns.items():
                 self._table[col][v0:v1] = values
-            self._rows, self._videos = r1, v1
-            self._committed_here.extend(ids)
         # One write of the part's metadata (zarr's attrs.update would write it once per key: a kill in between
-        # would leave a committed count without its row count).
-        self.part = self.part.update_attributes({"committed": self._videos, "rows": self._rows, "failures": self._failures})
-        self._any_commit = True
+        # would leave a committed count without its row count). The videos count as committed only once it is
+        # written: a full disk before then must not report them kept.
+        self.part = self.part.update_attributes({"committed": v1, "rows": r1, "failures": self._failures})
+        self._rows, self._videos, self._any_commit = r1, v1, True
+        self._committed_here.extend(ids)
         self._buffer, self._buffered_rows, self._pending_failures = [], 0, False
         self._last_commit = time.monotonic()
 

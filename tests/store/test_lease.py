@@ -88,22 +88,26 @@ def test_the_beat_keeps_a_long_writer_live(tmp_path, monkeypatch):
     w.close()
 
 
-def test_disk_full_is_one_message_and_leaves_no_empty_part(tmp_path, monkeypatch):
+@pytest.mark.parametrize("fails", [(zarr.Array, "__setitem__"), (zarr.Group, "update_attributes")],
+                         ids=["rows", "commit record"])
+def test_disk_full_is_one_message_and_leaves_no_empty_part(tmp_path, monkeypatch, fails):
+    """The disk fills while writing a video's rows, or after them while writing the record that commits them:
+    either way that video is not counted as kept."""
     url = str(tmp_path / "c.zarr")
     with _writer(url) as w:
         add(w, *plan(2)[0])
-    real = zarr.Array.__setitem__
+    real = getattr(*fails)
 
     def full(self, *a):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     w = _writer(url)
-    monkeypatch.setattr(zarr.Array, "__setitem__", full)
+    monkeypatch.setattr(*fails, full)
     with pytest.raises(StoreError, match=r"c\.zarr: the disk is full .*the 1 videos committed so far are kept "
                                          r"\(0 by this run\), 1 in progress are not.*run the same command again"):
         with w:
             add(w, *plan(2)[1])
-    monkeypatch.setattr(zarr.Array, "__setitem__", real)
+    monkeypatch.setattr(*fails, real)
     parts = [p.name for p in (Path(url) / "parts").iterdir() if p.is_dir()]
     assert len(parts) == 1 and w.part_name not in parts  # the failed writer's empty part is gone
     assert verify(url, progress=False)[0] == []
