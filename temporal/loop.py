@@ -489,9 +489,10 @@ def finish_run(loop: Loop, announce: bool = True) -> dict:
     if rank == 0 and announce:
         stopped = state.get("stopped_at")
         if stopped is not None:
-            print(f"vtn train: stopped early at epoch {stopped} of {state['epochs']}: val top-1 had not improved for "
-                  f"{state['patience']} epochs (its best, {state['top1_best']['val_top1']:.1%}, at epoch "
-                  f"{state['top1_best']['epoch']})", flush=True)
+            top = state["top1_best"]
+            print(f"vtn train: stopped early at epoch {stopped} of {state['epochs']}: val top-1 had not risen above "
+                  f"{top['val_top1']:.1%} (first reached at epoch {top['epoch']}) for {state['patience']} epochs",
+                  flush=True)
         print(f"vtn train: {epochs} epochs, {state['step']} steps in {state['elapsed']:.0f} s; best val top-1 "
               f"{best['val_top1']:.1%} (top-5 {best['val_top5']:.1%}, mean class "
               f"{best['val_mean_class_accuracy']:.1%}) at epoch {best['epoch']}; last top-1 "
