@@ -24,8 +24,8 @@ def read_events(path: Path) -> dict[str, tuple[float, float]]:
     """events.json of make_order_dataset: each video's (start, end) in seconds of its events, by id."""
     try:
         data = json.loads(path.read_text())
-        return {k: (float(v[0][0]), float(v[0][1])) for k, v in data.items()}
-    except (OSError, ValueError, TypeError, IndexError, AttributeError) as e:
+        return {k: (float(start), float(end)) for k, (start, end) in data.items()}
+    except (OSError, ValueError, TypeError, AttributeError) as e:
         raise UserError(f"{path}: not an events.json of make_order_dataset ({type(e).__name__}: {e})") from None
 
 
