@@ -26,3 +26,10 @@ def test_order_videos_show_their_class_colours_in_order_where_events_json_says(t
             elif not start - 0.15 < t < end + 0.15:  # background: dim
                 assert rgb.max() < 100
         assert list(dict.fromkeys(seen)) == name.split("/")[1].split("_")  # the class's colours, in order
+
+
+def test_a_video_of_three_shortened_events_fills_itself_whatever_the_rounding():
+    from vtn.synth import order_events
+
+    seconds = 3.397607721497265  # seconds / 3 * 3 rounds below seconds: the events' room is -4e-16 s
+    assert order_events(seconds, 0, event=2.0) == (0.0, 3 * (seconds / 3))

@@ -245,7 +245,7 @@ def order_plan(rng: np.random.Generator, seconds: float, event: float) -> tuple[
     """(background [size, size, 3] float, the first event's start, each event's length) of an order video."""
     background = np.clip(rng.uniform(0, 70, size=3) + rng.normal(0, 12, size=(ORDER_SIZE, ORDER_SIZE, 1)), 0, 255)
     event = min(event, seconds / 3)
-    return background, float(rng.uniform(0, seconds - 3 * event)), event
+    return background, float(rng.uniform(0, max(0.0, seconds - 3 * event))), event  # seconds/3*3 may round below
 
 
 def order_events(seconds: float, seed: int, event: float = 2.0) -> tuple[float, float]:

@@ -10,7 +10,7 @@ def register(sub) -> None:
     """Add `vtn bench` and a subcommand per benchmark to `vtn`."""
     bench = sub.add_parser("bench", help="benchmarks that print figures (store, extract, temporal)")
     bench_sub = bench.add_subparsers(dest="bench", metavar="WHAT", required=True)
-    for add in (_add_store, _add_extract, _add_temporal, _add_finetune, _add_sweep, _add_inference):
+    for add in (_add_store, _add_extract, _add_temporal, _add_finetune, _add_sweep, _add_inference, _add_long):
         add(bench_sub)
 
 
@@ -202,4 +202,26 @@ def _inference(args) -> int:
     if not args.latency:
         run(args.videos, tuple(args.views), args.workdir, args.workers, args.device, args.train_videos, args.steps)
     latency(args.latency_backbone, workdir=str(Path(args.workdir) / "latency") if args.workdir else None)
+    return 0
+
+
+def _add_long(bench_sub) -> None:
+    b = bench_sub.add_parser(
+        "long", help="a run on whole long order videos: val top-1, and [CLS]'s attention on the deciding events",
+        description="For a run trained on order videos (vtn.synth.make_order_dataset: the class is the order of three "
+        "2-s coloured events), reads each whole video of the split with each checkpoint and prints top-1, the "
+        "attention mass [CLS] puts on the events' frames (rollout across layers, and the last layer) and the share "
+        "of the frames the events cover.")
+    b.add_argument("run", help="a vtn train run folder")
+    b.add_argument("--cache", required=True, help="the feature cache of the videos")
+    b.add_argument("--events", help="the videos' events.json (default: the one beside the cache's videos)")
+    b.add_argument("--split", default="val", help="the split to read (default val)")
+    b.add_argument("--checkpoints", nargs="+", default=["best", "last"], help="checkpoints of the run (default best last)")
+    b.set_defaults(func=_long)
+
+
+def _long(args) -> int:
+    from vtn.bench.long import run
+
+    run(args.run, args.cache, args.events, args.split, args.checkpoints)
     return 0
