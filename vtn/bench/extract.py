@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import resource
 import shutil
 import sys
 import tempfile
@@ -205,27 +206,34 @@ def _several(args, work: Path, data: Path, jobs) -> int:
            "--device", str(device), "--batch-size", str(args.batch_size), "--workers", str(workers), "--overwrite",
            "--quiet"]
 
-    def extract(out: Path, backbones: list[str]) -> tuple[float, float]:
+    def extract(out: Path, backbones: list[str]) -> tuple[float, float, float]:
+        """The job's seconds, its peak MiB, and the CPU seconds of its processes (interpreter start included):
+        on cores other jobs share, CPU time says what the work cost when wall time mostly says who else ran."""
         err: list = []
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         rc, peak, _ = common.peak_rss([*cmd, "--out", str(out), *(a for n in backbones for a in ("--backbone", n))], err)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
         if rc != 0:
             raise RuntimeError(f"vtn extract exited {rc}")
-        return float(re.search(r" frames in ([0-9.]+) s", err[0]).group(1)), peak
+        cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+        return float(re.search(r" frames in ([0-9.]+) s", err[0]).group(1)), peak, cpu
 
     separate = {n: extract(work / "separate" / n, [n]) for n in names}
-    together, together_peak = extract(work / "together", names)
+    together, together_peak, together_cpu = extract(work / "together", names)
     loads.append(os.getloadavg())
-    total = sum(secs for secs, _ in separate.values())
+    total = sum(secs for secs, _, _ in separate.values())
+    total_cpu = sum(cpu for _, _, cpu in separate.values())
     k = len(names)
     models = max(total - k * decode_s, 0.0)  # the separate runs' time beside their decoding
     goal = (decode_s + models) / (k * decode_s + models) + 0.10
-    single_peak = max(peak for _, peak in separate.values())
+    single_peak = max(peak for _, peak, _ in separate.values())
     print(f"decode only      {decode_s:8.1f} s  {frames} frames ({frames / decode_s:.0f} frames/s)")
-    for n, (secs, peak) in separate.items():
-        print(f"separate {n:<24} {secs:8.1f} s  peak {peak:6.0f} MiB")
-    print(f"separate runs    {total:8.1f} s  in all; decoding {k * decode_s / total:.0%} of it")
+    for n, (secs, peak, cpu) in separate.items():
+        print(f"separate {n:<24} {secs:8.1f} s  peak {peak:6.0f} MiB  CPU {cpu:6.1f} s")
+    print(f"separate runs    {total:8.1f} s  in all; decoding {k * decode_s / total:.0%} of it; CPU {total_cpu:.1f} s")
     print(f"one pass         {together:8.1f} s  {together / total:.2f}x the separate runs (goal <= {goal:.2f}x: "
-          f"(decode + models) / ({k} x decode + models) + 10 %); decoding {decode_s / together:.0%} of it")
+          f"(decode + models) / ({k} x decode + models) + 10 %); decoding {decode_s / together:.0%} of it; CPU "
+          f"{together_cpu:.1f} s, {together_cpu / total_cpu:.2f}x the separate runs'")
     print(f"peak memory      {together_peak:8.0f} MiB one pass, {together_peak / single_peak:.2f}x the largest separate "
           f"run's {single_peak:.0f} MiB (goal <= 1.5x)")
     print(f"load average     {loads[0][0]:.1f} at the start, {loads[1][0]:.1f} at the end (1-minute; other jobs share "
