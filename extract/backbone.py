@@ -88,7 +88,9 @@ def create_backbone(
         identity = {"name": name, "weights": "file", "weights_file_sha256": load_weights(model, weights)}
     model.eval()
     identity["weights_sha256"] = state_dict_sha256(model)
-    identity["feature_dim"] = int(model.num_features)
+    # The pooled vector's size: timm's head_hidden_size where a head convolution follows the pooling (MobileNetV3
+    # gives 1024 features, not its num_features of 288), else num_features.
+    identity["feature_dim"] = int(getattr(model, "head_hidden_size", None) or model.num_features)
     overrides = {"input_size": (3, image_size, image_size)} if image_size is not None else {}
     data_config = timm.data.resolve_data_config(overrides, model=model)
     return model, data_config, identity

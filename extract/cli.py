@@ -30,7 +30,9 @@ def register(sub) -> None:
     s.add_argument("--every", type=int, metavar="K", help="sample every K-th frame (default: every frame)")
     s.add_argument("--num-frames", type=int, metavar="N", help="sample N frames spread evenly over the video")
     p.add_argument("--max-seconds", type=float, metavar="S", help="use only the first S seconds of each video")
-    p.add_argument("--backbone", metavar="NAME", help="timm model name (default vit_base_patch16_224)")
+    p.add_argument("--backbone", metavar="NAME", action="append",
+                   help="timm model name (default vit_base_patch16_224); repeat it to run several backbones on one "
+                   "decode pass, each with its own preprocessing, into one cache each: OUT/NAME.zarr")
     w = p.add_mutually_exclusive_group()
     w.add_argument("--weights", metavar="PATH", help="backbone weights: a safetensors file or a torch state dict")
     w.add_argument("--pretrained", action="store_true", help="timm's pretrained weights (the default; offline: local hub cache)")
@@ -78,11 +80,14 @@ def _extract(args: argparse.Namespace) -> int:
     from vtn.config import job_config
     from vtn.extract.config import ExtractConfig
 
+    names = args.backbone or []
+    args.backbone = names[0] if len(names) == 1 else None  # several: each cache's name is set by the job
+    args.backbones = names if len(names) > 1 else None
     cfg = job_config(ExtractConfig, args, _flags())
     from vtn.runtime import processes, setup_processes
 
     if processes().world == 1:
-        return _report(_run(cfg, args, 0, 1), 0)
+        return _report(_run(cfg, args, 0, 1), 0, args)
     # Under torchrun: one process per device; set up here, at the top of the job, and passed down.
     import dataclasses
 
@@ -92,7 +97,7 @@ def _extract(args: argparse.Namespace) -> int:
     if device.type == "cuda":
         cfg = dataclasses.replace(cfg, runtime=dataclasses.replace(cfg.runtime, device=str(device)))
     try:
-        return _report(_run(cfg, args, procs.rank, procs.world), procs.rank)
+        return _report(_run(cfg, args, procs.rank, procs.world), procs.rank, args)
     finally:
         dist.destroy_process_group()
 
@@ -101,7 +106,7 @@ def _run(cfg, args, rank: int, world_size: int):
     from vtn.extract.job import run
 
     return run(cfg, args.input, args.out, overwrite=args.overwrite, rank=rank, world_size=world_size,
-               shard=_shard(args.shard), root=args.root)
+               shard=_shard(args.shard), root=args.root, backbones=args.backbones)
 
 
 def _shard(text: str | None) -> tuple[int, int] | None:
@@ -116,12 +121,14 @@ def _shard(text: str | None) -> tuple[int, int] | None:
     return k, n
 
 
-def _report(summary, rank: int) -> int:
+def _report(summary, rank: int, args) -> int:
     """Print the final summary (rank 0 only); exit status 3 when any video failed."""
     if rank == 0:
         rate = summary.frames / summary.seconds if summary.seconds else 0.0
         print(f"extracted {summary.videos} videos, {summary.frames} frames in {summary.seconds:.1f} s "
-              f"({rate:.0f} frames/s); {summary.skipped} already in the cache; {len(summary.failures)} failed",
+              f"{f'into {len(args.backbones)} caches in {args.out} ' if args.backbones else ''}"
+              f"({rate:.0f} frames/s); {summary.skipped} already in {'every' if args.backbones else 'the'} cache; "
+              f"{len(summary.failures)} failed",
               file=sys.stderr)
         for vid, error, message in summary.failures[:20]:
             print(f"  failed {vid}: {error}: {message}", file=sys.stderr)

@@ -69,3 +69,22 @@ class ExtractConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+
+def cache_paths(out: str, names: list[str]) -> list[str]:
+    """Where `vtn extract --backbone A --backbone B ...` writes: one cache per backbone in the folder `out`,
+    `out/<name>.zarr` (the timm name; a character other than a letter, digit, `.`, `_` or `-` becomes `_`).
+    Refuses a name given twice and an `out` that is itself a cache."""
+    import re
+
+    from vtn.errors import UserError
+    from vtn.paths import is_vtn_cache
+
+    files = [re.sub(r"[^A-Za-z0-9._-]", "_", n) + ".zarr" for n in names]
+    twice = sorted({n for n, f in zip(names, files) if files.count(f) > 1})
+    if twice:
+        raise UserError(f"--backbone {', '.join(twice)}: given twice (one cache per backbone)")
+    if is_vtn_cache(str(out)):
+        raise UserError(f"{out}: is a feature cache; with several --backbone, --out is the folder that holds one "
+                        "cache per backbone (OUT/NAME.zarr): choose another --out")
+    return [f"{str(out).rstrip('/')}/{f}" for f in files]

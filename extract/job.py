@@ -15,7 +15,7 @@ import os
 import stat
 import time
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -26,10 +26,10 @@ import torch.distributed as dist
 from vtn import __version__
 from vtn.config import to_dict
 from vtn.errors import UserError
-from vtn.extract.config import ExtractConfig
+from vtn.extract.config import ExtractConfig, cache_paths
 from vtn.extract.decode import READERS, decoder_attrs
 from vtn.extract.inputs import InputEntry, discover
-from vtn.extract.pipeline import build_backbone, check_runtime, decode_workers, extract_features
+from vtn.extract.pipeline import build_backbone, check_runtime, decode_workers, extract_many
 from vtn.extract.sampling import SamplingConfig, effective, estimate
 from vtn.paths import check_cache_out
 from vtn.progress import VIDEO_BAR, progress_bar
@@ -117,7 +117,8 @@ def rank_share(todo: list[InputEntry], sampling: SamplingConfig, rank: int, worl
 
 
 def run(cfg: ExtractConfig, source: str | Path, out: str, overwrite: bool = False, rank: int = 0,
-        world_size: int = 1, shard: tuple[int, int] | None = None, root: str | Path | None = None) -> Summary:
+        world_size: int = 1, shard: tuple[int, int] | None = None, root: str | Path | None = None,
+        backbones: list[str] | None = None) -> Summary:
     """Extract every video of `source` (folder or CSV) not yet in the cache at `out`; returns the summary.
 
     With `world_size` > 1, torch.distributed must be initialised by the caller; every rank calls this.
@@ -127,24 +128,43 @@ def run(cfg: ExtractConfig, source: str | Path, out: str, overwrite: bool = Fals
     a manifest's video ids are relative to (see inputs.discover); the root used is recorded with the cache.
     Any failure on any rank ends every rank within seconds, with the first failing rank's message
     (runtime.FailTogether); what each rank committed stays in the cache.
+
+    `backbones`: several timm names run on one decode pass, each into its own ordinary cache in the folder `out`
+    (config.cache_paths), each with `cfg`'s settings and its own name, as `vtn extract --backbone NAME` alone would
+    write it. A video is done when every cache has it; a re-run runs each backbone only on the videos its cache
+    lacks. None (or one name): the one cache at `out`.
     """
     with FailTogether(rank, world_size) as ranks:
-        return _run(cfg, source, out, overwrite, rank, world_size, shard, root, ranks)
+        return _run(cfg, source, out, overwrite, rank, world_size, shard, root, ranks, backbones)
+
+
+@dataclass
+class _Cache:
+    """One backbone's cache in this job."""
+
+    out: str
+    cfg: ExtractConfig
+    model: object = None
+    preprocess: object = None
+    writer: object = None
+    done: set = field(default_factory=set)  # the videos it had before this run
 
 
 def _run(cfg: ExtractConfig, source: str | Path, out: str, overwrite: bool, rank: int, world_size: int,
-         shard: tuple[int, int] | None, root: str | Path | None, ranks: FailTogether) -> Summary:
+         shard: tuple[int, int] | None, root: str | Path | None, ranks: FailTogether,
+         backbones: list[str] | None) -> Summary:
     from vtn.store import consolidate
 
     t0 = time.monotonic()
     local_world = processes().local_world  # the processes sharing this machine's cores
     device = check_runtime(cfg, local_world)
+    caches = [_Cache(o, c) for o, c in zip(*_targets(cfg, out, backbones))]
     entries, class_names, ids_root = discover(source, root)
-    # Before the model is built: an --out that is the input, holds it, or is not a vtn cache is refused
+    # Before the models are built: an --out that is the input, holds it, or is not a vtn cache is refused
     # (vtn/paths.py). The input is the folder, or the CSV and every video it lists. Rank 0 decides, so under
     # torchrun no rank reads a cache that rank 0 may be replacing.
-    on_rank0(lambda: check_cache_out(out, inputs=[source, *(e.path for e in entries)], overwrite=overwrite),
-             rank, world_size)
+    inputs = [source, *(e.path for e in entries)]
+    on_rank0(lambda: [check_cache_out(c.out, inputs=inputs, overwrite=overwrite) for c in caches], rank, world_size)
     if shard is not None:
         k, n = shard
         if not 0 <= k < n:
@@ -154,40 +174,83 @@ def _run(cfg: ExtractConfig, source: str | Path, out: str, overwrite: bool, rank
                             "turn and delete what the others committed, so nothing was changed. To start over, "
                             f"delete {out} once (rm -r), then launch the tasks without --overwrite")
         entries = [e for e in entries if zlib.crc32(e.id.encode()) % n == k]
-    model, preprocess, identity = build_backbone(cfg.backbone, cfg.runtime, device)
+    common = {"source": str(Path(source).resolve()), "root": str(ids_root)}  # video ids are paths relative to root
+    try:
+        for c in caches:
+            _open(c, device, common, class_names, overwrite, rank, world_size, shard)
+        summary = Summary()
+        todo = [e for e in entries if any(e.id not in c.done for c in caches)]
+        if world_size > 1:
+            dist.barrier()  # every rank has read the same committed set before anyone writes
+            # Ranks finish their shares at different times (one long video can keep a rank busy for an hour after
+            # the others): they wait for each other on a group of their own whose timeout is not the job's
+            # collective timeout, so waiting is never taken for a hang. Made now, while every rank is here.
+            finish_group = dist.new_group(backend="gloo", timeout=FINISH_WAIT)
+            todo = rank_share(todo, cfg.sampling, rank, world_size)
+        _extract(todo, caches, device, cfg, summary, ranks, t0, rank, world_size, local_world)
+    finally:
+        for c in caches:
+            if c.writer is not None:
+                c.writer.close(consolidate=world_size == 1)
+    summary.skipped = sum(all(e.id in c.done for c in caches) for e in entries)
+    if world_size > 1:
+        ranks.wait(dist.barrier(group=finish_group, async_op=True))  # every part is closed
+        if rank == 0:
+            for c in caches:
+                consolidate(c.out)
+        ranks.wait(dist.barrier(group=finish_group, async_op=True))  # the index is written before any rank returns
+        parts: list = [None] * world_size
+        dist.all_gather_object(parts, summary, group=finish_group)
+        summary = parts[0]
+        for other in parts[1:]:
+            summary = summary.merge(other)
+    summary.seconds = time.monotonic() - t0
+    return summary
+
+
+def _targets(cfg: ExtractConfig, out: str, backbones: list[str] | None) -> tuple[list[str], list[ExtractConfig]]:
+    """Each cache's path and config: `out` and `cfg` for one backbone, else one per name (config.cache_paths)."""
+    if not backbones or len(backbones) == 1:
+        return [out], [cfg if not backbones else replace(cfg, backbone=replace(cfg.backbone, name=backbones[0]))]
+    if cfg.backbone.weights not in ("pretrained", "random"):
+        raise UserError(f"--weights {cfg.backbone.weights}: one weights file fits one backbone; with several "
+                        "--backbone use --pretrained or --random-init (or one run per weights file)")
+    return cache_paths(out, backbones), [replace(cfg, backbone=replace(cfg.backbone, name=n)) for n in backbones]
+
+
+def _open(c: _Cache, device: torch.device, common: dict, class_names: list[str], overwrite: bool, rank: int,
+          world_size: int, shard: tuple[int, int] | None) -> None:
+    """Build `c`'s backbone and open its writer, with the attributes a job of that backbone alone writes."""
+    c.model, c.preprocess, identity = build_backbone(c.cfg.backbone, c.cfg.runtime, device)
     attrs = {
         "backbone": identity,
-        "sampling": effective(cfg.sampling),
+        "sampling": effective(c.cfg.sampling),
         "decoder": decoder_attrs(),
-        "config": to_dict(cfg),
+        "config": to_dict(c.cfg),
         "versions": library_versions(),
-        "source": str(Path(source).resolve()),
-        "root": str(ids_root),  # video ids are paths relative to it
+        **common,
         # In the identity below: a resumed or sharded job must not mix bf16 with fp32 features, nor compiled with eager
-        "precision": {"amp": cfg.runtime.amp, "compile": cfg.runtime.compile},
+        "precision": {"amp": c.cfg.runtime.amp, "compile": c.cfg.runtime.compile},
     }
-    writer = open_writer(out, overwrite, rank, world_size, feature_dim=identity["feature_dim"],
-                         dtype=cfg.runtime.feature_dtype, class_names=class_names, attrs=attrs,
-                         identity=("backbone", "sampling", "precision", "root"), share=shard or (0, 1),
-                         commit_every=cfg.runtime.commit_every,
-                         name=f"shard{shard[0]}of{shard[1]}-rank{rank}" if shard else f"rank{rank}")
-    done = writer.committed_ids()
-    todo = [e for e in entries if e.id not in done]
-    if world_size > 1:
-        dist.barrier()  # every rank has read the same committed set before anyone writes
-        # Ranks finish their shares at different times (one long video can keep a rank busy for an hour after the
-        # others): they wait for each other on a group of their own whose timeout is not the job's collective
-        # timeout, so waiting is never taken for a hang. Made now, while every rank is here to connect.
-        finish_group = dist.new_group(backend="gloo", timeout=FINISH_WAIT)
-        todo = rank_share(todo, cfg.sampling, rank, world_size)
+    c.writer = open_writer(c.out, overwrite, rank, world_size, feature_dim=identity["feature_dim"],
+                           dtype=c.cfg.runtime.feature_dtype, class_names=class_names, attrs=attrs,
+                           identity=("backbone", "sampling", "precision", "root"), share=shard or (0, 1),
+                           commit_every=c.cfg.runtime.commit_every,
+                           name=f"shard{shard[0]}of{shard[1]}-rank{rank}" if shard else f"rank{rank}")
+    c.done = c.writer.committed_ids()
 
-    summary = Summary()
+
+def _extract(todo: list[InputEntry], caches: list[_Cache], device: torch.device, cfg: ExtractConfig,
+             summary: Summary, ranks: FailTogether, t0: float, rank: int, world_size: int, local_world: int) -> None:
+    """Run the pipeline over `todo` into every cache that lacks each video, counting into `summary`."""
     bar = None
     if cfg.runtime.progress and rank == 0:
         bar = progress_bar(total=len(todo), unit="video",
                            desc="extract" if world_size == 1 else f"extract (rank 0 of {world_size})",
                            bar_format=VIDEO_BAR)
     decoded = 0  # frames decoded so far: the bar moves with them, not only when a video is complete
+    several = len(caches) > 1
+    waiting = {e.id: sum(e.id not in c.done for c in caches) for e in todo}  # caches yet to store each video
 
     def progress(videos: float, frames: int) -> None:
         nonlocal decoded
@@ -198,33 +261,27 @@ def _run(cfg: ExtractConfig, source: str | Path, out: str, overwrite: bool, rank
                                 f"{len(summary.failures)} failed", refresh=False)
             bar.update(videos)
 
-    def store(e: InputEntry, info, features, timestamps, indices) -> None:
-        writer.add(e.id, features, timestamps, indices, label=e.label, split=e.split, fps=info.fps,
-                   duration=info.duration, num_frames=info.num_frames)
-        summary.videos += 1
-        summary.frames += len(features)
+    def store(k: int, e: InputEntry, info, features, timestamps, indices) -> None:
+        caches[k].writer.add(e.id, features, timestamps, indices, label=e.label, split=e.split, fps=info.fps,
+                             duration=info.duration, num_frames=info.num_frames)
+        waiting[e.id] -= 1
+        if not waiting[e.id]:  # in every cache now
+            summary.videos += 1
+            summary.frames += len(features)
 
-    def fail(vid: str, error: str, message: str) -> None:
-        writer.add_failure(vid, error, message)
-        summary.failures.append((vid, error, message))
+    def fail(vid: str, error: str, message: str, ks: list[int]) -> None:
+        for k in ks:
+            caches[k].writer.add_failure(vid, error, message)
+        summary.failures.append((vid, error, f"{_name(caches, ks)}: {message}" if several else message))
 
     try:
-        extract_features(todo, model, preprocess, device, cfg, store, fail, tick=ranks.check,
-                         workers=decode_workers(cfg.runtime, device, local_world), pad=True, progress=progress)
+        extract_many(todo, [(c.model, c.preprocess) for c in caches], device, cfg, store, fail,
+                     needs=lambda e: [k for k, c in enumerate(caches) if e.id not in c.done], tick=ranks.check,
+                     workers=decode_workers(cfg.runtime, device, local_world), pad=True, progress=progress)
     finally:
         if bar is not None:
             bar.close()
-        writer.close(consolidate=world_size == 1)
-    summary.skipped = len(done & {e.id for e in entries})
-    if world_size > 1:
-        ranks.wait(dist.barrier(group=finish_group, async_op=True))  # every part is closed
-        if rank == 0:
-            consolidate(out)
-        ranks.wait(dist.barrier(group=finish_group, async_op=True))  # the index is written before any rank returns
-        parts: list = [None] * world_size
-        dist.all_gather_object(parts, summary, group=finish_group)
-        summary = parts[0]
-        for other in parts[1:]:
-            summary = summary.merge(other)
-    summary.seconds = time.monotonic() - t0
-    return summary
+
+
+def _name(caches: list[_Cache], ks: list[int]) -> str:
+    return ", ".join(caches[k].cfg.backbone.name for k in ks)

@@ -43,21 +43,29 @@ def decode_workers(rt: RuntimeConfig, device: torch.device, local_world: int = 1
     return max(2, len(os.sched_getaffinity(0)) // processes - 1)
 
 
-class _Assembly:
-    """One video's features being assembled: what arrived from the decoder and what came out of the model."""
+class _Video:
+    """One video being decoded: what arrived from the decoder, held once for every backbone that runs on it."""
 
-    def __init__(self, entry: InputEntry, info: StreamInfo):
+    def __init__(self, entry: InputEntry, info: StreamInfo, backbones):
         self.entry, self.info = entry, info
         self.indices: list[np.ndarray] = []
         self.timestamps: list[np.ndarray] = []
+        self.decoded = False  # the decoder sent its last chunk
+        self.parts = {k: _Assembly(self, k) for k in backbones}  # the backbones still to finish it
+
+
+class _Assembly:
+    """One video's features from backbone `k` being assembled: what came out of that model."""
+
+    def __init__(self, video: _Video, k: int):
+        self.video, self.k = video, k
         self.features: list[torch.Tensor] = []
         self.sent = 0  # rows handed to the model (frames x crops)
         self.done = 0  # rows whose features came back
-        self.decoded = False  # the decoder sent its last chunk
 
     @property
     def complete(self) -> bool:
-        return self.decoded and self.done == self.sent
+        return self.video.decoded and self.done == self.sent
 
 
 class Batcher:
@@ -133,9 +141,25 @@ def extract_features(entries: list[InputEntry], model, preprocess, device: torch
     first event) and their count, and once a video is done or failed with the rest of it: the videos add up to
     one each, so a progress bar moves from the first chunk, long before the first video is complete.
     """
+    extract_many(entries, [(model, preprocess)], device, cfg, lambda k, *video: store(*video),
+                 lambda vid, error, message, backbones: fail(vid, error, message), tick=tick, workers=workers,
+                 pad=pad, progress=progress)
+
+
+def extract_many(entries: list[InputEntry], backbones: list[tuple], device: torch.device, cfg: ExtractConfig,
+                 store: Callable, fail: Callable, needs: Callable[[InputEntry], list[int]] | None = None,
+                 tick: Callable[[], None] = lambda: None, workers: int | None = None, pad: bool = False,
+                 progress: Callable[[float, int], None] = lambda videos, frames: None) -> None:
+    """`extract_features` for several backbones from one decode pass: `backbones` is [(model, preprocess)], each
+    video's uint8 frames are decoded once, moved to the device once, and each backbone preprocesses them its own
+    way into its own batches. `needs(entry)`: the backbones (indices) to run on a video (default: all), so a
+    resumed job runs a model only where its cache lacks the video. `store(k, entry, info, features, timestamps,
+    frame_indices)` for backbone k; `fail(id, error class, message, ks)`: the video could not be used for the
+    backbones `ks` (all it needed when decoding failed; one when its `store` raised a UserError). A video counts
+    as done for `progress` once every backbone it needed has finished it (or it failed)."""
     rt = cfg.runtime
     by_id = {e.id: e for e in entries}
-    live: dict[str, _Assembly] = {}
+    live: dict[str, _Video] = {}
     counted: dict[str, float] = {}  # the share of each video reported to `progress`
     expected: dict[str, int] = {}  # each video's sampled frames
 
@@ -144,28 +168,30 @@ def extract_features(entries: list[InputEntry], model, preprocess, device: torch
         counted[vid] = counted.get(vid, 0.0) + share
         progress(share, frames)
 
-    def fail_video(vid: str, error: str, message: str) -> None:
-        fail(vid, error, message)
-        advance(vid, 1.0)
-
-    def finish(v: _Assembly) -> None:
-        if live.get(v.entry.id) is not v or not v.complete:
+    def finish(a: _Assembly) -> None:
+        v = a.video
+        if live.get(v.entry.id) is not v or v.parts.get(a.k) is not a or not a.complete:
             return
-        del live[v.entry.id]
+        del v.parts[a.k]
         try:
-            store(v.entry, v.info, torch.cat(v.features).numpy(), np.concatenate(v.timestamps), np.concatenate(v.indices))
+            store(a.k, v.entry, v.info, torch.cat(a.features).numpy(), np.concatenate(v.timestamps),
+                  np.concatenate(v.indices))
         except DiskFull:  # not this video's fault: the job stops, with what it committed kept
             raise
         except UserError as err:
-            fail(v.entry.id, type(err).__name__, str(err))
-        advance(v.entry.id, 1.0)
+            fail(v.entry.id, type(err).__name__, str(err), [a.k])
+        if not v.parts:
+            del live[v.entry.id]
+            advance(v.entry.id, 1.0)
 
-    def on_rows(v: _Assembly, rows: torch.Tensor) -> None:
-        v.features.append(rows)
-        v.done += len(rows)
-        finish(v)  # a video that failed or restarted since is no longer live: its rows go nowhere
+    def on_rows(a: _Assembly, rows: torch.Tensor) -> None:
+        a.features.append(rows)
+        a.done += len(rows)
+        finish(a)  # a video that failed or restarted since is no longer live: its rows go nowhere
 
-    batcher = Batcher(model, rt.batch_size, rt.channels_last, autocast(device, rt.amp), on_rows, pad or rt.compile)
+    amp = autocast(device, rt.amp)
+    batchers = [Batcher(model, rt.batch_size, rt.channels_last, amp, on_rows, pad or rt.compile) for model, _ in backbones]
+    wanted = {e.id: list(range(len(backbones))) if needs is None else needs(e) for e in entries}
     jobs = [(e.id, str(e.path)) for e in entries]
     workers = decode_workers(rt, device) if workers is None else workers
     with DecodePool(jobs, cfg.sampling, workers=workers, timeout=rt.timeout, chunk_bytes=rt.chunk_mb << 20,
@@ -173,7 +199,7 @@ def extract_features(entries: list[InputEntry], model, preprocess, device: torch
         for kind, vid, payload in pool:
             tick()
             if kind == "info":
-                live[vid] = _Assembly(by_id[vid], payload)
+                live[vid] = _Video(by_id[vid], payload, wanted[vid])
                 expected[vid] = max(1, len(sample(payload.timestamps, cfg.sampling)))
             elif kind == "chunk":
                 v = live[vid]
@@ -181,21 +207,31 @@ def extract_features(entries: list[InputEntry], model, preprocess, device: torch
                 frames = torch.from_numpy(payload.frames)
                 if device.type == "cuda":
                     frames = frames.pin_memory()
-                with torch.inference_mode():
-                    x = preprocess(frames.to(device, non_blocking=True))  # [n * crops, 3, h, w]
+                frames = frames.to(device, non_blocking=True)  # once, whatever the number of backbones
                 v.indices.append(payload.frame_indices)
                 v.timestamps.append(payload.timestamps)
-                v.sent += len(x)
-                batcher.add(v, x)
+                for k, a in v.parts.items():
+                    with torch.inference_mode():
+                        x = backbones[k][1](frames)  # [n * crops, 3, h, w]
+                    a.sent += len(x)
+                    batchers[k].add(a, x)
             elif kind in ("reset", "fail"):  # reset: decord gave up mid-video and PyAV starts it again
                 if vid in live:
-                    batcher.drop(live.pop(vid))
+                    for k, a in live.pop(vid).parts.items():
+                        batchers[k].drop(a)
                 if kind == "fail":
-                    fail_video(vid, *payload)
+                    fail(vid, *payload, wanted[vid])
+                    advance(vid, 1.0)
             elif kind == "done":
-                live[vid].decoded = True
-                finish(live[vid])
-        batcher.flush()
+                v = live[vid]
+                v.decoded = True
+                for a in list(v.parts.values()):
+                    finish(a)
+                if not v.parts and live.get(vid) is v:  # no backbone needed it
+                    del live[vid]
+                    advance(vid, 1.0)
+        for batcher in batchers:
+            batcher.flush()
 
 
 def build_backbone(b: BackboneConfig, rt: RuntimeConfig, device: torch.device, crops: int = 1):

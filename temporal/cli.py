@@ -67,10 +67,15 @@ def _add_sweep(sub) -> None:
         "epoch's val top-1, top-5, mean class accuracy; parameters; train seconds) and results.png (top-1 "
         "against each varied key). List values are YAML flow lists: --grid model.attention_window=[8,16,32],16.",
     )
-    p.add_argument("cache", help="the feature cache (local path or fsspec URL)")
+    p.add_argument("cache", nargs="?", help="the feature cache (local path or fsspec URL); or several caches with "
+                   "--grid cache=A,B,... or --cache-glob")
     p.add_argument("--out", required=True, metavar="DIR", help="the sweep directory (one run directory per run)")
     p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
-                   help="a config key of vtn train and its values, e.g. optim.lr=1e-3,3e-4 (repeatable)")
+                   help="a config key of vtn train and its values, e.g. optim.lr=1e-3,3e-4 (repeatable); "
+                   "cache=DIR/a.zarr,DIR/b.zarr runs every config on every cache (any feature sizes), the table naming "
+                   "each cache's backbone")
+    p.add_argument("--cache-glob", metavar="PATTERN", help="the caches matching PATTERN (quoted, e.g. 'DIR/*.zarr'), "
+                   "as --grid cache=...")
     p.add_argument("--zip", action="store_true", help="pair the grids' values in order instead of their product")
     p.add_argument("--preset", choices=["ablations"],
                    help="the paper's ablations (frames, stride, depth 1/3/6, uniform vs growing windows, positions "

@@ -74,8 +74,10 @@ def table(runs: list[Run], results: list[dict]) -> list[dict]:
         groups.setdefault(name, []).append((r, res))
     rows = []
     for name, members in groups.items():
-        cfg = members[0][0].cfg
-        row = {"run": name, **{k: _value(cfg, k) for k in keys}, "seeds": len(members)}
+        run = members[0][0]
+        # a value that is no config key (a several-cache sweep's backbone) is the run's own
+        row = {"run": name, **{k: run.values[k] if k in run.values else _value(run.cfg, k) for k in keys},
+               "seeds": len(members)}
         for m in table_metrics():
             row[f"val_{m.key}_mean"], row[f"val_{m.key}_std"] = _stats([res[f"val_{m.key}"] for _, res in members])
         row["diverged"] = sum(res.get("diverged_at_step") is not None for _, res in members)  # .get: older runs
@@ -106,8 +108,10 @@ def markdown(rows: list[dict], keys: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_results(rows: list[dict], out: Path, keys: list[str], base=None, name: str = "results") -> None:
-    """`name`.csv, `name`.md and (with varied keys) `name`.png in `out`; prints the Markdown table."""
+def write_results(rows: list[dict], out: Path, keys: list[str], base=None, name: str = "results",
+                  base_values: dict | None = None) -> None:
+    """`name`.csv, `name`.md and (with varied keys) `name`.png in `out`; prints the Markdown table. `base_values`:
+    the base's values of keys that are no config key (a several-cache sweep's backbone)."""
     columns = ["run", *keys, "seeds", *(f"val_{m.key}_{s}" for m in table_metrics() for s in ("mean", "std")),
                "parameters", "train_seconds", "diverged"]
     buf = io.StringIO()
@@ -120,16 +124,16 @@ def write_results(rows: list[dict], out: Path, keys: list[str], base=None, name:
     (out / f"{name}.md").write_text(md)
     print(md, end="", flush=True)
     if keys:
-        plot(rows, keys, out / f"{name}.png", base)
+        plot(rows, keys, out / f"{name}.png", base, base_values)
     print(f"written: {out / (name + '.csv')}, {out / (name + '.md')}" + (f", {out / (name + '.png')}" if keys else ""))
 
 
-def plot(rows: list[dict], keys: list[str], path: Path, base=None) -> None:
+def plot(rows: list[dict], keys: list[str], path: Path, base=None, base_values: dict | None = None) -> None:
     """plot_figure as a PNG."""
-    save(plot_figure(rows, keys, base), path)
+    save(plot_figure(rows, keys, base, base_values), path)
 
 
-def plot_figure(rows: list[dict], keys: list[str], base=None):
+def plot_figure(rows: list[dict], keys: list[str], base=None, base_values: dict | None = None):
     """Val top-1 (PLOTTED, 0-100 %) against each varied key, one panel per key: the configs whose other varied keys
     are at the `base` config's values, else the mean over the others (each panel says which); numeric values on a
     numeric axis joined by a line (logarithmic when they span a factor of 10 or more), other values (names, lists,
@@ -137,11 +141,13 @@ def plot_figure(rows: list[dict], keys: list[str], base=None):
     plt = pyplot()
     runs = [r for r in rows if not r["run"].startswith("probe")]
     mean, std = f"val_{PLOTTED}_mean", f"val_{PLOTTED}_std"
+    at_base = {k: _cell(base_values[k] if base_values and k in base_values else _value(base, k))
+               for k in (keys if base is not None else [])}
     fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.8), squeeze=False)
     for ax, key in zip(axes[0], keys):
         others = [k for k in keys if k != key]
-        mine = [r for r in runs if base is not None and all(_cell(r[k]) == _cell(_value(base, k)) for k in others)]
-        note = ", ".join(f"{k}={_cell(_value(base, k))}" for k in others) if mine else ""
+        mine = [r for r in runs if base is not None and all(_cell(r[k]) == at_base[k] for k in others)]
+        note = ", ".join(f"{k}={at_base[k]}" for k in others) if mine else ""
         if len({_cell(r[key]) for r in mine}) < 2:  # no ablation of this key alone: the mean over the others
             mine, note = runs, "mean over " + ", ".join(others) if others else ""
         groups: dict[str, list[dict]] = {}

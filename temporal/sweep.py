@@ -8,6 +8,12 @@ by one; commas inside brackets belong to the value, so a list is written as a YA
 checked (unknown key, wrong type, a model the cache cannot take) before anything trains, naming the key or run.
 `--preset ablations` is the paper's ablations instead of a grid (see `ablations`).
 
+Several caches. `--grid cache=DIR/a.zarr,DIR/b.zarr` (or `--cache-glob 'DIR/*.zarr'`) in place of CACHE runs every
+config on every cache, whatever their feature sizes (each run's model takes its cache's): the runs vary one more
+key, `backbone`, the cache's backbone (its timm name; the cache's file name beside it where two caches share one),
+which names the runs (`backbone-resnet18_lr-0.001_seed-0`) and is a column of the one table. Runs batch only with
+runs on the same cache; the probes (`--probes`) run on each cache.
+
 Each run is a normal `vtn train` run directory DIR/<name>/ (config.yaml, metrics.jsonl, best/, last/), named
 by its values (`lr-0.001_num_layers-3_seed-0`), plus metrics.json: what the table shows of it. A re-run skips
 runs with metrics.json and resumes the others from their last checkpoint (`vtn train --resume`); a run whose
@@ -49,6 +55,7 @@ from vtn.temporal.metrics import table_metrics
 from vtn.temporal.results import Run, run_name, table, varied_keys, write_results
 
 RESULT_NAME = "metrics.json"
+CACHE_KEY = "backbone"  # the varied value that says which cache a run of a several-cache sweep trains on
 
 
 # -- the runs ---------------------------------------------------------------------------------------------------
@@ -125,7 +132,8 @@ def expand(base, variants: list[dict], seeds: int) -> list[Run]:
             values = {**variant, **({} if "run.seed" in variant else {"run.seed": base.run.seed + s})}
             nested: dict = {}
             for key, v in values.items():
-                set_key(nested, key, v)
+                if key != CACHE_KEY:  # not a config key: which cache the run trains on
+                    set_key(nested, key, v)
             try:
                 cfg = merge(base, nested)
             except ConfigError as e:
@@ -238,8 +246,8 @@ def plan(runs: list[Run], out: Path, batch: bool) -> tuple[list[Run], list[list[
             done.append(r)
         elif not batch or checkpoint.find(d, "last") is not None or batch_key(r.cfg) is None:
             alone.append([r])
-        else:
-            groups.setdefault(batch_key(r.cfg), []).append(r)
+        else:  # runs batch only on one cache
+            groups.setdefault((r.values.get(CACHE_KEY), batch_key(r.cfg)), []).append(r)
     return done, alone + list(groups.values())
 
 
@@ -259,13 +267,34 @@ def _why_alone(units: list[list[Run]], out: Path, batch: bool) -> str:
     return ": " + "; ".join(reasons)
 
 
-def train_units(cache_url: str, out: Path, units: list[list[Run]], jobs: int, gpus: int, progress: bool):
+def cache_of(caches: str | dict[str, str], run: Run) -> str:
+    """The cache `run` trains on: `caches` is the sweep's one cache, or {backbone label: cache} (cache_labels)."""
+    return caches if isinstance(caches, str) else caches[run.values[CACHE_KEY]]
+
+
+def cache_labels(urls: list[str]) -> dict[str, str]:
+    """{label: cache} for a several-cache sweep: each cache's backbone name (its file name where the cache records
+    none), with the file name beside it where two caches share one."""
+    from vtn.store import open_cache
+
+    if len(set(urls)) != len(urls):
+        raise UserError(f"a cache is given twice: {sorted({u for u in urls if urls.count(u) > 1})}")
+    stems = [Path(u.rstrip("/")).name.removesuffix(".zarr") for u in urls]
+    names = [(open_cache(u).attrs.get("backbone") or {}).get("name") or stem for u, stem in zip(urls, stems)]
+    labels = [n if names.count(n) == 1 or n == stem else f"{n} ({stem})" for n, stem in zip(names, stems)]
+    if len(set(labels)) != len(labels):
+        return dict(zip(urls, urls))  # name them by their places
+    return dict(zip(labels, urls))
+
+
+def train_units(caches: str | dict[str, str], out: Path, units: list[list[Run]], jobs: int, gpus: int,
+                progress: bool):
     """Train the units (in `jobs` processes); yields (unit, the exception it failed with, or None)."""
     if jobs == 1 or len(units) <= 1:
         for unit in units:
             error = None
             try:
-                train_unit(cache_url, str(out), unit, progress)
+                train_unit(cache_of(caches, unit[0]), str(out), unit, progress)
             except Exception as e:  # noqa: BLE001 - one run's failure is reported, the others go on
                 error = e
             yield unit, error
@@ -276,16 +305,17 @@ def train_units(cache_url: str, out: Path, units: list[list[Run]], jobs: int, gp
         slots.put(i)
     with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init_worker,
                                                 initargs=(slots, jobs, gpus)) as pool:
-        futures = {pool.submit(train_unit, cache_url, str(out), unit, False): unit for unit in units}
+        futures = {pool.submit(train_unit, cache_of(caches, unit[0]), str(out), unit, False): unit for unit in units}
         for f in concurrent.futures.as_completed(futures):
             yield futures[f], f.exception()
 
 
-def sweep(cache_url: str, out: str | Path, runs: list[Run], jobs: int | None = None, batch: bool = True,
-          progress: bool = True, probes: bool = False) -> tuple[list[dict], dict[str, str]]:
+def sweep(caches: str | dict[str, str], out: str | Path, runs: list[Run], jobs: int | None = None,
+          batch: bool = True, progress: bool = True, probes: bool = False) -> tuple[list[dict], dict[str, str]]:
     """Train what is not finished of `runs` into `out`, then write and print the comparison of the finished
     ones. A run that fails is reported and the others go on; batched runs that run out of memory together train
-    one by one instead. Returns the table's rows and {run name: error} of the runs that failed."""
+    one by one instead. Returns the table's rows and {run name: error} of the runs that failed. `caches`: the one
+    cache, or {backbone label: cache} for runs whose values name their cache's label (CACHE_KEY)."""
     import torch
 
     from vtn.runtime import Processes, processes
@@ -295,19 +325,22 @@ def sweep(cache_url: str, out: str | Path, runs: list[Run], jobs: int | None = N
     if processes().world > 1:
         raise UserError("vtn sweep starts its own processes (--jobs); run it without torchrun")
     out = check_run_dir(out, "sweep")  # never into a folder of the user's; each run's own folder is checked by train
-    cache, sources = _shared(cache_url)
     checked = set()
-    for r in runs:  # a model the cache cannot take, or data it cannot train on, is refused before anything trains
+    for r in sorted(runs, key=lambda r: cache_of(caches, r)):  # each cache's splits load once here
+        # a model the cache cannot take, or data it cannot train on, is refused before anything trains
+        cache, sources = _shared(cache_of(caches, r))
         try:
             model_cfg = model_config(r.cfg, cache)
-            if repr(r.cfg.data) not in checked:  # the splits load once (shared with the runs of this process)
-                checked.add(repr(r.cfg.data))
+            if (cache.url, repr(r.cfg.data)) not in checked:  # the splits load once (shared with this process's runs)
+                checked.add((cache.url, repr(r.cfg.data)))
                 data = load_data(cache, r.cfg, model_cfg, Processes(), sources)
                 if data.left_out and len(checked) == 1:
                     print(data.left_out, file=sys.stderr, flush=True)
         except UserError as e:
             raise UserError(f"run {r.name}: {e}") from None
     done, units = plan(runs, out, batch)
+    # The cache loaded last first, then cache by cache: each loads once in this process.
+    units.sort(key=lambda u: (cache_of(caches, u[0]) != _WORKER.get("url"), cache_of(caches, u[0])))
     gpus = torch.cuda.device_count()
     jobs = jobs or max(1, gpus)
     batched = sum(len(u) > 1 for u in units)
@@ -319,7 +352,7 @@ def sweep(cache_url: str, out: str | Path, runs: list[Run], jobs: int | None = N
     traces: list[str] = []
     while units:
         alone = []
-        for unit, error in train_units(cache_url, out, units, jobs, gpus, progress):
+        for unit, error in train_units(caches, out, units, jobs, gpus, progress):
             if error is None:
                 continue
             if len(unit) > 1 and isinstance(error, torch.OutOfMemoryError):
@@ -338,10 +371,10 @@ def sweep(cache_url: str, out: str | Path, runs: list[Run], jobs: int | None = N
             print(f"vtn sweep: warning: run {res['run']} diverged (its train loss became NaN or infinite at step "
                   f"{res['diverged_at_step']}); the table shows its best epoch's figures", file=sys.stderr)
     rows = table(finished, results)
-    if probes:  # on the videos of the first run's data settings
-        rows += probe_rows(cache, runs[0].cfg, sources)
+    if probes:
+        rows += _probes(caches, runs)
     if rows:
-        write_results(rows, out, varied_keys(runs), base=runs[0].cfg)
+        write_results(rows, out, varied_keys(runs), base=runs[0].cfg, base_values=runs[0].values)
     log = out / "failures.log"
     log.unlink(missing_ok=True)  # a former sweep's
     if failed:
@@ -351,6 +384,21 @@ def sweep(cache_url: str, out: str | Path, runs: list[Run], jobs: int | None = N
         print(f"vtn sweep: {len(failed)} of {len(runs)} runs failed (tracebacks in {log}); the others are in the "
               f"table, and re-running the sweep retries only the failed ones", file=sys.stderr)
     return rows, failed
+
+
+def _probes(caches: str | dict[str, str], runs: list[Run]) -> list[dict]:
+    """The probes' rows on each cache, on the videos of the data settings of its first run; named by the cache's
+    label in a several-cache sweep."""
+    if isinstance(caches, str):
+        cache, sources = _shared(caches)
+        return probe_rows(cache, runs[0].cfg, sources)
+    rows = []
+    for label, url in caches.items():
+        cache, sources = _shared(url)
+        first = next(r for r in runs if r.values[CACHE_KEY] == label)
+        for row in probe_rows(cache, first.cfg, sources):
+            rows.append({**row, "run": f"{row['run']} ({label})", CACHE_KEY: label})
+    return rows
 
 
 # -- the command ------------------------------------------------------------------------------------------------
@@ -363,8 +411,38 @@ def main(args) -> int:
     base = job_config(TrainConfig, args, {}, recipes=RECIPES, sizes=SIZES)
     if args.preset and args.grid:
         raise UserError("--preset ablations is a grid of its own; give --grid or --preset, not both")
-    variants = ablations(base) if args.preset == "ablations" else variants_of(parse_grid(args.grid, base), args.zip)
+    grid, urls = _cache_grid(args)
+    variants = ablations(base) if args.preset == "ablations" else variants_of(parse_grid(grid, base), args.zip)
+    caches = urls[0] if len(urls) == 1 and args.cache else cache_labels(urls)
+    if not isinstance(caches, str):  # every config on every cache, the cache first in the run names
+        variants = [{CACHE_KEY: label, **v} for label in caches for v in variants]
     runs = expand(base, variants, args.seeds)
-    _, failed = sweep(args.cache, args.out, runs, jobs=args.jobs, batch=not args.no_batch, progress=not args.quiet,
+    _, failed = sweep(caches, args.out, runs, jobs=args.jobs, batch=not args.no_batch, progress=not args.quiet,
                       probes=args.probes or args.preset == "ablations")
     return 3 if failed else 0
+
+
+def _cache_grid(args) -> tuple[list[str], list[str]]:
+    """(--grid items but `cache=`, the caches): CACHE, or the values of `--grid cache=A,B`, or `--cache-glob`'s
+    matches, exactly one of them."""
+    import glob
+
+    from vtn.paths import is_remote, is_vtn_cache
+
+    grid = [g for g in args.grid if g.partition("=")[0].strip() != "cache"]
+    given = [split_values(g.partition("=")[2]) for g in args.grid if g.partition("=")[0].strip() == "cache"]
+    if args.cache_glob:
+        matches = sorted(glob.glob(args.cache_glob))
+        if not matches:
+            raise UserError(f"--cache-glob {args.cache_glob}: matches nothing")
+        given.append(matches)
+    given += [[args.cache]] if args.cache else []
+    if len(given) != 1:
+        raise UserError("give the caches one way: CACHE, --grid cache=A,B,... or --cache-glob PATTERN"
+                        if given else "no cache: give CACHE, --grid cache=A,B,... or --cache-glob PATTERN")
+    urls = [u.strip() for u in given[0] if u.strip()]
+    if args.cache is None:
+        for u in urls:
+            if not is_remote(u) and not is_vtn_cache(u):
+                raise UserError(f"{u}: not a vtn feature cache")
+    return grid, urls

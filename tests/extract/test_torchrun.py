@@ -148,18 +148,18 @@ def test_an_error_on_rank0_ends_every_rank_at_once_with_its_message(videos, tmp_
 FAILING_MIDWAY = """
 import os, sys, time
 import vtn.extract.job as job
-real = job.extract_features
-def injected(entries, model, preprocess, device, cfg, store, fail, **kwargs):
+real = job.extract_many
+def injected(entries, backbones, device, cfg, store, fail, **kwargs):
     stored = []
-    def store_then_fail(*args):
+    def store_then_fail(k, entry, *args):
         if os.environ["RANK"] == "1" and stored:
             raise OSError(5, "injected disk failure on rank 1")
-        store(*args)
-        stored.append(args[0].id)
+        store(k, entry, *args)
+        stored.append(entry.id)
         if os.environ["RANK"] == "0":
             time.sleep(4)
-    real(entries, model, preprocess, device, cfg, store_then_fail, fail, **kwargs)
-job.extract_features = injected
+    real(entries, backbones, device, cfg, store_then_fail, fail, **kwargs)
+job.extract_many = injected
 from vtn.cli import main
 sys.exit(main(sys.argv[1:]))
 """

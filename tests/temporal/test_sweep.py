@@ -291,3 +291,35 @@ def test_members_forward_equals_each_members_own_forward(positions, feature_dim,
         torch.testing.assert_close(logits[i], m(x[i], mask[i], None if p is None else p[i]))
     logits.sum().backward()  # the gradient reaches each member's own parameters
     assert all(m.head[4].weight.grad is not None for m in models)
+
+
+def test_a_sweep_over_two_caches_of_different_feature_sizes_writes_one_table(cache, tmp_path, capsys):
+    wide = make_cache(tmp_path / "caches" / "wide.zarr", dim=10, seed=1)  # beside the module's 6-dim cache
+    narrow = tmp_path / "caches" / "narrow.zarr"
+    narrow.symlink_to(cache)
+    out = tmp_path / "sweep"
+    common = ["--out", str(out), "--grid", "optim.lr=1e-3,3e-3", *SETS, "--set", "optim.steps=3", "--quiet"]
+    assert main(["sweep", "--grid", f"cache={narrow},{wide}", *common]) == 0
+    # The lr runs batch together within a cache, never across caches.
+    assert "4 to train in 2 unit(s) (2 batched)" in capsys.readouterr().out
+    results = {d.name: json.loads((d / "metrics.json").read_text()) for d in out.iterdir() if d.is_dir()}
+    assert sorted(results) == [f"backbone-{b}_lr-{lr}_seed-0" for b in ("narrow", "wide") for lr in ("0.001", "0.003")]
+    assert all(r["batched"] == 2 for r in results.values())
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert [(r["run"], r["backbone"], r["optim.lr"]) for r in rows] == [
+        ("backbone-narrow_lr-0.001", "narrow", "0.001"), ("backbone-narrow_lr-0.003", "narrow", "0.003"),
+        ("backbone-wide_lr-0.001", "wide", "0.001"), ("backbone-wide_lr-0.003", "wide", "0.003")]
+    for row in rows:  # each row is its run's metrics.json; the models took their cache's feature size
+        mine = results[f"{row['run']}_seed-0"]
+        assert float(row["val_top1_mean"]) == pytest.approx(mine["val_top1"])
+        assert int(row["parameters"]) == mine["parameters"]
+    assert int(rows[2]["parameters"]) - int(rows[0]["parameters"]) == 4 * 16  # the input projection: 4 more dims
+    assert "| backbone-wide_lr-0.003 | wide | 0.003 | 1 |" in (out / "results.md").read_text()
+    # --cache-glob names the same caches: the same runs, all finished.
+    assert main(["sweep", "--cache-glob", str(tmp_path / "caches" / "*.zarr"), *common]) == 0
+    assert "4 finished, 0 to train" in capsys.readouterr().out
+    # One way to name the caches, and each must be one.
+    assert main(["sweep", cache, "--grid", f"cache={wide}", *common]) == 2
+    assert "give the caches one way" in capsys.readouterr().err
+    assert main(["sweep", "--grid", f"cache={wide},{tmp_path}", *common]) == 2
+    assert f"{tmp_path}: not a vtn feature cache" in capsys.readouterr().err

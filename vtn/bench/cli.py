@@ -64,6 +64,8 @@ def _add_extract(bench_sub) -> None:
         description="Benchmarks the extraction pipeline on generated videos with a small timm CNN.",
     )
     b.add_argument("--backbone", default="resnet18", help="timm model (random init)")
+    b.add_argument("--backbones", metavar="A,B,C", help="instead: these backbones in one vtn extract pass against one "
+                   "run each (time, decoding's share, peak memory)")
     b.add_argument("--image-size", type=int, default=112, help="backbone input size")
     b.add_argument("--videos", type=int, default=24, help="generated videos")
     b.add_argument("--batch-size", type=int, default=32)

@@ -62,18 +62,20 @@ def _proc_status_bytes(field: str) -> int:
     raise RuntimeError(f"no {field} in /proc/self/status")
 
 
-def peak_rss(cmd: list[str]) -> tuple[int, float, float]:
+def peak_rss(cmd: list[str], err: list | None = None) -> tuple[int, float, float]:
     """Run `cmd`; returns (exit status, peak MiB of the summed RSS of its process tree, peak MiB of its largest
-    process), sampled from /proc every 50 ms."""
+    process), sampled from /proc every 50 ms. Its stderr is appended to `err` when given."""
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     peak = single = 0
     while proc.poll() is None:
         total, largest = _tree_rss(proc.pid)
         peak, single = max(peak, total), max(single, largest)
         time.sleep(0.05)
-    err = proc.stderr.read().decode(errors="replace")
+    text = proc.stderr.read().decode(errors="replace")
+    if err is not None:
+        err.append(text)
     if proc.returncode != 0:
-        print(err[-2000:], file=sys.stderr)
+        print(text[-2000:], file=sys.stderr)
     return proc.returncode, peak / (1 << 20), single / (1 << 20)
 
 

@@ -9,12 +9,20 @@ Prints, from one run on this machine:
   so with `--compile` the speed-up includes the compile gain (the eager model-only figure is printed too);
 - peak resident memory (all processes of the job together) while `vtn extract` runs over a long 1080p file,
   then over a 720p file of the same length.
+
+With `--backbones A,B,C` it measures instead what one decode pass for several backbones saves: the same videos
+through one `vtn extract --backbone A --backbone B --backbone C` and through one `vtn extract` per backbone, in this
+run: the job's seconds (as it reports them, without the interpreter's start), peak resident memory, and decoding's
+share (decode-only seconds with the same workers), against the goal that the pass take at most (decode + the
+models) / (backbones x decode + the models) + 10 % of the separate runs' time.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
+import resource
 import shutil
 import sys
 import tempfile
@@ -92,6 +100,8 @@ def main(args) -> int:
             synth.make_dataset(data, per_split={"train": per_class}, seconds=(2.0, 4.0))
         entries, classes, _ = discover(data)
         jobs = [(e.id, str(e.path)) for e in entries]
+        if args.backbones:
+            return _several(args, work, data, jobs)
         sampling = SamplingConfig()  # every frame: decoding is exercised in full
         model, data_config, _ = create_backbone(args.backbone, image_size=args.image_size)
         device = resolve_device(args.device)
@@ -175,3 +185,57 @@ def main(args) -> int:
     finally:
         if own_tmp:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def _several(args, work: Path, data: Path, jobs) -> int:
+    """The backbones of `--backbones` in one `vtn extract` pass against one run each, on the same videos."""
+    from vtn.errors import UserError
+    from vtn.extract.pipeline import decode_workers
+
+    names = [n for n in args.backbones.split(",") if n]
+    if len(names) < 2:
+        raise UserError(f"--backbones {args.backbones}: name at least two, e.g. resnet18,mobilenetv3_small_100")
+    device = resolve_device(args.device)
+    workers = decode_workers(RuntimeConfig(workers=args.workers), device)
+    loads = [os.getloadavg()]
+    print(f"{len(jobs)} generated videos, every frame, backbones {', '.join(names)} (random init) at {args.image_size} "
+          f"px, batch {args.batch_size}, {workers} decode workers, {len(os.sched_getaffinity(0))} CPU cores, model on "
+          f"{device}; load average {loads[0][0]:.1f} at the start")
+    frames, decode_s = _decode_only(jobs, SamplingConfig(), workers)
+    cmd = [sys.executable, "-m", "vtn", "extract", str(data), "--random-init", "--image-size", str(args.image_size),
+           "--device", str(device), "--batch-size", str(args.batch_size), "--workers", str(workers), "--overwrite",
+           "--quiet"]
+
+    def extract(out: Path, backbones: list[str]) -> tuple[float, float, float]:
+        """The job's seconds, its peak MiB, and the CPU seconds of its processes (interpreter start included):
+        on cores other jobs share, CPU time says what the work cost when wall time mostly says who else ran."""
+        err: list = []
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        rc, peak, _ = common.peak_rss([*cmd, "--out", str(out), *(a for n in backbones for a in ("--backbone", n))], err)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        if rc != 0:
+            raise RuntimeError(f"vtn extract exited {rc}")
+        cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+        return float(re.search(r" frames in ([0-9.]+) s", err[0]).group(1)), peak, cpu
+
+    separate = {n: extract(work / "separate" / n, [n]) for n in names}
+    together, together_peak, together_cpu = extract(work / "together", names)
+    loads.append(os.getloadavg())
+    total = sum(secs for secs, _, _ in separate.values())
+    total_cpu = sum(cpu for _, _, cpu in separate.values())
+    k = len(names)
+    models = max(total - k * decode_s, 0.0)  # the separate runs' time beside their decoding
+    goal = (decode_s + models) / (k * decode_s + models) + 0.10
+    single_peak = max(peak for _, peak, _ in separate.values())
+    print(f"decode only      {decode_s:8.1f} s  {frames} frames ({frames / decode_s:.0f} frames/s)")
+    for n, (secs, peak, cpu) in separate.items():
+        print(f"separate {n:<24} {secs:8.1f} s  peak {peak:6.0f} MiB  CPU {cpu:6.1f} s")
+    print(f"separate runs    {total:8.1f} s  in all; decoding {k * decode_s / total:.0%} of it; CPU {total_cpu:.1f} s")
+    print(f"one pass         {together:8.1f} s  {together / total:.2f}x the separate runs (goal <= {goal:.2f}x: "
+          f"(decode + models) / ({k} x decode + models) + 10 %); decoding {decode_s / together:.0%} of it; CPU "
+          f"{together_cpu:.1f} s, {together_cpu / total_cpu:.2f}x the separate runs'")
+    print(f"peak memory      {together_peak:8.0f} MiB one pass, {together_peak / single_peak:.2f}x the largest separate "
+          f"run's {single_peak:.0f} MiB (goal <= 1.5x)")
+    print(f"load average     {loads[0][0]:.1f} at the start, {loads[1][0]:.1f} at the end (1-minute; other jobs share "
+          "these cores)")
+    return 0

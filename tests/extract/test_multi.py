@@ -1,0 +1,94 @@
+"""`vtn extract` with several --backbone: one decode pass, one ordinary cache per backbone (each with its own
+preprocessing), each bitwise the cache that backbone alone writes; a pass interrupted midway resumes into the same,
+running and writing each backbone only where its cache lacks the video."""
+
+import numpy as np
+import pytest
+
+import vtn.extract.pipeline as pipeline
+from tests.cli_runner import run_vtn
+from tests.extract.test_resume import assert_same_contents
+from vtn.store import CacheWriter, open_cache
+
+# Two tiny timm models whose preprocessing differs in every way: 160 px bilinear, mean 0.5 / 224 px bicubic, ImageNet.
+BACKBONES = ["test_resnet", "mobilenetv3_small_050"]
+ARGS = ["--random-init", "--num-frames", "3", "--batch-size", "4", "--workers", "1", "--quiet",
+        "--set", "runtime.commit_every=0"]
+SEVERAL = [arg for name in BACKBONES for arg in ("--backbone", name)]
+
+
+@pytest.fixture(scope="module")
+def alone(videos, tmp_path_factory):
+    """Each backbone's cache of the val videos, extracted alone."""
+    root = tmp_path_factory.mktemp("alone")
+    for name in BACKBONES:
+        run_vtn("extract", videos / "val", "--out", root / name, "--backbone", name, *ARGS, check_rc=0)
+    return root
+
+
+def assert_same_cache(a, b):
+    """Same videos, bitwise the same features, and the same attributes but the creation time."""
+    assert_same_contents(a, b)
+    attrs_a, attrs_b = open_cache(str(a)).attrs, open_cache(str(b)).attrs
+    assert {k: v for k, v in attrs_a.items() if k != "created_at"} == {k: v for k, v in attrs_b.items() if k != "created_at"}
+
+
+def test_several_backbones_decode_once_into_caches_equal_to_each_alone(videos, alone, tmp_path, vtn, monkeypatch):
+    decoded = []
+
+    class CountingPool(pipeline.DecodePool):
+        def __init__(self, jobs, *args, **kwargs):
+            decoded.extend(vid for vid, _ in jobs)
+            super().__init__(jobs, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "DecodePool", CountingPool)
+    out = tmp_path / "multi"
+    proc = vtn("extract", videos / "val", "--out", out, *SEVERAL, *ARGS, check_rc=0)
+    assert "extracted 4 videos, 12 frames" in proc.stderr and f"into 2 caches in {out}" in proc.stderr
+    assert sorted(decoded) == sorted(open_cache(str(alone / BACKBONES[0])).ids)  # each video decoded once
+    for name in BACKBONES:
+        assert_same_cache(alone / name, out / f"{name}.zarr")
+    a, b = (open_cache(str(out / f"{name}.zarr")).attrs["backbone"]["preprocessing"] for name in BACKBONES)
+    assert (a["input_size"], a["interpolation"], a["mean"][0]) == ([160, 160], "bilinear", 0.5)
+    assert (b["input_size"], b["interpolation"], b["mean"][0]) == ([224, 224], "bicubic", 0.485)
+    # Each cache is an ordinary one: `vtn extract --backbone NAME` alone resumes it with nothing to do.
+    proc = vtn("extract", videos / "val", "--out", out / f"{BACKBONES[1]}.zarr", "--backbone", BACKBONES[1], *ARGS,
+               check_rc=0)
+    assert "extracted 0 videos" in proc.stderr and "4 already in the cache" in proc.stderr
+
+
+def test_an_interrupted_pass_resumes_into_the_caches_of_each_alone(videos, alone, tmp_path, vtn, monkeypatch):
+    adds, real_add = [], CacheWriter.add
+
+    def add(self, vid, *args, **kwargs):
+        if stop_at is not None and len(adds) == stop_at:
+            raise KeyboardInterrupt  # Ctrl-C after 3 of the 8 (video, cache) writes
+        adds.append((self.url, vid))
+        return real_add(self, vid, *args, **kwargs)
+
+    monkeypatch.setattr(CacheWriter, "add", add)
+    out = tmp_path / "multi"
+    stop_at = 3
+    vtn("extract", videos / "val", "--out", out, *SEVERAL, *ARGS, check_rc=130)
+    before = {name: set(open_cache(str(out / f"{name}.zarr")).ids) for name in BACKBONES}
+    assert sum(map(len, before.values())) == 3
+    in_both = len(before[BACKBONES[0]] & before[BACKBONES[1]])
+    stop_at, first = None, list(adds)
+    proc = vtn("extract", videos / "val", "--out", out, *SEVERAL, *ARGS, check_rc=0)
+    assert f"{4 - in_both} videos" in proc.stderr and f"{in_both} already in every cache" in proc.stderr
+    # The re-run wrote only the 5 (video, cache) pairs the caches lacked, none twice.
+    assert len(adds) == 8 and len(set(adds)) == 8 and set(first) <= set(adds)
+    for name in BACKBONES:
+        assert_same_cache(alone / name, out / f"{name}.zarr")
+
+
+def test_several_backbones_refuse_one_weights_file_and_a_cache_as_the_folder(videos, alone, tmp_path, vtn):
+    proc = vtn("extract", videos / "val", "--out", tmp_path / "m", *SEVERAL, "--weights", tmp_path / "w.safetensors",
+               check_rc=2)
+    assert "--weights" in proc.stderr and "one weights file fits one backbone" in proc.stderr
+    proc = vtn("extract", videos / "val", "--out", alone / BACKBONES[0], *SEVERAL, *ARGS, check_rc=2)
+    assert "is a feature cache" in proc.stderr and str(alone / BACKBONES[0]) in proc.stderr
+    proc = vtn("extract", videos / "val", "--out", tmp_path / "m", *SEVERAL, "--backbone", BACKBONES[0], *ARGS,
+               check_rc=2)
+    assert f"--backbone {BACKBONES[0]}: given twice" in proc.stderr
+    assert not np.any([p.exists() for p in (tmp_path / "m").glob("*")])
