@@ -10,8 +10,8 @@ backbone's weights file (backbone.safetensors) when they are not timm's. Pushing
 and length: inputs `features` [batch, frames, D] float32 and `positions` [batch, frames] int64 (frame_positions'
 rule), output `logits` [batch, classes]. The graph comes from the TorchScript tracer (torch.onnx's dynamo=False
 path) over the `fast` backend with every layer's band attention run as one dense block (`one_block`): the same
-function at any length, with no branch on the length for a trace to freeze. `export_program` writes the same
-module as a torch.export archive (.pt2).
+function at any length, with no branch on the length for a trace to freeze. (torch.onnx's dynamo path exports the
+same module to the same logits, but takes several times as long.)
 """
 
 from __future__ import annotations
