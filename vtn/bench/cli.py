@@ -10,7 +10,7 @@ def register(sub) -> None:
     """Add `vtn bench` and a subcommand per benchmark to `vtn`."""
     bench = sub.add_parser("bench", help="benchmarks that print figures (store, extract, temporal)")
     bench_sub = bench.add_subparsers(dest="bench", metavar="WHAT", required=True)
-    for add in (_add_store, _add_extract, _add_temporal, _add_finetune, _add_sweep, _add_inference):
+    for add in (_add_store, _add_extract, _add_temporal, _add_finetune, _add_sweep, _add_inference, _add_export):
         add(bench_sub)
 
 
@@ -202,4 +202,22 @@ def _inference(args) -> int:
     if not args.latency:
         run(args.videos, tuple(args.views), args.workdir, args.workers, args.device, args.train_videos, args.steps)
     latency(args.latency_backbone, workdir=str(Path(args.workdir) / "latency") if args.workdir else None)
+    return 0
+
+
+def _add_export(bench_sub) -> None:
+    b = bench_sub.add_parser(
+        "export", help="TensorBoard's cost on a tiny vtn train run; ONNX Runtime vs PyTorch latency of the encoder",
+        description="A tiny vtn train run on a small generated cache with TensorBoard events and with --no-tb "
+        "(alternated, best of --repeats); then the paper's encoder + head (random weights) exported with vtn export "
+        "--onnx, one video at 16 and at 288 frames through PyTorch and ONNX Runtime on the CPU (median ms).")
+    b.add_argument("--steps", type=int, default=60, help="optimiser steps of the tiny run (default 60)")
+    b.add_argument("--repeats", type=int, default=3, help="runs of each kind (default 3)")
+    b.set_defaults(func=_export)
+
+
+def _export(args) -> int:
+    from vtn.bench.export import bench
+
+    bench(args.steps, args.repeats)
     return 0
