@@ -90,3 +90,14 @@ def test_export_refuses_what_it_would_clobber_or_cannot_do(trained, tmp_path, ca
     assert "not copied" in capsys.readouterr().out and not (tmp_path / "m" / "backbone.safetensors").exists()
     assert main(["export", str(run), "--out", str(tmp_path / "m"), "--with-backbone"]) == 0  # over its own export
 
+
+
+@pytest.mark.tensorboard
+def test_bench_export_prints_tensorboards_cost_and_onnx_latency(capsys):
+    pytest.importorskip("onnxruntime", reason="the onnx extra (pip install 'vtn[onnx]') is not installed")
+    pytest.importorskip("tensorboard", reason="the tb extra (pip install 'vtn[tb]') is not installed")
+    assert main(["bench", "export", "--steps", "2", "--repeats", "1", "--model", "tiny"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert "with TensorBoard" in out[0] and "--no-tb" in out[0]
+    assert [line.split(" frames")[0].split()[-1] for line in out[1:]] == ["16", "288"]
+    assert all("PyTorch" in line and "ONNX Runtime" in line for line in out[1:])

@@ -7,6 +7,7 @@ import contextlib
 import io
 import statistics
 import time
+from dataclasses import replace
 from pathlib import Path
 
 
@@ -55,16 +56,16 @@ def latency(model, session, frames: int, repeats: int) -> tuple[float, float]:
     return torch_ms, timed(lambda: session.run(None, feeds))
 
 
-def bench(steps: int = 60, repeats: int = 3) -> dict:
-    """Prints and returns the figures: TensorBoard's overhead, then the encoder's latency at 16 and 288 frames on the
-    paper's encoder (vit_b_vtn: 768-D, 3 layers, window 18, 400 classes), random weights."""
+def bench(steps: int = 60, repeats: int = 3, size: str = "base") -> dict:
+    """Prints and returns the figures: TensorBoard's overhead, then the latency at 16 and 288 frames of the encoder
+    of `size` on 768-D features with 400 classes (base: the paper's vit_b_vtn, window 18), random weights."""
     import tempfile
 
     import onnxruntime as ort
     import torch
 
     from vtn.temporal.export import export_onnx
-    from vtn.temporal.model import VTN, preset
+    from vtn.temporal.model import SIZES, VTN
 
     with tempfile.TemporaryDirectory() as tmp:
         with_tb, without = tensorboard_overhead(Path(tmp), steps, repeats)
@@ -72,13 +73,13 @@ def bench(steps: int = 60, repeats: int = 3) -> dict:
               f"best of {repeats}: with TensorBoard {with_tb:.2f} s, --no-tb {without:.2f} s = {with_tb / without:.2f}x",
               flush=True)
         torch.manual_seed(0)
-        model = VTN(preset("vit_b_vtn")).eval()
+        model = VTN(replace(SIZES[size], feature_dim=768, num_classes=400)).eval()
         session = ort.InferenceSession(str(export_onnx(model, Path(tmp) / "vtn.onnx")),
                                        providers=["CPUExecutionProvider"])
         figures = {"tb_s": with_tb, "no_tb_s": without}
         for frames in (16, 288):
             torch_ms, ort_ms = latency(model, session, frames, 20 * repeats)
-            print(f"  vit_b_vtn encoder + head, 1 video x {frames} frames on the CPU ({torch.get_num_threads()} torch "
+            print(f"  {size} encoder + head (768-D features, 400 classes), 1 video x {frames} frames on the CPU ({torch.get_num_threads()} torch "
                   f"threads): PyTorch {torch_ms:.1f} ms, ONNX Runtime {ort_ms:.1f} ms = {ort_ms / torch_ms:.2f}x",
                   flush=True)
             figures.update({f"torch_ms_{frames}": torch_ms, f"ort_ms_{frames}": ort_ms})
