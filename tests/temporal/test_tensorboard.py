@@ -41,8 +41,15 @@ def test_event_files_hold_the_values_of_metrics_jsonl(cache, tmp_path, capsys):
     assert "_hparams_/session_start_info" in hparams  # the HParams view: the config with the best epoch's metrics
     assert b"optim.lr" in hparams["_hparams_/session_start_info"]
 
-    assert main(["train", cache, "--out", str(tmp_path / "off"), *TINY, "--steps", "2", "--no-tb", "--quiet"]) == 0
-    assert not (tmp_path / "off" / "tb").exists()
+
+def test_no_tb_turns_the_events_off_in_train_sweep_and_finetune():
+    from vtn.cli import build_parser
+    from vtn.config import job_config
+    from vtn.temporal.settings import FLAGS, TrainConfig
+
+    for argv in (["train", "C", "--out", "R"], ["sweep", "C", "--out", "D"], ["finetune", "R", "--out", "R2"]):
+        on, off = (build_parser().parse_args(argv + extra) for extra in ([], ["--no-tb"]))
+        assert job_config(TrainConfig, on, FLAGS).run.tensorboard and not job_config(TrainConfig, off, FLAGS).run.tensorboard
 
 
 def test_a_sweep_writes_one_event_run_per_member(cache, tmp_path, capsys):
@@ -63,7 +70,7 @@ def test_a_sweep_writes_one_event_run_per_member(cache, tmp_path, capsys):
 
 def test_a_run_without_a_val_dataset_closes_with_curves_and_hparams(tmp_path):
     """As `vtn finetune` closes its events (its val videos are raw video, not a cache's split)."""
-    from vtn.temporal.settings import TrainConfig
+    from vtn.temporal.settings import RunSection, TrainConfig
     from vtn.temporal.tensorboard import open_board
 
     (tmp_path / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "step": 4, "val_top1": 0.5}) + "\n")
@@ -71,6 +78,7 @@ def test_a_run_without_a_val_dataset_closes_with_curves_and_hparams(tmp_path):
     board.record({"epoch": 1, "step": 4, "val_top1": 0.5, "note": "text is not a scalar"})
     board.close({"epoch": 1, "val_top1": 0.5})
     acc = events(tmp_path / "tb")
-    assert acc.Tags()["scalars"] == ["epoch", "val_top1", "hparam/val_top1"] or "val_top1" in acc.Tags()["scalars"]
-    assert [(e.step, e.value) for e in acc.Scalars("val_top1")] == [(4, 0.5)]
-    assert open_board(tmp_path, TrainConfig(run=TrainConfig().run.__class__(tensorboard=False))) is None
+    assert "note" not in acc.Tags()["scalars"] and [(e.step, e.value) for e in acc.Scalars("val_top1")] == [(4, 0.5)]
+    assert "curves" not in acc.Tags()["images"]  # no curves.png in this folder to show
+    assert "_hparams_/session_start_info" in acc.PluginTagToContent("hparams")
+    assert open_board(tmp_path, TrainConfig(run=RunSection(tensorboard=False))) is None
