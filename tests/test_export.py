@@ -79,6 +79,34 @@ def test_export_folder_predicts_as_the_run(trained, tmp_path, capsys):
     assert len(folder) == 2 and sorted(folder, key=lambda r: r["id"]) == sorted(direct, key=lambda r: r["id"])
 
 
+def test_a_fine_tuned_checkpoint_exports_with_its_own_backbone(trained, tmp_path, capsys):
+    """A checkpoint as `vtn finetune` writes it (backbone + VTN, backbone.safetensors, video.json), its backbone's
+    weights moved away from the extracted ones: the folder carries them, and predicts as the checkpoint does."""
+    from vtn.temporal.checkpoint import read_inputs, write_model
+    from vtn.temporal.e2e import VideoVTN, rebuild_backbone
+
+    videos, run, _ = trained
+    inputs = read_inputs(run / "best")
+    backbone, preprocess, _, _ = rebuild_backbone(inputs, run / "best", torch.device("cpu"))
+    with torch.no_grad():
+        for p in backbone.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    video = {k: inputs[k] for k in ("backbone", "backbone_config", "sampling")}
+    write_model(tmp_path / "ft", VideoVTN.compose(load_temporal(run / "best"), backbone, preprocess, video), {}, inputs)
+
+    assert main(["export", str(tmp_path / "ft"), "--out", str(tmp_path / "bare")]) == 0
+    assert main(["predict", str(videos / "val"), "--model", str(tmp_path / "bare"), "--workers", "0", "--quiet"]) == 2
+    assert "backbone.safetensors" in capsys.readouterr().err  # without --with-backbone: named, not guessed
+    assert main(["export", str(tmp_path / "ft"), "--out", str(tmp_path / "full"), "--with-backbone"]) == 0
+    results = {}
+    for name in ("ft", "full"):
+        assert main(["predict", str(videos / "val"), "--model", str(tmp_path / name), "--json",
+                     str(tmp_path / f"{name}.jsonl"), "--workers", "0", "--quiet"]) == 0
+        results[name] = sorted((json.loads(x) for x in (tmp_path / f"{name}.jsonl").read_text().splitlines()),
+                               key=lambda r: r["id"])
+    assert len(results["full"]) == 2 and results["full"] == results["ft"]
+
+
 def test_export_refuses_what_it_would_clobber_or_cannot_do(trained, tmp_path, capsys):
     _, run, _ = trained
     assert main(["export", str(run)]) == 2
