@@ -43,6 +43,8 @@ def export_folder(run: str | Path, out: str | Path, checkpoint: str = "best", wi
     if not inputs or not inputs.get("backbone_config"):
         raise UserError(f"{ckpt}: the checkpoint does not record the backbone its features came from (trained on an "
                         "imported cache, or by an older vtn); `vtn predict` could not use the exported folder")
+    if Path(out).resolve() == ckpt.resolve():
+        raise UserError(f"{out}: the checkpoint being exported; choose another --out")
     out = _folder(Path(out))
     model = load_temporal(ckpt)
     model.save_pretrained(out)
@@ -57,7 +59,7 @@ def export_folder(run: str | Path, out: str | Path, checkpoint: str = "best", wi
         inputs = {**inputs, "backbone_config": {**inputs["backbone_config"], "weights": BACKBONE_FILE}}
         note = f"weights copied from {source} into {BACKBONE_FILE}"
     else:
-        note = (f"weights file {source} not copied (add --with-backbone); `vtn predict` needs it, or --weights")
+        note = f"weights file {source} not copied (add --with-backbone); `vtn predict` needs it, or --weights"
     (out / INPUTS_NAME).write_text(json.dumps(inputs, indent=2) + "\n")
     (out / CARD_NAME).write_text(model_card(model, inputs, _state(ckpt), _state(ckpt.parent / "last"), note))
     return {"files": sorted(p.name for p in out.iterdir()), "backbone": note, "checkpoint": str(ckpt)}
