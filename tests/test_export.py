@@ -117,6 +117,8 @@ def test_export_refuses_what_it_would_clobber_or_cannot_do(trained, tmp_path, ca
     assert main(["export", str(run), "--out", str(tmp_path / "m")]) == 0  # without the backbone: the path recorded
     assert "not copied" in capsys.readouterr().out and not (tmp_path / "m" / "backbone.safetensors").exists()
     assert main(["export", str(run), "--out", str(tmp_path / "m"), "--with-backbone"]) == 0  # over its own export
+    assert main(["export", str(tmp_path / "m"), "--out", str(tmp_path / "m")]) == 2  # a folder onto itself
+    assert "the checkpoint being exported" in capsys.readouterr().err
 
 
 
