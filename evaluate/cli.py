@@ -1,11 +1,11 @@
-"""`vtn evaluate`, `vtn predict` and `vtn report`. Only argparse at module level, so `vtn --help` stays instant."""
+"""`vtn evaluate`, `vtn predict`, `vtn report` and `vtn export`. Only argparse at module level, so `vtn --help` stays instant."""
 
 from __future__ import annotations
 
 
 def register(sub) -> None:
-    """Add `vtn evaluate`, `vtn predict` and `vtn report` to `vtn`."""
-    for add in (_add_evaluate, _add_predict, _add_report):
+    """Add `vtn evaluate`, `vtn predict`, `vtn report` and `vtn export` to `vtn`."""
+    for add in (_add_evaluate, _add_predict, _add_report, _add_export):
         add(sub)
 
 
@@ -48,7 +48,8 @@ def _add_predict(sub) -> None:
         "weights sha256), sampled as its cache was, then the encoder and head; prints the top classes of each video. "
         "Exit status: 0 all videos predicted, 3 some failed (reported, the rest predicted), 2 usage error.")
     q.add_argument("input", help="a video file, a folder of videos, or a .csv manifest")
-    q.add_argument("--model", required=True, metavar="RUN", help="a `vtn train` run directory or a checkpoint directory")
+    q.add_argument("--model", required=True, metavar="RUN",
+                   help="a `vtn train` or `vtn finetune` run directory, a checkpoint directory, or a `vtn export` folder")
     q.add_argument("--checkpoint", choices=["best", "last"], help="which checkpoint of RUN (default best)")
     q.add_argument("--views", metavar="MODE",
                    help="full (default: one view over the whole video) or TxS: T clips of the training clip length "
@@ -77,6 +78,45 @@ def _add_report(sub) -> None:
                        "RUN/metrics.jsonl, for any run, finished or not, and prints its best epoch.")
     r.add_argument("run", help="a `vtn train` run directory")
     r.set_defaults(func=_report)
+
+
+def _add_export(sub) -> None:
+    e = sub.add_parser(
+        "export", help="a trained run as a Hugging Face model folder, or its encoder + head as ONNX",
+        description="--out DIR: a model folder in Hugging Face's layout (config.json, model.safetensors, a README.md "
+        "model card) with inputs.json (the backbone's identity, the sampling), which `vtn predict --model DIR` takes; "
+        "push it with huggingface_hub's upload_folder. --onnx FILE: the temporal encoder + head with its feature "
+        "normalisation, dynamic in batch and frames (inputs features [batch, frames, D] float32, positions [batch, "
+        "frames] int64; output logits [batch, classes]), for ONNX Runtime (pip install 'vtn[onnx]').")
+    e.add_argument("run", help="a `vtn train` or `vtn finetune` run directory, or a checkpoint directory")
+    e.add_argument("--out", metavar="DIR", help="the model folder to write")
+    e.add_argument("--with-backbone", action="store_true",
+                   help="copy the backbone's weights into the folder when they are a file (a fine-tuned backbone, or "
+                   "--weights at extraction); timm's own weights are rebuilt from the recorded identity")
+    e.add_argument("--onnx", metavar="FILE", help="write the encoder + head as ONNX")
+    e.add_argument("--checkpoint", choices=["best", "last"], help="which checkpoint of RUN (default best)")
+    e.set_defaults(func=_export)
+
+
+def _export(args) -> int:
+    from vtn.errors import UserError
+
+    if not (args.out or args.onnx):
+        raise UserError("nothing to write: give --out DIR or --onnx FILE")
+    if args.with_backbone and not args.out:
+        raise UserError("--with-backbone puts the backbone into the model folder: give --out DIR")
+    from vtn.temporal import export
+    from vtn.temporal.checkpoint import locate
+    from vtn.temporal.e2e import load_temporal
+
+    checkpoint = args.checkpoint or "best"
+    if args.out:
+        done = export.export_folder(args.run, args.out, checkpoint, args.with_backbone)
+        print(f"vtn export: {done['checkpoint']} -> {args.out} ({', '.join(done['files'])}); backbone: {done['backbone']}")
+    if args.onnx:
+        path = export.export_onnx(load_temporal(locate(args.run, checkpoint)), args.onnx)
+        print(f"vtn export: encoder + head -> {path} (ONNX; inputs features, positions; output logits)")
+    return 0
 
 
 def _evaluate(args) -> int:

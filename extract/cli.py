@@ -49,7 +49,8 @@ def register(sub) -> None:
     p.add_argument("--timeout", type=float, metavar="S", help="kill a decode that makes no progress for S seconds (default 120)")
     p.add_argument("--shard", metavar="K/N", help="only the K-th of N fixed shares of the videos (K = 0..N-1), for job "
                    "arrays (SLURM, Kubernetes) whose tasks start on their own: each writes its own part of the same "
-                   "cache, and re-running a task resumes its share")
+                   "cache, and re-running a task resumes its share (default: a SLURM array task's own, from "
+                   "SLURM_ARRAY_TASK_ID, _MIN and _COUNT)")
     p.add_argument("--quiet", "--no-progress", action="store_true", help="no progress bar (as train, finetune, "
                    "sweep and demo; --no-progress is the older spelling)")
     add_config_args(p, "runtime.decode_threads=2")
@@ -103,10 +104,19 @@ def _extract(args: argparse.Namespace) -> int:
 
 
 def _run(cfg, args, rank: int, world_size: int):
-    from vtn.extract.job import run
+    import os
 
+    from vtn.extract.job import run
+    from vtn.runtime import slurm_array_shard
+
+    shard = _shard(args.shard)  # --shard wins over the SLURM array's
+    array = slurm_array_shard(os.environ) if shard is None else None
+    if array is not None:
+        shard = array[0]
+        if rank == 0:
+            print(f"vtn extract: shard {shard[0]}/{shard[1]} from the SLURM array task ({array[1]})", flush=True)
     return run(cfg, args.input, args.out, overwrite=args.overwrite, rank=rank, world_size=world_size,
-               shard=_shard(args.shard), root=args.root, backbones=args.backbones)
+               shard=shard, root=args.root, backbones=args.backbones)
 
 
 def _shard(text: str | None) -> tuple[int, int] | None:

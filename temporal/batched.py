@@ -200,4 +200,4 @@ def train_batched(cache, runs: list[tuple[Path, TrainConfig]], sources: dict | N
         for i, j in enumerate(jobs):
             close_epoch(j.loop, epoch, epochs, every, cfg.run.checkpoint_every, lambda i=i: evaluate(i))
     bar.close()
-    return [finish_run(j.loop, announce=False) for j in jobs]
+    return [finish_run(j.loop, announce=False, val=j.data.val) for j in jobs]

@@ -48,6 +48,8 @@ def _add_train(sub) -> None:
     p.add_argument("--amp", choices=["none", "bf16", "fp16"], help="autocast dtype (run.amp)")
     p.add_argument("--seed", type=int, help="run.seed")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (run.device; default: the GPU when there is one)")
+    p.add_argument("--no-tb", action="store_true", help="no TensorBoard event files in RUN/tb/ (run.tensorboard; "
+                   "written by default when the tensorboard package is installed)")
     add_config_args(p, "model.num_layers=2")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_job("train"), interrupted="the last checkpoint is kept; add --resume to the same command "
@@ -86,6 +88,8 @@ def _add_sweep(sub) -> None:
     p.add_argument("--model", choices=["tiny", "small", "base"], help="base encoder size, as vtn train")
     p.add_argument("--probes", action="store_true", help="add vtn probe's baselines to the table")
     p.add_argument("--no-batch", action="store_true", help="train every run on its own, never batched")
+    p.add_argument("--no-tb", action="store_true", help="no TensorBoard event files in RUN/tb/ (run.tensorboard; "
+                   "written by default when the tensorboard package is installed)")
     add_config_args(p, "optim.epochs=10")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_job("sweep", "sweep"), interrupted="finished runs and the last checkpoints are kept; run "
@@ -152,6 +156,8 @@ def _add_finetune(sub) -> None:
                    "activations recomputed in the backward pass (finetune.chunked; default: whenever a step has "
                    "more frames than one micro-batch)")
     f.add_argument("--workers", type=int, help="decode processes (finetune.workers; 0: decode in this process)")
+    f.add_argument("--no-tb", action="store_true", help="no TensorBoard event files in RUN/tb/ (run.tensorboard; "
+                   "written by default when the tensorboard package is installed)")
     add_config_args(f, "finetune.bank_frames=2")
     f.add_argument("--quiet", action="store_true", help="no progress bar")
     f.set_defaults(func=_job("finetune"), interrupted="the last checkpoint is kept; add --resume to the same "

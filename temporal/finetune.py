@@ -643,6 +643,8 @@ def finish_finetune(job: Tuning, spent: str = "") -> dict:
               f"{best_record['val_top1']:.1%} at epoch {best_record['epoch']}\n  checkpoints: {run / 'best'}, "
               f"{run / 'last'}; metrics: {run / 'metrics.jsonl'}, curves: {run / 'curves.png'}; failures: "
               f"{len(failures.ids)} ({run / 'failures.jsonl'})", flush=True)
+    if loop.board:  # no confusion figure: fine-tuning evaluates raw video, not a cache's val split
+        loop.board.close(best_record)
     diverged_warning(loop)
     return {"run": str(run), "epochs": state["epochs"], "steps": state["step"], "best": best_record,
             "failures": sorted(failures.ids)}

@@ -42,16 +42,18 @@ def block_size(num_frames: int, radius: int) -> int:
 
 
 def banded_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor, radius: int, dropout_p: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor, radius: int, dropout_p: float,
+    dense: bool = False,
 ) -> torch.Tensor:
-    """Each frame attends to [CLS] (key/value index 0) and to the valid frames within `radius` of it.
+    """Each frame attends to [CLS] (key/value index 0) and to the valid frames within `radius` of it. `dense`: as
+    one block whatever the length (the same function; a graph exported with a dynamic length has no branch on it).
 
     q: [B, H, T, dh] frame queries, already scaled; k, v: [B, H, 1 + T, dh] with [CLS] first;
     valid: [B, T] bool for the frames. Returns [B, H, T, dh].
     """
     B, H, T, dh = q.shape
-    c = block_size(T, radius)
-    nb = -(-T // c)  # number of query blocks
+    c = T if dense else block_size(T, radius)
+    nb = 1 if dense else -(-T // c)  # number of query blocks
     halo = 1 if nb > 1 else 0  # neighbouring blocks on each side; c >= radius, so one suffices
     span = (2 * halo + 1) * c  # frame keys seen by one block
 
@@ -122,6 +124,7 @@ class LongformerSelfAttention(nn.Module):
         self.head_dim = hidden_size // num_heads
         self.radius = window // 2
         self.dropout = attention_dropout
+        self.one_block = False  # every length as one dense block (see banded_attention); set for an exported graph
         self.query = nn.Linear(hidden_size, hidden_size)
         self.key = nn.Linear(hidden_size, hidden_size)
         self.value = nn.Linear(hidden_size, hidden_size)
@@ -146,7 +149,7 @@ class LongformerSelfAttention(nn.Module):
         # Frames: HF scales the queries before the product; so do we (and pass scale=1 to SDPA).
         q = self.heads(self.query(h[:, 1:]) / scale)  # [B, H, T, dh]; [CLS]'s local query would be unused
         k, v = self.heads(self.key(h)), self.heads(self.value(h))  # [B, H, N, dh]
-        frames = banded_attention(q, k, v, valid[:, 1:], self.radius, p)  # [B, H, T, dh]
+        frames = banded_attention(q, k, v, valid[:, 1:], self.radius, p, self.one_block)  # [B, H, T, dh]
 
         # [CLS]: its own projections over all tokens (itself included), masked tokens excluded.
         qg = self.heads(self.query_global(h[:, :1]) / scale)  # [B, H, 1, dh]

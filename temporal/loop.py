@@ -47,6 +47,7 @@ from vtn.temporal.metrics import classification_metrics, rank
 from vtn.temporal.model import VTN
 from vtn.temporal.settings import DEFAULT_EPOCHS, OptimSection, RunSection, TrainConfig, model_config
 from vtn.temporal.splits import Data, data_fingerprint, load_data
+from vtn.temporal.tensorboard import open_board
 
 
 def schedule(optim: OptimSection, steps_per_epoch: int) -> tuple[int, int, str, int | None]:
@@ -113,6 +114,7 @@ class Loop:
     inputs: dict  # what the features are (checkpoint inputs.json)
     started: float = 0.0  # perf_counter() at the run's start, less the time of the part before a resume
     clip_groups: list | None = None  # parameter lists clipped to optim.clip_grad each on its own; None: all as one
+    board: Any = None  # the run's TensorBoard events (temporal/tensorboard.py): rank 0, when on
 
 
 def check_resume(saved: dict, mine: dict, ckpt: Path) -> None:
@@ -313,6 +315,8 @@ def end_epoch(loop: Loop, epoch: int, val: dict) -> dict:
     if loop.procs.rank == 0:
         with open(loop.dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
+        if loop.board:
+            loop.board.record(record)
         if improved:
             checkpoint.save_best(loop.dir, loop.model, record, loop.inputs)
     checkpoint_last(loop)
@@ -404,8 +408,8 @@ def new_loop(run: Path, cfg, model: torch.nn.Module, groups: list, data: Data, c
         state.update(saved_state)
     ddp_model = model if procs.world == 1 else torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None, **ddp)
-    return Loop(run, procs, device, model, ddp_model, opt, scaler, cfg.optim, state, inputs,
-                clip_groups=clip_groups), why
+    return Loop(run, procs, device, model, ddp_model, opt, scaler, cfg.optim, state, inputs, clip_groups=clip_groups,
+                board=open_board(run, cfg, procs.rank == 0, state["step"])), why
 
 
 def schedule_text(loop: Loop, batch_size: int, why: str, resuming: bool) -> str:
@@ -477,8 +481,9 @@ def start_run(run: Path, cache, cfg: TrainConfig | None, resume: bool, procs: Pr
     return Started(loop, data, cfg)
 
 
-def finish_run(loop: Loop, announce: bool = True) -> dict:
-    """The summary of a run whose steps are done; rank 0 draws curves.png and reports."""
+def finish_run(loop: Loop, announce: bool = True, val: ClipDataset | None = None) -> dict:
+    """The summary of a run whose steps are done; rank 0 draws curves.png and reports (and closes its TensorBoard
+    events with best/'s confusion on `val`)."""
     state, run, rank, epochs = loop.state, loop.dir, loop.procs.rank, loop.state["epoch"]
     best = state["best"]
     summary = {"run": str(run), "epochs": epochs, "steps": state["step"], "seconds": round(state["elapsed"], 1),
@@ -486,6 +491,8 @@ def finish_run(loop: Loop, announce: bool = True) -> dict:
                if rank == 0 else None}
     if rank == 0:
         curves_png([json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()], run / "curves.png")
+    if rank == 0 and loop.board:
+        loop.board.close(best, val, loop.device)
     if rank == 0 and announce:
         stopped = state.get("stopped_at")
         if stopped is not None:
@@ -526,7 +533,7 @@ def fit(cache_url: str, out: str | Path, cfg: TrainConfig | None = None, resume:
         run_epochs(loop, cfg.run, lambda epoch: epoch_batches(data, loop.state, epoch), loss_fn,
                    lambda: evaluate_views(loop.model, data.val, device, cfg.data.eval_batch_size, procs, cfg.run.amp),
                    progress)
-        return finish_run(loop)
+        return finish_run(loop, val=data.val)
     finally:
         if own_group:
             dist.destroy_process_group()

@@ -84,6 +84,9 @@ class RunSection:
     # a fixed count makes a CPU run's result the same on any number of cores (sums split another way round off
     # differently)
     threads: int | None = ranged(None, ge=1)
+    # TensorBoard event files in RUN/tb/ beside metrics.jsonl (temporal/tensorboard.py), when the tensorboard package
+    # is installed
+    tensorboard: bool = True
 
 
 @dataclass(frozen=True)
@@ -109,6 +112,7 @@ RECIPES = {
 FLAGS = {  # `vtn train`'s flags (argparse dest) -> config key; see vtn.config.flag_updates
     "frames": "data.clip_frames", "stride": "data.stride", "epochs": "optim.epochs", "steps": "optim.steps",
     "batch_size": "optim.batch_size", "lr": "optim.lr", "amp": "run.amp", "seed": "run.seed", "device": "run.device",
+    "no_tb": {"run.tensorboard": False},
 }
 
 

@@ -35,6 +35,14 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def _tensorboard_only_where_asked(request, monkeypatch):
+    """Runs write TensorBoard events when the package is installed, which costs about a second a run (best/'s
+    confusion figure at the end); in this process only the tests marked `tensorboard` write them."""
+    if "tensorboard" not in request.keywords:
+        monkeypatch.setattr("vtn.temporal.tensorboard.installed", lambda: False)
+
+
 @pytest.fixture
 def vtn():
     """vtn(*args, check_rc=N, cwd=None) -> CompletedProcess: the CLI as users run it (see run_vtn)."""

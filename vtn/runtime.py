@@ -33,9 +33,45 @@ class Processes:
 
 
 def processes() -> Processes:
+    """This process's place: torchrun's variables, derived from SLURM's first under `srun` (see slurm_ranks)."""
     env = os.environ
+    for key, value in slurm_ranks(env).items():
+        env.setdefault(key, value)  # into the environment: torch.distributed's env:// rendezvous reads them there
     return Processes(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0)),
                      int(env.get("LOCAL_WORLD_SIZE", 1)))
+
+
+def slurm_ranks(env) -> dict[str, str]:
+    """torchrun's RANK, WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE for a task of an `srun` step of several tasks
+    (SLURM_PROCID, SLURM_STEP_NUM_TASKS, SLURM_LOCALID, and this node's count in SLURM_STEP_TASKS_PER_NODE, e.g.
+    "4(x2),2"); {} under torchrun (it sets RANK), outside a step, or for a step of one task. Only a step's
+    variables count: a batch script sees SLURM_NTASKS of the whole allocation while it runs as one process.
+    MASTER_ADDR and MASTER_PORT stay the job script's to set (README: a multi-node job)."""
+    tasks = int(env.get("SLURM_STEP_NUM_TASKS", "1") or 1)
+    if "RANK" in env or tasks <= 1 or "SLURM_PROCID" not in env:
+        return {}
+    per_node = []
+    for part in env.get("SLURM_STEP_TASKS_PER_NODE", "").split(","):
+        count, _, times = part.partition("(x")
+        per_node += [count] * int(times.rstrip(")") or 1) if count else []
+    node = int(env.get("SLURM_NODEID", "0"))
+    return {"RANK": env["SLURM_PROCID"], "WORLD_SIZE": str(tasks), "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
+            "LOCAL_WORLD_SIZE": per_node[node] if node < len(per_node) else "1"}
+
+
+def slurm_array_shard(env) -> tuple[tuple[int, int], str] | None:
+    """((K, N), why) of a SLURM array task: K = (SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN) / its step, N =
+    SLURM_ARRAY_TASK_COUNT, so `--array=0-99` and `--array=1-100` give shares 0..99 of 100; None outside an array."""
+    if "SLURM_ARRAY_TASK_ID" not in env or "SLURM_ARRAY_TASK_COUNT" not in env:
+        return None
+    task, first = int(env["SLURM_ARRAY_TASK_ID"]), int(env.get("SLURM_ARRAY_TASK_MIN", 0))
+    step, count = int(env.get("SLURM_ARRAY_TASK_STEP", 1) or 1), int(env["SLURM_ARRAY_TASK_COUNT"])
+    k = (task - first) // step
+    why = (f"SLURM_ARRAY_TASK_ID={task}, SLURM_ARRAY_TASK_MIN={first}, SLURM_ARRAY_TASK_COUNT={count}"
+           + (f", SLURM_ARRAY_TASK_STEP={step}" if step != 1 else ""))
+    if not 0 <= k < count or (task - first) % step:
+        raise UserError(f"this SLURM array task is not one of {count} evenly spaced ones ({why}): give --shard K/N")
+    return (k, count), why
 
 
 def resolve_device(spec: str, local_rank: int = 0) -> torch.device:

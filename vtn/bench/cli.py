@@ -10,7 +10,8 @@ def register(sub) -> None:
     """Add `vtn bench` and a subcommand per benchmark to `vtn`."""
     bench = sub.add_parser("bench", help="benchmarks that print figures (store, extract, temporal)")
     bench_sub = bench.add_subparsers(dest="bench", metavar="WHAT", required=True)
-    for add in (_add_store, _add_extract, _add_temporal, _add_finetune, _add_sweep, _add_inference, _add_long):
+    for add in (_add_store, _add_extract, _add_temporal, _add_finetune, _add_sweep, _add_inference, _add_long,
+                _add_export):
         add(bench_sub)
 
 
@@ -226,4 +227,24 @@ def _long(args) -> int:
     from vtn.bench.long import run
 
     run(args.run, args.cache, args.events, args.split, args.checkpoints)
+    return 0
+
+
+def _add_export(bench_sub) -> None:
+    b = bench_sub.add_parser(
+        "export", help="TensorBoard's cost on a tiny vtn train run; ONNX Runtime vs PyTorch latency of the encoder",
+        description="A tiny vtn train run on a small generated cache with TensorBoard events and with --no-tb "
+        "(alternated, best of --repeats); then an encoder + head (random weights; the paper's by default) exported with vtn export "
+        "--onnx, one video at 16 and at 288 frames through PyTorch and ONNX Runtime on the CPU (median ms).")
+    b.add_argument("--steps", type=int, default=60, help="optimiser steps of the tiny run (default 60)")
+    b.add_argument("--repeats", type=int, default=3, help="runs of each kind (default 3; latency: 20x as many calls)")
+    b.add_argument("--model", choices=["tiny", "small", "base"], default="base",
+                   help="encoder size of the latency rows (default base: the paper's encoder)")
+    b.set_defaults(func=_export)
+
+
+def _export(args) -> int:
+    from vtn.bench.export import bench
+
+    bench(args.steps, args.repeats, args.model)
     return 0
