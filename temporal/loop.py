@@ -23,7 +23,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -354,16 +354,26 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
+# Settings that change what a run reports, not the steps it takes: a resumed run may set them anew.
+RESUME_MAY_CHANGE = ("run.tensorboard",)
+
+
 def resume_config(cls, run: Path, given):
-    """The saved config of the run in `run`; `given` (None: no settings on the command line) must equal it."""
+    """The saved config of the run in `run`; `given` (None: no settings on the command line) must equal it, but
+    for RESUME_MAY_CHANGE, which it sets."""
     saved_path = run / "config.yaml"
     saved = resolve(cls, saved_path)
     if given is not None:
         mine = _flat(to_dict(given))
-        diff = [f"{k}: {v!r} (saved {w!r})" for k, w in _flat(to_dict(saved)).items() if (v := mine.get(k)) != w]
+        diff = [f"{k}: {v!r} (saved {w!r})" for k, w in _flat(to_dict(saved)).items()
+                if (v := mine.get(k)) != w and k not in RESUME_MAY_CHANGE]
         if diff:
             raise UserError(f"--resume continues {run} with its saved config ({saved_path}); these settings "
                             f"differ: {'; '.join(diff)}. Drop them, or train into another --out")
+        for key in RESUME_MAY_CHANGE:
+            section, name = key.split(".")
+            mine_section = replace(getattr(saved, section), **{name: getattr(getattr(given, section), name)})
+            saved = replace(saved, **{section: mine_section})
     return saved
 
 

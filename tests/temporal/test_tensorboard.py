@@ -2,6 +2,7 @@
 view; `--no-tb` writes none; a sweep writes one event run per member."""
 
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -82,3 +83,15 @@ def test_a_run_without_a_val_dataset_closes_with_curves_and_hparams(tmp_path):
     assert "curves" not in acc.Tags()["images"]  # no curves.png in this folder to show
     assert "_hparams_/session_start_info" in acc.PluginTagToContent("hparams")
     assert open_board(tmp_path, TrainConfig(run=RunSection(tensorboard=False))) is None
+
+
+def test_resume_may_switch_tensorboard_but_no_setting_that_decides_the_steps(tmp_path):
+    from vtn.errors import UserError
+    from vtn.temporal.loop import resume_config, start_run_dir
+    from vtn.temporal.settings import TrainConfig
+
+    start_run_dir(tmp_path, TrainConfig(), 0)
+    given = replace(TrainConfig(), run=replace(TrainConfig().run, tensorboard=False))
+    assert resume_config(TrainConfig, tmp_path, given).run.tensorboard is False
+    with pytest.raises(UserError, match="optim.lr"):
+        resume_config(TrainConfig, tmp_path, replace(given, optim=replace(given.optim, lr=1.0)))
