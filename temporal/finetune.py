@@ -279,10 +279,12 @@ class ClipFrames:
                     # With a bank: where the fresh frames' features live in the in-memory split, for the write-back.
                     at = ds.source.video_rows(int(ds.rows[i])).start + rows[part] if self.bank_frames else None
                     frames = np.concatenate(v["frames"])  # [t, H, W, 3] uint8
+                    size = frames.shape[1:3]  # the video's, before the crop
                     if self.augment is not None:
                         frames = augment_clip(frames, ds.rng(i, 2),
                                               self.augment.augment_scale, self.augment.augment_flip)
-                    items.append({**item, "frames": torch.from_numpy(frames), "part": part, "bank_rows": at})
+                    items.append({**item, "frames": torch.from_numpy(frames), "part": part, "bank_rows": at,
+                                  "size": size})
                 if not items:
                     yield {"labels": torch.zeros(0, dtype=torch.long), "frames": []}
                     continue
@@ -292,6 +294,7 @@ class ClipFrames:
                 for j, x in enumerate(items):
                     out["fresh"][j, x["part"]] = True
                 out["bank_rows"] = [x["bank_rows"] for x in items]
+                out["sizes"] = [x["size"] for x in items]  # [(H, W)] of each clip's video frames
                 yield out
 
     def _event(self, videos: dict, kind: str, vid: str, payload) -> None:
@@ -563,9 +566,9 @@ class Clock:
                 "and the rest")
 
 
-def frame_note(frames: torch.Tensor, preprocess) -> str | None:
-    """What the backbone's preprocessing cuts from non-square frames [t, H, W, 3], or None."""
-    H, W = frames.shape[1:3]
+def frame_note(size: tuple[int, int], preprocess) -> str | None:
+    """What the backbone's preprocessing cuts from non-square video frames of `size` (H, W), or None."""
+    H, W = size
     attrs = preprocess.attrs
     if H == W or attrs.get("crop_mode", "center") != "center":
         return None
@@ -598,7 +601,7 @@ def run_finetune(job: Tuning, progress: bool) -> dict:
         clock.step(evaluations)
         if note[0] and batch["frames"]:  # once, on rank 0
             note[0] = False
-            text = frame_note(batch["frames"][0], model.preprocess)
+            text = frame_note(batch["sizes"][0], model.preprocess)  # the video's frames, not a training crop
             if text:
                 print(text, flush=True)
         model.backbone_frozen = state["step"] < ft.frozen_steps

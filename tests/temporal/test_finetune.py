@@ -593,3 +593,15 @@ def test_a_rank_failing_mid_finetuning_ends_both_ranks_within_seconds_with_its_m
     videos, _, run = stage_two
     check_failed_together(*fail_together(["finetune", str(run), "--out", str(tmp_path / "ft"), "--videos", str(videos),
                                          "--epochs", "4", "--set", "run.eval_every=4", *FT], tmp_path))
+
+
+def test_frame_note_names_what_the_centre_crop_cuts_from_the_videos_frames():
+    from vtn.extract.backbone import Preprocess, create_backbone
+    from vtn.temporal.finetune import frame_note
+
+    preprocess = Preprocess(create_backbone("resnet10t", image_size=64, seed=0)[1])
+    kept = preprocess.attrs["crop_pct"] * 60 / 80
+    # The video's size (a training crop of it may be square or not: what the run says is about the video).
+    note = frame_note((60, 80), preprocess)
+    assert "frames are 80x60" in note and f"middle {kept:.0%} of each frame's width" in note
+    assert "height" in frame_note((80, 60), preprocess) and frame_note((72, 72), preprocess) is None
