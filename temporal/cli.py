@@ -145,8 +145,8 @@ def _add_finetune(sub) -> None:
     flength.add_argument("--epochs", type=int, help="train exactly this many epochs (optim.epochs, default 5)")
     flength.add_argument("--steps", type=int, help="train exactly this many optimiser steps (optim.steps)")
     f.add_argument("--batch-size", type=int, help="clips per step over all processes (optim.batch_size, default 8)")
-    f.add_argument("--lr", type=float, help="peak learning rate of encoder and head (optim.lr); the backbone's is "
-                   "finetune.backbone_lr times it")
+    f.add_argument("--lr", type=float, help="base peak learning rate (optim.lr): the encoder and head learn at "
+                   "finetune.encoder_lr times it, the backbone at finetune.backbone_lr times it")
     f.add_argument("--amp", choices=["none", "bf16", "fp16"], help="autocast dtype (run.amp)")
     f.add_argument("--seed", type=int, help="run.seed")
     f.add_argument("--device", help="cpu, cuda, cuda:1 ... (run.device; default: the GPU when there is one)")

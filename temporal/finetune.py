@@ -59,6 +59,11 @@ class FinetuneSection:
     # at the encoder's fine-tuning rate its BatchNorm gammas, which timm's ResNets start at 0, barely move), 0.1 for
     # trained weights (timm's or a file: adapted, not relearned).
     backbone_lr: float | None = ranged(None, ge=0)
+    # The encoder's and head's learning rate as a multiple of optim.lr. None: by provenance: 10 with a random-init
+    # backbone (stage two fitted them to features that carry nothing the fine-tuning will keep: they are relearnt
+    # with the backbone, at stage two's from-scratch rate; at 1x the head's logits grow too slowly to be confident
+    # in a short run), 1 with trained weights (the encoder fits their features already: it is adapted).
+    encoder_lr: float | None = ranged(None, ge=0)
     # Layer-wise decay: a backbone layer n layers below the last (timm's group_matcher: ViT blocks, ResNet stages)
     # learns at backbone_lr x layer_decay^n (BEiT/MAE fine-tuning takes 0.65-0.75). 1: one rate for the backbone.
     layer_decay: float = ranged(1.0, gt=0, le=1)
@@ -145,18 +150,20 @@ def provenance_defaults(ft: FinetuneSection, identity: dict | None) -> tuple[Fin
     (its "weights": random-init, timm-pretrained or file), and a line saying what was chosen and why."""
     weights = (identity or {}).get("weights")
     random = weights == "random-init"
-    chosen = {k: v for k, v in (("backbone_lr", 10.0 if random else 0.1), ("freeze_bn", not random))
-              if getattr(ft, k) is None}
+    chosen = {k: v for k, v in (("backbone_lr", 10.0 if random else 0.1), ("encoder_lr", 10.0 if random else 1.0),
+                                ("freeze_bn", not random)) if getattr(ft, k) is None}
     ft = replace(ft, **chosen)
-    why = {"backbone_lr": "the backbone learns from scratch, at 10x the encoder's fine-tuning rate" if random else
+    why = {"backbone_lr": "the backbone learns from scratch, at a from-scratch rate" if random else
            "trained weights are adapted, not relearned",
+           "encoder_lr": "the encoder and head are relearnt with the features, at stage two's rate" if random else
+           "the encoder already fits these features",
            "freeze_bn": "BatchNorm on batch statistics: its running ones are the init's; micro-batches mix the "
            "frames of many clips" if random else "BatchNorm keeps its trained statistics: a step's frames are a "
            "few clips of similar images"}
     told = "; ".join(f"finetune.{k}={str(v).lower()} ({why[k]})" for k, v in chosen.items())
     what = "random-init" if random else TRAINED.get(weights, f"of unknown provenance ({weights}), taken as trained")
     return ft, (f"the backbone is {what}, as the cache records: " + told + " (each can be set with --set)"
-                if chosen else f"the backbone is {what}; finetune.backbone_lr and finetune.freeze_bn as given")
+                if chosen else f"the backbone is {what}; finetune.backbone_lr, encoder_lr and freeze_bn as given")
 
 
 class Failures:
@@ -272,10 +279,12 @@ class ClipFrames:
                     # With a bank: where the fresh frames' features live in the in-memory split, for the write-back.
                     at = ds.source.video_rows(int(ds.rows[i])).start + rows[part] if self.bank_frames else None
                     frames = np.concatenate(v["frames"])  # [t, H, W, 3] uint8
+                    size = frames.shape[1:3]  # the video's, before the crop
                     if self.augment is not None:
                         frames = augment_clip(frames, ds.rng(i, 2),
                                               self.augment.augment_scale, self.augment.augment_flip)
-                    items.append({**item, "frames": torch.from_numpy(frames), "part": part, "bank_rows": at})
+                    items.append({**item, "frames": torch.from_numpy(frames), "part": part, "bank_rows": at,
+                                  "size": size})
                 if not items:
                     yield {"labels": torch.zeros(0, dtype=torch.long), "frames": []}
                     continue
@@ -285,6 +294,7 @@ class ClipFrames:
                 for j, x in enumerate(items):
                     out["fresh"][j, x["part"]] = True
                 out["bank_rows"] = [x["bank_rows"] for x in items]
+                out["sizes"] = [x["size"] for x in items]  # [(H, W)] of each clip's video frames
                 yield out
 
     def _event(self, videos: dict, kind: str, vid: str, payload) -> None:
@@ -464,7 +474,8 @@ def start_finetune(run: Path, best: Path, videos: str | None, cfg: FinetuneConfi
     missing = check_videos(data, cache, paths, source, cfg)
 
     temporal = [p for n, p in model.named_parameters() if not n.startswith("backbone.")]
-    groups = [*backbone_groups(model.backbone, cfg.optim.lr * ft.backbone_lr, ft.layer_decay), (temporal, cfg.optim.lr)]
+    groups = [*backbone_groups(model.backbone, cfg.optim.lr * ft.backbone_lr, ft.layer_decay),
+              (temporal, cfg.optim.lr * ft.encoder_lr)]
     ckpt_inputs = {**inputs, "cache": canonical_cache(cache.url), "finetuned_from": str(best)}  # where it is now
     # A frozen warm-up leaves the backbone without gradients for a while, which DDP must be told.
     # Clipped apart: the backbone's gradient norm (large, many parameters) must not shrink the encoder's.
@@ -500,16 +511,18 @@ CPU_RECIPE = ("--frames 4 (frames per clip), --batch-size 8 (clips per step), --
 
 
 class Clock:
-    """Where a run's time goes: waiting for the data (decoded clips, their crops, collation), the evaluations,
-    and the rest (the steps' compute, checkpoints); after the first step, the expected time per step and for the
-    run."""
+    """Where a run's time goes: waiting for the data (decoding, the transfer from the decode workers, crops,
+    collation), the steps (forward, backward, clipping, optimiser: from a batch's arrival to the request for the
+    next), the evaluations, and the rest (checkpoints, metrics); after the first step, the expected time per step
+    and for the run."""
 
     def __init__(self, loop: Loop):
-        self.loop, self.data, self.evaluation, self.first = loop, 0.0, 0.0, None
+        self.loop, self.data, self.evaluation, self.steps, self.n, self.first = loop, 0.0, 0.0, 0.0, 0, None
         self.start = time.perf_counter()
 
     def timed(self, batches):
-        """`batches` with the time spent waiting for each counted as data."""
+        """`batches` with the time spent waiting for each counted as data, and the time until the next is asked
+        for as the step's."""
         it = iter(batches)
         while True:
             tick = time.perf_counter()
@@ -517,7 +530,9 @@ class Clock:
             self.data += time.perf_counter() - tick
             if batch is None:
                 return
+            tick = time.perf_counter()
             yield batch
+            self.steps, self.n = self.steps + time.perf_counter() - tick, self.n + 1
 
     def evaluate(self, fn):
         tick = time.perf_counter()
@@ -545,14 +560,15 @@ class Clock:
 
     def summary(self) -> str:
         total = time.perf_counter() - self.start
-        rest = total - self.data - self.evaluation
-        return (f"{total:.0f} s here: {self.data:.0f} s waiting for clips, {self.evaluation:.0f} s evaluating, "
-                f"{rest:.0f} s training steps and checkpoints")
+        rest = total - self.data - self.evaluation - self.steps
+        return (f"{total:.0f} s here: {self.steps:.0f} s in {self.n} steps ({self.steps / max(self.n, 1):.2f} s each), "
+                f"{self.data:.0f} s waiting for clips, {self.evaluation:.0f} s evaluating, {rest:.0f} s checkpoints "
+                "and the rest")
 
 
-def frame_note(frames: torch.Tensor, preprocess) -> str | None:
-    """What the backbone's preprocessing cuts from non-square frames [t, H, W, 3], or None."""
-    H, W = frames.shape[1:3]
+def frame_note(size: tuple[int, int], preprocess) -> str | None:
+    """What the backbone's preprocessing cuts from non-square video frames of `size` (H, W), or None."""
+    H, W = size
     attrs = preprocess.attrs
     if H == W or attrs.get("crop_mode", "center") != "center":
         return None
@@ -585,7 +601,7 @@ def run_finetune(job: Tuning, progress: bool) -> dict:
         clock.step(evaluations)
         if note[0] and batch["frames"]:  # once, on rank 0
             note[0] = False
-            text = frame_note(batch["frames"][0], model.preprocess)
+            text = frame_note(batch["sizes"][0], model.preprocess)  # the video's frames, not a training crop
             if text:
                 print(text, flush=True)
         model.backbone_frozen = state["step"] < ft.frozen_steps

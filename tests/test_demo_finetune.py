@@ -52,5 +52,6 @@ def test_demo_finetune_prints_the_table_and_keeps_both_runs(tmp_path, capsys, mo
     # The demo leaves the backbone's settings to `vtn finetune`'s defaults, chosen from the cache's random-init
     # backbone; the run draws its curves and keeps an empty failures.jsonl.
     assert "the backbone is random-init, as the cache records: finetune.backbone_lr=10.0" in out
-    assert not any(s.startswith(("finetune.backbone_lr", "finetune.freeze_bn", "optim.lr")) for s in demo.FINETUNE_SETS)
+    chosen = ("finetune.backbone_lr", "finetune.encoder_lr", "finetune.freeze_bn", "optim.lr")
+    assert not any(s.startswith(chosen) for s in demo.FINETUNE_SETS)
     assert (ft / "finetuned" / "curves.png").is_file() and (ft / "finetuned" / "failures.jsonl").read_text() == ""

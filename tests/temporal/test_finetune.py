@@ -118,6 +118,8 @@ def test_finetune_through_the_cli_records_and_skips_a_broken_video(stage_two, tm
     assert "finetune.freeze_bn" not in captured.out.splitlines()[0]
     assert "the first step took" in captured.out and "min for the 4 steps, plus 2 evaluations" in captured.out
     assert (out / "curves.png").stat().st_size > 0 and "waiting for clips" in captured.out
+    # Where the time went: the steps (counted by the clock as the loop ran them) apart from the rest.
+    assert " s in 4 steps (" in captured.out and "checkpoints and the rest" in captured.out
     assert "peak=" in captured.err and "MiB" in captured.err  # the progress bar (not --quiet) shows peak memory
     assert calls == [False] * 6  # the 3 good train videos' clips in each of 2 epochs; none in the 2 evaluations
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
@@ -147,16 +149,17 @@ def test_defaults_follow_the_backbones_provenance(stage_two, tmp_path):
     trained = create_backbone("resnet18", weights=tmp_path / "trained.safetensors", image_size=32)[2]
     assert trained["weights"] == "file"
     ft, said = provenance_defaults(FinetuneSection(), random)
-    assert (ft.backbone_lr, ft.freeze_bn) == (10.0, False) and "random-init" in said and "batch statistics" in said
+    assert (ft.backbone_lr, ft.encoder_lr, ft.freeze_bn) == (10.0, 10.0, False)
+    assert "random-init" in said and "batch statistics" in said and "finetune.encoder_lr=10.0 (the encoder" in said
     ft, said = provenance_defaults(FinetuneSection(), trained)
-    assert (ft.backbone_lr, ft.freeze_bn) == (0.1, True) and "weights from a file" in said
+    assert (ft.backbone_lr, ft.encoder_lr, ft.freeze_bn) == (0.1, 1.0, True) and "weights from a file" in said
     ft, said = provenance_defaults(FinetuneSection(), {"weights": "timm-pretrained"})
-    assert (ft.backbone_lr, ft.freeze_bn) == (0.1, True) and "pretrained" in said
+    assert (ft.backbone_lr, ft.encoder_lr, ft.freeze_bn) == (0.1, 1.0, True) and "pretrained" in said
     # What is given is kept, and only the rest is said to be chosen.
     ft, said = provenance_defaults(FinetuneSection(backbone_lr=0.5), random)
-    assert (ft.backbone_lr, ft.freeze_bn) == (0.5, False) and "backbone_lr" not in said
-    ft, said = provenance_defaults(FinetuneSection(backbone_lr=0.5, freeze_bn=True), random)
-    assert (ft.backbone_lr, ft.freeze_bn) == (0.5, True) and "as given" in said
+    assert (ft.backbone_lr, ft.encoder_lr, ft.freeze_bn) == (0.5, 10.0, False) and "backbone_lr" not in said
+    ft, said = provenance_defaults(FinetuneSection(backbone_lr=0.5, encoder_lr=2.0, freeze_bn=True), random)
+    assert (ft.backbone_lr, ft.encoder_lr, ft.freeze_bn) == (0.5, 2.0, True) and "as given" in said
 
 
 def test_feature_std_floor_and_normalisation_following_the_features():
@@ -590,3 +593,15 @@ def test_a_rank_failing_mid_finetuning_ends_both_ranks_within_seconds_with_its_m
     videos, _, run = stage_two
     check_failed_together(*fail_together(["finetune", str(run), "--out", str(tmp_path / "ft"), "--videos", str(videos),
                                          "--epochs", "4", "--set", "run.eval_every=4", *FT], tmp_path))
+
+
+def test_frame_note_names_what_the_centre_crop_cuts_from_the_videos_frames():
+    from vtn.extract.backbone import Preprocess, create_backbone
+    from vtn.temporal.finetune import frame_note
+
+    preprocess = Preprocess(create_backbone("resnet10t", image_size=64, seed=0)[1])
+    kept = preprocess.attrs["crop_pct"] * 60 / 80
+    # The video's size (a training crop of it may be square or not: what the run says is about the video).
+    note = frame_note((60, 80), preprocess)
+    assert "frames are 80x60" in note and f"middle {kept:.0%} of each frame's width" in note
+    assert "height" in frame_note((80, 60), preprocess) and frame_note((72, 72), preprocess) is None

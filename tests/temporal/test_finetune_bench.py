@@ -27,3 +27,8 @@ def test_bench_finetune_core_measures_every_control_and_the_default_saves_memory
     assert len(lines) == len(CONTROLS) + len(COMPUTE) + 2
     step, both = rows["default"]["seconds"], rows["backbone fwd+bwd"]["seconds"]
     assert f"{step / both:.2f}x" in text
+    # Where the step's time went, part by part: the parts are the step, less the timer's own cost.
+    parts = rows["default"]["phases"]
+    assert list(parts) == ["preprocess", "forward", "backward", "optimiser"] and all(v > 0 for v in parts.values())
+    assert 0.5 * step <= sum(parts.values()) <= 1.01 * step
+    assert f"optimiser {parts['optimiser']:.3f}" in text

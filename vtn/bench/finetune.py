@@ -41,6 +41,7 @@ from vtn.bench import common
 
 CONTROLS = ("plain", "micro-batch", "grad checkpointing", "chunked", "memory bank", "default")
 COMPUTE = ("backbone fwd+bwd", "backbone fwd")  # the backbone alone on the same frames
+PHASES = ("preprocess", "forward", "backward", "optimiser")  # a step's parts, timed apart
 
 
 @dataclass(frozen=True)
@@ -111,10 +112,20 @@ def measure(spec: dict) -> dict:
         fresh = torch.zeros(clips, T, dtype=torch.bool, device=device)
         fresh[:, (T - s["bank_frames"]) // 2:(T + s["bank_frames"]) // 2] = True
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    phases: dict[str, list[float]] = {p: [] for p in PHASES}
+
+    def lap(phase: str, tick: float) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        now = time.perf_counter()
+        phases[phase].append(now - tick)
+        return now
 
     def step():
+        tick = time.perf_counter()
         with torch.no_grad():
             x = model.preprocess(frames[fresh] if bank is not None else frames.flatten(0, 1))  # [N, 3, h, w]
+        tick = lap("preprocess", tick)
         if spec["control"] in COMPUTE:  # the backbone alone, all frames in one call
             with torch.set_grad_enabled(spec["control"] == "backbone fwd+bwd"):
                 out = model.backbone(x).sum()
@@ -124,21 +135,25 @@ def measure(spec: dict) -> dict:
             return
         if bank is None:
             x = x.view(clips, T, *x.shape[1:])  # [B, T, 3, h, w]
-        logits = model(x, None, positions, bank=bank, fresh=fresh)
-        torch.nn.functional.cross_entropy(logits, labels).backward()
+        loss = torch.nn.functional.cross_entropy(model(x, None, positions, bank=bank, fresh=fresh), labels)
+        tick = lap("forward", tick)
+        loss.backward()
+        tick = lap("backward", tick)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        lap("optimiser", tick)
 
     step()  # warm-up: lazy initialisation, the optimiser's state
     times = []
+    for p in PHASES:
+        phases[p].clear()
     for _ in range(spec["repeats"]):
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
+    split = {p: statistics.median(v) for p, v in phases.items() if v}
     peak = common.cuda_peak_bytes(step) if device.type == "cuda" else common.cpu_peak_bytes(step)
-    return {"seconds": statistics.median(times), "peak_bytes": peak}
+    return {"seconds": statistics.median(times), "peak_bytes": peak, "phases": split}
 
 
 def gradient_difference(spec: dict) -> dict:
@@ -281,13 +296,16 @@ def print_compute(rows: list[dict], micro: int | None, clips: int) -> None:
           f"call; the default's chunked recompute is one more backbone forward (micro-batches: {micro or 'off'})",
           flush=True)
     print(f"{'backbone':<26}{'T':>4}{'step s':>9}{'bb f+b s':>10}{'x compute':>11}{'recompute s':>13}"
-          f"{'rest s':>9}", flush=True)
+          f"{'rest s':>9}   the step's parts, s", flush=True)
     for (name, size, T) in dict.fromkeys((r["backbone"], r["image_size"], r["T"]) for r in rows):
-        got = {r["control"]: r["seconds"] for r in rows if (r["backbone"], r["T"]) == (name, T)}
-        step, both, fwd = got["default"], got["backbone fwd+bwd"], got["backbone fwd"]
+        got = {r["control"]: r for r in rows if (r["backbone"], r["T"]) == (name, T)}
+        step, both, fwd = (got[c]["seconds"] for c in ("default", "backbone fwd+bwd", "backbone fwd"))
         recompute = fwd if micro and clips * T > micro else 0.0
+        parts = ", ".join(f"{p} {v:.3f}" for p, v in got["default"].get("phases", {}).items())
         print(f"{f'{name} @{size}':<26}{T:>4}{step:>9.3f}{both:>10.3f}{step / both:>10.2f}x{recompute:>13.3f}"
-              f"{step - both - recompute:>9.3f}", flush=True)
+              f"{step - both - recompute:>9.3f}   {parts}", flush=True)
+    print("  (a run's own time outside its steps, waiting for decoded clips, evaluating, checkpoints, is printed by "
+          "`vtn finetune` at its end)", flush=True)
 
 
 def _call_device() -> str:
