@@ -88,12 +88,17 @@ def create_backbone(
         identity = {"name": name, "weights": "file", "weights_file_sha256": load_weights(model, weights)}
     model.eval()
     identity["weights_sha256"] = state_dict_sha256(model)
-    # The pooled vector's size: timm's head_hidden_size where a head convolution follows the pooling (MobileNetV3
-    # gives 1024 features, not its num_features of 288), else num_features.
-    identity["feature_dim"] = int(getattr(model, "head_hidden_size", None) or model.num_features)
+    identity["feature_dim"] = pooled_dim(model)
     overrides = {"input_size": (3, image_size, image_size)} if image_size is not None else {}
     data_config = timm.data.resolve_data_config(overrides, model=model)
     return model, data_config, identity
+
+
+def pooled_dim(model: torch.nn.Module) -> int:
+    """The size of a timm backbone's pooled vector (num_classes=0): timm's head_hidden_size where a head
+    convolution follows the pooling (MobileNetV3 gives 1024 features, not its num_features of 288), else
+    num_features."""
+    return int(getattr(model, "head_hidden_size", None) or model.num_features)
 
 
 def _takes(cls: type, arg: str) -> bool:

@@ -38,7 +38,7 @@ from torch.utils.checkpoint import checkpoint
 
 from vtn.config import to_dict
 from vtn.errors import UserError
-from vtn.extract.backbone import Preprocess, create_backbone, file_sha256, state_dict_sha256
+from vtn.extract.backbone import Preprocess, create_backbone, file_sha256, pooled_dim, state_dict_sha256
 from vtn.extract.config import BackboneConfig, RuntimeConfig
 from vtn.extract.sampling import MODES, SamplingConfig
 from vtn.temporal.checkpoint import backbone_differences, load_model
@@ -93,7 +93,7 @@ class VideoVTN(VTN):
 
     def __init__(self, config: VTNConfig, backbone: nn.Module, preprocess: Preprocess, video: dict):
         super().__init__(config)  # VTN's init touches only its own modules; the backbone keeps its weights
-        dim = int(getattr(backbone, "num_features", config.feature_dim))
+        dim = pooled_dim(backbone)
         if dim != config.feature_dim:
             raise UserError(f"the backbone gives {dim}-D features but the VTN takes {config.feature_dim}-D ones")
         self.backbone = backbone
@@ -227,7 +227,7 @@ class VideoVTN(VTN):
         path = Path(directory) / BACKBONE_FILE
         identity = {"name": self.video["backbone"]["name"], "weights": "file", "weights_file_sha256": file_sha256(path),
                     "weights_sha256": state_dict_sha256(self.backbone),
-                    "feature_dim": int(getattr(self.backbone, "num_features", self.config.feature_dim)),
+                    "feature_dim": pooled_dim(self.backbone),
                     "preprocessing": self.video["backbone"]["preprocessing"]}
         return {**inputs, "backbone": identity,
                 "backbone_config": {**self.video["backbone_config"], "weights": BACKBONE_FILE},

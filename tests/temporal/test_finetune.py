@@ -605,3 +605,17 @@ def test_frame_note_names_what_the_centre_crop_cuts_from_the_videos_frames():
     note = frame_note((60, 80), preprocess)
     assert "frames are 80x60" in note and f"middle {kept:.0%} of each frame's width" in note
     assert "height" in frame_note((80, 60), preprocess) and frame_note((72, 72), preprocess) is None
+
+
+def test_a_backbone_whose_head_convolution_follows_the_pooling_composes_at_its_pooled_size():
+    """MobileNetV3's pooled vector is 1024-D (head_hidden_size), not its num_features (288): extraction records
+    1024 (extract/backbone.pooled_dim), so fine-tuning must take the same size."""
+    import timm
+    from vtn.extract.backbone import Preprocess
+    from vtn.temporal.model import VTNConfig
+
+    backbone = timm.create_model("mobilenetv3_small_050", num_classes=0)
+    dim = backbone.eval()(torch.zeros(1, 3, 32, 32)).shape[1]
+    cfg = VTNConfig(feature_dim=dim, hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32, num_classes=2)
+    model = VideoVTN(cfg, backbone, Preprocess(timm.data.resolve_data_config({}, model=backbone)), {})
+    assert model.backbone is backbone and dim != backbone.num_features
