@@ -139,9 +139,10 @@ def test_two_process_finetune_under_torchrun_equals_one_process(tuned, tmp_path)
     one, two = tmp_path / "one", tmp_path / "two"
     # The same global batch of 2 clips: 2 in one process, 1 in each of two. BatchNorm frozen: on batch statistics
     # (the random-init default) each process normalises its own clips, which one process cannot equal.
-    # The backbone at the encoder's rate, and dense clips of one length (the same batch shapes in one and two
+    # The backbone and the encoder at optim.lr (not the random-init default's 10x), and dense clips of one length (the same batch shapes in one and two
     # processes), as the tolerance below assumes.
-    frozen = [*FT, "--set", "finetune.freeze_bn=true", "--set", "finetune.backbone_lr=1", "--set", "data.speed=[1,1]",
+    frozen = [*FT, "--set", "finetune.freeze_bn=true", "--set", "finetune.backbone_lr=1", "--set", "finetune.encoder_lr=1",
+              "--set", "data.speed=[1,1]",
               "--set", "data.sampling=dense"]
     assert main(["finetune", str(run), "--out", str(one), *frozen]) == 0
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "vtn",
