@@ -87,13 +87,15 @@ def _add_export(sub) -> None:
         "model card) with inputs.json (the backbone's identity, the sampling), which `vtn predict --model DIR` takes; "
         "push it with huggingface_hub's upload_folder. --onnx FILE: the temporal encoder + head with its feature "
         "normalisation, dynamic in batch and frames (inputs features [batch, frames, D] float32, positions [batch, "
-        "frames] int64; output logits [batch, classes]), for ONNX Runtime (pip install 'vtn[onnx]').")
+        "frames] int64; output logits [batch, classes]), for ONNX Runtime (pip install 'vtn[onnx]'). --torchscript FILE: "
+        "the same encoder + head for torch.jit.load, with no vtn needed to run it.")
     e.add_argument("run", help="a `vtn train` or `vtn finetune` run directory, or a checkpoint directory")
     e.add_argument("--out", metavar="DIR", help="the model folder to write")
     e.add_argument("--with-backbone", action="store_true",
                    help="copy the backbone's weights into the folder when they are a file (a fine-tuned backbone, or "
                    "--weights at extraction); timm's own weights are rebuilt from the recorded identity")
     e.add_argument("--onnx", metavar="FILE", help="write the encoder + head as ONNX")
+    e.add_argument("--torchscript", metavar="FILE", help="write the encoder + head as TorchScript")
     e.add_argument("--checkpoint", choices=["best", "last"], help="which checkpoint of RUN (default best)")
     e.set_defaults(func=_export)
 
@@ -101,8 +103,8 @@ def _add_export(sub) -> None:
 def _export(args) -> int:
     from vtn.errors import UserError
 
-    if not (args.out or args.onnx):
-        raise UserError("nothing to write: give --out DIR or --onnx FILE")
+    if not (args.out or args.onnx or args.torchscript):
+        raise UserError("nothing to write: give --out DIR, --onnx FILE or --torchscript FILE")
     if args.with_backbone and not args.out:
         raise UserError("--with-backbone puts the backbone into the model folder: give --out DIR")
     from vtn.temporal import export
@@ -113,9 +115,11 @@ def _export(args) -> int:
     if args.out:
         done = export.export_folder(args.run, args.out, checkpoint, args.with_backbone)
         print(f"vtn export: {done['checkpoint']} -> {args.out} ({', '.join(done['files'])}); backbone: {done['backbone']}")
-    if args.onnx:
-        path = export.export_onnx(load_temporal(locate(args.run, checkpoint)), args.onnx)
-        print(f"vtn export: encoder + head -> {path} (ONNX; inputs features, positions; output logits)")
+    for path, write, kind in ((args.onnx, export.export_onnx, "ONNX"),
+                              (args.torchscript, export.export_torchscript, "TorchScript")):
+        if path:
+            path = write(load_temporal(locate(args.run, checkpoint)), path)
+            print(f"vtn export: encoder + head -> {path} ({kind}; inputs features, positions; output logits)")
     return 0
 
 

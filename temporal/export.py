@@ -11,7 +11,8 @@ and length: inputs `features` [batch, frames, D] float32 and `positions` [batch,
 rule), output `logits` [batch, classes]. The graph comes from the TorchScript tracer (torch.onnx's dynamo=False
 path) over the `fast` backend with every layer's band attention run as one dense block (`one_block`): the same
 function at any length, with no branch on the length for a trace to freeze. (torch.onnx's dynamo path exports the
-same module to the same logits, but takes several times as long.)
+same module to the same logits, but takes several times as long.) `export_torchscript` saves the same trace as a
+TorchScript file for `torch.jit.load`, with the config in its extra file `vtn_config.json`.
 """
 
 from __future__ import annotations
@@ -159,4 +160,15 @@ def export_onnx(model: VTN, path: str | Path) -> Path:
     graph = onnx.load(str(path))
     onnx.helper.set_model_props(graph, {"vtn_config": json.dumps(to_dict(model.config))})
     onnx.save(graph, str(path))
+    return path
+
+
+def export_torchscript(model: VTN, path: str | Path) -> Path:
+    """The encoder + head as a TorchScript file (the trace `export_onnx` converts): the same inputs and logits, any
+    batch and length; the VTN config and class names in its extra file `vtn_config.json`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad():
+        traced = torch.jit.trace(Encoder(model), example_inputs(model))
+    torch.jit.save(traced, str(path), _extra_files={"vtn_config.json": json.dumps(to_dict(model.config))})
     return path

@@ -54,6 +54,23 @@ def test_onnx_equals_pytorch_at_16_97_and_288_frames(trained, tmp_path, capsys):
         np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
 
 
+def test_torchscript_equals_pytorch_at_16_97_and_288_frames(trained, tmp_path, capsys):
+    _, run, _ = trained
+    assert main(["export", str(run), "--torchscript", str(tmp_path / "vtn.pt")]) == 0
+    assert "vtn.pt (TorchScript" in capsys.readouterr().out
+    model = load_temporal(run / "best").eval()
+    extra = {"vtn_config.json": ""}
+    scripted = torch.jit.load(str(tmp_path / "vtn.pt"), _extra_files=extra)
+    assert json.loads(extra["vtn_config.json"])["class_names"] == list(model.config.class_names)
+    torch.manual_seed(0)
+    for frames, batch in ((16, 2), (97, 1), (288, 1)):
+        features = torch.randn(batch, frames, model.config.feature_dim) * 3 + 1
+        positions = torch.arange(frames).expand(batch, frames).contiguous()
+        with torch.no_grad():
+            torch.testing.assert_close(scripted(features, positions), model(features, None, positions),
+                                       atol=1e-4, rtol=0)
+
+
 def test_export_folder_predicts_as_the_run(trained, tmp_path, capsys):
     videos, run, weights = trained
     out = tmp_path / "model"
