@@ -33,7 +33,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
 
-from vtn.config import resolve, to_dict
+from vtn.config import flat_dict, resolve, to_dict
 from vtn.errors import UserError
 from vtn.paths import canonical_cache, check_run_dir
 from vtn.plots import curves_png
@@ -347,13 +347,6 @@ def start_run_dir(run: Path, cfg, step: int) -> None:
     path.write_text("".join(f"{x}\n" for x in lines if json.loads(x)["step"] <= step))
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
-    return out
-
-
 # Settings that change what a run reports, not the steps it takes: a resumed run may set them anew.
 RESUME_MAY_CHANGE = ("run.tensorboard",)
 
@@ -364,8 +357,8 @@ def resume_config(cls, run: Path, given):
     saved_path = run / "config.yaml"
     saved = resolve(cls, saved_path)
     if given is not None:
-        mine = _flat(to_dict(given))
-        diff = [f"{k}: {v!r} (saved {w!r})" for k, w in _flat(to_dict(saved)).items()
+        mine = flat_dict(given)
+        diff = [f"{k}: {v!r} (saved {w!r})" for k, w in flat_dict(saved).items()
                 if (v := mine.get(k)) != w and k not in RESUME_MAY_CHANGE]
         if diff:
             raise UserError(f"--resume continues {run} with its saved config ({saved_path}); these settings "

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from vtn.config import to_dict
+from vtn.config import flat_dict
 from vtn.plots import confusion_figure, pyplot
 from vtn.temporal.data import predict
 from vtn.temporal.metrics import confusion
@@ -65,7 +65,7 @@ class Board:
             fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
             pyplot().close(fig)
             self.png("confusion", buffer.getvalue(), step)
-        hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in _flat(to_dict(self.cfg)).items()}
+        hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flat_dict(self.cfg).items()}
         metrics = {f"hparam/{k}": v for k, v in (best or {}).items()
                    if k.startswith("val_") and isinstance(v, (int, float))}
         self.writer.add_hparams(hparams, metrics, run_name=".")  # into this run's own event files
@@ -84,10 +84,3 @@ class Board:
 def open_board(run: Path, cfg, on: bool = True, start_step: int = 0) -> Board | None:
     """The run's Board when `on` and `cfg.run.tensorboard` and tensorboard is installed, else None."""
     return Board(run, cfg, start_step) if on and cfg.run.tensorboard and installed() else None
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
-    return out

@@ -86,6 +86,17 @@ _SCALARS = {
 }
 
 
+def flat_dict(cfg: Any) -> dict:
+    """The config's values by dotted key ("optim.lr"), as `--set` names them."""
+
+    def flat(d: dict, prefix: str) -> dict:
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+        return out
+    return flat(to_dict(cfg), "")
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check `value` against the annotation `tp`, converting where it is lossless (int -> float, list -> tuple)."""
     origin = typing.get_origin(tp)
