@@ -40,7 +40,7 @@ from vtn.extract.config import ExtractConfig, RuntimeConfig
 from vtn.extract.inputs import discover
 from vtn.extract.pipeline import decode_workers, extract_features, size_model_threads
 from vtn.extract.workers import DecodePool
-from vtn.runtime import Processes, autocast, on_rank0, setup_processes
+from vtn.runtime import Processes, autocast, on_rank0, peak_memory, setup_processes
 from vtn.store import collate_clips, open_cache
 from vtn.temporal import checkpoint
 from vtn.temporal.data import check_inputs, model_inputs, whole_video_sampling
@@ -308,16 +308,6 @@ class ClipFrames:
         elif kind == "fail":
             videos.pop(vid, None)
             self.failures.record(vid, *payload, "train")
-
-
-def peak_memory(device: torch.device) -> int:
-    """This process's peak memory in bytes: on CUDA the most allocated by torch on `device`, on the CPU the
-    resident-set high-water mark (what the operating system had to give, the figure that runs out)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports kB
 
 
 def memory_postfix(device: torch.device) -> dict:

@@ -316,7 +316,7 @@ def end_epoch(loop: Loop, epoch: int, val: dict) -> dict:
         with open(loop.dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
         if loop.board:
-            loop.board.record(record)
+            loop.board.record(record, loop.opt, loop.device)
         if improved:
             checkpoint.save_best(loop.dir, loop.model, record, loop.inputs)
     checkpoint_last(loop)

@@ -17,6 +17,7 @@ import torch
 
 from vtn.config import flat_dict
 from vtn.plots import confusion_figure, pyplot
+from vtn.runtime import peak_memory
 from vtn.temporal.data import predict
 from vtn.temporal.metrics import confusion
 from vtn.temporal.model import VTN
@@ -41,13 +42,23 @@ class Board:
         from torch.utils.tensorboard import SummaryWriter
 
         self.run, self.cfg = run, cfg
+        self.last = None  # (step, elapsed) of the last record: clips/s is measured between records
         self.writer = SummaryWriter(str(run / TB_DIR), purge_step=start_step or None)
 
-    def record(self, record: dict) -> None:
-        """One metrics.jsonl record: each number as a scalar at the record's step."""
+    def record(self, record: dict, opt: torch.optim.Optimizer, device: torch.device) -> None:
+        """One metrics.jsonl record: each number as a scalar at the record's step; besides, every parameter
+        group's learning rate, the training clips per second since the last record, and the peak memory."""
+        step = record["step"]
         for key, value in record.items():
             if isinstance(value, (int, float)) and key != "step":
-                self.writer.add_scalar(key, value, record["step"])
+                self.writer.add_scalar(key, value, step)
+        for i, group in enumerate(opt.param_groups):
+            self.writer.add_scalar(f"lr/group{i}", group["lr"], step)
+        if self.last is not None and record["elapsed"] > self.last[1]:
+            clips = (step - self.last[0]) * self.cfg.optim.batch_size
+            self.writer.add_scalar("clips_per_s", clips / (record["elapsed"] - self.last[1]), step)
+        self.last = (step, record["elapsed"])
+        self.writer.add_scalar("peak_memory_mib", peak_memory(device) / 2**20, step)
         self.writer.flush()
 
     def close(self, best: dict | None, val=None, device: torch.device | None = None) -> None:

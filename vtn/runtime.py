@@ -250,3 +250,13 @@ class FailTogether:
         while self.rank == 0 and store.add(LEFT, 0) < self.world and time.monotonic() < deadline:
             time.sleep(0.1)
         return None
+
+
+def peak_memory(device: torch.device) -> int:
+    """This process's peak memory in bytes: on CUDA the most allocated by torch on `device`, on the CPU the
+    resident-set high-water mark (what the operating system had to give, the figure that runs out)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports kB

@@ -409,7 +409,8 @@ def test_finetune_progress_bar_shows_clips_per_second_and_peak_memory():
     import re
 
     from vtn.progress import progress_bar
-    from vtn.temporal.finetune import memory_postfix, peak_memory
+    from vtn.temporal.finetune import memory_postfix
+    from vtn.runtime import peak_memory
 
     cpu = torch.device("cpu")
     out = io.StringIO()

@@ -34,6 +34,11 @@ def test_event_files_hold_the_values_of_metrics_jsonl(cache, tmp_path, capsys):
     numeric = {k for k, v in records[0].items() if isinstance(v, (int, float)) and k != "step"}
     assert {"train_loss", "lr", "val_top1", "val_top5", "val_mean_class_accuracy", "val_loss"} <= numeric
     assert numeric <= set(acc.Tags()["scalars"])
+    # Beyond metrics.jsonl: every group's learning rate, clips/s between records, the peak memory.
+    assert [e.value for e in acc.Scalars("lr/group0")] == pytest.approx([r["lr"] for r in records])
+    speeds = [(e.step, e.value) for e in acc.Scalars("clips_per_s")]
+    assert [s for s, _ in speeds] == [r["step"] for r in records[1:]] and all(v > 0 for _, v in speeds)
+    assert len(acc.Scalars("peak_memory_mib")) == len(records) and acc.Scalars("peak_memory_mib")[0].value > 10
     for key in numeric:
         logged = [(e.step, e.value) for e in acc.Scalars(key)]
         assert logged == [(r["step"], pytest.approx(r[key], rel=1e-6, abs=1e-6)) for r in records], key
@@ -76,7 +81,10 @@ def test_a_run_without_a_val_dataset_closes_with_curves_and_hparams(tmp_path):
 
     (tmp_path / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "step": 4, "val_top1": 0.5}) + "\n")
     board = open_board(tmp_path, TrainConfig())
-    board.record({"epoch": 1, "step": 4, "val_top1": 0.5, "note": "text is not a scalar"})
+    import torch
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    board.record({"epoch": 1, "step": 4, "val_top1": 0.5, "elapsed": 1.0, "note": "text is not a scalar"}, opt,
+                 torch.device("cpu"))
     board.close({"epoch": 1, "val_top1": 0.5})
     acc = events(tmp_path / "tb")
     assert "note" not in acc.Tags()["scalars"] and [(e.step, e.value) for e in acc.Scalars("val_top1")] == [(4, 0.5)]
