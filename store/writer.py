@@ -18,6 +18,7 @@ from pathlib import PurePosixPath
 
 import numpy as np
 import zarr
+from zarr.errors import ContainsGroupError
 
 from vtn.errors import UserError
 from vtn.paths import check_cache_out, is_vtn_cache
@@ -59,6 +60,18 @@ def _jsonable(value):
     if isinstance(value, np.generic):
         return value.item()
     return value
+
+
+def _when_created(url: str, storage_options: dict | None, wait_s: float = 10.0):
+    """The cache another writer is creating: its zarr.json may still be a temporary for a moment."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return open_root(url, "r+", storage_options)
+        except StoreError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
 
 
 class CacheWriter:
@@ -134,8 +147,8 @@ class CacheWriter:
         try:
             root = zarr.open_group(self.url, mode="w" if overwrite else "w-", storage_options=storage_options,
                                    attributes=root_attrs)
-        except FileExistsError:  # another writer created it first: join it
-            root = open_root(self.url, "r+", storage_options)
+        except (FileExistsError, ContainsGroupError):  # another writer is creating it: join it once it is there
+            root = _when_created(self.url, storage_options)
             self._check_compatible(root.attrs.asdict(), {**expected, **{k: attrs.get(k) for k in identity}})
             return root
         require_group(root, "parts")

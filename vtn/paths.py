@@ -101,6 +101,11 @@ def _check_inputs(out: Path, inputs: Iterable[str | os.PathLike], overwrite: boo
                             f"there, write the {label} somewhere else (nothing was changed)")
 
 
+def _zarr_temporary(name: str) -> bool:
+    """zarr.json's temporary while it is written (zarr.<hex>.partial): the cache's own, or a cache being created."""
+    return name.startswith("zarr.") and name.endswith(".partial")
+
+
 def check_cache_out(out: str, inputs: Iterable[str | os.PathLike] = (), overwrite: bool = False,
                     storage_options: dict | None = None) -> None:
     """Refuse to write (or with `overwrite`, replace) a cache at `out` unless that can only touch a vtn cache.
@@ -128,15 +133,13 @@ def check_cache_out(out: str, inputs: Iterable[str | os.PathLike] = (), overwrit
         return  # adding parts to an existing cache deletes nothing
     _check_inputs(path, inputs, overwrite, "cache")
     if cache:
-        # zarr.json's leftover temporaries (zarr.<hex>.partial) are the cache's own too
-        foreign = sorted(p.name for p in path.iterdir()
-                         if p.name not in CACHE_ENTRIES and not (p.name.startswith("zarr.") and p.name.endswith(".partial")))
+        foreign = sorted(p.name for p in path.iterdir() if p.name not in CACHE_ENTRIES and not _zarr_temporary(p.name))
         if foreign:
             shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
             raise UserError(f"{out}: holds things that are not part of the cache ({shown}); --overwrite would "
                             "delete them with it, so nothing was changed: move them out first")
         return
-    if not any(path.iterdir()):
+    if all(_zarr_temporary(p.name) for p in path.iterdir()):  # empty, or another writer is creating it now
         return
     if overwrite:
         raise UserError(f"{out}: not a vtn cache (a folder with other content, no zarr.json with a '{SCHEMA_KEY}' "

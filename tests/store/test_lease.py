@@ -4,6 +4,7 @@ import errno
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -44,6 +45,54 @@ def test_disjoint_shares_and_unclaimed_writers_write_side_by_side(tmp_path):
     for w in writers:
         w.close()
     assert len(open_cache(url)) == 4
+
+
+def test_a_writer_that_loses_the_race_to_create_the_cache_joins_it(tmp_path, monkeypatch):
+    """Job-array tasks start together: one sees no cache, then zarr finds the other's zarr.json as it creates its own."""
+    url = str(tmp_path / "c.zarr")
+    first = _writer(url, share=(0, 2))
+    from vtn.store import writer as writer_mod
+    real_open_root, real_open_group = writer_mod.open_root, zarr.open_group
+    looked = []
+
+    def not_there_yet(*args):
+        looked.append(args)
+        if len(looked) == 1:
+            raise StoreError(f"{url}: not a vtn cache")
+        return real_open_root(*args)
+
+    def created_meanwhile(*args, mode, **kw):
+        if mode == "w-":
+            raise zarr.errors.ContainsGroupError(f"A group exists in store {url!r} at path ''.")
+        return real_open_group(*args, mode=mode, **kw)
+
+    monkeypatch.setattr(writer_mod, "open_root", not_there_yet)
+    monkeypatch.setattr(zarr, "open_group", created_meanwhile)
+    second = _writer(url, share=(1, 2))
+    for w, v in zip([first, second], plan(2)):
+        add(w, *v)
+        w.close()
+    assert len(open_cache(url)) == 2 and len(looked) == 2
+
+
+def test_a_writer_waits_for_the_cache_another_writer_is_creating(tmp_path):
+    out = tmp_path / "c.zarr"
+    out.mkdir()
+    partial = out / "zarr.0123abcd.partial"
+    partial.write_bytes(b"")  # the first writer is writing zarr.json now
+
+    def finish_creating():
+        time.sleep(0.5)
+        partial.unlink()
+        _writer(str(out), share=(0, 2)).close()
+
+    other = threading.Thread(target=finish_creating)
+    other.start()
+    second = _writer(str(out), share=(1, 2))  # neither refused as foreign nor failing on the missing zarr.json
+    add(second, *plan(1)[0])
+    second.close()
+    other.join()
+    assert len(open_cache(str(out))) == 1
 
 
 def test_overwrite_is_refused_while_a_writer_is_live(tmp_path):
