@@ -209,6 +209,39 @@ def test_positions_modes():
     assert model(torch.randn(2, 5, D)).shape == (2, 5)
 
 
+def test_the_temporal_convolution_reads_order_without_positions():
+    """Without positions, only the convolution over neighbouring frames can tell a sequence from its reverse."""
+    x = torch.randn(2, 9, D)
+    for conv, order_blind in ((0, True), (3, False)):
+        model, _ = pair(tiny(positions="none", temporal_conv=conv))
+        model.eval()
+        same = torch.allclose(model(x), model(x.flip(1)), atol=1e-4)
+        assert same == order_blind, conv
+
+
+def test_a_checkpoint_saved_before_the_temporal_convolution_loads_as_trained(tmp_path):
+    import json
+
+    from vtn.config import resolve
+    from vtn.temporal.loop import resume_config
+    from vtn.temporal.settings import TrainConfig
+
+    torch.manual_seed(0)
+    old = VTN(tiny(temporal_conv=0)).eval()
+    old.save_pretrained(tmp_path / "ckpt")
+    config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    del config["temporal_conv"]  # as written before the field existed
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps(config))
+    loaded = VTN.from_pretrained(tmp_path / "ckpt").eval()
+    assert loaded.config.temporal_conv == 0 and VTNConfig().temporal_conv == 3
+    features, mask, positions = batch(12)
+    torch.testing.assert_close(loaded(features, mask, positions), old(features, mask, positions))
+    # a run's config.yaml of then resumes with the model it trained, while a user's config file gets the default
+    (tmp_path / "config.yaml").write_text("model:\n  hidden_size: 64\n  num_heads: 4\n")
+    assert resume_config(TrainConfig, tmp_path, None).model.temporal_conv == 0
+    assert resolve(TrainConfig, tmp_path / "config.yaml").model.temporal_conv == 3
+
+
 def test_config_validation():
     assert tiny(attention_window=[4, 8]).windows == (4, 8)
     with pytest.raises(ConfigError, match="even"):
@@ -217,6 +250,8 @@ def test_config_validation():
         tiny(attention_window=(4, 4, 4)).check()
     with pytest.raises(ConfigError, match="class_names"):
         tiny(class_names=("a", "b")).check()
+    with pytest.raises(ConfigError, match="temporal_conv must be odd"):
+        tiny(temporal_conv=4).check()
     with pytest.raises(ConfigError, match="not a multiple of num_heads"):
         tiny(num_heads=3).check()
     with pytest.raises(ConfigError, match=r"model.num_heads: 0 is out of range; it must be >= 1"):

@@ -315,8 +315,8 @@ def test_resume_takes_the_same_cache_by_another_spelling_of_its_path(tmp_path, c
 
 def test_model_sizes_and_recipes_are_registered_once():
     """`--model` and `--recipe` of vtn train and vtn sweep offer the registries' names; the sizes are VTNConfigs,
-    the paper's preset is base with 768-D features and 400 classes, and a config left "from the cache" says so
-    when a model is built from it."""
+    the paper's preset is base with 768-D features, 400 classes and no temporal convolution, and a config left
+    "from the cache" says so when a model is built from it."""
     import argparse
 
     from vtn.cli import build_parser
@@ -329,7 +329,7 @@ def test_model_sizes_and_recipes_are_registered_once():
         options = {a.dest: a.choices for a in sub.choices[command]._actions}
         assert list(options["model"]) == list(SIZES) and list(options["recipe"]) == list(RECIPES)
     assert TrainConfig().model == SIZES["base"] == VTNConfig()
-    assert PRESETS["vit_b_vtn"] == VTNConfig(feature_dim=768, num_classes=400)
+    assert PRESETS["vit_b_vtn"] == VTNConfig(feature_dim=768, num_classes=400, temporal_conv=0)  # the paper: no conv
     with pytest.raises(ConfigError, match="feature_dim and num_classes"):
         VTNConfig().check()
 
