@@ -326,7 +326,7 @@ def end_epoch(loop: Loop, epoch: int, val: dict) -> dict:
 def early_stop(state: dict, record: dict) -> None:
     """After an evaluation: note the epoch of the best val top-1 so far, and stop the run (state "stopped_at")
     when the schedule has a patience and top-1 has not risen for that many epochs. A top-1 no better than
-    guessing the most frequent val class ("chance") does not count: a model that must learn the frames' order
+    guessing could reach (`chance`) does not count: a model that must learn the frames' order
     can sit there for a long time before it starts to learn. Kept in the state, so a resumed run stops where the
     uninterrupted one did."""
     top = state.get("top1_best")
@@ -385,9 +385,14 @@ def run_config(run: Path, cls, cfg, resume: bool, default: Callable[[], Any], pr
 
 
 def chance(labels: np.ndarray) -> float:
-    """Val top-1 of always guessing the most frequent class among these labels (-1: unlabelled)."""
+    """The val top-1 that guessing reaches: the share of the most frequent class among these labels (-1:
+    unlabelled), plus two standard errors of a top-1 measured on that many videos: on 24 val videos, one video
+    more than the most frequent class is luck, not learning."""
     labels = labels[labels >= 0]
-    return float(np.bincount(labels).max() / len(labels)) if len(labels) else 0.0
+    if not len(labels):
+        return 0.0
+    share = np.bincount(labels).max() / len(labels)
+    return float(share + 2 * np.sqrt(share * (1 - share) / len(labels)))
 
 
 def new_loop(run: Path, cfg, model: torch.nn.Module, groups: list, data: Data, cache, inputs: dict, last: Path | None,

@@ -155,6 +155,20 @@ def test_the_default_length_stops_early_and_the_stop_resumes(cache, tmp_path, mo
     assert json.loads((parts / "last" / "state.json").read_text())["step"] == state["step"]
 
 
+def test_a_top1_within_guessing_noise_does_not_count_as_learning():
+    from vtn.temporal.loop import chance, early_stop
+
+    labels = np.repeat(np.arange(6), 4)  # 24 val videos of 6 classes
+    assert chance(labels) == pytest.approx(1 / 6 + 2 * np.sqrt(5 / 36 / 24))  # 0.319
+    assert chance(np.repeat(np.arange(6), 4000)) < 0.18 and chance(np.array([-1])) == 0.0
+    state = {"patience": 3, "epochs": 100, "chance": chance(labels), "top1_best": None}
+    for epoch, top1 in ((1, 0.25), (4, 0.25), (5, 0.5), (7, 0.5)):  # one video above chance is not progress
+        early_stop(state, {"epoch": epoch, "val_top1": top1})
+    assert state["top1_best"] == {"epoch": 5, "val_top1": 0.5} and "stopped_at" not in state
+    early_stop(state, {"epoch": 8, "val_top1": 0.25})
+    assert state["stopped_at"] == 8
+
+
 def test_reference_recipe_bf16_streamed_with_a_loader_process(cache, tmp_path):
     run = tmp_path / "run"
     assert main(["train", cache, "--out", str(run), *TINY, "--recipe", "reference", "--amp", "bf16",
@@ -343,15 +357,17 @@ def test_a_rank_failing_mid_training_ends_both_ranks_within_seconds_with_its_mes
                                          "--set", "optim.min_steps=6", "--epochs", "2", "--quiet"], tmp_path))
 
 
-def test_auto_sampling_follows_how_much_of_the_long_train_videos_a_dense_clip_spans():
+def test_auto_sampling_follows_how_much_of_the_long_train_videos_a_dense_clip_holds():
     from vtn.temporal.settings import DataSection
     from vtn.temporal.splits import choose_sampling
 
-    d = DataSection()  # a dense clip of 16 frames at stride 8 spans 121 frames
-    assert choose_sampling(d, np.full(50, 100))[0] == "dense"  # every video within one clip
-    assert choose_sampling(d, np.r_[np.full(42, 100), np.full(8, 1500)])[0] == "uniform"  # the long tenth: 8 %
-    mode, why = choose_sampling(d, np.full(50, 200))  # 121 / 200
-    assert mode == "mixed" and "60%" in why and "90th percentile: 200" in why
+    d = DataSection()  # a dense clip holds 16 frames
+    assert choose_sampling(d, np.full(50, 17))[0] == "dense"  # about every frame of every video
+    assert choose_sampling(d, np.r_[np.full(42, 10), np.full(8, 1500)])[0] == "uniform"  # the long tenth: 1 %
+    # a clip that spans a whole 100-frame video at stride 8 still holds only 16 of its frames
+    assert choose_sampling(d, np.full(50, 100))[0] == "uniform"
+    mode, why = choose_sampling(d, np.full(50, 25))  # 16 / 25
+    assert mode == "mixed" and "64%" in why and "90th percentile: 25" in why
     assert choose_sampling(DataSection(sampling="dense"), np.full(50, 1500))[0] == "dense"  # as set
     with pytest.raises(Exception, match="data.speed"):
         choose_sampling(DataSection(speed=(2.0, 0.5)), np.full(5, 10))
