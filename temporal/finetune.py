@@ -128,7 +128,7 @@ def default_config(stage_two: Path) -> FinetuneConfig:
     path = stage_two / "config.yaml"
     if not path.is_file():
         return FinetuneConfig()
-    saved = resolve(TrainConfig, path, saved=True)
+    saved = resolve(TrainConfig, path)
     return FinetuneConfig(data=saved.data, run=replace(RunSection(), seed=saved.run.seed))
 
 

@@ -355,7 +355,7 @@ def resume_config(cls, run: Path, given):
     """The saved config of the run in `run`; `given` (None: no settings on the command line) must equal it, but
     for RESUME_MAY_CHANGE, which it sets."""
     saved_path = run / "config.yaml"
-    saved = resolve(cls, saved_path, saved=True)
+    saved = resolve(cls, saved_path)
     if given is not None:
         mine = flat_dict(given)
         diff = [f"{k}: {v!r} (saved {w!r})" for k, w in flat_dict(saved).items()

@@ -75,16 +75,15 @@ def still_writing(cache) -> str | None:
 def choose_sampling(d: DataSection, lengths: np.ndarray) -> tuple[str, str]:
     """(the training views' sampling, a sentence saying why) for train videos of these lengths (cached frames).
 
-    `d.sampling` unless "auto". Auto looks at the share of a long train video's frames (the 90th percentile of the
-    lengths) that one dense clip holds (a video shorter than the clip's span gives it a smaller stride): at least
-    90 %: "dense" (a clip already shows about the whole video as whole-video evaluation reads it); at most half:
-    "uniform" (a dense clip holds too few of those frames: it may miss what decides the class, or see it at a
-    density evaluation never reads; uniform views spread over the whole video, denser or sparser with the speed
-    augmentation); in between "mixed"."""
+    `d.sampling` unless "auto". Auto looks at the share of the long train videos (the 90th percentile of the
+    lengths) that one dense clip spans: at least 90 %: "dense" (a clip already shows about the whole video); at most
+    half: "uniform" (a dense clip shows too little of those videos to be sure to hold what decides their class, and
+    whole-video evaluation would place frames where training never did); in between "mixed"."""
     if d.speed[0] > d.speed[1]:
         raise UserError(f"data.speed={list(d.speed)}: the first value (slowest) must not exceed the second")
+    span = (d.clip_frames - 1) * d.stride + 1
     long = float(np.percentile(lengths, 90)) if len(lengths) else 0.0
-    cover = min(1.0, d.clip_frames / long) if long else 1.0
+    cover = min(1.0, span / long) if long else 1.0
     aug = "" if d.speed == (1.0, 1.0) else f", speed x{d.speed[0]:g}-{d.speed[1]:g}"
     views = {"dense": f"dense clips of {d.clip_frames} frames at stride {d.stride}{aug}",
              "uniform": f"uniform views of {d.segments} segments over each whole video{aug}",
@@ -93,8 +92,8 @@ def choose_sampling(d: DataSection, lengths: np.ndarray) -> tuple[str, str]:
     if d.sampling != "auto":
         return d.sampling, f"{views[d.sampling]} (data.sampling={d.sampling})"
     mode = "dense" if cover >= 0.9 else "uniform" if cover <= 0.5 else "mixed"
-    why = (f"a dense clip holds {d.clip_frames} cached frames, {cover:.0%} of a long train video's (90th percentile: "
-           f"{long:.0f} frames); data.sampling=auto picks dense at >= 90 %, uniform at <= 50 %, mixed between")
+    why = (f"a dense clip spans {span} cached frames, {cover:.0%} of a long train video (90th percentile: {long:.0f} "
+           "frames); data.sampling=auto picks dense at >= 90 %, uniform at <= 50 %, mixed between")
     return mode, f"{views[mode]}: {why}"
 
 

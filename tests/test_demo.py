@@ -16,13 +16,3 @@ def test_demo_vtn_learns_order_that_mean_pooling_cannot(tmp_path, capsys):
     assert vtn >= 90.0, out
     assert baseline <= 45.0, out  # order-blind: every class shows the same frames, chance is 25 %
     assert (tmp_path / "run" / "predictions.csv").is_file() and (tmp_path / "cache" / "zarr.json").is_file()
-
-
-@pytest.mark.slow
-def test_demo_finetune_beats_frozen_features_with_the_defaults(tmp_path):
-    """The demo's fine-tune stage, seeded: a random-init backbone's frozen features cannot see the layout that
-    decides the class; `vtn finetune` with its defaults (chosen from the cache's random-init backbone) learns it."""
-    from vtn.demo import finetune_stage
-
-    result = finetune_stage(tmp_path, progress=False)
-    assert result["frozen_top1"] <= 0.40 and result["finetuned_top1"] >= 0.90, result

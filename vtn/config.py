@@ -26,19 +26,13 @@ class ConfigError(UserError):
     """A config file or override names an unknown key or gives a value of the wrong type or out of range."""
 
 
-_NEW = object()
-
-
 def ranged(default: Any, *, gt: float | None = None, ge: float | None = None, lt: float | None = None,
-           le: float | None = None, flag: str | None = None, absent: Any = _NEW) -> Any:
+           le: float | None = None, flag: str | None = None) -> Any:
     """A config field whose value (each value, for a tuple; None is always allowed) must lie in the given bounds
     (gt: >, ge: >=, lt: <, le: <=). Checked with the type wherever a value is set (YAML, --set, a command-line
     flag, a sweep's grid), so every job that shares a section refuses the same values, naming the key and range
-    (and `flag`, the command-line option that sets it). A section built in code calls `check_ranges`.
-    `absent`: for a field added after configs were saved without it, the value those saved configs meant (see
-    `merge(saved=True)`), so old runs and checkpoints load as they were trained."""
-    meta = {"range": (gt, ge, lt, le), "flag": flag} | ({} if absent is _NEW else {"absent": absent})
-    return dataclasses.field(default=default, metadata=meta)
+    (and `flag`, the command-line option that sets it). A section built in code calls `check_ranges`."""
+    return dataclasses.field(default=default, metadata={"range": (gt, ge, lt, le), "flag": flag})
 
 
 def check_ranges(cfg: Any, prefix: str) -> None:
@@ -156,20 +150,19 @@ def _name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
-def merge(cfg: Any, updates: dict, prefix: str = "", saved: bool = False) -> Any:
+def merge(cfg: Any, updates: dict, prefix: str = "") -> Any:
     """A copy of `cfg` with `updates` (a possibly nested mapping, e.g. from explicit CLI flags) applied with the
-    same checks as `--set`. `saved`: `updates` is a config vtn saved (a run's config.yaml, a checkpoint's
-    config.json), in which a missing field that declares `absent` takes that value, not today's default."""
+    same checks as `--set`."""
     hints = typing.get_type_hints(type(cfg))
     fields = {f.name: f for f in dataclasses.fields(cfg)}
-    changes = {k: f.metadata["absent"] for k, f in fields.items() if saved and "absent" in f.metadata}
+    changes = {}
     for k, v in updates.items():
         key = prefix + str(k)
         if k not in fields:
             raise ConfigError(f"unknown config key '{key}' (known: {', '.join(sorted(fields))})")
         current = getattr(cfg, k)
         if dataclasses.is_dataclass(current) and isinstance(v, dict):
-            changes[k] = merge(current, v, key + ".", saved)
+            changes[k] = merge(current, v, key + ".")
         else:
             changes[k] = _coerce(v, hints[k], key)
             if "range" in fields[k].metadata:
@@ -227,11 +220,9 @@ def _file_and_sets(config_file: str | Path | None, sets: typing.Iterable[str]) -
     return updates
 
 
-def resolve(cls: type, config_file: str | Path | None = None, sets: typing.Iterable[str] = (), base: Any = None,
-            saved: bool = False) -> Any:
-    """Defaults (or `base`), then the YAML file, then each `--set` override, in that order. `saved`: the file is
-    a config vtn wrote (see `merge`)."""
-    return merge(base if base is not None else cls(), _file_and_sets(config_file, sets), saved=saved)
+def resolve(cls: type, config_file: str | Path | None = None, sets: typing.Iterable[str] = (), base: Any = None) -> Any:
+    """Defaults (or `base`), then the YAML file, then each `--set` override, in that order."""
+    return merge(base if base is not None else cls(), _file_and_sets(config_file, sets))
 
 
 VALUE = object()  # in a flag table: the flag's own value

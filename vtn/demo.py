@@ -48,7 +48,7 @@ FT_TRAIN_SETS = [*small_encoder(FT_SAMPLING["fps"]), "data.clip_frames=8", "data
 # `vtn finetune`'s defaults (it reads from the cache that the backbone is random-init and chooses for it); only the
 # run's size is set here: short clips in batches of many clips keep a step cheap on a CPU and its frames varied,
 # two whole-video evaluations (epochs 5 and 10), decoding in this process (these files decode in milliseconds).
-FINETUNE_SETS = ["optim.batch_size=16", "optim.epochs=10", "run.eval_every=5", "data.clip_frames=2", "data.stride=2",
+FINETUNE_SETS = ["optim.batch_size=16", "optim.epochs=10", "run.eval_every=5", "data.clip_frames=4", "data.stride=2",
                  "finetune.workers=0"]
 
 

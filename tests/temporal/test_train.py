@@ -329,8 +329,8 @@ def test_resume_takes_the_same_cache_by_another_spelling_of_its_path(tmp_path, c
 
 def test_model_sizes_and_recipes_are_registered_once():
     """`--model` and `--recipe` of vtn train and vtn sweep offer the registries' names; the sizes are VTNConfigs,
-    the paper's preset is base with 768-D features, 400 classes and no temporal convolution, and a config left
-    "from the cache" says so when a model is built from it."""
+    the paper's preset is base with 768-D features and 400 classes, and a config left "from the cache" says so
+    when a model is built from it."""
     import argparse
 
     from vtn.cli import build_parser
@@ -343,7 +343,7 @@ def test_model_sizes_and_recipes_are_registered_once():
         options = {a.dest: a.choices for a in sub.choices[command]._actions}
         assert list(options["model"]) == list(SIZES) and list(options["recipe"]) == list(RECIPES)
     assert TrainConfig().model == SIZES["base"] == VTNConfig()
-    assert PRESETS["vit_b_vtn"] == VTNConfig(feature_dim=768, num_classes=400, temporal_conv=0)  # the paper: no conv
+    assert PRESETS["vit_b_vtn"] == VTNConfig(feature_dim=768, num_classes=400)
     with pytest.raises(ConfigError, match="feature_dim and num_classes"):
         VTNConfig().check()
 
@@ -357,17 +357,15 @@ def test_a_rank_failing_mid_training_ends_both_ranks_within_seconds_with_its_mes
                                          "--set", "optim.min_steps=6", "--epochs", "2", "--quiet"], tmp_path))
 
 
-def test_auto_sampling_follows_how_much_of_the_long_train_videos_a_dense_clip_holds():
+def test_auto_sampling_follows_how_much_of_the_long_train_videos_a_dense_clip_spans():
     from vtn.temporal.settings import DataSection
     from vtn.temporal.splits import choose_sampling
 
-    d = DataSection()  # a dense clip holds 16 frames
-    assert choose_sampling(d, np.full(50, 17))[0] == "dense"  # about every frame of every video
-    assert choose_sampling(d, np.r_[np.full(42, 10), np.full(8, 1500)])[0] == "uniform"  # the long tenth: 1 %
-    # a clip that spans a whole 100-frame video at stride 8 still holds only 16 of its frames
-    assert choose_sampling(d, np.full(50, 100))[0] == "uniform"
-    mode, why = choose_sampling(d, np.full(50, 25))  # 16 / 25
-    assert mode == "mixed" and "64%" in why and "90th percentile: 25" in why
+    d = DataSection()  # a dense clip of 16 frames at stride 8 spans 121 frames
+    assert choose_sampling(d, np.full(50, 100))[0] == "dense"  # every video within one clip
+    assert choose_sampling(d, np.r_[np.full(42, 100), np.full(8, 1500)])[0] == "uniform"  # the long tenth: 8 %
+    mode, why = choose_sampling(d, np.full(50, 200))  # 121 / 200
+    assert mode == "mixed" and "60%" in why and "90th percentile: 200" in why
     assert choose_sampling(DataSection(sampling="dense"), np.full(50, 1500))[0] == "dense"  # as set
     with pytest.raises(Exception, match="data.speed"):
         choose_sampling(DataSection(speed=(2.0, 0.5)), np.full(5, 10))
