@@ -57,7 +57,7 @@ def register(sub) -> None:
     p.set_defaults(func=_extract)
 
 
-def _flags() -> dict:
+def flags() -> dict:
     """`vtn extract`'s flags (argparse dest) -> config keys (see vtn.config.flag_updates); they override --config
     and --set, later entries over earlier ones."""
     from vtn.config import VALUE
@@ -84,7 +84,7 @@ def _extract(args: argparse.Namespace) -> int:
     names = args.backbone or []
     args.backbone = names[0] if len(names) == 1 else None  # several: each cache's name is set by the job
     args.backbones = names if len(names) > 1 else None
-    cfg = job_config(ExtractConfig, args, _flags())
+    cfg = job_config(ExtractConfig, args, flags())
     from vtn.runtime import processes, setup_processes
 
     if processes().world == 1:
