@@ -24,6 +24,9 @@ from pathlib import Path
 # What each config key an ablation varies belongs to: the report's tables, in the paper's order.
 TABLES = {"data.clip_frames": "Frames x rate", "data.stride": "Frames x rate", "model.num_layers": "Depth",
           "model.attention_window": "Windows", "model.positions": "Positions"}
+# No dropout by default, so the seeds of a config train together as one batched model (temporal/batched.py); --set
+# model.dropout=0.1 (etc.) restores vtn train's.
+NO_DROPOUT = ["model.dropout=0", "model.attention_dropout=0", "model.head_dropout=0"]
 RESULT = "metrics.json"  # a finished fine-tuning run's record (as a sweep's finished run)
 
 
@@ -64,21 +67,24 @@ def register(sub) -> None:
     p.add_argument("--random-init", action="store_true", help="seeded random backbone weights (default: timm's "
                    "pretrained weights, from the local hub cache when offline)")
     p.add_argument("--device", help="auto (default), cpu, cuda, cuda:N, for every stage")
-    p.add_argument("--workers", type=int, help="decode processes of the extraction (as vtn extract --workers)")
+    p.add_argument("--workers", type=int, help="decode processes of the extraction and the fine-tuning (default: as vtn extract; 0: decode "
+                   "in the main process, the fastest for small files)")
     p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
                    help="stage two's grid instead of the ablations preset (as vtn sweep --grid; repeatable)")
     p.add_argument("--seeds", type=int, default=2, help="seeds per config and per fine-tuning (default 2)")
     p.add_argument("--model", choices=["tiny", "small", "base"], default="tiny",
                    help="the base encoder size (as vtn train; default tiny)")
     p.add_argument("--recipe", choices=["default", "reference"], help="base settings, as vtn train")
-    p.add_argument("--steps", type=int, default=300,
-                   help="optimiser steps of every stage-two run (optim.steps; default 300)")
+    p.add_argument("--steps", type=int, default=100,
+                   help="optimiser steps of every stage-two run (optim.steps; default 100, sized so the ablations of "
+                   "two small backbones on `vtn demo`'s videos take under 30 minutes on 2 CPU cores)")
+    p.add_argument("--batch-size", type=int, default=16, help="clips per stage-two step (optim.batch_size; default 16)")
     p.add_argument("--jobs", type=int, help="parallel stage-two processes (as vtn sweep --jobs)")
-    p.add_argument("--finetune-steps", type=int, default=60, metavar="N",
-                   help="optimiser steps of each fine-tuning run (default 60; 0: no fine-tuning)")
+    p.add_argument("--finetune-steps", type=int, default=40, metavar="N",
+                   help="optimiser steps of each fine-tuning run (default 40; 0: no fine-tuning)")
     p.add_argument("--finetune-set", dest="finetune_sets", action="append", default=[], metavar="KEY=VALUE",
                    help="a vtn finetune config value, e.g. finetune.bank_frames=2 (repeatable)")
-    add_config_args(p, "model.dropout=0")
+    add_config_args(p, "model.positions=time")  # stage two's base config; without dropout unless --set
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_ablate, interrupted="finished work is kept; run the same command again to continue")
 
@@ -113,7 +119,8 @@ def ablate(args, out: Path) -> int:
     names = list(args.backbone)
     ecfg = job_config(ExtractConfig, argparse.Namespace(**{**vars(args), "backbone": None, "sets": []}),
                       extract_flags())
-    base = job_config(TrainConfig, args, {k: FLAGS[k] for k in ("steps", "device")}, recipes=RECIPES, sizes=SIZES)
+    base = job_config(TrainConfig, argparse.Namespace(**{**vars(args), "sets": [*NO_DROPOUT, *args.sets]}),
+                      {k: FLAGS[k] for k in ("steps", "batch_size", "device")}, recipes=RECIPES, sizes=SIZES)
     grid = sweep_job.parse_grid(args.grid, base)  # a wrong key or value is refused before anything runs
     if args.finetune_steps < 0:
         from vtn.errors import UserError
@@ -175,8 +182,8 @@ def finetune_best(args, out: Path, best: list) -> dict[str, dict]:
     for r in chosen:
         run, tuned = out / "sweep" / r.name, out / "finetune" / r.name
         if not (tuned / RESULT).is_file():
-            sets = [f"optim.steps={args.finetune_steps}", *args.finetune_sets,
-                    *([f"run.device={args.device}"] if args.device else [])]
+            sets = [f"optim.steps={args.finetune_steps}", *([f"run.device={args.device}"] if args.device else []),
+                    *([f"finetune.workers={args.workers}"] if args.workers is not None else []), *args.finetune_sets]
             cfg = resolve(FinetuneConfig, None, sets, base=default_config(run))
             result = finetune(run, tuned, cfg=cfg, resume=True, progress=not args.quiet)
             last = json.loads((tuned / "metrics.jsonl").read_text().splitlines()[-1])
