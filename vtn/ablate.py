@@ -50,7 +50,7 @@ def register(sub) -> None:
         "     forward+backward passes over a step's frames, plus whole-video evaluations.\n"
         "  4. report: DIR/report.md and DIR/report-*.png, the paper's tables (backbone; frames x rate; depth;\n"
         "     windows; positions; frozen vs fine-tuned), each cell val top-1 mean ± std over the seeds with the mean\n"
-        "     train seconds. Seconds.\n"
+        "     train seconds. Costs seconds.\n"
         "Each stage prints one line when it starts and one when it ends, with its time. Exit status 3 when a video or "
         "a run failed (the rest is reported).",
     )
