@@ -116,3 +116,24 @@ def test_bench_extract_backbones_prints_each_run_and_the_pass(tmp_path, vtn):
     assert 0 < int(share) <= 100 and 0 < int(pass_share) <= 100 and 0 < float(goal) <= 1.1
     assert re.search(r"^peak memory\s+\d+ MiB one pass, [0-9.]+x the largest separate", out, re.M)
     assert sorted(p.name for p in (tmp_path / "together").iterdir()) == [f"{n}.zarr" for n in sorted(BACKBONES)]
+
+
+@pytest.mark.parametrize("name", ["test_vit", "test_resnet"])
+def test_layers_cache_the_chosen_blocks_and_the_last_is_the_ordinary_cache(videos, tmp_path, vtn, name):
+    """`--layers`: the pooled output of chosen blocks, concatenated; the last block alone is bitwise the model's own
+    output ([CLS] after the final norm for a ViT, the average-pooled last stage for a ResNet)."""
+    args = [videos / "val", "--backbone", name, "--random-init", "--image-size", "32", "--num-frames", "2",
+            "--workers", "0", "--quiet"]
+    vtn("extract", *args, "--out", tmp_path / "plain", check_rc=0)
+    vtn("extract", *args, "--out", tmp_path / "last", "--layers", "-1", check_rc=0)
+    vtn("extract", *args, "--out", tmp_path / "two", "--layers", "-1,-2", check_rc=0)
+    plain, last, two = (open_cache(str(tmp_path / n)) for n in ("plain", "last", "two"))
+    d = plain.feature_dim
+    assert last.feature_dim == d and two.feature_dim > d and two.attrs["backbone"]["layers"] == [-1, -2]
+    for vid in plain.ids:
+        features = plain.features(vid)
+        assert np.array_equal(last.features(vid), features)
+        assert np.array_equal(two.features(vid)[:, :d], features)  # the blocks in the order given
+        assert not np.array_equal(two.features(vid)[:, d:2 * d], features)
+    proc = vtn("extract", *args, "--out", tmp_path / "bad", "--layers", "-1,99", check_rc=2)
+    assert "--layers -1,99" in proc.stderr and "give distinct indices" in proc.stderr
