@@ -11,7 +11,7 @@ import pytest
 import vtn.temporal.sweep as sweep_job
 from vtn import synth
 
-BACKBONES = ["resnet10t", "test_vit"]
+BACKBONES = ["test_resnet", "test_vit"]
 ENCODER = ["model.hidden_size=16", "model.num_heads=2", "model.intermediate_size=32", "model.attention_window=4",
            "model.dropout=0", "model.attention_dropout=0", "model.head_dropout=0", "data.clip_frames=4",
            "data.stride=1", "optim.batch_size=4", "run.threads=1"]
@@ -50,11 +50,10 @@ def ablation(tmp_path_factory):
     after = {"caches": mtimes(out / "caches", "*.zarr/parts/**/*"), "runs": mtimes(out / "sweep", "*/metrics.json"),
              "finetune": mtimes(out / "finetune", "*/**/*"), "report": (out / "report.md").stat().st_mtime_ns}
     third = run_vtn("ablate", root / "videos", "--out", out, *ARGS, check_rc=0)
-    for proc in (first, second, third):
-        print(proc.stdout, proc.stderr)
     return out, [first.stdout, second.stdout, third.stdout], before, after, [u[0].name for u in units]
 
 
+@pytest.mark.slow
 def test_a_rerun_after_a_kill_or_a_finished_run_redoes_nothing_finished(ablation):
     out, (first, second, third), before, after, killed = ablation
     # The kill: both caches extracted, the sweep's first unit (one cache's two batched seeds) trained.
@@ -83,6 +82,7 @@ def cell(records: list[dict], key: str = "val_top1") -> str:
     return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f} ({seconds:.0f} s)"
 
 
+@pytest.mark.slow
 def test_the_report_cells_are_the_runs_metrics(ablation):
     out = ablation[0]
     report = (out / "report.md").read_text()
