@@ -36,7 +36,7 @@ def register(sub) -> None:
                    "decode pass, each with its own preprocessing, into one cache each: OUT/NAME.zarr")
     p.add_argument("--layers", type=_layers, metavar="I,J,...",
                    help="cache the pooled output of these blocks instead of the model's (timm's forward_intermediates; "
-                   "Python indices, -1 the last block: --layers=-1,-2), concatenated in this order into one vector per "
+                   "Python indices, -1 the last block: --layers -1,-2), concatenated in this order into one vector per "
                    "frame: a token model's [CLS] (or mean token) after the final norm, a CNN stage's average-pooled map")
     # `--layers -1,-2` is a value, not a flag (argparse takes only a lone negative number for one)
     p._negative_number_matcher = re.compile(r"^-\d+(,-?\d+)*$")
