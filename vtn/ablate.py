@@ -75,13 +75,13 @@ def register(sub) -> None:
     p.add_argument("--model", choices=["tiny", "small", "base"], default="tiny",
                    help="the base encoder size (as vtn train; default tiny)")
     p.add_argument("--recipe", choices=["default", "reference"], help="base settings, as vtn train")
-    p.add_argument("--steps", type=int, default=100,
-                   help="optimiser steps of every stage-two run (optim.steps; default 100, sized so the ablations of "
+    p.add_argument("--steps", type=int, default=50,
+                   help="optimiser steps of every stage-two run (optim.steps; default 50, sized so the ablations of "
                    "two small backbones on `vtn demo`'s videos take under 30 minutes on 2 CPU cores)")
     p.add_argument("--batch-size", type=int, default=16, help="clips per stage-two step (optim.batch_size; default 16)")
     p.add_argument("--jobs", type=int, help="parallel stage-two processes (as vtn sweep --jobs)")
-    p.add_argument("--finetune-steps", type=int, default=40, metavar="N",
-                   help="optimiser steps of each fine-tuning run (default 40; 0: no fine-tuning)")
+    p.add_argument("--finetune-steps", type=int, default=20, metavar="N",
+                   help="optimiser steps of each fine-tuning run (default 20; 0: no fine-tuning)")
     p.add_argument("--finetune-set", dest="finetune_sets", action="append", default=[], metavar="KEY=VALUE",
                    help="a vtn finetune config value, e.g. finetune.bank_frames=2 (repeatable)")
     add_config_args(p, "model.positions=time")  # stage two's base config; without dropout unless --set
