@@ -113,7 +113,7 @@ def test_bench_extract_backbones_prints_each_run_and_the_pass(tmp_path, vtn):
     assert decode > 0 and all(s > 0 for s in separate.values()) and float(together) > 0
     assert float(total) == pytest.approx(sum(separate.values()), abs=0.2)
     assert float(ratio) == pytest.approx(float(together) / float(total), abs=0.01)
-    assert 0 < int(share) <= 100 and 0 < int(pass_share) <= 100 and 0 < float(goal) <= 1.1
+    assert 0 <= int(share) <= 100 and 0 <= int(pass_share) <= 100 and 0 < float(goal) <= 1.1  # whole percents
     assert re.search(r"^peak memory\s+\d+ MiB one pass, [0-9.]+x the largest separate", out, re.M)
     assert sorted(p.name for p in (tmp_path / "together").iterdir()) == [f"{n}.zarr" for n in sorted(BACKBONES)]
 
