@@ -101,6 +101,44 @@ def pooled_dim(model: torch.nn.Module) -> int:
     return int(getattr(model, "head_hidden_size", None) or model.num_features)
 
 
+class Intermediates(torch.nn.Module):
+    """A timm backbone whose per-frame vector is the pooled output of chosen blocks (`layers`, indices into
+    forward_intermediates' blocks, negative from the last), concatenated in that order: dinov2's linear evaluation
+    reads the last blocks' [CLS] this way. A token model's block is taken after the final norm and pooled by its
+    own head ([CLS], or the mean of the patch tokens), so layer -1 is the model's ordinary output; a CNN's stage is
+    average-pooled over its map (the ordinary output of models that pool the last stage that way, ResNets; not of
+    those with a head convolution after the pooling, MobileNetV3)."""
+
+    def __init__(self, model: torch.nn.Module, layers: tuple[int, ...], size: tuple[int, int]):
+        super().__init__()
+        if not hasattr(model, "forward_intermediates"):
+            raise BackboneError(f"--layers: timm's {type(model).__name__} has no forward_intermediates")
+        self.model, self.layers = model, tuple(layers)
+        self.tokens = "return_prefix_tokens" in inspect.signature(model.forward_intermediates).parameters
+        example = torch.zeros(1, 3, *size)  # one frame of the preprocessed size
+        with torch.no_grad():
+            blocks = len(model.blocks) if self.tokens else len(
+                model.forward_intermediates(example, indices=None, intermediates_only=True))
+        if any(not -blocks <= i < blocks for i in layers) or len({i % blocks for i in layers}) != len(layers):
+            raise BackboneError(f"--layers {','.join(map(str, layers))}: {type(model).__name__} has {blocks} blocks; "
+                                f"give distinct indices in {-blocks}..{blocks - 1}")
+        self.order = sorted(range(len(layers)), key=lambda k: layers[k] % blocks)  # forward_intermediates' order
+        with torch.no_grad():
+            self.dim = int(self(example).shape[1])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kwargs = {"norm": True, "output_fmt": "NLC", "return_prefix_tokens": True} if self.tokens else {}
+        taken = self.model.forward_intermediates(x, indices=list(self.layers), intermediates_only=True, **kwargs)
+        if self.tokens:  # (patch tokens [B, L, C], prefix tokens [B, P, C]) -> the whole sequence, pooled as the model does
+            pooled = [self.model.forward_head(torch.cat([prefix, y], dim=1), pre_logits=True) for y, prefix in taken]
+        else:  # [B, C, H, W] -> [B, C]
+            pooled = [y.mean(dim=(2, 3)) for y in taken]
+        by_layer = [None] * len(pooled)
+        for k, p in zip(self.order, pooled):
+            by_layer[k] = p
+        return torch.cat(by_layer, dim=1)  # [B, sum of the blocks' C], in the order of `layers`
+
+
 def _takes(cls: type, arg: str) -> bool:
     """Whether constructing `cls` accepts the keyword `arg` (a parameter of that name, or **kwargs)."""
     params = inspect.signature(cls).parameters.values()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 
 
@@ -33,6 +34,12 @@ def register(sub) -> None:
     p.add_argument("--backbone", metavar="NAME", action="append",
                    help="timm model name (default vit_base_patch16_224); repeat it to run several backbones on one "
                    "decode pass, each with its own preprocessing, into one cache each: OUT/NAME.zarr")
+    p.add_argument("--layers", type=_layers, metavar="I,J,...",
+                   help="cache the pooled output of these blocks instead of the model's (timm's forward_intermediates; "
+                   "Python indices, -1 the last block: --layers -1,-2), concatenated in this order into one vector per "
+                   "frame: a token model's [CLS] (or mean token) after the final norm, a CNN stage's average-pooled map")
+    # `--layers -1,-2` is a value, not a flag (argparse takes only a lone negative number for one)
+    p._negative_number_matcher = re.compile(r"^-\d+(,-?\d+)*$")
     w = p.add_mutually_exclusive_group()
     w.add_argument("--weights", metavar="PATH", help="backbone weights: a safetensors file or a torch state dict")
     w.add_argument("--pretrained", action="store_true", help="timm's pretrained weights (the default; offline: local hub cache)")
@@ -57,7 +64,7 @@ def register(sub) -> None:
     p.set_defaults(func=_extract)
 
 
-def _flags() -> dict:
+def flags() -> dict:
     """`vtn extract`'s flags (argparse dest) -> config keys (see vtn.config.flag_updates); they override --config
     and --set, later entries over earlier ones."""
     from vtn.config import VALUE
@@ -71,6 +78,7 @@ def _flags() -> dict:
         "pretrained": {"backbone.weights": "pretrained"},
         "random_init": {"backbone.weights": "random"},
         "image_size": "backbone.image_size",
+        "layers": "backbone.layers",
         **{key: f"runtime.{key}" for key in ("device", "batch_size", "amp", "workers", "timeout")},
         "quiet": {"runtime.progress": False},
         "compile": {"runtime.compile": True},
@@ -84,7 +92,7 @@ def _extract(args: argparse.Namespace) -> int:
     names = args.backbone or []
     args.backbone = names[0] if len(names) == 1 else None  # several: each cache's name is set by the job
     args.backbones = names if len(names) > 1 else None
-    cfg = job_config(ExtractConfig, args, _flags())
+    cfg = job_config(ExtractConfig, args, flags())
     from vtn.runtime import processes, setup_processes
 
     if processes().world == 1:
@@ -117,6 +125,13 @@ def _run(cfg, args, rank: int, world_size: int):
             print(f"vtn extract: shard {shard[0]}/{shard[1]} from the SLURM array task ({array[1]})", flush=True)
     return run(cfg, args.input, args.out, overwrite=args.overwrite, rank=rank, world_size=world_size,
                shard=shard, root=args.root, backbones=args.backbones)
+
+
+def _layers(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected block indices like -1,-2, got '{text}'") from None
 
 
 def _shard(text: str | None) -> tuple[int, int] | None:

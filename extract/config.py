@@ -24,6 +24,10 @@ class BackboneConfig:
     weights: str = "pretrained"
     image_size: int | None = ranged(None, ge=1, flag="--image-size")  # overrides the input size of timm's data config
     seed: int = 0  # random init seed, so every process builds the same weights
+    # Blocks whose pooled output is cached instead of the model's (`--layers -1,-2`, Python indices over timm's
+    # forward_intermediates: ViT blocks, CNN stages), concatenated in this order into one feature vector per frame
+    # (extract/backbone.py's Intermediates). None: the model's own pooled output.
+    layers: tuple[int, ...] | None = None
 
     def __post_init__(self):
         check_ranges(self, "backbone")

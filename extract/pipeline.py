@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from vtn.errors import UserError
-from vtn.extract.backbone import Preprocess, compile_backbone, create_backbone
+from vtn.extract.backbone import Intermediates, Preprocess, compile_backbone, create_backbone
 from vtn.extract.config import BackboneConfig, ExtractConfig, RuntimeConfig
 from vtn.extract.decode import StreamInfo
 from vtn.extract.inputs import InputEntry
@@ -241,6 +241,9 @@ def build_backbone(b: BackboneConfig, rt: RuntimeConfig, device: torch.device, c
     model, data_config, identity = create_backbone(b.name, weights=weights, pretrained=b.weights == "pretrained",
                                                    image_size=b.image_size, seed=b.seed)
     preprocess = Preprocess(data_config, crops).to(device)
+    if b.layers:  # the chosen blocks' pooled outputs, concatenated; they make a cache of another identity
+        model = Intermediates(model, b.layers, preprocess.size)
+        identity.update(layers=list(b.layers), feature_dim=model.dim)
     identity["preprocessing"] = preprocess.attrs
     model = model.to(device)
     if rt.channels_last:

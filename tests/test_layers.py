@@ -12,7 +12,7 @@ LAYERS = ("base", "store", "component", "recipe", "app")
 BASE = {"vtn", "vtn.errors", "vtn.config", "vtn.progress", "vtn.paths", "vtn.runtime", "vtn.plots"}
 RECIPES = {"vtn.extract.job", "vtn.temporal.train", "vtn.temporal.finetune", "vtn.temporal.sweep",
            "vtn.temporal.probe", "vtn.evaluate.run", "vtn.evaluate.predict"}
-APPS = {"vtn.cli", "vtn.__main__", "vtn.demo", "vtn.synth"}
+APPS = {"vtn.cli", "vtn.__main__", "vtn.demo", "vtn.ablate", "vtn.synth"}
 # The model: VTN, its config and its attention backends. They may use checkpoints (loading weights), nothing of
 # training or data.
 MODEL_PREFIXES = ("vtn.temporal.model", "vtn.temporal.longformer", "vtn.temporal.hf", "vtn.temporal.attention")

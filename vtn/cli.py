@@ -15,7 +15,7 @@ from vtn import __version__
 from vtn.errors import UserError
 
 # In this order in `vtn --help`; vtn.bench.cli adds `vtn bench` and every benchmark under it.
-COMMANDS = ("vtn.bench.cli", "vtn.store.cli", "vtn.extract.cli", "vtn.temporal.cli", "vtn.evaluate.cli", "vtn.demo")
+COMMANDS = ("vtn.bench.cli", "vtn.store.cli", "vtn.extract.cli", "vtn.temporal.cli", "vtn.evaluate.cli", "vtn.demo", "vtn.ablate")
 
 
 class Parser(argparse.ArgumentParser):

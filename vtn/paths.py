@@ -223,6 +223,16 @@ def is_vtn_probes(path: Path) -> bool:
     return (path / "probes.csv").is_file() and (path / "probes.md").is_file()
 
 
+ABLATION_FILES = {"caches", "sweep", "finetune", "report.md"}  # what `vtn ablate` writes, with its report-*.png
+
+
+def is_vtn_ablation(path: Path) -> bool:
+    """A folder `vtn ablate` wrote: its stages' folders, report.md and report-*.png, nothing else."""
+    entries = list(path.iterdir())
+    return any(e.name in ABLATION_FILES for e in entries) and all(
+        e.name in ABLATION_FILES or (e.name.startswith("report-") and e.suffix == ".png") for e in entries)
+
+
 # The folders a command writes into, each with what recognises that command's own output and how to say it.
 OUTPUT_KINDS = {
     "run": (is_vtn_run, "a vtn run directory (no config.yaml of vtn with last/, best/ or metrics.jsonl)"),
@@ -231,6 +241,7 @@ OUTPUT_KINDS = {
     "evaluation": (is_vtn_evaluation, "a vtn run directory or a folder vtn evaluate wrote (predictions.csv and its "
                    "metrics.json)"),
     "probes": (is_vtn_probes, "a folder vtn probe wrote (probes.csv and probes.md)"),
+    "ablation": (is_vtn_ablation, "a folder vtn ablate wrote (caches/, sweep/, finetune/, report.md, report-*.png)"),
 }
 
 

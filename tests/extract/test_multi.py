@@ -92,3 +92,48 @@ def test_several_backbones_refuse_one_weights_file_and_a_cache_as_the_folder(vid
                check_rc=2)
     assert f"--backbone {BACKBONES[0]}: given twice" in proc.stderr
     assert not np.any([p.exists() for p in (tmp_path / "m").glob("*")])
+
+
+@pytest.mark.slow
+def test_bench_extract_backbones_prints_each_run_and_the_pass(tmp_path, vtn):
+    """`vtn bench extract --backbones`: one row per separate run and one for the pass, every time positive, decoding's
+    share of each a fraction, and the ratio it is judged by."""
+    import re
+
+    proc = vtn("bench", "extract", "--backbones", ",".join(BACKBONES), "--videos", "2", "--image-size", "32",
+               "--batch-size", "8", "--workers", "1", "--workdir", tmp_path, check_rc=0)
+    out = proc.stdout
+    decode = float(re.search(r"^decode only\s+([0-9.]+) s\s+(\d+) frames", out, re.M).group(1))
+    separate = {n: float(re.search(rf"^separate {n}\s+([0-9.]+) s\s+peak\s+(\d+) MiB", out, re.M).group(1))
+                for n in BACKBONES}
+    total, share = re.search(r"^separate runs\s+([0-9.]+) s\s+in all; decoding (\d+)% of it", out, re.M).groups()
+    together, ratio, goal, pass_share = re.search(
+        r"^one pass\s+([0-9.]+) s\s+([0-9.]+)x the separate runs \(goal <= ([0-9.]+)x.*decoding (\d+)% of it",
+        out, re.M).groups()
+    assert decode > 0 and all(s > 0 for s in separate.values()) and float(together) > 0
+    assert float(total) == pytest.approx(sum(separate.values()), abs=0.2)
+    assert float(ratio) == pytest.approx(float(together) / float(total), abs=0.01)
+    assert 0 <= int(share) <= 100 and 0 <= int(pass_share) <= 100 and 0 < float(goal) <= 1.1  # whole percents
+    assert re.search(r"^peak memory\s+\d+ MiB one pass, [0-9.]+x the largest separate", out, re.M)
+    assert sorted(p.name for p in (tmp_path / "together").iterdir()) == [f"{n}.zarr" for n in sorted(BACKBONES)]
+
+
+@pytest.mark.parametrize("name", ["test_vit", "test_resnet"])
+def test_layers_cache_the_chosen_blocks_and_the_last_is_the_ordinary_cache(videos, tmp_path, vtn, name):
+    """`--layers`: the pooled output of chosen blocks, concatenated; the last block alone is bitwise the model's own
+    output ([CLS] after the final norm for a ViT, the average-pooled last stage for a ResNet)."""
+    args = [videos / "val", "--backbone", name, "--random-init", "--image-size", "32", "--num-frames", "2",
+            "--workers", "0", "--quiet"]
+    vtn("extract", *args, "--out", tmp_path / "plain", check_rc=0)
+    vtn("extract", *args, "--out", tmp_path / "last", "--layers", "-1", check_rc=0)
+    vtn("extract", *args, "--out", tmp_path / "two", "--layers", "-1,-2", check_rc=0)
+    plain, last, two = (open_cache(str(tmp_path / n)) for n in ("plain", "last", "two"))
+    d = plain.feature_dim
+    assert last.feature_dim == d and two.feature_dim > d and two.attrs["backbone"]["layers"] == [-1, -2]
+    for vid in plain.ids:
+        features = plain.features(vid)
+        assert np.array_equal(last.features(vid), features)
+        assert np.array_equal(two.features(vid)[:, :d], features)  # the blocks in the order given
+        assert not np.array_equal(two.features(vid)[:, d:2 * d], features)
+    proc = vtn("extract", *args, "--out", tmp_path / "bad", "--layers", "-1,99", check_rc=2)
+    assert "--layers -1,99" in proc.stderr and "give distinct indices" in proc.stderr
