@@ -328,7 +328,7 @@ def test_resume_takes_the_same_cache_by_another_spelling_of_its_path(tmp_path, c
 
 
 def test_model_sizes_and_recipes_are_registered_once():
-    """`--model` and `--recipe` of vtn train and vtn sweep offer the registries' names; the sizes are VTNConfigs,
+    """`--model` and `--recipe` of vtn train, vtn sweep and vtn ablate offer the registries' names; the sizes are VTNConfigs,
     the paper's preset is base with 768-D features and 400 classes, and a config left "from the cache" says so
     when a model is built from it."""
     import argparse
@@ -339,7 +339,7 @@ def test_model_sizes_and_recipes_are_registered_once():
     from vtn.temporal.settings import RECIPES, TrainConfig
 
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    for command in ("train", "sweep"):
+    for command in ("train", "sweep", "ablate"):
         options = {a.dest: a.choices for a in sub.choices[command]._actions}
         assert list(options["model"]) == list(SIZES) and list(options["recipe"]) == list(RECIPES)
     assert TrainConfig().model == SIZES["base"] == VTNConfig()
