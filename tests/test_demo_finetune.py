@@ -56,3 +56,14 @@ def test_demo_finetune_prints_the_table_and_keeps_both_runs(tmp_path, capsys, mo
     assert not any(s.startswith(chosen) for s in demo.FINETUNE_SETS)
     assert (ft / "finetuned" / "curves.png").is_file() and (ft / "finetuned" / "failures.jsonl").read_text() == ""
 
+
+
+@pytest.mark.slow
+def test_demo_finetune_stage_with_defaults_beats_frozen_by_the_margin(tmp_path, capsys):
+    # The stage exactly as `vtn demo --finetune` runs it (its seeded 232 videos, `vtn finetune`'s defaults chosen
+    # from the random-init cache): the frozen features stay near chance (25 %), the fine-tuned run learns the layout.
+    result = demo.finetune_stage(tmp_path, progress=False)
+    assert result["frozen_top1"] <= 0.40, result
+    assert result["finetuned_top1"] >= 0.90, result
+    out = capsys.readouterr().out
+    assert f"{result['finetuned_top1']:9.1%}" in out and f"{result['frozen_top1']:9.1%}" in out
