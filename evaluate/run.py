@@ -6,7 +6,8 @@ metrics.json and the figures (confusion matrix, reliability diagram, and [CLS] a
 only reads checkpoints and caches (no training code): the inputs are prepared by the same library functions
 training uses (vtn.temporal.data), so an evaluation reproduces the run's own val figures.
 
-Inference modes: `full` (the paper's: one view over the whole video, up to max_positions frames spread over it)
+Inference modes: `full` (the paper's: one view over the whole video, one frame in the model's view_stride,
+up to max_positions frames spread over it)
 and `TxS` (PySlowFast / MMAction2 testing: T clips of the training clip length with starts evenly spaced over the
 video, x S spatial crops, softmax scores averaged). A cache holds one crop, so from a cache S is 1.
 

@@ -74,6 +74,7 @@ class SamplingConfig:
     # over the video (the `full` view), or with `view_clips` = (clips, clip_frames, stride) the frames of those
     # evenly spaced clips (store/clips.py). Both None: every sampled frame (extraction).
     view_frames: int | None = None
+    view_stride: int = 1  # the `full` view takes one sampled frame in this many (model.view_stride)
     view_clips: tuple[int, int, int] | None = None
     # Or exactly these rows of the sampled frames (a fine-tuning clip, store/clips.py's clip_rows); rows past the
     # end are left out, so a consumer that expects frames checks what it got.
@@ -141,4 +142,4 @@ def sample(timestamps: np.ndarray, cfg: SamplingConfig) -> np.ndarray:
         return idx
     from vtn.store.clips import view_rows
 
-    return idx[view_rows(len(idx), cfg.view_clips, cfg.view_frames)]
+    return idx[view_rows(len(idx), cfg.view_clips, cfg.view_frames, cfg.view_stride)]

@@ -12,14 +12,14 @@ def clip_rows(length: int, clip_frames: int | None, stride: int, max_frames: int
 
     Training (`rng` given): `clip_frames` frames `stride` apart from a random start; a video too short for
     that span keeps the clip length with the largest stride that fits (or every frame when it has fewer).
-    Evaluation (`rng` None, `clip_frames` None): the whole video, thinned evenly to `max_frames` if longer.
+    Evaluation (`rng` None, `clip_frames` None): the whole video, one frame in `stride` (evenly spread, from the
+    first frame to the last), at most `max_frames`.
     Multi-view evaluation (`rng` None, `view` = (k, n)): clip k of n clips whose starts are evenly spaced from
     the video's start to its end (n = 1: the centred clip).
     """
     if clip_frames is None:
-        if max_frames is None or length <= max_frames:
-            return np.arange(length)
-        return np.linspace(0, length - 1, max_frames).round().astype(np.int64)
+        n = whole_frames(length, stride, max_frames)
+        return np.arange(length) if n >= length else np.linspace(0, length - 1, n).round().astype(np.int64)
     if length <= clip_frames:
         return np.arange(length)
     stride = max(1, min(stride, (length - 1) // (clip_frames - 1))) if clip_frames > 1 else 1
@@ -33,12 +33,20 @@ def clip_rows(length: int, clip_frames: int | None, stride: int, max_frames: int
     return start + np.arange(clip_frames) * stride
 
 
-def view_rows(length: int, views: tuple[int, int, int] | None, max_frames: int) -> np.ndarray:
+def whole_frames(length: int, stride: int, max_frames: int | None) -> int:
+    """How many frames a whole-video view of a video of `length` frames holds: one in `stride`, at most
+    `max_frames`."""
+    n = -(-length // max(1, stride))
+    return n if max_frames is None else min(n, max_frames)
+
+
+def view_rows(length: int, views: tuple[int, int, int] | None, max_frames: int, whole_stride: int = 1
+              ) -> np.ndarray:
     """The rows of a video's `length` frames that a set of views uses, sorted and distinct: with `views` None
-    the whole video thinned evenly to `max_frames` (the `full` view); with (clips, clip_frames, stride) the
-    union of the evenly spaced clips."""
+    the whole video, one frame in `whole_stride`, at most `max_frames` (the `full` view); with (clips,
+    clip_frames, stride) the union of the evenly spaced clips."""
     if views is None:
-        return clip_rows(length, None, 1, max_frames, None)
+        return clip_rows(length, None, whole_stride, max_frames, None)
     n, frames, stride = views
     return np.unique(np.concatenate([clip_rows(length, frames, stride, None, None, (k, n)) for k in range(n)]))
 

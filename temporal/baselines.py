@@ -31,7 +31,7 @@ FRAMES_PER_VIDEO = 8  # single-frame baseline: training frames per video
 def whole_videos(dataset: ClipDataset) -> ClipDataset:
     """The same videos, every frame of each."""
     whole = copy.copy(dataset)
-    whole.clip_frames, whole.max_frames, whole.train = None, None, False
+    whole.clip_frames, whole.stride, whole.max_frames, whole.train = None, 1, None, False
     return whole
 
 

@@ -77,7 +77,8 @@ def load_model(directory: str | Path, config_cls: type, build: Callable[[Any], t
                backend: str | None = None, needs: tuple[str, ...] = (), what: str = "VTN",
                skip: str | None = None) -> torch.nn.Module:
     """A model from a checkpoint directory, on the CPU: config.json over `config_cls`'s defaults (type-checked,
-    optionally into another attention `backend`), `build(config)` makes the module, and model.safetensors fills it,
+    optionally into another attention `backend`; a field it lacks takes `config_cls.SAVED_BEFORE`'s value where
+    that has one), `build(config)` makes the module, and model.safetensors fills it,
     every weight checked to fit (those whose names start with `skip` are left out). Refused, naming the files,
     when `directory` lacks config.json, model.safetensors or one of `needs`. Safe to load untrusted files: JSON
     and safetensors, no pickle."""
@@ -85,7 +86,7 @@ def load_model(directory: str | Path, config_cls: type, build: Callable[[Any], t
     files = [path / n for n in (CONFIG_NAME, WEIGHTS_NAME, *needs)]
     if not all(f.is_file() for f in files):
         raise UserError(f"{path}: not a {what} checkpoint (needs {', '.join(f.name for f in files)})")
-    config = merge(config_cls(), json.loads((path / CONFIG_NAME).read_text()))
+    config = merge(config_cls(), {**getattr(config_cls, "SAVED_BEFORE", {}), **json.loads((path / CONFIG_NAME).read_text())})
     if backend is not None:
         config = merge(config, {"backend": backend})
     model = build(config)

@@ -81,7 +81,7 @@ def _add_sweep(sub) -> None:
     p.add_argument("--zip", action="store_true", help="pair the grids' values in order instead of their product")
     p.add_argument("--preset", choices=["ablations"],
                    help="the paper's ablations (frames, stride, depth 1/3/6, uniform vs growing windows, positions "
-                   "index/time/none), one factor at a time from the base config, with the probes")
+                   "index/time/fraction/none), one factor at a time from the base config, with the probes")
     p.add_argument("--seeds", type=int, default=1, help="seeds per config: run.seed + 0..N-1 (default 1)")
     p.add_argument("--jobs", type=int, help="parallel processes (default: one per GPU, or 1 on the CPU)")
     p.add_argument("--recipe", choices=["default", "reference"], help="base settings, as vtn train")

@@ -169,15 +169,16 @@ def normalising_scale(std: torch.Tensor) -> torch.Tensor:
 
 def whole_videos(source: SplitData | FeatureCache, split: str | None, config: VTNConfig,
                  videos: np.ndarray | None = None) -> ClipDataset:
-    """Each video of the split whole, thinned evenly to the model's max_positions frames: the one view of a
-    video that training validates on and evaluation scores (`view_frames` is the same rule on raw video)."""
-    return ClipDataset(source, split=split, clip_frames=None, max_frames=config.max_positions, train=False,
-                       videos=videos)
+    """Each video of the split whole, one cached frame in the model's view_stride, at most max_positions frames
+    (evenly spread): the one view of a video that training validates on and evaluation scores
+    (`whole_video_sampling` is the same rule on raw video)."""
+    return ClipDataset(source, split=split, clip_frames=None, stride=config.view_stride or 1,
+                       max_frames=config.max_positions, train=False, videos=videos)
 
 
 def whole_video_sampling(sampling, config: VTNConfig):
     """`sampling` (a SamplingConfig) decoding only the frames of `whole_videos`' view of each raw video."""
-    return replace(sampling, view_frames=config.max_positions)
+    return replace(sampling, view_frames=config.max_positions, view_stride=config.view_stride or 1)
 
 
 def model_inputs(batch: dict, config: VTNConfig, device: torch.device):

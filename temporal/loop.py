@@ -446,19 +446,21 @@ def start_run(run: Path, cache, cfg: TrainConfig | None, resume: bool, procs: Pr
     this process (see `shared_source`)."""
     cfg, last = run_config(run, TrainConfig, cfg, resume, TrainConfig, procs)
     model_cfg = model_config(cfg, cache)
-    data = load_data(cache, cfg, model_cfg, procs, sources)
-    size_threads(data.workers, cfg.run.threads)
-
-    torch.manual_seed(cfg.run.seed)
-    model = VTN(model_cfg).to(device)
-    if last is not None:
-        saved = VTN.from_pretrained(last).config
-        if saved != model_cfg:
+    if last is not None:  # the model the run started with, as its checkpoint describes it (a run saved before a
+        saved = VTN.from_pretrained(last).config  # field existed keeps that field's value of then)
+        if (saved.feature_dim, saved.class_names) != (model_cfg.feature_dim, model_cfg.class_names):
             raise UserError(f"{cache.url} does not fit the checkpoint {last}: it was trained on features of "
                             f"{saved.feature_dim} dimensions and classes {list(saved.class_names)}; this cache "
                             f"has {model_cfg.feature_dim} and {list(model_cfg.class_names)}")
         check_inputs(checkpoint.read_inputs(last), cache, last)
-    else:  # the statistics of the training videos only; they also refuse a video with NaN features, normalised or not
+        model_cfg = saved
+    data = load_data(cache, cfg, model_cfg, procs, sources)
+    model_cfg = data.model
+    size_threads(data.workers, cfg.run.threads)
+
+    torch.manual_seed(cfg.run.seed)
+    model = VTN(model_cfg).to(device)
+    if last is None:  # the statistics of the training videos only; they also refuse a video with NaN features, normalised or not
         stats = feature_stats(data.train, cache.url)
         if cfg.data.normalize:
             model.set_feature_stats(*stats)

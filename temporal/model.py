@@ -14,7 +14,7 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -30,9 +30,10 @@ from vtn.temporal.longformer import LAYER_NORM_EPS
 
 @dataclass(frozen=True)
 class VTNConfig:
-    """The temporal encoder and head. Defaults are the paper's encoder (`base`); feature_dim and num_classes are
-    None until a cache decides them (stage two's `model_config`), or set to pin a config to a kind of cache (a
-    768-D model refuses a 512-D cache). `preset("vit_b_vtn")` is the paper's model on Kinetics-400."""
+    """The temporal encoder and head. Defaults are the paper's encoder (`base`) with three changes that let it
+    read long videos (`temporal_conv`, `positions`, `view_stride`; `preset("vit_b_vtn")` is the paper's model
+    exactly, on Kinetics-400); feature_dim and num_classes are None until a cache decides them (stage two's
+    `model_config`), or set to pin a config to a kind of cache (a 768-D model refuses a 512-D cache)."""
 
     feature_dim: int | None = ranged(None, ge=1)  # D of the cached features (the backbone's output)
     hidden_size: int = ranged(768, ge=1)  # d of the encoder; a linear projection maps D -> d when they differ
@@ -45,16 +46,26 @@ class VTNConfig:
     # positions are added: each frame's token sees what comes just before and after it wherever it lies, as
     # wav2vec2's and CPVT's convolutional positions do. Learned absolute positions alone must learn from data how
     # every position relates to every other (see the README's long-video figures for where that fails).
-    temporal_conv: int = ranged(0, ge=0)
+    temporal_conv: int = ranged(3, ge=0)
     max_positions: int = ranged(288, ge=1)  # frame positions 0..max_positions-1
-    positions: Literal["index", "time", "none"] = "index"
+    # "index": source frame index (the paper's); "time": seconds x position_rate; "fraction": the frame's place as a
+    # share of its video, every video spread over the whole table, so a model trained on short videos reads a long
+    # one at positions it has trained; "none": no position embeddings. See `frame_positions`.
+    positions: Literal["index", "time", "fraction", "none"] = "fraction"
     position_rate: float = ranged(25.0, gt=0)  # positions per second, for positions="time"
+    # Whole videos (validation, evaluation, prediction) are read one cached frame in this many: as far apart as
+    # the frames of the views the model trained on, so it reads them at the density it learnt. None: stage two
+    # sets it from its training views (temporal/splits.py `view_stride`); 1 (the paper's): every frame.
+    view_stride: int | None = ranged(None, ge=1)
     dropout: float = ranged(0.1, ge=0, lt=1)
     attention_dropout: float = ranged(0.1, ge=0, lt=1)
     head_dropout: float = ranged(0.5, ge=0, lt=1)
     num_classes: int | None = ranged(None, ge=1)
     class_names: tuple[str, ...] = ()  # empty, or one name per class
     backend: str = "fast"  # a name in temporal/attention.py's BACKENDS
+    # A config.json saved before a field existed describes the model of then: fields it lacks take these values,
+    # not today's defaults (checkpoint.load_model; a view_stride of None reads every frame).
+    SAVED_BEFORE: ClassVar[dict] = {"temporal_conv": 0, "positions": "index"}
 
     def __post_init__(self):
         if isinstance(self.attention_window, list):  # a list given in code; configs from files arrive as tuples
@@ -104,7 +115,8 @@ register_size("base")
 
 # The paper's model: base on ViT-B/16 features and Kinetics-400. base keeps the reference code's window 18 (its
 # "32" is another library's meaning), 288 positions, dropout 0.1 and 0.5 before the last head layer.
-PRESETS = {"vit_b_vtn": dataclasses.replace(SIZES["base"], feature_dim=768, num_classes=400)}
+PRESETS = {"vit_b_vtn": dataclasses.replace(SIZES["base"], feature_dim=768, num_classes=400, temporal_conv=0,
+                                           positions="index", view_stride=1)}
 
 
 def preset(name: str, **overrides) -> VTNConfig:
@@ -131,13 +143,13 @@ def frame_positions(
     one from the start. A video whose span does not fit the table (seen whole, as the paper's evaluation does)
     is spread over it: the positions of every view of it, a short training clip as much as the whole video,
     are scaled by (max_positions - 1) / the video's span, so two frames are as many positions apart in
-    training as in evaluation. Positions are
+    training as in evaluation. "fraction" spreads every video so, whatever its length. Positions are
     then made distinct, each at least one after the previous (a view never has more real frames than
     positions: whole-video views are thinned to max_positions frames). Padding gets 0.
     """
     if config.positions == "none":
         return None
-    if config.positions == "index":
+    if config.positions in ("index", "fraction"):
         raw = frame_index.long()
     else:
         raw = torch.round(timestamps.double() * config.position_rate).long()
@@ -146,9 +158,9 @@ def frame_positions(
     limit = config.max_positions - 1
     span = rel.amax(dim=1, keepdim=True)  # [B, 1]
     if video_span is not None:
-        whole = video_span[:, 0] if config.positions == "index" else video_span[:, 1] * config.position_rate
+        whole = video_span[:, 1] * config.position_rate if config.positions == "time" else video_span[:, 0]
         span = torch.maximum(span, torch.round(whole.double()).long().to(span.device)[:, None])
-    fit = torch.where(span > limit, torch.round(rel.double() * limit / span.clamp(min=1)).long(), rel)
+    fit = torch.where((span > limit) | (config.positions == "fraction"), torch.round(rel.double() * limit / span.clamp(min=1)).long(), rel)
     # Distinct and inside the table: p_i >= p_(i-1) + 1, and room left for the frames after it.
     i = torch.arange(raw.shape[1], device=raw.device).expand_as(raw)  # [B, T]
     n = mask.sum(dim=1, keepdim=True)  # [B, 1]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -41,6 +41,7 @@ class Data:
     holdout: list[str] | None  # ids held out of the train split for validation, when the cache has no val split
     left_out: str | None = None  # which of the cache's videos the run does not use, and why (a warning)
     sampling: str = ""  # the training views and why (the first log line)
+    model: VTNConfig | None = None  # the model config given, its view_stride set from the training views
 
 
 def left_out(cache, d: DataSection, train_unlabelled: int, val_unlabelled: int) -> str | None:
@@ -97,6 +98,20 @@ def choose_sampling(d: DataSection, lengths: np.ndarray) -> tuple[str, str]:
     return mode, f"{views[mode]}: {why}"
 
 
+def view_stride(d: DataSection, sampling: str, lengths: np.ndarray) -> int:
+    """model.view_stride where it is unset: whole videos are read one cached frame in this many, as far apart as
+    the frames of the training views, the median over the train videos (of these `lengths`) of a view's spacing:
+    a dense clip's `stride` (less on a video too short for the clip's span, as `clip_rows` draws it), a uniform
+    view's length / `segments`, a mixed view's either by its share. A model that learnt from frames 8 apart and
+    is then shown every frame sees its events 8 times longer and its neighbours 8 times closer than it ever did
+    (see the README's long-video figures)."""
+    lengths = np.asarray(lengths, dtype=np.float64)
+    dense = np.clip((lengths - 1) // max(1, d.clip_frames - 1), 1, d.stride)
+    uniform = np.maximum(lengths / d.segments, 1.0)
+    share = {"dense": 0.0, "uniform": 1.0, "mixed": d.uniform_share}[sampling]
+    return max(1, round(float(np.median(share * uniform + (1 - share) * dense)))) if len(lengths) else 1
+
+
 def shared_source(cache, split: str, mode: str, procs: Processes, sources: dict | None):
     """split_source, kept in `sources` when given: a sweep trains many runs in one process on one loaded split."""
     if sources is None:
@@ -116,23 +131,26 @@ def load_data(cache, cfg: TrainConfig, model_cfg: VTNConfig, procs: Processes, s
     streaming = train_source is cache
     every = ClipDataset(train_source, split=d.train_split, train=False)
     keep = every.labels >= 0  # unlabelled videos cannot teach a classifier
-    holdout = None
-    if len(cache.split_ids(d.val_split)):
-        val_source = shared_source(cache, d.val_split, d.load, procs, sources)
-        val = whole_videos(val_source, d.val_split, model_cfg)
-    else:
+    holdout = out = None
+    if not len(cache.split_ids(d.val_split)):
         out = held_out(every.ids, every.labels, d.holdout)
         holdout = [every.ids[i] for i in np.flatnonzero(out)]
         if not holdout:
             raise UserError(f"{cache.url}: no val split, and no class has two train videos to hold one out")
-        val = whole_videos(train_source, d.train_split, model_cfg, np.flatnonzero(out))
         keep &= ~out
     if not keep.any():
         raise UserError(f"{cache.url}: the train split '{d.train_split}' has no labelled videos")
+    sampling, why = choose_sampling(d, every.lengths[keep])
+    if model_cfg.view_stride is None:
+        model_cfg = replace(model_cfg, view_stride=view_stride(d, sampling, every.lengths[keep]))
+        why += f"; whole videos read one cached frame in {model_cfg.view_stride}, as far apart as the views' (model.view_stride)"
+    if holdout is None:
+        val = whole_videos(shared_source(cache, d.val_split, d.load, procs, sources), d.val_split, model_cfg)
+    else:
+        val = whole_videos(train_source, d.train_split, model_cfg, np.flatnonzero(out))
     if not (val.labels >= 0).any():  # else every evaluation has nothing to score
         raise UserError(f"{cache.url}: the val split '{d.val_split}' has no labelled videos ({len(val)} unlabelled), "
                         "so nothing can be scored; label them, or set data.val_split to a labelled split")
-    sampling, why = choose_sampling(d, every.lengths[keep])
     train = ClipDataset(train_source, split=d.train_split, clip_frames=d.clip_frames, stride=d.stride,
                         max_frames=model_cfg.max_positions, train=True, seed=cfg.run.seed, videos=np.flatnonzero(keep),
                         sampling=sampling, segments=d.segments, uniform_share=d.uniform_share, speed=d.speed)
@@ -142,7 +160,7 @@ def load_data(cache, cfg: TrainConfig, model_cfg: VTNConfig, procs: Processes, s
     warning = "\n".join(filter(None, [left_out(cache, d, int((every.labels < 0).sum()),
                                                 int((val.labels < 0).sum()) if holdout is None else 0),
                                        still_writing(cache)])) or None
-    return Data(train, val, sampler, streaming, workers, holdout, warning, why)
+    return Data(train, val, sampler, streaming, workers, holdout, warning, why, model_cfg)
 
 
 def data_fingerprint(data: Data, cache) -> dict:

@@ -156,7 +156,7 @@ def growing_windows(layers: int, low: int = 8, high: int = 32) -> list[int]:
 def ablations(base) -> list[dict]:
     """The paper's ablations, each one factor changed from `base`: frames per clip, sampling stride, depth
     (1, 3, 6 layers), attention window uniform (the base's) vs growing per layer (8 ... 32), and positions
-    index / time / none. The base itself is the first variant."""
+    index / time / fraction / none. The base itself is the first variant."""
     m, d = base.model, base.data
     uniform = m.attention_window if isinstance(m.attention_window, int) else max(m.attention_window)
     variants = [{}]
@@ -168,7 +168,7 @@ def ablations(base) -> list[dict]:
     variants.append({"model.attention_window": growing_windows(m.num_layers)})
     if not isinstance(m.attention_window, int):
         variants.append({"model.attention_window": uniform})
-    variants += [{"model.positions": p} for p in ("index", "time", "none") if p != m.positions]
+    variants += [{"model.positions": p} for p in ("index", "time", "fraction", "none") if p != m.positions]
     return variants
 
 

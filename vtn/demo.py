@@ -43,8 +43,9 @@ TRAIN_SETS = [*small_encoder(SAMPLING["fps"]), "data.clip_frames=16", "data.stri
 FT_VIDEOS = {"train": 48, "val": 10}  # per class
 FT_BACKBONE = {"name": "resnet10t", "weights": "random", "image_size": 64}
 FT_SAMPLING = {"mode": "fps", "fps": 8.0}
-FT_TRAIN_SETS = [*small_encoder(FT_SAMPLING["fps"]), "data.clip_frames=8", "data.stride=1", "optim.batch_size=16",
-                 "optim.lr=0.001", "optim.steps=60", "run.eval_every=1"]
+# The classes are spatial, so no temporal convolution: with it the 120 fine-tuning steps below reached 50 %.
+FT_TRAIN_SETS = [*small_encoder(FT_SAMPLING["fps"]), "model.temporal_conv=0", "data.clip_frames=8", "data.stride=1",
+                 "optim.batch_size=16", "optim.lr=0.001", "optim.steps=60", "run.eval_every=1"]
 # `vtn finetune`'s defaults (it reads from the cache that the backbone is random-init and chooses for it); only the
 # run's size is set here: short clips in batches of many clips keep a step cheap on a CPU and its frames varied,
 # two whole-video evaluations (epochs 5 and 10), decoding in this process (these files decode in milliseconds).

@@ -18,6 +18,10 @@ def test_clip_rows_modes():
     assert list(clip_rows(10, None, 1, None, None)) == list(range(10))
     thin = clip_rows(1000, None, 1, 288, None)
     assert len(thin) == 288 and thin[0] == 0 and thin[-1] == 999
+    # A whole-video view one frame in `stride`: evenly spread from the first frame to the last, still at most 288.
+    sparse = clip_rows(1000, None, 8, 288, None)
+    assert len(sparse) == 125 and sparse[0] == 0 and sparse[-1] == 999 and set(np.diff(sparse)) <= {8, 9}
+    assert len(clip_rows(5000, None, 8, 288, None)) == 288 and list(clip_rows(3, None, 8, 288, None)) == [0]
 
 
 def test_dataset_in_memory_and_streamed_agree(make_cache):
@@ -51,6 +55,22 @@ def test_item_streams_are_seeded_by_seed_epoch_item_and_salt(make_cache):
     # The item's clip is drawn from its unsalted stream.
     i = int(np.argmax(ds.lengths))
     assert np.array_equal(ds[i]["positions"].numpy() // 2, clip_rows(int(ds.lengths[i]), 4, 2, None, ds.rng(i)))
+
+
+def test_whole_video_views_one_frame_in_stride_from_cache_and_from_raw_video_alike(make_cache):
+    from vtn.extract.sampling import SamplingConfig, sample
+
+    url, _ = make_cache(6)
+    split = open_cache(url).load_split("train")
+    whole = ClipDataset(split, clip_frames=None, stride=3, max_frames=288, train=False)
+    assert whole.sample_lengths().tolist() == [len(whole.pick(i)) for i in range(len(whole))]
+    assert all(len(whole.pick(i)) == -(-int(n) // 3) for i, n in enumerate(whole.lengths))
+    # The same rows of the sampled frames when a predictor decodes raw video (`view_stride`, see whole_video_sampling)
+    times = np.arange(250) / 25.0
+    every = sample(times, SamplingConfig(mode="fps", fps=5))
+    view = sample(times, SamplingConfig(mode="fps", fps=5, view_frames=288, view_stride=3))
+    np.testing.assert_array_equal(view, every[clip_rows(len(every), None, 3, 288, None)])
+    assert len(view) == 17
 
 
 def test_uniform_rows_cover_the_whole_video_one_frame_per_segment_jittered_from_the_seed():

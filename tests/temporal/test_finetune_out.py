@@ -97,13 +97,13 @@ def test_evaluate_takes_a_finetuned_run_on_its_own_features_and_refuses_the_old_
 def test_predict_on_a_finetuned_run_gives_its_evaluation_logits(tuned, tmp_path, monkeypatch):
     """`vtn predict --model RUN2` builds the fine-tuned backbone (not the stage-two one) with the run's
     preprocessing and sampling: its probabilities are those of `vtn finetune`'s own evaluation path."""
-    from dataclasses import replace
     from types import SimpleNamespace
 
     import vtn.temporal.finetune as finetune_job
     from vtn.extract.config import BackboneConfig, ExtractConfig, RuntimeConfig
     from vtn.runtime import Processes
     from vtn.temporal.e2e import sampling_of
+    from vtn.temporal.data import whole_video_sampling
     from vtn.temporal.metrics import log_softmax
 
     videos, _, run, run2 = tuned
@@ -118,7 +118,7 @@ def test_predict_on_a_finetuned_run_gives_its_evaluation_logits(tuned, tmp_path,
 
     model = VideoVTN.from_pretrained(run2 / "best").eval()
     inputs = read_inputs(run / "best")
-    cfg = ExtractConfig(replace(sampling_of(inputs), view_frames=model.config.max_positions),
+    cfg = ExtractConfig(whole_video_sampling(sampling_of(inputs), model.config),
                         BackboneConfig(**model.video["backbone_config"]), RuntimeConfig(device="cpu", workers=0))
     seen = []
     monkeypatch.setattr(finetune_job, "gathered_metrics", lambda logits, labels, procs: seen.append(logits) or {})

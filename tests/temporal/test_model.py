@@ -176,6 +176,20 @@ def test_load_model_checks_every_weight(tmp_path):
     assert isinstance(load_model(tmp_path, VTNConfig, VTN), VTN)
 
 
+def test_a_checkpoint_saved_before_a_field_existed_loads_as_the_model_it_was(tmp_path):
+    import json
+
+    old = tiny(temporal_conv=0, positions="index")
+    VTN(old).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    for field in ("temporal_conv", "positions", "view_stride"):  # written before they existed
+        del config[field]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    loaded = VTN.from_pretrained(tmp_path)
+    assert loaded.temporal_conv is None and loaded.config.positions == "index" and loaded.config.view_stride is None
+    assert loaded.config == old
+
+
 def test_same_backbone_is_one_definition():
     from vtn.temporal.checkpoint import BACKBONE_IDENTITY, backbone_differences
 
@@ -200,8 +214,14 @@ def test_input_errors_are_clear():
 
 def test_positions_modes():
     index, seconds = torch.tensor([[0, 8, 16]]), torch.tensor([[0.0, 0.32, 0.64]])
-    assert frame_positions(tiny(), frame_index=index).tolist() == [[0, 8, 16]]
+    assert frame_positions(tiny(positions="index"), frame_index=index).tolist() == [[0, 8, 16]]
     assert frame_positions(tiny(positions="time", position_rate=25.0), timestamps=seconds).tolist() == [[0, 8, 16]]
+    # "fraction": every video over the whole table, so a short one's frames are as far apart as a long one's share
+    spans = torch.tensor([[30, 1.2], [300, 12.0]])
+    frac = frame_positions(tiny(positions="fraction", max_positions=31), frame_index=torch.tensor([[0, 15, 30]] * 2)
+                           * torch.tensor([[1], [10]]), video_span=spans)
+    assert frac.tolist() == [[0, 15, 30], [0, 15, 30]]
+    assert frame_positions(tiny(positions="fraction", max_positions=301), frame_index=index).tolist() == [[0, 150, 300]]
     none = tiny(positions="none")
     assert frame_positions(none, index, seconds) is None
     model = VTN(none)
@@ -217,7 +237,7 @@ def test_the_temporal_convolution_reads_order_without_positions():
         model.eval()
         same = torch.allclose(model(x), model(x.flip(1)), atol=1e-4)
         assert same == order_blind, conv
-    assert VTNConfig().temporal_conv == 0  # the paper's model unless asked for
+    assert preset("vit_b_vtn").temporal_conv == 0 and VTNConfig().temporal_conv == 3  # the paper's; vtn's default
 
 
 def test_config_validation():

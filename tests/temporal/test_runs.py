@@ -19,7 +19,7 @@ from vtn.config import merge
 from vtn.runtime import Processes
 from vtn.store import CacheWriter, collate_clips, open_cache
 from vtn.temporal.data import model_inputs
-from vtn.temporal.model import VTNConfig, frame_positions
+from vtn.temporal.model import VTN, VTNConfig, frame_positions
 from vtn.temporal.settings import TrainConfig, model_config
 from vtn.temporal.splits import load_data
 
@@ -40,7 +40,7 @@ def long_cache(path, lengths=(20, 3000), backbone=BACKBONE):
 
 
 def test_positions_count_from_the_view_and_spread_a_long_view_over_the_table():
-    cfg = VTNConfig(feature_dim=4, num_classes=1)  # max_positions 288
+    cfg = VTNConfig(feature_dim=4, num_classes=1, positions="index")  # max_positions 288
     assert frame_positions(cfg, torch.tensor([[1200, 1208, 1216]])).tolist() == [[0, 8, 16]]  # late clip: rows 0..
     long = torch.arange(0, 3000, 15)[None]  # 200 frames over 2985 source frames: more than 288 positions
     p = frame_positions(cfg, long)[0]
@@ -55,7 +55,9 @@ def test_positions_count_from_the_view_and_spread_a_long_view_over_the_table():
 
 def test_videos_of_20_and_3000_frames_train_on_full_clips_and_evaluate_over_their_whole_length(tmp_path, capsys):
     cache = long_cache(tmp_path / "cache")
-    cfg = merge(TrainConfig(), {"data": {"sampling": "dense", "speed": [1.0, 1.0]}})  # the paper's clips, as they are
+    # The paper's clips, as they are, and its evaluation: every frame of a whole video, up to the table.
+    cfg = merge(TrainConfig(), {"data": {"sampling": "dense", "speed": [1.0, 1.0]},
+                                "model": {"view_stride": 1, "positions": "index"}})
     model_cfg = model_config(cfg, open_cache(cache))
     data = load_data(open_cache(cache), cfg, model_cfg, Processes())
     for epoch in range(5):  # training clips from anywhere in the long video: every frame real, inside the table
@@ -80,6 +82,23 @@ def test_videos_of_20_and_3000_frames_train_on_full_clips_and_evaluate_over_thei
     assert main(["train", cache, "--out", str(run), "--model", "tiny", "--steps", "2", "--batch-size", "4", "--quiet"]) == 0
     assert main(["evaluate", str(run), "--cache", cache, "--json"]) == 0
     assert json.loads(capsys.readouterr().out.splitlines()[-1])["videos"] == 4
+
+
+
+def test_stage_two_reads_whole_videos_at_its_views_spacing_and_saves_it(tmp_path, capsys):
+    # Stage two sets it (and says so), validates with it, and saves it for evaluation and prediction; a value set
+    # with --set is kept.
+    url = long_cache(tmp_path / "cache", lengths=(200, 240))
+    run = tmp_path / "run"
+    assert main(["train", url, "--out", str(run), "--model", "tiny", "--steps", "2", "--batch-size", "4",
+                 "--set", "data.sampling=dense"]) == 0
+    assert "whole videos read one cached frame in 8" in capsys.readouterr().out
+    assert VTN.from_pretrained(run / "best").config.view_stride == 8
+    assert main(["evaluate", str(run), "--cache", url, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["frames_through_backbone"] == 2 * (25 + 30)
+    assert main(["train", url, "--out", str(tmp_path / "run2"), "--model", "tiny", "--steps", "2", "--batch-size",
+                 "4", "--quiet", "--set", "data.sampling=dense", "--set", "model.view_stride=1"]) == 0
+    assert VTN.from_pretrained(tmp_path / "run2" / "best").config.view_stride == 1
 
 
 def test_checkpoints_record_their_inputs_and_refuse_other_features(tmp_path, capsys):

@@ -343,7 +343,9 @@ def test_model_sizes_and_recipes_are_registered_once():
         options = {a.dest: a.choices for a in sub.choices[command]._actions}
         assert list(options["model"]) == list(SIZES) and list(options["recipe"]) == list(RECIPES)
     assert TrainConfig().model == SIZES["base"] == VTNConfig()
-    assert PRESETS["vit_b_vtn"] == VTNConfig(feature_dim=768, num_classes=400)
+    # The paper's model: vtn's defaults without what reads long videos (README, "Long videos read whole")
+    assert PRESETS["vit_b_vtn"] == VTNConfig(feature_dim=768, num_classes=400, temporal_conv=0, positions="index",
+                                             view_stride=1)
     with pytest.raises(ConfigError, match="feature_dim and num_classes"):
         VTNConfig().check()
 
@@ -369,3 +371,15 @@ def test_auto_sampling_follows_how_much_of_the_long_train_videos_a_dense_clip_sp
     assert choose_sampling(DataSection(sampling="dense"), np.full(50, 1500))[0] == "dense"  # as set
     with pytest.raises(Exception, match="data.speed"):
         choose_sampling(DataSection(speed=(2.0, 0.5)), np.full(5, 10))
+
+
+def test_whole_videos_are_read_as_far_apart_as_the_training_views_frames():
+    from vtn.temporal.settings import DataSection
+    from vtn.temporal.splits import view_stride
+
+    d = DataSection()  # dense clips of 16 frames at stride 8; uniform views of 64 segments
+    assert view_stride(d, "dense", np.full(9, 500)) == 8
+    assert view_stride(d, "dense", np.full(9, 61)) == 4  # a clip of a 61-frame video: 16 frames 4 apart
+    assert view_stride(d, "uniform", np.full(9, 640)) == 10 and view_stride(d, "uniform", np.full(9, 30)) == 1
+    assert view_stride(d, "mixed", np.full(9, 640)) == 9  # half 8, half 10
+    assert view_stride(d, "dense", np.r_[np.full(5, 500), np.full(4, 20)]) == 8  # the median video's
