@@ -37,7 +37,7 @@ def _add_train(sub) -> None:
     p.add_argument("--frames", type=int, help="frames per training clip (data.clip_frames, default 16)")
     p.add_argument("--stride", type=int, help="cached frames between clip frames (data.stride, default 8)")
     p.add_argument("--model", choices=["tiny", "small", "base"],
-                   help="encoder size: tiny (about 0.5 M parameters: the quick one on a CPU), small, or base (the "
+                   help="encoder size: tiny (about 0.5 M parameters: the quick one on a CPU; lr 1e-3 unless set), small, or base (the "
                    "paper's, about 28 M, the default)")
     length = p.add_mutually_exclusive_group()
     length.add_argument("--epochs", type=int, help="train exactly this many epochs (optim.epochs; default: at most 25, "
