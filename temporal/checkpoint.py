@@ -86,7 +86,8 @@ def load_model(directory: str | Path, config_cls: type, build: Callable[[Any], t
     files = [path / n for n in (CONFIG_NAME, WEIGHTS_NAME, *needs)]
     if not all(f.is_file() for f in files):
         raise UserError(f"{path}: not a {what} checkpoint (needs {', '.join(f.name for f in files)})")
-    config = merge(config_cls(), {**getattr(config_cls, "SAVED_BEFORE", {}), **json.loads((path / CONFIG_NAME).read_text())})
+    saved = json.loads((path / CONFIG_NAME).read_text())
+    config = merge(config_cls(), {**getattr(config_cls, "SAVED_BEFORE", {}), **saved})
     if backend is not None:
         config = merge(config, {"backend": backend})
     model = build(config)

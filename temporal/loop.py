@@ -446,8 +446,10 @@ def start_run(run: Path, cache, cfg: TrainConfig | None, resume: bool, procs: Pr
     this process (see `shared_source`)."""
     cfg, last = run_config(run, TrainConfig, cfg, resume, TrainConfig, procs)
     model_cfg = model_config(cfg, cache)
-    if last is not None:  # the model the run started with, as its checkpoint describes it (a run saved before a
-        saved = VTN.from_pretrained(last).config  # field existed keeps that field's value of then)
+    # A resumed run keeps the model it started with, as its checkpoint describes it (one saved before a field
+    # existed keeps that field's value of then).
+    if last is not None:
+        saved = VTN.from_pretrained(last).config
         if (saved.feature_dim, saved.class_names) != (model_cfg.feature_dim, model_cfg.class_names):
             raise UserError(f"{cache.url} does not fit the checkpoint {last}: it was trained on features of "
                             f"{saved.feature_dim} dimensions and classes {list(saved.class_names)}; this cache "

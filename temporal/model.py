@@ -114,7 +114,8 @@ register_size("small", hidden_size=384, num_layers=3, num_heads=6, intermediate_
 register_size("base")
 
 # The paper's model: base on ViT-B/16 features and Kinetics-400. base keeps the reference code's window 18 (its
-# "32" is another library's meaning), 288 positions, dropout 0.1 and 0.5 before the last head layer.
+# "32" is another library's meaning), 288 positions, dropout 0.1 and 0.5 before the last head layer; no temporal
+# convolution, source-frame positions, every frame of a whole video read.
 PRESETS = {"vit_b_vtn": dataclasses.replace(SIZES["base"], feature_dim=768, num_classes=400, temporal_conv=0,
                                            positions="index", view_stride=1)}
 
@@ -160,7 +161,8 @@ def frame_positions(
     if video_span is not None:
         whole = video_span[:, 1] * config.position_rate if config.positions == "time" else video_span[:, 0]
         span = torch.maximum(span, torch.round(whole.double()).long().to(span.device)[:, None])
-    fit = torch.where((span > limit) | (config.positions == "fraction"), torch.round(rel.double() * limit / span.clamp(min=1)).long(), rel)
+    spread = (span > limit) | (config.positions == "fraction")
+    fit = torch.where(spread, torch.round(rel.double() * limit / span.clamp(min=1)).long(), rel)
     # Distinct and inside the table: p_i >= p_(i-1) + 1, and room left for the frames after it.
     i = torch.arange(raw.shape[1], device=raw.device).expand_as(raw)  # [B, T]
     n = mask.sum(dim=1, keepdim=True)  # [B, 1]
