@@ -18,11 +18,11 @@ def clip_rows(length: int, clip_frames: int | None, stride: int, max_frames: int
     the video's start to its end (n = 1: the centred clip).
     """
     if clip_frames is None:
-        n = whole_frames(length, stride, max_frames)
+        n = int(whole_frames(length, stride, max_frames))
         return np.arange(length) if n >= length else np.linspace(0, length - 1, n).round().astype(np.int64)
     if length <= clip_frames:
         return np.arange(length)
-    stride = max(1, min(stride, (length - 1) // (clip_frames - 1))) if clip_frames > 1 else 1
+    stride = int(clip_stride(length, clip_frames, stride))
     span = (clip_frames - 1) * stride + 1
     if rng is not None:
         start = int(rng.integers(0, length - span + 1))
@@ -33,11 +33,17 @@ def clip_rows(length: int, clip_frames: int | None, stride: int, max_frames: int
     return start + np.arange(clip_frames) * stride
 
 
-def whole_frames(length: int, stride: int, max_frames: int | None) -> int:
-    """How many frames a whole-video view of a video of `length` frames holds: one in `stride`, at most
-    `max_frames`."""
-    n = -(-length // max(1, stride))
-    return n if max_frames is None else min(n, max_frames)
+def clip_stride(length, clip_frames: int, stride: int):
+    """The stride of a clip of `clip_frames` frames in a video of `length` frames (or an array of lengths):
+    `stride`, or the largest that fits a shorter video, at least 1."""
+    return np.maximum(1, np.minimum(stride, (np.asarray(length) - 1) // max(1, clip_frames - 1)))
+
+
+def whole_frames(length, stride: int, max_frames: int | None):
+    """How many frames a whole-video view of a video of `length` frames (or an array of lengths) holds: one in
+    `stride`, at most `max_frames`."""
+    n = -(-np.asarray(length) // max(1, stride))
+    return n if max_frames is None else np.minimum(n, max_frames)
 
 
 def view_rows(length: int, views: tuple[int, int, int] | None, max_frames: int, whole_stride: int = 1

@@ -67,7 +67,7 @@ class ClipDataset(Dataset):
     def sample_lengths(self) -> np.ndarray:
         """Frames each item will have (for bucketing by length; a uniform training view's, at speed 1)."""
         if self.clip_frames is None and not self.train:
-            return np.array([whole_frames(n, self.stride, self.max_frames) for n in self.lengths], dtype=np.int64)
+            return whole_frames(self.lengths, self.stride, self.max_frames)
         cap = self.clip_frames if self.clip_frames is not None else self.max_frames
         if self.train and self.sampling != "dense":
             cap = self.segments if self.sampling == "uniform" else max(self.segments, cap)

@@ -12,6 +12,7 @@ import numpy as np
 from vtn.errors import UserError
 from vtn.paths import canonical_cache
 from vtn.runtime import Processes
+from vtn.store.clips import clip_stride
 from vtn.store.dataset import ClipDataset, LengthBucketSampler, loader_workers
 from vtn.store.lease import describe, live_writers
 from vtn.temporal.data import split_source, whole_videos
@@ -106,7 +107,7 @@ def view_stride(d: DataSection, sampling: str, lengths: np.ndarray) -> int:
     is then shown every frame sees its events 8 times longer and its neighbours 8 times closer than it ever did
     (see the README's long-video figures)."""
     lengths = np.asarray(lengths, dtype=np.float64)
-    dense = np.clip((lengths - 1) // max(1, d.clip_frames - 1), 1, d.stride)
+    dense = clip_stride(lengths, d.clip_frames, d.stride)
     uniform = np.maximum(lengths / d.segments, 1.0)
     share = {"dense": 0.0, "uniform": 1.0, "mixed": d.uniform_share}[sampling]
     return max(1, round(float(np.median(share * uniform + (1 - share) * dense)))) if len(lengths) else 1
