@@ -30,9 +30,9 @@ class Run:
     cfg: object  # TrainConfig
 
 
-def _short(value) -> str:
+def short_value(value) -> str:
     if isinstance(value, (list, tuple)):
-        return "-".join(_short(v) for v in value)
+        return "-".join(short_value(v) for v in value)
     if isinstance(value, float):
         return f"{value:g}"
     return str(value)
@@ -41,7 +41,7 @@ def _short(value) -> str:
 def run_name(values: dict) -> str:
     """`lr-0.001_num_layers-3_seed-0`: each key's last part (the whole key where two would clash) and value."""
     last = [k.rsplit(".", 1)[-1] for k in values]
-    parts = [f"{k.rsplit('.', 1)[-1] if last.count(k.rsplit('.', 1)[-1]) == 1 else k}-{_short(v)}"
+    parts = [f"{k.rsplit('.', 1)[-1] if last.count(k.rsplit('.', 1)[-1]) == 1 else k}-{short_value(v)}"
              for k, v in values.items()]
     return "_".join(parts).replace("/", "-").replace(" ", "")
 
@@ -51,14 +51,14 @@ def varied_keys(runs: list[Run]) -> list[str]:
     return list(dict.fromkeys(k for r in runs for k in r.values if k != "run.seed"))
 
 
-def _value(cfg, key: str):
+def config_value(cfg, key: str):
     node = to_dict(cfg)
     for k in key.split("."):
         node = node[k]
     return node
 
 
-def _stats(xs: list[float]) -> tuple[float, float]:
+def mean_std(xs: list[float]) -> tuple[float, float]:
     mean = sum(xs) / len(xs)
     std = math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
     return mean, std
@@ -76,13 +76,13 @@ def table(runs: list[Run], results: list[dict]) -> list[dict]:
     for name, members in groups.items():
         run = members[0][0]
         # a value that is no config key (a several-cache sweep's backbone) is the run's own
-        row = {"run": name, **{k: run.values[k] if k in run.values else _value(run.cfg, k) for k in keys},
+        row = {"run": name, **{k: run.values[k] if k in run.values else config_value(run.cfg, k) for k in keys},
                "seeds": len(members)}
         for m in table_metrics():
-            row[f"val_{m.key}_mean"], row[f"val_{m.key}_std"] = _stats([res[f"val_{m.key}"] for _, res in members])
+            row[f"val_{m.key}_mean"], row[f"val_{m.key}_std"] = mean_std([res[f"val_{m.key}"] for _, res in members])
         row["diverged"] = sum(res.get("diverged_at_step") is not None for _, res in members)  # .get: older runs
         row["parameters"] = members[0][1]["parameters"]
-        row["train_seconds"] = round(_stats([res["train_seconds"] for _, res in members])[0], 2)
+        row["train_seconds"] = round(mean_std([res["train_seconds"] for _, res in members])[0], 2)
         rows.append(row)
     return rows
 
@@ -141,7 +141,7 @@ def plot_figure(rows: list[dict], keys: list[str], base=None, base_values: dict 
     plt = pyplot()
     runs = [r for r in rows if not r["run"].startswith("probe")]
     mean, std = f"val_{PLOTTED}_mean", f"val_{PLOTTED}_std"
-    at_base = {k: _cell(base_values[k] if base_values and k in base_values else _value(base, k))
+    at_base = {k: _cell(base_values[k] if base_values and k in base_values else config_value(base, k))
                for k in (keys if base is not None else [])}
     fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.8), squeeze=False)
     for ax, key in zip(axes[0], keys):

@@ -203,7 +203,7 @@ def finetune_best(args, out: Path, best: list) -> dict[str, dict]:
 
 def _stats(found: list[dict], key: str = "val_top1") -> dict | None:
     """A cell's figures from the records of its seeds: val top-1 (%) mean and sample std, mean train seconds."""
-    from vtn.temporal.results import _stats as mean_std
+    from vtn.temporal.results import mean_std
 
     if not found:
         return None
@@ -220,16 +220,16 @@ def _text(cell: dict | None) -> str:
 
 
 def _label(values: dict) -> str:
-    from vtn.temporal.results import _short
+    from vtn.temporal.results import short_value
 
-    return ", ".join(f"{k.rsplit('.', 1)[-1]} {_short(v)}" for k, v in values.items())
+    return ", ".join(f"{k.rsplit('.', 1)[-1]} {short_value(v)}" for k, v in values.items())
 
 
 def tables(out: Path, runs: list, labels: list[str], rows: list[dict], best: dict, tuned: dict,
            variants: list[dict]) -> dict[str, list[tuple[str, list]]]:
     """{title: [(row label, [cell per backbone])]}: the report's tables from the runs' metrics.json (the probes'
     from the sweep's rows), in the paper's order; a cell is _stats' dict or None."""
-    from vtn.temporal.results import _value
+    from vtn.temporal.results import config_value
     from vtn.temporal.sweep import CACHE_KEY
 
     results = {r.name: _record(out / "sweep" / r.name) for r in runs if (out / "sweep" / r.name / RESULT).is_file()}
@@ -250,7 +250,7 @@ def tables(out: Path, runs: list, labels: list[str], rows: list[dict], best: dic
             groups.setdefault(TABLES.get(next(iter(v)), "Other: " + ", ".join(v)), []).append(v)
     for title, members in groups.items():
         keys = list(dict.fromkeys(k for v in members for k in v))
-        base = [(_label({k: _value(runs[0].cfg, k) for k in keys}) + " (base)", [seeds({}, b) for b in labels])]
+        base = [(_label({k: config_value(runs[0].cfg, k) for k in keys}) + " (base)", [seeds({}, b) for b in labels])]
         found[title] = (base if {} in variants else []) + [(_label(v), [seeds(v, b) for b in labels]) for v in members]
     if tuned:
         found["Frozen vs fine-tuned"] = [
