@@ -359,7 +359,8 @@ def test_model_sizes_and_recipes_are_registered_once():
     assert TrainConfig().model == SIZES["base"] == VTNConfig()
     # The paper's model: vtn's defaults without what reads long videos (README, "Long videos read whole")
     assert PRESETS["vit_b_vtn"] == VTNConfig(feature_dim=768, num_classes=400, temporal_conv=0, positions="index",
-                                             view_stride=1)
+                                             view_stride=1, head_dropout=0.5)
+    assert SIZES["tiny"].head_dropout == 0.5  # measured so on long videos; base's default is 0
     with pytest.raises(ConfigError, match="feature_dim and num_classes"):
         VTNConfig().check()
 
