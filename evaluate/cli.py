@@ -15,8 +15,9 @@ def _add_evaluate(sub) -> None:
     p = sub.add_parser(
         "evaluate", help="accuracy of a trained run on a split of a cache (whole videos)",
         description="Load RUN's best checkpoint (or RUN itself, when it is a checkpoint directory), run one view over "
-        "each whole video of the split (one cached frame in the model's view_stride, up to its max_positions), print top-1, top-5 and mean class "
-        "accuracy, and write predictions.csv, confusion.csv and metrics.json into RUN (or --out).",
+        "each whole video of the split (one cached frame in the model's view_stride, up to its max_positions), "
+        "print top-1, top-5 and mean class accuracy, and write predictions.csv, confusion.csv and metrics.json into "
+        "RUN (or --out).",
     )
     p.add_argument("run", help="a `vtn train` run directory, or a checkpoint directory in it")
     p.add_argument("--cache", required=True, help="the feature cache to evaluate on")

@@ -8,8 +8,9 @@ and batching across videos are stage one's pipeline (`extract_features`) with an
 its frames are through the backbone, goes through VTN.
 
 Views: `full` decodes only the frames of one view over the whole video (one in view_stride, up to
-max_positions, spread as in evaluation), `TxS` only the frames of T evenly spaced clips of the training clip length, each in S crops (1:
-centre; 3: both ends and the centre of the long side), softmax scores averaged over the T x S views.
+max_positions, spread as in evaluation), `TxS` only the frames of T evenly spaced clips of the training clip
+length, each in S crops (1: centre; 3: both ends and the centre of the long side), softmax scores averaged over
+the T x S views.
 """
 
 from __future__ import annotations

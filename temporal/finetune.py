@@ -9,8 +9,8 @@ Training clips are the ones stage two draws from the cache (splits.py's `load_da
 share and length buckets); only their frames are decoded, in stage one's decode workers (`ClipFrames`), and must
 be the cache's frames, else the video is not the one the cache was made from. A video that fails is recorded
 once (`Failures`) and left out of its batch (the batch's loss keeps its weight: nothing is put in its place).
-Evaluation runs whole val videos (one frame in view_stride, up to max_positions spread over each, as in stage two) through stage
-one's pipeline (`extract_features`) and the same model.
+Evaluation runs whole val videos (one frame in view_stride, up to max_positions spread over each, as in stage
+two) through stage one's pipeline (`extract_features`) and the same model.
 
 The steps, schedule, metrics.jsonl, best/ and last/ checkpoints and exact --resume are loop.py's pieces, so a
 run resumed after an interruption ends with the weights of an uninterrupted one (on the CPU); the backbone's and

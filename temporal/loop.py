@@ -462,7 +462,7 @@ def start_run(run: Path, cache, cfg: TrainConfig | None, resume: bool, procs: Pr
 
     torch.manual_seed(cfg.run.seed)
     model = VTN(model_cfg).to(device)
-    if last is None:  # the statistics of the training videos only; they also refuse a video with NaN features, normalised or not
+    if last is None:  # the train videos' statistics only; they also refuse a video with NaN features, normalised or not
         stats = feature_stats(data.train, cache.url)
         if cfg.data.normalize:
             model.set_feature_stats(*stats)

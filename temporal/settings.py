@@ -9,7 +9,7 @@ from typing import Literal
 
 from vtn.config import ranged
 from vtn.errors import UserError
-from vtn.temporal.model import VTNConfig
+from vtn.temporal.model import SIZES, VTNConfig
 
 
 @dataclass(frozen=True)
@@ -113,6 +113,8 @@ RECIPES = {
 # narrow tiny encoder learns faster at 1e-3 than at the default 3e-4 (the README's long-video figures: a best val
 # top-1 as high or higher on all 6 seeds and sets, the goal met on all 6 against 4).
 SIZE_SETS = {"tiny": {"optim": {"lr": 1e-3}}}
+# What --recipe and --model choose from, for vtn train, sweep and ablate (vtn.config.job_config)
+CHOICES = {"recipes": RECIPES, "sizes": SIZES, "size_sets": SIZE_SETS}
 
 FLAGS = {  # `vtn train`'s flags (argparse dest) -> config key; see vtn.config.flag_updates
     "frames": "data.clip_frames", "stride": "data.stride", "epochs": "optim.epochs", "steps": "optim.steps",

@@ -144,7 +144,8 @@ def load_data(cache, cfg: TrainConfig, model_cfg: VTNConfig, procs: Processes, s
     sampling, why = choose_sampling(d, every.lengths[keep])
     if model_cfg.view_stride is None:
         model_cfg = replace(model_cfg, view_stride=view_stride(d, sampling, every.lengths[keep]))
-        why += f"; whole videos read one cached frame in {model_cfg.view_stride}, as far apart as the views' (model.view_stride)"
+        why += (f"; whole videos read one cached frame in {model_cfg.view_stride}, as far apart as the views' "
+                "(model.view_stride)")
     if holdout is None:
         val = whole_videos(shared_source(cache, d.val_split, d.load, procs, sources), d.val_split, model_cfg)
     else:

@@ -405,11 +405,9 @@ def _probes(caches: str | dict[str, str], runs: list[Run]) -> list[dict]:
 
 def main(args) -> int:
     from vtn.config import job_config
-    from vtn.temporal.model import SIZES
-    from vtn.temporal.settings import FLAGS, RECIPES, SIZE_SETS, TrainConfig
+    from vtn.temporal.settings import CHOICES, FLAGS, TrainConfig
 
-    base = job_config(TrainConfig, args, {"no_tb": FLAGS["no_tb"]}, recipes=RECIPES, sizes=SIZES,
-                      size_sets=SIZE_SETS)
+    base = job_config(TrainConfig, args, {"no_tb": FLAGS["no_tb"]}, **CHOICES)
     if args.preset and args.grid:
         raise UserError("--preset ablations is a grid of its own; give --grid or --preset, not both")
     grid, urls = _cache_grid(args)

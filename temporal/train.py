@@ -8,13 +8,12 @@ from __future__ import annotations
 
 from vtn.config import job_config
 from vtn.temporal.loop import fit
-from vtn.temporal.model import SIZES
-from vtn.temporal.settings import FLAGS, RECIPES, SIZE_SETS, TrainConfig
+from vtn.temporal.settings import CHOICES, FLAGS, TrainConfig
 
 
 def main(args) -> int:
     """`vtn train`: recipe and --model size, then --config, then --set, then the explicit flags; none of them
     with --resume means "the run's saved config"."""
-    cfg = job_config(TrainConfig, args, FLAGS, recipes=RECIPES, sizes=SIZES, size_sets=SIZE_SETS)
+    cfg = job_config(TrainConfig, args, FLAGS, **CHOICES)
     fit(args.cache, args.out, cfg, resume=args.resume, progress=not args.quiet)
     return 0

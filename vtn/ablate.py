@@ -113,15 +113,13 @@ def ablate(args, out: Path) -> int:
     from vtn.extract.cli import flags as extract_flags
     from vtn.extract.config import ExtractConfig, cache_paths
     from vtn.temporal import sweep as sweep_job
-    from vtn.temporal.model import SIZES
-    from vtn.temporal.settings import FLAGS, RECIPES, SIZE_SETS, TrainConfig
+    from vtn.temporal.settings import CHOICES, FLAGS, TrainConfig
 
     names = list(args.backbone)
     ecfg = job_config(ExtractConfig, argparse.Namespace(**{**vars(args), "backbone": None, "sets": []}),
                       extract_flags())
     base = job_config(TrainConfig, argparse.Namespace(**{**vars(args), "sets": [*NO_DROPOUT, *args.sets]}),
-                      {k: FLAGS[k] for k in ("steps", "batch_size", "device")}, recipes=RECIPES, sizes=SIZES,
-                      size_sets=SIZE_SETS)
+                      {k: FLAGS[k] for k in ("steps", "batch_size", "device")}, **CHOICES)
     grid = sweep_job.parse_grid(args.grid, base)  # a wrong key or value is refused before anything runs
     if args.finetune_steps < 0:
         from vtn.errors import UserError

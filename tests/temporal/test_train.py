@@ -330,12 +330,11 @@ def test_resume_takes_the_same_cache_by_another_spelling_of_its_path(tmp_path, c
 def test_a_size_brings_its_learning_rate_unless_one_is_given():
     from vtn.cli import build_parser
     from vtn.config import job_config
-    from vtn.temporal.model import SIZES
-    from vtn.temporal.settings import FLAGS, RECIPES, SIZE_SETS, TrainConfig
+    from vtn.temporal.settings import CHOICES, FLAGS, TrainConfig
 
     def lr(*argv):
         args = build_parser().parse_args(["train", "CACHE", "--out", "RUN", *argv])
-        return job_config(TrainConfig, args, FLAGS, recipes=RECIPES, sizes=SIZES, size_sets=SIZE_SETS).optim.lr
+        return job_config(TrainConfig, args, FLAGS, **CHOICES).optim.lr
 
     assert lr("--model", "tiny") == 1e-3 and lr() == lr("--model", "base") == TrainConfig().optim.lr == 3e-4
     assert lr("--model", "tiny", "--lr", "3e-4") == 3e-4 and lr("--model", "tiny", "--set", "optim.lr=5e-4") == 5e-4
