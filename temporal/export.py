@@ -7,8 +7,8 @@ backbone's weights file (backbone.safetensors) when they are not timm's. Pushing
 `upload_folder`: nothing here talks to the network.
 
 `export_onnx` writes the temporal encoder + head (the feature normalisation inside) as ONNX with a dynamic batch
-and length: inputs `features` [batch, frames, D] float32 and `positions` [batch, frames] int64 (frame_positions'
-rule), output `logits` [batch, classes]. The graph comes from the TorchScript tracer (torch.onnx's dynamo=False
+and length: inputs `features` [batch, frames, D] float32 and, unless the model has no position table
+(model.positions="none"), `positions` [batch, frames] int64 (frame_positions' rule); output `logits` [batch, classes]. The graph comes from the TorchScript tracer (torch.onnx's dynamo=False
 path) over the `fast` backend with every layer's band attention run as one dense block (`one_block`): the same
 function at any length, with no branch on the length for a trace to freeze. (torch.onnx's dynamo path exports the
 same module to the same logits, but takes several times as long.) `export_torchscript` saves the same trace as a
@@ -118,8 +118,9 @@ def model_card(model: VTN, inputs: dict, best: dict, last: dict, backbone_note: 
 # -- deployable graphs -------------------------------------------------------------------------------------------
 
 class Encoder(torch.nn.Module):
-    """VTN over a batch of views without padding, as exported: (features [B, T, D], positions [B, T]) -> logits.
-    A copy of the model in eval mode, every band attention one dense block (see the module docstring)."""
+    """VTN over a batch of views without padding, as exported: (features [B, T, D], positions [B, T]) -> logits;
+    positions None for a model without a position table. A copy of the model in eval mode, every band attention one
+    dense block (see the module docstring)."""
 
     def __init__(self, model: VTN):
         super().__init__()
@@ -131,15 +132,18 @@ class Encoder(torch.nn.Module):
             if hasattr(module, "one_block"):
                 module.one_block = True
 
-    def forward(self, features: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def forward(self, features: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         # Positions are the caller's to keep in [0, max_positions): a check would read values, which a graph cannot.
         return self.vtn(features, None, positions, positions_checked=True)
 
 
-def example_inputs(model: VTN, frames: int = 24, batch: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random features and the positions 0..frames-1 for a `frames`-frame view."""
-    features = torch.randn(batch, frames, model.config.feature_dim)
-    return features, torch.arange(frames).expand(batch, frames).contiguous()
+def example_inputs(model: VTN, frames: int = 24, batch: int = 2) -> dict[str, torch.Tensor]:
+    """The graph's inputs by name for a `frames`-frame view: random features, and the positions 0..frames-1 when the
+    model reads positions (a traced graph drops an input it never reads)."""
+    inputs = {"features": torch.randn(batch, frames, model.config.feature_dim)}
+    if model.config.positions != "none":
+        inputs["positions"] = torch.arange(frames).expand(batch, frames).contiguous()
+    return inputs
 
 
 def export_onnx(model: VTN, path: str | Path) -> Path:
@@ -152,11 +156,12 @@ def export_onnx(model: VTN, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     encoder = Encoder(model)
-    dims = {0: "batch", 1: "frames"}
+    inputs = example_inputs(model)
     with torch.no_grad():
-        torch.onnx.export(encoder, example_inputs(model), str(path), dynamo=False, opset_version=18,
-                          input_names=["features", "positions"], output_names=["logits"],
-                          dynamic_axes={"features": dims, "positions": dims, "logits": {0: "batch"}})
+        torch.onnx.export(encoder, tuple(inputs.values()), str(path), dynamo=False, opset_version=18,
+                          input_names=list(inputs), output_names=["logits"],
+                          dynamic_axes={**{name: {0: "batch", 1: "frames"} for name in inputs},
+                                        "logits": {0: "batch"}})
     graph = onnx.load(str(path))
     onnx.helper.set_model_props(graph, {"vtn_config": json.dumps(to_dict(model.config))})
     onnx.save(graph, str(path))
@@ -169,6 +174,6 @@ def export_torchscript(model: VTN, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with torch.no_grad():
-        traced = torch.jit.trace(Encoder(model), example_inputs(model))
+        traced = torch.jit.trace(Encoder(model), tuple(example_inputs(model).values()))
     torch.jit.save(traced, str(path), _extra_files={"vtn_config.json": json.dumps(to_dict(model.config))})
     return path

@@ -48,10 +48,11 @@ class VTNConfig:
     # wav2vec2's and CPVT's convolutional positions do. Learned absolute positions alone must learn from data how
     # every position relates to every other (see the README's long-video figures for where that fails).
     temporal_conv: int = ranged(3, ge=0)
-    max_positions: int = ranged(288, ge=1)  # frame positions 0..max_positions-1
+    max_positions: int = ranged(288, ge=1)  # positions 0..max_positions-1; the most frames a whole-video view reads
     # "index": source frame index (the paper's); "time": seconds x position_rate; "fraction": the frame's place as a
     # share of its video, every video spread over the whole table, so a model trained on short videos reads a long
-    # one at positions it has trained; "none": no position embeddings. See `frame_positions`.
+    # one at positions it has trained; "none": no position embeddings (order only from the temporal convolution).
+    # See `frame_positions`.
     positions: Literal["index", "time", "fraction", "none"] = "fraction"
     position_rate: float = ranged(25.0, gt=0)  # positions per second, for positions="time"
     # Whole videos (validation, evaluation, prediction) are read one cached frame in this many: as far apart as
@@ -104,7 +105,7 @@ class VTNConfig:
 
 
 # `--model SIZE`: named encoder sizes, registered once (as timm registers its variants). base is the paper's
-# encoder (27.8 M parameters with its head on 768-D features); tiny trains in seconds on a CPU.
+# encoder (27.7 M parameters with its head on 768-D features, 400 classes); tiny trains in seconds on a CPU.
 SIZES: dict[str, VTNConfig] = {}
 
 

@@ -12,6 +12,7 @@ from vtn import synth
 from vtn.cli import main
 from vtn.extract.backbone import create_backbone
 from vtn.temporal.e2e import load_temporal
+from vtn.temporal.export import example_inputs
 from vtn.temporal.model import VTN
 
 EXTRACT = ["--backbone", "resnet18", "--image-size", "32", "--fps", "8", "--workers", "0", "--quiet"]
@@ -19,8 +20,9 @@ EXTRACT = ["--backbone", "resnet18", "--image-size", "32", "--fps", "8", "--work
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """One small run shared by the tests: a random-init resnet18 from a weights file (as users have them), a tiny
-    encoder trained a few steps, its features normalised (so the export must carry the normalisation)."""
+    """Small runs shared by the tests: a random-init resnet18 from a weights file (as users have them), a tiny
+    encoder trained a few steps, its features normalised (so the export must carry the normalisation); `run` has the
+    default table of positions, `run-none` none (its graph takes features alone)."""
     root = tmp_path_factory.mktemp("export")
     videos = root / "videos"
     synth.make_dataset(videos, per_split={"train": 2, "val": 1}, classes=synth.CLASSES[:2], seconds=(1.0, 2.0), seed=5)
@@ -28,14 +30,23 @@ def trained(tmp_path_factory):
     save_file(create_backbone("resnet18", seed=3)[0].state_dict(), str(weights))
     cache, run = str(root / "cache"), root / "run"
     assert main(["extract", str(videos), "--out", cache, "--weights", str(weights), *EXTRACT]) == 0
-    assert main(["train", cache, "--out", str(run), "--model", "tiny", "--steps", "2", "--quiet"]) == 0
+    for name, sets in (("run", []), ("run-none", ["--set", "model.positions=none"])):
+        assert main(["train", cache, "--out", str(root / name), "--model", "tiny", "--steps", "2", *sets,
+                     "--quiet"]) == 0
     return videos, run, weights
 
 
-def test_onnx_equals_pytorch_at_16_97_and_288_frames(trained, tmp_path, capsys):
+def graph_inputs(model, frames: int, batch: int) -> dict[str, torch.Tensor]:
+    """The graph's inputs, features scaled and shifted so the normalisation matters."""
+    inputs = example_inputs(model, frames, batch)
+    return {**inputs, "features": inputs["features"] * 3 + 1}
+
+
+@pytest.mark.parametrize("name", ["run", "run-none"])
+def test_onnx_equals_pytorch_at_16_97_and_288_frames(trained, tmp_path, capsys, name):
     ort = pytest.importorskip("onnxruntime", reason="the onnx extra (pip install 'vtn[onnx]') is not installed")
     pytest.importorskip("onnx", reason="the onnx extra (pip install 'vtn[onnx]') is not installed")
-    _, run, _ = trained
+    run = trained[1].parent / name
     assert main(["export", str(run), "--onnx", str(tmp_path / "vtn.onnx")]) == 0
     assert "vtn.onnx" in capsys.readouterr().out
     model = load_temporal(run / "best").eval()
@@ -43,19 +54,20 @@ def test_onnx_equals_pytorch_at_16_97_and_288_frames(trained, tmp_path, capsys):
     session = ort.InferenceSession(str(tmp_path / "vtn.onnx"), providers=["CPUExecutionProvider"])
     meta = json.loads(session.get_modelmeta().custom_metadata_map["vtn_config"])
     assert meta["class_names"] == list(model.config.class_names)
+    assert [i.name for i in session.get_inputs()] == ["features", "positions"][:2 if name == "run" else 1]
     torch.manual_seed(0)
     for frames, batch in ((16, 2), (97, 1), (288, 1)):  # 97 and 288 run blocked attention in PyTorch
-        features = torch.randn(batch, frames, model.config.feature_dim) * 3 + 1
-        positions = torch.arange(frames).expand(batch, frames).contiguous()
+        inputs = graph_inputs(model, frames, batch)
         with torch.no_grad():
-            expected = model(features, None, positions).numpy()
-        got = session.run(["logits"], {"features": features.numpy(), "positions": positions.numpy()})[0]
+            expected = model(inputs["features"], None, inputs.get("positions")).numpy()
+        got = session.run(["logits"], {k: v.numpy() for k, v in inputs.items()})[0]
         assert got.shape == (batch, model.config.num_classes)
         np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
 
 
-def test_torchscript_equals_pytorch_at_16_97_and_288_frames(trained, tmp_path, capsys):
-    _, run, _ = trained
+@pytest.mark.parametrize("name", ["run", "run-none"])
+def test_torchscript_equals_pytorch_at_16_97_and_288_frames(trained, tmp_path, capsys, name):
+    run = trained[1].parent / name
     assert main(["export", str(run), "--torchscript", str(tmp_path / "vtn.pt")]) == 0
     assert "vtn.pt (TorchScript" in capsys.readouterr().out
     model = load_temporal(run / "best").eval()
@@ -64,11 +76,10 @@ def test_torchscript_equals_pytorch_at_16_97_and_288_frames(trained, tmp_path, c
     assert json.loads(extra["vtn_config.json"])["class_names"] == list(model.config.class_names)
     torch.manual_seed(0)
     for frames, batch in ((16, 2), (97, 1), (288, 1)):
-        features = torch.randn(batch, frames, model.config.feature_dim) * 3 + 1
-        positions = torch.arange(frames).expand(batch, frames).contiguous()
+        inputs = graph_inputs(model, frames, batch)
         with torch.no_grad():
-            torch.testing.assert_close(scripted(features, positions), model(features, None, positions),
-                                       atol=1e-4, rtol=0)
+            torch.testing.assert_close(scripted(*inputs.values()),
+                                       model(inputs["features"], None, inputs.get("positions")), atol=1e-4, rtol=0)
 
 
 def test_export_folder_predicts_as_the_run(trained, tmp_path, capsys):

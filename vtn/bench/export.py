@@ -42,8 +42,11 @@ def latency(model, session, frames: int, repeats: int) -> tuple[float, float]:
     import numpy as np
     import torch
 
-    features, positions = torch.randn(1, frames, model.config.feature_dim), torch.arange(frames)[None]
-    feeds = {"features": features.numpy(), "positions": positions.numpy()}
+    from vtn.temporal.export import example_inputs
+
+    inputs = example_inputs(model, frames, batch=1)
+    features, positions = inputs["features"], inputs.get("positions")
+    feeds = {name: x.numpy() for name, x in inputs.items()}
 
     def timed(call) -> float:
         for _ in range(3):
