@@ -8,11 +8,12 @@ backbone's weights file (backbone.safetensors) when they are not timm's. Pushing
 
 `export_onnx` writes the temporal encoder + head (the feature normalisation inside) as ONNX with a dynamic batch
 and length: inputs `features` [batch, frames, D] float32 and, unless the model has no position table
-(model.positions="none"), `positions` [batch, frames] int64 (frame_positions' rule); output `logits` [batch, classes]. The graph comes from the TorchScript tracer (torch.onnx's dynamo=False
-path) over the `fast` backend with every layer's band attention run as one dense block (`one_block`): the same
-function at any length, with no branch on the length for a trace to freeze. (torch.onnx's dynamo path exports the
-same module to the same logits, but takes several times as long.) `export_torchscript` saves the same trace as a
-TorchScript file for `torch.jit.load`, with the config in its extra file `vtn_config.json`.
+(model.positions="none"), `positions` [batch, frames] int64 (frame_positions' rule); output `logits` [batch,
+classes]. The graph comes from the TorchScript tracer (torch.onnx's dynamo=False path) over the `fast` backend
+with every layer's band attention run as one dense block (`one_block`): the same function at any length, with no
+branch on the length for a trace to freeze. (torch.onnx's dynamo path exports the same module to the same logits,
+but takes several times as long.) `export_torchscript` saves the same trace as a TorchScript file for
+`torch.jit.load`, with the config in its extra file `vtn_config.json`.
 """
 
 from __future__ import annotations
