@@ -37,8 +37,9 @@ def _add_train(sub) -> None:
     p.add_argument("--frames", type=int, help="frames per training clip (data.clip_frames, default 16)")
     p.add_argument("--stride", type=int, help="cached frames between clip frames (data.stride, default 8)")
     p.add_argument("--model", choices=["tiny", "small", "base"],
-                   help="encoder size: tiny (about 0.5 M parameters: the quick one on a CPU; lr 1e-3 unless set, head "
-                   "dropout 0.5), small, or base (the paper's encoder, about 28 M, the default; head dropout 0)")
+                   help="encoder size: tiny (about 0.5 M parameters: the quick one on a CPU; lr 1e-3, weight "
+                   "decay 0.5 and head dropout 0.5 unless set), small, or base (the paper's encoder, about 28 M, the "
+                   "default; head dropout 0)")
     length = p.add_mutually_exclusive_group()
     length.add_argument("--epochs", type=int, help="train exactly this many epochs (optim.epochs; default: at most 25, "
                         "raised to reach optim.min_steps=1000 steps on a small cache, stopping early on val)")

@@ -327,17 +327,20 @@ def test_resume_takes_the_same_cache_by_another_spelling_of_its_path(tmp_path, c
     assert main(["train", "./c.zarr", "--out", "run", "--resume", "--quiet"]) == 0, capsys.readouterr().err
 
 
-def test_a_size_brings_its_learning_rate_unless_one_is_given():
+def test_a_size_brings_its_learning_rate_and_weight_decay_unless_given():
     from vtn.cli import build_parser
     from vtn.config import job_config
     from vtn.temporal.settings import CHOICES, FLAGS, TrainConfig
 
-    def lr(*argv):
+    def optim(*argv):
         args = build_parser().parse_args(["train", "CACHE", "--out", "RUN", *argv])
-        return job_config(TrainConfig, args, FLAGS, **CHOICES).optim.lr
+        o = job_config(TrainConfig, args, FLAGS, **CHOICES).optim
+        return o.lr, o.weight_decay
 
-    assert lr("--model", "tiny") == 1e-3 and lr() == lr("--model", "base") == TrainConfig().optim.lr == 3e-4
-    assert lr("--model", "tiny", "--lr", "3e-4") == 3e-4 and lr("--model", "tiny", "--set", "optim.lr=5e-4") == 5e-4
+    default = (TrainConfig().optim.lr, TrainConfig().optim.weight_decay)
+    assert optim("--model", "tiny") == (1e-3, 0.5) and optim() == optim("--model", "base") == default == (3e-4, 0.05)
+    assert optim("--model", "tiny", "--lr", "3e-4") == (3e-4, 0.5)
+    assert optim("--model", "tiny", "--set", "optim.lr=5e-4", "--set", "optim.weight_decay=0.05") == (5e-4, 0.05)
 
 
 def test_model_sizes_and_recipes_are_registered_once():
