@@ -124,7 +124,7 @@ class Intermediates(torch.nn.Module):
                                 f"give distinct indices in {-blocks}..{blocks - 1}")
         self.order = sorted(range(len(layers)), key=lambda k: layers[k] % blocks)  # forward_intermediates' order
         with torch.no_grad():
-            self.dim = int(self(example).shape[1])
+            self.num_features = int(self(example).shape[1])  # timm's name, so pooled_dim reads it as for any backbone
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         kwargs = {"norm": True, "output_fmt": "NLC", "return_prefix_tokens": True} if self.tokens else {}
@@ -137,6 +137,12 @@ class Intermediates(torch.nn.Module):
         for k, p in zip(self.order, pooled):
             by_layer[k] = p
         return torch.cat(by_layer, dim=1)  # [B, sum of the blocks' C], in the order of `layers`
+
+
+def timm_model(backbone: torch.nn.Module) -> torch.nn.Module:
+    """The timm model of a backbone (an Intermediates wraps one): its weights, under timm's names, are what a
+    weights file holds and what `state_dict_sha256` identifies."""
+    return backbone.model if isinstance(backbone, Intermediates) else backbone
 
 
 def _takes(cls: type, arg: str) -> bool:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from vtn.errors import UserError
-from vtn.extract.backbone import Intermediates, Preprocess, compile_backbone, create_backbone
+from vtn.extract.backbone import Intermediates, Preprocess, compile_backbone, create_backbone, pooled_dim
 from vtn.extract.config import BackboneConfig, ExtractConfig, RuntimeConfig
 from vtn.extract.decode import StreamInfo
 from vtn.extract.inputs import InputEntry
@@ -243,7 +243,7 @@ def build_backbone(b: BackboneConfig, rt: RuntimeConfig, device: torch.device, c
     preprocess = Preprocess(data_config, crops).to(device)
     if b.layers:  # the chosen blocks' pooled outputs, concatenated; they make a cache of another identity
         model = Intermediates(model, b.layers, preprocess.size)
-        identity.update(layers=list(b.layers), feature_dim=model.dim)
+        identity.update(layers=list(b.layers), feature_dim=pooled_dim(model))
     identity["preprocessing"] = preprocess.attrs
     model = model.to(device)
     if rt.channels_last:

@@ -38,7 +38,7 @@ from torch.utils.checkpoint import checkpoint
 
 from vtn.config import to_dict
 from vtn.errors import UserError
-from vtn.extract.backbone import Preprocess, create_backbone, file_sha256, pooled_dim, state_dict_sha256
+from vtn.extract.backbone import Preprocess, create_backbone, file_sha256, pooled_dim, state_dict_sha256, timm_model
 from vtn.extract.config import BackboneConfig, RuntimeConfig
 from vtn.extract.sampling import MODES, SamplingConfig
 from vtn.temporal.checkpoint import backbone_differences, load_model
@@ -214,7 +214,7 @@ class VideoVTN(VTN):
         --weights` loads); and video.json (the backbone's identity, build settings and preprocessing, the
         sampling)."""
         super().save_pretrained(directory)
-        state = {k: v.detach().cpu().contiguous() for k, v in self.backbone.state_dict().items()}
+        state = {k: v.detach().cpu().contiguous() for k, v in timm_model(self.backbone).state_dict().items()}
         save_file(state, str(Path(directory) / BACKBONE_FILE), metadata={"format": "pt"})
         (Path(directory) / VIDEO_NAME).write_text(json.dumps(self.video, indent=2) + "\n")
 
@@ -225,10 +225,11 @@ class VideoVTN(VTN):
         settings name that file; the stage-two backbone stays as `stage_two_backbone`. A cache of the old
         backbone is then refused by `vtn evaluate`, one re-extracted with this one is taken."""
         path = Path(directory) / BACKBONE_FILE
-        identity = {"name": self.video["backbone"]["name"], "weights": "file", "weights_file_sha256": file_sha256(path),
-                    "weights_sha256": state_dict_sha256(self.backbone),
-                    "feature_dim": pooled_dim(self.backbone),
-                    "preprocessing": self.video["backbone"]["preprocessing"]}
+        stage_two = self.video["backbone"]
+        identity = {"name": stage_two["name"], "weights": "file", "weights_file_sha256": file_sha256(path),
+                    "weights_sha256": state_dict_sha256(timm_model(self.backbone)),
+                    "feature_dim": pooled_dim(self.backbone), "preprocessing": stage_two["preprocessing"],
+                    **({"layers": stage_two["layers"]} if "layers" in stage_two else {})}
         return {**inputs, "backbone": identity,
                 "backbone_config": {**self.video["backbone_config"], "weights": BACKBONE_FILE},
                 "stage_two_backbone": inputs.get("stage_two_backbone", inputs.get("backbone"))}

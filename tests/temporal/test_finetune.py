@@ -620,3 +620,27 @@ def test_a_backbone_whose_head_convolution_follows_the_pooling_composes_at_its_p
     cfg = VTNConfig(feature_dim=dim, hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32, num_classes=2)
     model = VideoVTN(cfg, backbone, Preprocess(timm.data.resolve_data_config({}, model=backbone)), {})
     assert model.backbone is backbone and dim != backbone.num_features
+
+
+def test_a_backbone_of_several_blocks_composes_to_the_features_its_cache_holds(stage_two, tmp_path):
+    """A cache extracted with `--layers` (blocks' pooled outputs concatenated) rebuilds that same backbone for
+    fine-tuning: the composed model's frame features are the cached ones, of the blocks' summed width."""
+    videos, _, _ = stage_two
+    cache, run = str(tmp_path / "cache"), tmp_path / "run"
+    assert main(["extract", str(videos), "--out", cache, "--weights", "random", "--layers", "-1,-2", *EXTRACT]) == 0
+    assert main(["train", cache, "--out", str(run), "--model", "tiny", "--steps", "1", "--frames", "4", "--quiet"]) == 0
+    model, _, inputs = composed(run)
+    c = open_cache(cache)
+    assert c.feature_dim == 512 + 256  # resnet18's last two stages
+    v = c.video(c.split_ids("val")[0])
+    chunks = [ch for ch in decode_video(videos / v.id, sampling_of(inputs)) if hasattr(ch, "frames")]
+    with torch.no_grad():
+        feats = model.frame_features(model.preprocess(torch.from_numpy(np.concatenate([ch.frames for ch in chunks]))))
+    np.testing.assert_allclose(feats.numpy(), v.features.astype(np.float32), rtol=2e-3, atol=2e-3)
+    # Fine-tuned, its backbone file rebuilds the same blocks for `vtn predict`.
+    out = tmp_path / "ft"
+    assert main(["finetune", str(run), "--out", str(out), "--videos", str(videos), "--steps", "1", *FT]) == 0
+    assert read_inputs(out / "best")["backbone"]["layers"] == [-1, -2]
+    assert main(["predict", str(videos / "val"), "--model", str(out), "--json", str(tmp_path / "p.jsonl"),
+                 "--workers", "0"]) == 0
+    assert len((tmp_path / "p.jsonl").read_text().splitlines()) == len(c.split_ids("val"))
