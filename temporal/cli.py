@@ -36,10 +36,11 @@ def _add_train(sub) -> None:
                    help="base settings: default (AdamW, warm-up, cosine) or reference (the paper code's SGD, steps)")
     p.add_argument("--frames", type=int, help="frames per training clip (data.clip_frames, default 16)")
     p.add_argument("--stride", type=int, help="cached frames between clip frames (data.stride, default 8)")
-    p.add_argument("--model", choices=["tiny", "small", "base"],
+    p.add_argument("--model", choices=["auto", "tiny", "small", "base"],
                    help="encoder size: tiny (about 0.5 M parameters: the quick one on a CPU; lr 1e-3, weight "
-                   "decay 0.5 and head dropout 0.5 unless set), small, or base (the paper's encoder, about 28 M, the "
-                   "default; head dropout 0)")
+                   "decay 0.5 and head dropout 0.5 unless set), small, base (the paper's encoder, about 28 M; head "
+                   "dropout 0), or auto (the default): tiny when the train split has fewer than 1000 videos, on "
+                   "which base can stall or memorise, else base")
     length = p.add_mutually_exclusive_group()
     length.add_argument("--epochs", type=int, help="train exactly this many epochs (optim.epochs; default: at most 25, "
                         "raised to reach optim.min_steps=1000 steps on a small cache, stopping early on val)")
@@ -86,7 +87,8 @@ def _add_sweep(sub) -> None:
     p.add_argument("--seeds", type=int, default=1, help="seeds per config: run.seed + 0..N-1 (default 1)")
     p.add_argument("--jobs", type=int, help="parallel processes (default: one per GPU, or 1 on the CPU)")
     p.add_argument("--recipe", choices=["default", "reference"], help="base settings, as vtn train")
-    p.add_argument("--model", choices=["tiny", "small", "base"], help="base encoder size, as vtn train")
+    p.add_argument("--model", choices=["auto", "tiny", "small", "base"],
+                   help="encoder size, as vtn train (auto, the default: from the smallest cache's train split)")
     p.add_argument("--probes", action="store_true", help="add vtn probe's baselines to the table")
     p.add_argument("--no-batch", action="store_true", help="train every run on its own, never batched")
     p.add_argument("--no-tb", action="store_true", help="no TensorBoard event files in RUN/tb/ (run.tensorboard; "

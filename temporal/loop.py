@@ -439,11 +439,11 @@ class Started:
 
 
 def start_run(run: Path, cache, cfg: TrainConfig | None, resume: bool, procs: Processes, device: torch.device,
-              sources: dict | None = None, announce: bool = True) -> Started:
+              sources: dict | None = None, announce: bool = True, size: str = "") -> Started:
     """Everything before the first step of the run in `run` (checked by check_run_dir): its config (the saved
     one when resuming), data, schedule, model (seeded by run.seed), optimiser, state (a resumed run's from
     last/), config.yaml and the start of metrics.jsonl. `sources`: loaded splits to share with other runs of
-    this process (see `shared_source`)."""
+    this process (see `shared_source`). `size`: which encoder size and why, for the first log line."""
     cfg, last = run_config(run, TrainConfig, cfg, resume, TrainConfig, procs)
     model_cfg = model_config(cfg, cache)
     # A resumed run keeps the model it started with, as its checkpoint describes it (one saved before a field
@@ -483,6 +483,7 @@ def start_run(run: Path, cache, cfg: TrainConfig | None, resume: bool, procs: Pr
                     f"{run / 'holdout.json'})")
         print(f"vtn train: {len(data.train)} train videos and {val_from} from {cache.url} "
               f"({'streamed' if data.streaming else 'memory'}), {n_params / 1e6:.2f} M parameters on {device}"
+              + (f"\n  encoder: {size}" if size else "")
               + schedule_text(loop, cfg.optim.batch_size, why, last is not None)
               + f"\n  training views: {data.sampling}", flush=True)
         if data.left_out:
@@ -522,18 +523,19 @@ def finish_run(loop: Loop, announce: bool = True, val: ClipDataset | None = None
 
 
 def fit(cache_url: str, out: str | Path, cfg: TrainConfig | None = None, resume: bool = False,
-        progress: bool = True, cache=None, sources: dict | None = None) -> dict:
+        progress: bool = True, cache=None, sources: dict | None = None, size: str = "") -> dict:
     """Train VTN on the cache at `cache_url` into the run directory `out`; returns the final summary.
 
     `cfg` None means the defaults, or when resuming, the run's saved config. Under torchrun every process
     calls this; rank 0 writes the run directory. `cache` (the cache already open) and `sources` (its loaded
-    splits, see `shared_source`) let a sweep train many runs in one process without reloading them.
+    splits, see `shared_source`) let a sweep train many runs in one process without reloading them. `size`: the
+    encoder size chosen and why (settings.train_config), for the first log line.
     """
     procs, device, own_group = setup_processes((cfg or TrainConfig()).run.device)
     try:
         run = check_run_dir(out)  # never over a file or a folder that is not a run
         cache = cache if cache is not None else open_cache(cache_url)
-        job = start_run(run, cache, cfg, resume, procs, device, sources)
+        job = start_run(run, cache, cfg, resume, procs, device, sources, size=size)
         loop, data, cfg = job.loop, job.data, job.cfg
 
         def loss_fn(batch: dict, weight: float) -> torch.Tensor:

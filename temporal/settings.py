@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
-from vtn.config import ranged
+from vtn.config import job_config, ranged
 from vtn.errors import UserError
+from vtn.store import open_cache
 from vtn.temporal.model import SIZES, VTNConfig
 
 
@@ -151,3 +153,27 @@ def model_config(cfg: TrainConfig, cache) -> VTNConfig:
                                 class_names=tuple(cache.class_names))
     model.check()
     return model
+
+
+# `--model auto`, vtn train's and sweep's default: base below this many train videos stalled for hundreds of steps on
+# the order of a video's events, or memorised them, on some seeds, where tiny read every long-video set (README, "Long
+# videos read whole", 72 train videos); base is the paper's encoder for Kinetics' 240,000. Between, not measured.
+SMALL_CACHE = 1000
+
+
+def train_config(args, flags: dict, urls: list[str]) -> tuple[TrainConfig | None, str]:
+    """vtn train's and sweep's settings (vtn.config.job_config), `--model auto` (or none) decided by the train
+    split of the caches at `urls`: tiny, with its size settings, when the smallest holds fewer than SMALL_CACHE
+    videos, else base; and a sentence saying which and why ("" when --model names a size, or when the run's saved
+    config is used)."""
+    named = getattr(args, "model", None) not in (None, "auto")
+    cfg = job_config(TrainConfig, argparse.Namespace(**{**vars(args), "model": args.model if named else None}),
+                     flags, **CHOICES)
+    if cfg is None or named:
+        return cfg, ""
+    videos = min(len(open_cache(url).split_ids(cfg.data.train_split)) for url in urls)
+    if videos >= SMALL_CACHE:
+        return cfg, f"base (--model auto: {videos} train videos, at least {SMALL_CACHE})"
+    return (job_config(TrainConfig, argparse.Namespace(**{**vars(args), "model": "tiny"}), flags, **CHOICES),
+            f"tiny (--model auto: {videos} train videos, fewer than {SMALL_CACHE}, on which the paper's base encoder "
+            "can stall or memorise; --model base trains it)")

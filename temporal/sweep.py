@@ -404,13 +404,14 @@ def _probes(caches: str | dict[str, str], runs: list[Run]) -> list[dict]:
 # -- the command ------------------------------------------------------------------------------------------------
 
 def main(args) -> int:
-    from vtn.config import job_config
-    from vtn.temporal.settings import CHOICES, FLAGS, TrainConfig
+    from vtn.temporal.settings import FLAGS, train_config
 
-    base = job_config(TrainConfig, args, {"no_tb": FLAGS["no_tb"]}, **CHOICES)
     if args.preset and args.grid:
         raise UserError("--preset ablations is a grid of its own; give --grid or --preset, not both")
     grid, urls = _cache_grid(args)
+    base, size = train_config(args, {"no_tb": FLAGS["no_tb"]}, urls)
+    if size:
+        print(f"vtn sweep: encoder {size}", flush=True)
     variants = ablations(base) if args.preset == "ablations" else variants_of(parse_grid(grid, base), args.zip)
     caches = urls[0] if len(urls) == 1 and args.cache else cache_labels(urls)
     if not isinstance(caches, str):  # every config on every cache, the cache first in the run names

@@ -6,14 +6,13 @@ is temporal/loop.py's `fit`, the loop `vtn finetune` and `vtn sweep` share.
 
 from __future__ import annotations
 
-from vtn.config import job_config
 from vtn.temporal.loop import fit
-from vtn.temporal.settings import CHOICES, FLAGS, TrainConfig
+from vtn.temporal.settings import FLAGS, train_config
 
 
 def main(args) -> int:
-    """`vtn train`: recipe and --model size, then --config, then --set, then the explicit flags; none of them
-    with --resume means "the run's saved config"."""
-    cfg = job_config(TrainConfig, args, FLAGS, **CHOICES)
-    fit(args.cache, args.out, cfg, resume=args.resume, progress=not args.quiet)
+    """`vtn train`: recipe and --model size (auto: from the cache), then --config, then --set, then the explicit
+    flags; none of them with --resume means "the run's saved config"."""
+    cfg, size = train_config(args, FLAGS, [args.cache])
+    fit(args.cache, args.out, cfg, resume=args.resume, progress=not args.quiet, size=size)
     return 0

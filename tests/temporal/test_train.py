@@ -343,6 +343,37 @@ def test_a_size_brings_its_learning_rate_and_weight_decay_unless_given():
     assert optim("--model", "tiny", "--set", "optim.lr=5e-4", "--set", "optim.weight_decay=0.05") == (5e-4, 0.05)
 
 
+def test_model_auto_trains_tiny_below_a_thousand_train_videos_and_base_from_there(tmp_path, capsys, monkeypatch):
+    """--model auto, vtn train's and sweep's default: tiny with its size settings when the train split holds fewer
+    than SMALL_CACHE videos, else base; a named size wins, --set and flags apply over the size chosen, a bare
+    --resume keeps the run's saved config, and the first log line says which size and why."""
+    from vtn.cli import build_parser
+    from vtn.temporal import settings
+
+    cache = small_cache(tmp_path / "c", [*labelled("train", 4), *labelled("val", 1)])  # 8 train videos
+
+    def config(*argv):
+        return settings.train_config(build_parser().parse_args(["train", cache, "--out", "RUN", *argv]),
+                                     settings.FLAGS, [cache])
+
+    cfg, why = config()
+    assert cfg.model == settings.SIZES["tiny"] and (cfg.optim.lr, cfg.optim.weight_decay) == (1e-3, 0.5)
+    assert why.startswith("tiny (--model auto: 8 train videos, fewer than 1000,") and config("--model", "auto") == (
+        cfg, why)
+    cfg, _ = config("--set", "model.num_layers=1", "--lr", "3e-4")
+    assert (cfg.model.hidden_size, cfg.model.num_layers, cfg.optim.lr, cfg.optim.weight_decay) == (128, 1, 3e-4, 0.5)
+    assert config("--model", "base") == (settings.TrainConfig(), "") and config("--resume") == (None, "")
+    monkeypatch.setattr(settings, "SMALL_CACHE", 8)
+    assert config() == (settings.TrainConfig(), "base (--model auto: 8 train videos, at least 8)")
+    monkeypatch.undo()
+
+    assert main(["train", cache, "--out", str(tmp_path / "run"), *TINY, "--steps", "1", "--quiet"]) == 0
+    assert "\n  encoder: tiny (--model auto: 8 train videos, fewer than 1000" in capsys.readouterr().out
+    assert main(["sweep", cache, "--out", str(tmp_path / "sweep"), "--grid", "optim.lr=1e-3", "--set",
+                 "optim.steps=1", "--quiet"]) == 0
+    assert capsys.readouterr().out.startswith("vtn sweep: encoder tiny (--model auto: 8 train videos")
+
+
 def test_model_sizes_and_recipes_are_registered_once():
     """`--model` and `--recipe` of vtn train, vtn sweep and vtn ablate offer the registries' names; the sizes are VTNConfigs,
     the paper's preset is base with 768-D features and 400 classes, and a config left "from the cache" says so
@@ -355,9 +386,9 @@ def test_model_sizes_and_recipes_are_registered_once():
     from vtn.temporal.settings import RECIPES, TrainConfig
 
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    for command in ("train", "sweep", "ablate"):
+    for command, auto in (("train", ["auto"]), ("sweep", ["auto"]), ("ablate", [])):
         options = {a.dest: a.choices for a in sub.choices[command]._actions}
-        assert list(options["model"]) == list(SIZES) and list(options["recipe"]) == list(RECIPES)
+        assert list(options["model"]) == [*auto, *SIZES] and list(options["recipe"]) == list(RECIPES)
     assert TrainConfig().model == SIZES["base"] == VTNConfig()
     # The paper's model: vtn's defaults without what reads long videos (README, "Long videos read whole")
     assert PRESETS["vit_b_vtn"] == VTNConfig(feature_dim=768, num_classes=400, temporal_conv=0, positions="index",
