@@ -126,6 +126,9 @@ class Intermediates(torch.nn.Module):
         with torch.no_grad():
             self.num_features = int(self(example).shape[1])  # timm's name, so pooled_dim reads it as for any backbone
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.model.set_grad_checkpointing(enable)  # timm's forward_intermediates recomputes its blocks as forward does
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         kwargs = {"norm": True, "output_fmt": "NLC", "return_prefix_tokens": True} if self.tokens else {}
         taken = self.model.forward_intermediates(x, indices=list(self.layers), intermediates_only=True, **kwargs)

@@ -637,9 +637,21 @@ def test_a_backbone_of_several_blocks_composes_to_the_features_its_cache_holds(s
     with torch.no_grad():
         feats = model.frame_features(model.preprocess(torch.from_numpy(np.concatenate([ch.frames for ch in chunks]))))
     np.testing.assert_allclose(feats.numpy(), v.features.astype(np.float32), rtol=2e-3, atol=2e-3)
+    # Its blocks recompute in the backward pass when asked (finetune.grad_checkpointing), to the same gradients.
+    frames = model.preprocess(torch.from_numpy(chunks[0].frames[:2]))
+    grads = []
+    for on in (False, True):
+        model.backbone.set_grad_checkpointing(on)
+        model.zero_grad()
+        model.frame_features(frames).square().sum().backward()
+        grads.append([p.grad.clone() for p in model.backbone.parameters() if p.grad is not None])
+    assert len(grads[1]) == len(grads[0]) > 0
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
     # Fine-tuned, its backbone file rebuilds the same blocks for `vtn predict`.
     out = tmp_path / "ft"
-    assert main(["finetune", str(run), "--out", str(out), "--videos", str(videos), "--steps", "1", *FT]) == 0
+    assert main(["finetune", str(run), "--out", str(out), "--videos", str(videos), "--steps", "1", *FT,
+                 "--set", "finetune.grad_checkpointing=true"]) == 0
     assert read_inputs(out / "best")["backbone"]["layers"] == [-1, -2]
     assert main(["predict", str(videos / "val"), "--model", str(out), "--json", str(tmp_path / "p.jsonl"),
                  "--workers", "0"]) == 0
