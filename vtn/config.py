@@ -245,8 +245,8 @@ def flag_updates(args, flags: dict) -> dict:
 def job_config(cls: type, args, flags: dict, base: Any = None, recipes: dict | None = None,
                sizes: dict | None = None, size_sets: dict | None = None) -> Any:
     """Every job's settings, one rule: the base (`base`, else `recipes[args.recipe or "default"]`, else the
-    defaults), with `sizes[args.model]` as its model section and `size_sets[args.model]` (other settings that
-    go with the size) when --model is given, then --config, then each
+    defaults), with `sizes[args.model]` as its model section and `size_sets[recipe][args.model]` (other settings
+    that go with the size under that recipe) when --model is given, then --config, then each
     --set, then the explicit flags (`flags`, see `flag_updates`). None when the job is resumed (--resume) and
     none of them is given: the run's saved config is used."""
     updates = _file_and_sets(getattr(args, "config", None), getattr(args, "sets", ()))
@@ -259,7 +259,8 @@ def job_config(cls: type, args, flags: dict, base: Any = None, recipes: dict | N
     if base is None:
         base = recipes[recipe or "default"] if recipes else cls()
     if size:
-        base = merge(dataclasses.replace(base, model=sizes[size]), (size_sets or {}).get(size, {}))
+        base = merge(dataclasses.replace(base, model=sizes[size]),
+                     (size_sets or {}).get(recipe or "default", {}).get(size, {}))
     # The flags apply after the rest, so a value out of range in --set is refused even when a flag replaces it.
     return merge(merge(base, updates), given)
 

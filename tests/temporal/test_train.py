@@ -330,7 +330,7 @@ def test_resume_takes_the_same_cache_by_another_spelling_of_its_path(tmp_path, c
 def test_a_size_brings_its_learning_rate_and_weight_decay_unless_given():
     from vtn.cli import build_parser
     from vtn.config import job_config
-    from vtn.temporal.settings import CHOICES, FLAGS, TrainConfig
+    from vtn.temporal.settings import CHOICES, FLAGS, RECIPES, TrainConfig
 
     def optim(*argv):
         args = build_parser().parse_args(["train", "CACHE", "--out", "RUN", *argv])
@@ -341,6 +341,9 @@ def test_a_size_brings_its_learning_rate_and_weight_decay_unless_given():
     assert optim("--model", "tiny") == (1e-3, 0.5) and optim() == optim("--model", "base") == default == (3e-4, 0.05)
     assert optim("--model", "tiny", "--lr", "3e-4") == (3e-4, 0.5)
     assert optim("--model", "tiny", "--set", "optim.lr=5e-4", "--set", "optim.weight_decay=0.05") == (5e-4, 0.05)
+    # they go with the default recipe's AdamW: the reference recipe's SGD keeps its own
+    reference = RECIPES["reference"].optim
+    assert optim("--model", "tiny", "--recipe", "reference") == (reference.lr, reference.weight_decay) == (1e-3, 1e-4)
 
 
 def test_model_auto_trains_tiny_below_a_thousand_train_videos_and_base_from_there(tmp_path, capsys, monkeypatch):
