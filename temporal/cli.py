@@ -25,7 +25,8 @@ def _add_train(sub) -> None:
         "and last/. Defaults suit any cache size: unless --epochs or --steps is given, the run is at most 25 epochs "
         "(raised to 1000 optimiser steps on a small cache) and stops early once val top-1 has not improved for a fifth "
         "of that (optim.patience); training views are dense clips, uniform views over whole videos or a mix, chosen "
-        "from the videos' lengths (data.sampling). Under torchrun it trains with DDP. Interrupted, it continues with "
+        "from the videos' lengths (data.sampling); the encoder is tiny below 1000 train videos, else the paper's base "
+        "(--model). Under torchrun it trains with DDP. Interrupted, it continues with "
         "--resume.",
     )
     p.add_argument("cache", help="the feature cache (local path or fsspec URL)")
