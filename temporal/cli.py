@@ -39,9 +39,9 @@ def _add_train(sub) -> None:
     p.add_argument("--stride", type=int, help="cached frames between clip frames (data.stride, default 8)")
     p.add_argument("--model", choices=["auto", "tiny", "small", "base"],
                    help="encoder size: tiny (about 0.6 M parameters: the quick one on a CPU; head dropout 0.5 and, "
-                   "with the default recipe, lr 1e-3 and weight decay 0.5, unless set), small, base (the paper's encoder, about 28 M; head "
-                   "dropout 0), or auto (the default): tiny when the train split has fewer than 1000 videos, on "
-                   "which base can stall or memorise, else base")
+                   "with the default recipe, lr 1e-3 and weight decay 0.5, unless set), small, base (the paper's "
+                   "encoder, about 28 M; head dropout 0), or auto (the default): tiny when the train split has fewer "
+                   "than 1000 videos, on which base can stall or memorise, else base")
     length = p.add_mutually_exclusive_group()
     length.add_argument("--epochs", type=int, help="train exactly this many epochs (optim.epochs; default: at most 25, "
                         "raised to reach optim.min_steps=1000 steps on a small cache, stopping early on val)")
