@@ -10,7 +10,6 @@ from typing import Literal
 
 from vtn.config import job_config, ranged
 from vtn.errors import UserError
-from vtn.store import open_cache
 from vtn.temporal.model import SIZES, VTNConfig
 
 
@@ -162,17 +161,17 @@ def model_config(cfg: TrainConfig, cache) -> VTNConfig:
 SMALL_CACHE = 1000
 
 
-def train_config(args, flags: dict, urls: list[str]) -> tuple[TrainConfig | None, str]:
+def train_config(args, flags: dict, caches: list) -> tuple[TrainConfig | None, str]:
     """vtn train's and sweep's settings (vtn.config.job_config), `--model auto` (or none) decided by the train
-    split of the caches at `urls`: tiny, with its size settings, when the smallest holds fewer than SMALL_CACHE
-    videos, else base; and a sentence saying which and why ("" when --model names a size, or when the run's saved
-    config is used)."""
+    split of `caches` (open): tiny, with its size settings, when the smallest holds fewer than SMALL_CACHE videos,
+    else base; and a sentence saying which and why ("" when --model names a size, or when the run's saved config
+    is used)."""
     named = getattr(args, "model", None) not in (None, "auto")
     cfg = job_config(TrainConfig, argparse.Namespace(**{**vars(args), "model": args.model if named else None}),
                      flags, **CHOICES)
     if cfg is None or named:
         return cfg, ""
-    videos = min(len(open_cache(url).split_ids(cfg.data.train_split)) for url in urls)
+    videos = min(len(cache.split_ids(cfg.data.train_split)) for cache in caches)
     if videos >= SMALL_CACHE:
         return cfg, f"base (--model auto: {videos} train videos, at least {SMALL_CACHE})"
     return (job_config(TrainConfig, argparse.Namespace(**{**vars(args), "model": "tiny"}), flags, **CHOICES),

@@ -409,7 +409,9 @@ def main(args) -> int:
     if args.preset and args.grid:
         raise UserError("--preset ablations is a grid of its own; give --grid or --preset, not both")
     grid, urls = _cache_grid(args)
-    base, size = train_config(args, {"no_tb": FLAGS["no_tb"]}, urls)
+    from vtn.store import open_cache
+
+    base, size = train_config(args, {"no_tb": FLAGS["no_tb"]}, [open_cache(url) for url in urls])
     if size:
         print(f"vtn sweep: encoder {size}", flush=True)
     variants = ablations(base) if args.preset == "ablations" else variants_of(parse_grid(grid, base), args.zip)

@@ -6,6 +6,7 @@ is temporal/loop.py's `fit`, the loop `vtn finetune` and `vtn sweep` share.
 
 from __future__ import annotations
 
+from vtn.store import open_cache
 from vtn.temporal.loop import fit
 from vtn.temporal.settings import FLAGS, train_config
 
@@ -13,6 +14,7 @@ from vtn.temporal.settings import FLAGS, train_config
 def main(args) -> int:
     """`vtn train`: recipe and --model size (auto: from the cache), then --config, then --set, then the explicit
     flags; none of them with --resume means "the run's saved config"."""
-    cfg, size = train_config(args, FLAGS, [args.cache])
-    fit(args.cache, args.out, cfg, resume=args.resume, progress=not args.quiet, size=size)
+    cache = open_cache(args.cache)  # once: the auto size reads its train split, then the run trains on it
+    cfg, size = train_config(args, FLAGS, [cache])
+    fit(args.cache, args.out, cfg, resume=args.resume, progress=not args.quiet, cache=cache, size=size)
     return 0

@@ -351,13 +351,14 @@ def test_model_auto_trains_tiny_below_a_thousand_train_videos_and_base_from_ther
     than SMALL_CACHE videos, else base; a named size wins, --set and flags apply over the size chosen, a bare
     --resume keeps the run's saved config, and the first log line says which size and why."""
     from vtn.cli import build_parser
+    from vtn.store import open_cache
     from vtn.temporal import settings
 
     cache = small_cache(tmp_path / "c", [*labelled("train", 4), *labelled("val", 1)])  # 8 train videos
 
     def config(*argv):
         return settings.train_config(build_parser().parse_args(["train", cache, "--out", "RUN", *argv]),
-                                     settings.FLAGS, [cache])
+                                     settings.FLAGS, [open_cache(cache)])
 
     cfg, why = config()
     assert cfg.model == settings.SIZES["tiny"] and (cfg.optim.lr, cfg.optim.weight_decay) == (1e-3, 0.5)
